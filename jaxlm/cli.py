@@ -1,0 +1,162 @@
+"""Command line: `jaxlm train | generate | eval`. Run `jaxlm COMMAND --help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXAMPLES = """examples:
+  jaxlm train configs/llama_tiny.yaml
+  jaxlm train configs/gpt_tiny.yaml model.num_layers=2 train.steps=100 train.run_dir=runs/quick
+  jaxlm generate runs/llama_tiny --prompt "ROMEO." --max-new-tokens 200 --temperature 0.8
+  jaxlm eval runs/llama_tiny
+"""
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cmd_train(args) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"training {args.config} -> {cfg.train.run_dir}", file=sys.stderr)
+    out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    if out["interrupted"] is not None:
+        print(
+            f"stopped by signal {out['interrupted']} at step {out['step']}; checkpoint saved in "
+            f"{cfg.train.run_dir}; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + int(out["interrupted"])
+    line = f"step {out['step']} in {out['elapsed_s']:.0f} s"
+    if "val_bpb" in out:
+        line += f": val loss {out['val_loss']:.4f}, ppl {out['val_ppl']:.2f}, bits/byte {out['val_bpb']:.4f}"
+    print(line)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jaxlm.generate import Generator
+    from jaxlm.train.run_dir import load_run
+
+    cfg, tokenizer, model, step = load_run(args.run_dir)
+    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
+    gen = Generator(model)
+    outs = gen.generate(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=tokenizer.eos_id,
+    )
+    for i, (text, out) in enumerate(zip(args.prompt, outs)):
+        if len(outs) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text + tokenizer.decode(out))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxlm.data.loader import pack_documents
+    from jaxlm.data.corpus import load_corpus
+    from jaxlm.train.run_dir import load_run
+    from jaxlm.train.step import make_eval_step
+    import jax
+
+    from jaxlm.train.trainer import evaluate
+
+    cfg, tokenizer, model, step = load_run(args.run_dir)
+    _, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
+    val = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
+    graphdef, params = nnx.split(model, nnx.Param)
+    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes)))
+    out = evaluate(eval_step, params, val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, max_batches=args.batches)
+    print(
+        f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
+        f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxlm",
+        description="Train, evaluate and sample language models written in JAX/Flax NNX.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (resumes if the run directory has checkpoints)",
+        description="Train the model of CONFIG on its data. Re-running the same command resumes from the "
+        "latest checkpoint in train.run_dir; SIGTERM or Ctrl-C saves a checkpoint before exiting.",
+        epilog="overrides are dotted key=value pairs, e.g. model.num_layers=2 train.steps=100 data.source=my.txt",
+    )
+    t.add_argument("config", help="YAML config, e.g. configs/llama_tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="stop (with a checkpoint) at this step")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser(
+        "generate",
+        help="sample text from a trained run",
+        description="Continue each prompt with the latest checkpoint of RUN_DIR (prompts are batched).",
+    )
+    g.add_argument("run_dir", help="a run directory written by `jaxlm train`")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser(
+        "eval",
+        help="validation loss, perplexity and bits per byte of a run",
+        description="Scores the latest checkpoint of RUN_DIR on its validation split.",
+    )
+    e.add_argument("run_dir", help="a run directory written by `jaxlm train`")
+    e.add_argument("--batches", type=int, default=0, help="score only the first N batches (0 = whole split)")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_logs()
+    from jaxlm.config import ConfigError
+    from jaxlm.data.tokenizer import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed configuration: frozen dataclasses are the schema, YAML files are instances.
+
+`load_config("configs/llama_tiny.yaml", ["model.num_layers=4"])` reads the YAML,
+applies dotted `key=value` overrides (values parsed as YAML scalars), and builds
+`Config`. Unknown keys, wrong types and impossible combinations raise
+`ConfigError` naming the key, before any model is built or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape and wiring. GPT and LLaMA are two instances."""
+
+    vocab_size: int = 256  # embedding rows; must be >= the tokenizer's vocabulary
+    d_model: int = 128  # D, residual width
+    num_layers: int = 4  # L
+    num_heads: int = 4  # N, query heads
+    num_kv_heads: int = 0  # K, key/value heads (0 = num_heads: MHA; 1 = MQA)
+    head_dim: int = 0  # H (0 = d_model // num_heads)
+    mlp_dim: int = 512  # F, hidden width of the feed-forward block
+    max_seq_len: int = 256  # longest context (learned positions, KV cache size)
+    position: str = "rope"  # rope | learned | sinusoidal | none
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre (GPT-2, LLaMA) | post (original Transformer)
+    mlp: str = "gated"  # gated (SwiGLU with activation=silu) | plain
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    qkv_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # biases in the feed-forward block (GPT-2)
+    norm_bias: bool = True  # LayerNorm bias (ignored by rmsnorm)
+    tie_embeddings: bool = False  # logits reuse the token embedding
+    sliding_window: int = 0  # attend to the last N keys only (0 = full causal)
+    attention_impl: str = "reference"  # reference | xla | cudnn
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def __post_init__(self):
+        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "none"))
+        _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+        _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
+        _check_choice("model.mlp", self.mlp, ("gated", "plain"))
+        _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
+        _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        for key in ("num_kv_heads", "head_dim", "sliding_window"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_heads ({self.num_heads}) must be divisible by "
+                f"model.num_kv_heads ({self.kv_heads})"
+            )
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.num_heads "
+                f"({self.num_heads}), or set model.head_dim"
+            )
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"model.position=rope needs an even head dim, got {self.dim_per_head}")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"model.position=sinusoidal needs an even model.d_model, got {self.d_model}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized and packed."""
+
+    source: str = "shakespeare"  # "shakespeare" (embedded corpus) | a text file, directory or glob
+    tokenizer: str = "bpe"  # bpe (trained on the training split) | byte
+    seq_len: int = 256  # tokens per training sequence
+    val_fraction: float = 0.05  # share of a user corpus held out (whole files when possible)
+    seed: int = 0  # shuffling seed
+
+    def __post_init__(self):
+        _check_choice("data.tokenizer", self.tokenizer, ("bpe", "byte"))
+        if self.seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be positive, got {self.seq_len}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    steps: int = 1000  # optimizer updates
+    batch_size: int = 16  # sequences per update (split into grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per update
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip (0 = off)
+    z_loss: float = 0.0
+    seed: int = 0  # parameter init and sampling PRNG
+    eval_every: int = 250  # steps between validation runs (0 = only at the end)
+    eval_batches: int = 16  # validation batches per periodic run (0 = whole split)
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    log_every: int = 10  # steps between metric lines in metrics.jsonl
+    run_dir: str = "runs/default"  # where config, tokenizer, metrics and checkpoints go
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "eval_batches", "ckpt_every", "grad_clip", "z_loss", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Builds dataclass `cls` from a nested dict, checking keys and types."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    data = dict(data)
+    base = None
+    if cls is ModelConfig and "preset" in data:
+        from jaxlm.presets import get_preset
+
+        base = get_preset(data.pop("preset"))
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ConfigError(f"unknown config key(s): {names}; valid keys under {where}: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, key)
+        else:
+            values[name] = _coerce(key, value, hint)
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["model.num_layers=4", ...] -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or defaults when path is None) and applies overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping with model/data/train sections")
+    data = _merge(data, parse_overrides(list(overrides)))
+    return from_dict(Config, data)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,156 @@
+"""Tokenizers: byte-level BPE (trained with the `tokenizers` library) and raw bytes.
+
+Both map any UTF-8 text to ids and back exactly (English, Chinese, emoji).
+`decode` never fails: ids that end inside a multi-byte character decode with
+U+FFFD. Byte input that is not valid UTF-8 is exact with `ByteTokenizer`; the
+BPE tokenizer replaces invalid sequences with U+FFFD first.
+
+`token_bytes` gives the UTF-8 length of every token, so losses can be reported
+in bits per byte, a figure that does not depend on the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data, tokenizer or run files; the message names the file."""
+
+
+def _as_text(text: str | bytes) -> str:
+    return text.decode("utf-8", errors="replace") if isinstance(text, (bytes, bytearray)) else text
+
+
+class ByteTokenizer:
+    """ids 0..255 are the bytes, 256 is end-of-text."""
+
+    kind = "byte"
+
+    def __init__(self):
+        self.eos_id = 256
+        self.vocab_size = 257
+        self.token_bytes = np.array([1] * 256 + [0], np.int32)
+
+    def encode(self, text: str | bytes) -> list[int]:
+        data = text if isinstance(text, (bytes, bytearray)) else text.encode("utf-8")
+        return list(data)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"jaxlm_tokenizer": "byte"}), encoding="utf-8")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) backed by a `tokenizers.Tokenizer`."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        eos = tokenizer.token_to_id(EOS)
+        if eos is None:
+            raise DataError(f"BPE tokenizer has no {EOS} token")
+        self.eos_id = eos
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        self._id_bytes: list[bytes] = []
+        for i in range(self.vocab_size):
+            piece = tokenizer.id_to_token(i)
+            if piece is None or piece in special:
+                self._id_bytes.append(b"")
+            else:
+                self._id_bytes.append(bytes(_UNICODE_TO_BYTE[c] for c in piece))
+        self.token_bytes = np.array([len(b) for b in self._id_bytes], np.int32)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise DataError(f"cannot read tokenizer file {path}: {e}") from None
+
+    def encode(self, text: str | bytes) -> list[int]:
+        return self._tok.encode(_as_text(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch([_as_text(t) for t in texts], add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self._id_bytes[i] for i in ids if 0 <= i < self.vocab_size)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+
+Tokenizer = ByteTokenizer | BPETokenizer
+
+
+def build_tokenizer(kind: str, train_texts: list[str], vocab_size: int) -> Tokenizer:
+    if kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.train(train_texts, vocab_size)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path}")
+    try:
+        head = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer file {path} is corrupt: {e}") from None
+    if head.get("jaxlm_tokenizer") == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.load(path)

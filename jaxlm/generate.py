@@ -1,0 +1,143 @@
+"""Autoregressive generation with a fixed-size KV cache.
+
+One jit-compiled prefill runs the whole (left-padded) prompt batch at once;
+then one jit-compiled decode step per token writes one slot of the cache and
+samples the next token, with no recompilation per token. Prompts of different
+lengths share the cache: shorter ones are left-padded, padding slots are never
+attended to, and positions count from each prompt's first real token.
+
+When the cache (model.max_seq_len slots) is full, the oldest tokens are
+dropped: the last `max_seq_len - window_shift` tokens are prefilled again as a
+fresh context (positions restart at 0), so generation never fails for length
+and learned position tables are never indexed out of range.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.nn.decoder import DecoderLM
+from jaxlm.ops.sampling import sample
+
+
+class Generator:
+    def __init__(self, model: DecoderLM, *, window_shift: int | None = None):
+        self.graphdef, self.params = nnx.split(model)
+        self.max_len = model.cfg.max_seq_len
+        self.window_shift = window_shift or max(1, self.max_len // 4)
+        if not 1 <= self.window_shift < self.max_len:
+            raise ValueError(f"window_shift must be in [1, {self.max_len}), got {self.window_shift}")
+        sampling = ("temperature", "top_k", "top_p")
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=sampling)
+        self._decode = jax.jit(self._decode_fn, static_argnames=sampling, donate_argnums=1)
+
+    def _prefill_fn(self, params, tokens, positions, valid, key, **sampling):
+        model = nnx.merge(self.graphdef, params)
+        cache = model.init_cache(tokens.shape[0], self.max_len)
+        logits, cache = model(tokens, positions, valid, cache=cache, cache_index=0)
+        return sample(key, logits[:, -1], **sampling), cache
+
+    def _decode_fn(self, params, cache, token, position, index, key, **sampling):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model(token[:, None], position[:, None], cache=cache, cache_index=index)
+        return sample(key, logits[:, 0], **sampling), cache
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_id: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens for each prompt, stopping at `eos_id` (excluded) or `max_new_tokens`.
+
+        Args:
+          prompts: token ids per prompt; each needs at least one token.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (use the end-of-text id to start from nothing)")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+        S, W = self.max_len, self.max_len - self.window_shift
+        prompts = [list(p)[-W:] for p in prompts]  # longer prompts keep their most recent tokens
+        B, P = len(prompts), max(len(p) for p in prompts)
+        hist = np.zeros((B, P + max_new_tokens), np.int32)
+        pads = np.array([P - len(p) for p in prompts])
+        for b, p in enumerate(prompts):
+            hist[b, pads[b] : P] = p
+        key = jax.random.PRNGKey(seed)
+
+        def prefill(w0: int, t: int, step: int):
+            """Fresh cache from hist[:, w0 : t + 1]; returns next token, cache and position offsets."""
+            cols = np.arange(w0, t + 1)
+            offset = np.maximum(pads, w0)  # hist index that gets position 0 in this window
+            valid = cols[None, :] >= pads[:, None]
+            positions = np.maximum(cols[None, :] - offset[:, None], 0).astype(np.int32)
+            tok, cache = self._prefill(self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), **sampling)
+            return tok, cache, offset
+
+        tok, cache, offset = prefill(0, P - 1, 0)
+        index, generated, done = P, [], np.zeros(B, bool)
+        for i in range(max_new_tokens):
+            generated.append(tok)
+            t = P + i  # hist index of `tok`
+            if eos_id is not None and (i % 16 == 15 or i == max_new_tokens - 1):
+                done |= np.any(np.stack(jax.device_get(generated[-16:])) == eos_id, axis=0)
+                if done.all():
+                    break
+            if i == max_new_tokens - 1:
+                break
+            if index == S:  # cache full: keep the last W tokens as a fresh context
+                hist[:, P : t + 1] = np.stack(jax.device_get(generated), axis=1)
+                tok, cache, offset = prefill(t - W + 1, t, i + 1)
+                index = W
+            else:
+                position = jnp.asarray(t - offset, jnp.int32)
+                tok, cache = self._decode(self.params, cache, tok, position, index, jax.random.fold_in(key, i + 1), **sampling)
+                index += 1
+        out = np.stack(jax.device_get(generated), axis=1)
+        return [_until(row.tolist(), eos_id) for row in out]
+
+
+def _until(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def generate_uncached(model: DecoderLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None) -> list[int]:
+    """Greedy reference without a cache: the whole context is recomputed for every token.
+
+    Same context rule as `Generator`: at most max_seq_len tokens; when that
+    overflows, the last max_seq_len - window_shift tokens become the context.
+    The input is right-padded to max_seq_len so one compilation serves all steps.
+    """
+    S = model.cfg.max_seq_len
+    W = S - (window_shift or max(1, S // 4))
+    graphdef, params = nnx.split(model)
+
+    @functools.partial(jax.jit)
+    def next_token(params, tokens, length):
+        m = nnx.merge(graphdef, params)
+        logits, _ = m(tokens[None])
+        return jnp.argmax(logits[0, length - 1]).astype(jnp.int32)
+
+    seq = list(prompt)[-W:]
+    start, out = 0, []
+    for _ in range(max_new_tokens):
+        if len(seq) - start > S:
+            start = len(seq) - W
+        ctx = np.zeros(S, np.int32)
+        ctx[: len(seq) - start] = seq[start:]
+        tok = int(next_token(params, ctx, len(seq) - start))
+        out.append(tok)
+        seq.append(tok)
+    return out

@@ -1,0 +1,10 @@
+"""Flax NNX modules: they own parameters and call `jaxlm.ops`."""
+
+from jaxlm.nn.attention import Attention
+from jaxlm.nn.block import Block
+from jaxlm.nn.decoder import DecoderLM, count_params
+from jaxlm.nn.embed import Embed, LearnedPositions
+from jaxlm.nn.mlp import MLP
+from jaxlm.nn.norm import Norm
+
+__all__ = ["MLP", "Attention", "Block", "DecoderLM", "Embed", "LearnedPositions", "Norm", "count_params"]

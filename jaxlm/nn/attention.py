@@ -1,0 +1,98 @@
+"""Multi-head self-attention (MHA / MQA / GQA) with rotary positions and a KV cache.
+
+Projections are stored per head: q (D, N, H), k and v (D, K, H), o (N, H, D), so
+tensor parallelism can split `heads` / `kv_heads` without reshapes.
+
+The KV cache of a layer is a dict {"k": (B, S, K, H), "v": (B, S, K, H)} that
+this module lays out (`init_cache`) and updates; the model passes it in and
+gets the updated one back, so decoding stays a pure jit-compiled function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.nn.param import const_param, normal_param
+from jaxlm.ops.attention import dot_product_attention
+from jaxlm.ops.positions import apply_rope, rope_frequencies
+
+
+class Attention(nnx.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        out_bias: bool,
+        rope_theta: float | None,
+        implementation: str,
+        std: float,
+        out_std: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        N, K, H = num_heads, num_kv_heads, head_dim
+        self.num_kv_heads, self.head_dim = K, H
+        self.rope_theta, self.implementation, self.dtype = rope_theta, implementation, dtype
+        self.wq = normal_param(rngs, (dim, N, H), ("embed", "heads", "head_dim"), std, param_dtype)
+        self.wk = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
+        self.wv = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
+        self.wo = normal_param(rngs, (N, H, dim), ("heads", "head_dim", "embed"), out_std, param_dtype)
+        if qkv_bias:
+            self.bq = const_param((N, H), ("heads", "head_dim"), 0.0, param_dtype)
+            self.bk = const_param((K, H), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.bv = const_param((K, H), ("kv_heads", "head_dim"), 0.0, param_dtype)
+        else:
+            self.bq = self.bk = self.bv = None
+        self.bo = const_param((dim,), ("embed",), 0.0, param_dtype) if out_bias else None
+
+    def init_cache(self, batch: int, length: int, dtype) -> dict:
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: dict | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """Self-attention over x, or over the cache after writing x's keys into it.
+
+        Args:
+          x: (B, T, D).
+          positions: (B, T) int, for RoPE.
+          mask: (B, T, S) bool; S = T without cache, S = cache length with it.
+          cache: {"k", "v"}: (B, S, K, H), or None.
+          cache_index: int scalar, slot where x's first token is written.
+
+        Returns:
+          (B, T, D) and the updated cache (None without cache).
+        """
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        q = jnp.einsum("BTD,DNH->BTNH", x, c(self.wq))
+        k = jnp.einsum("BTD,DKH->BTKH", x, c(self.wk))
+        v = jnp.einsum("BTD,DKH->BTKH", x, c(self.wv))
+        if self.bq is not None:
+            q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
+        if self.rope_theta is not None:
+            inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.wo))
+        if self.bo is not None:
+            y = y + c(self.bo)
+        return y, cache

@@ -1,0 +1,42 @@
+"""Feed-forward block: plain (GPT-2: GELU MLP with biases) or gated (LLaMA: SwiGLU)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxlm.nn.param import const_param, normal_param
+from jaxlm.ops.mlp import gated_mlp, mlp
+
+
+class MLP(nnx.Module):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        kind: str,
+        act: str,
+        bias: bool,
+        std: float,
+        out_std: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kind, self.act, self.dtype = kind, act, dtype
+        if kind == "gated":
+            self.w_gate = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
+            self.w_up = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
+        else:
+            self.w_in = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
+            self.b_in = const_param((hidden,), ("mlp",), 0.0, param_dtype) if bias else None
+            self.b_out = const_param((dim,), ("embed",), 0.0, param_dtype) if bias else None
+        self.w_out = normal_param(rngs, (hidden, dim), ("mlp", "embed"), out_std, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) -> (B, T, D)."""
+        c = lambda p: None if p is None else p[...].astype(self.dtype)  # noqa: E731
+        if self.kind == "gated":
+            return gated_mlp(x, c(self.w_gate), c(self.w_up), c(self.w_out), act=self.act)
+        return mlp(x, c(self.w_in), c(self.w_out), c(self.b_in), c(self.b_out), act=self.act)

@@ -1,0 +1,116 @@
+"""Scaled dot-product attention for MHA, MQA and GQA, and the masks it takes.
+
+Shapes use the letters of STYLE.md: B batch, T query length, S key length,
+N query heads, K key/value heads, G = N // K query groups, H head dim.
+
+GQA groups the query heads over the shared K/V heads ('BTKGH,BSKH->BKGTS')
+instead of repeating K and V in memory. MHA is K = N, MQA is K = 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    *,
+    kv_valid: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean mask, True where query t may attend to key s.
+
+    Args:
+      q_positions: (B, T) int positions of the queries.
+      kv_positions: (B, S) int positions of the keys.
+      kv_valid: (B, S) bool, False for padding or empty cache slots.
+      causal: keys after the query's position are masked.
+      sliding_window: if set, keys more than `sliding_window - 1` positions
+        before the query are masked (the query sees `sliding_window` keys).
+
+    Returns:
+      (B, T, S) bool.
+    """
+    q = q_positions[:, :, None]
+    k = kv_positions[:, None, :]
+    mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+    if causal:
+        mask &= k <= q
+    if sliding_window is not None:
+        mask &= k > q - sliding_window
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str = "reference",
+) -> jax.Array:
+    """softmax(q·k^T * scale + bias, masked) · v.
+
+    Args:
+      q: (B, T, N, H) queries.
+      k: (B, S, K, H) keys, N % K == 0.
+      v: (B, S, K, H) values.
+      mask: bool, broadcastable to (B, T, S) (or (B, N, T, S)); True = attend.
+      bias: float additive bias broadcastable to (B, N, T, S) (T5 bias, ALiBi).
+      scale: defaults to 1/sqrt(H).
+      implementation: "reference" (the einsum below, softmax in fp32), or
+        "xla" / "cudnn" to call `jax.nn.dot_product_attention` (cuDNN is the
+        fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only).
+
+    Returns:
+      (B, T, N, H) in q's dtype. Rows whose keys are all masked return the
+      mean of v instead of NaN (they only occur for padding queries).
+    """
+    B, T, N, H = q.shape
+    _, S, K, _ = k.shape
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+    scale = H**-0.5 if scale is None else scale
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]  # (B, 1, T, S)
+
+    if implementation != "reference":
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
+        )
+
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(*_grouped(bias.shape, K, G))
+    if mask is not None:
+        mask = mask.reshape(*_grouped(mask.shape, K, G))
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def _grouped(shape: tuple[int, ...], K: int, G: int) -> tuple[int, ...]:
+    """(b, n, t, s) with n in {1, N} -> (b, k, g, t, s) broadcastable to BKGTS."""
+    if len(shape) != 4:
+        raise ValueError(f"mask/bias must have 3 or 4 dims, got shape {shape}")
+    b, n, t, s = shape
+    if n == 1:
+        return (b, 1, 1, t, s)
+    if n != K * G:
+        raise ValueError(f"mask/bias head dim {n} is neither 1 nor {K * G}")
+    return (b, K, G, t, s)

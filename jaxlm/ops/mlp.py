@@ -1,0 +1,52 @@
+"""Feed-forward networks as pure functions: plain MLP and gated (GLU) MLP.
+
+Gated: Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU = silu gate).
+D model width, F hidden width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def mlp(
+    x: jax.Array,
+    w_in: jax.Array,
+    w_out: jax.Array,
+    b_in: jax.Array | None = None,
+    b_out: jax.Array | None = None,
+    *,
+    act: str = "gelu",
+) -> jax.Array:
+    """act(x·w_in + b_in)·w_out + b_out. x: (..., D), w_in: (D, F), w_out: (F, D)."""
+    h = jnp.einsum("...D,DF->...F", x, w_in)
+    if b_in is not None:
+        h = h + b_in
+    h = activation(act)(h)
+    y = jnp.einsum("...F,FD->...D", h, w_out)
+    return y if b_out is None else y + b_out
+
+
+def gated_mlp(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_out: jax.Array, *, act: str = "silu"
+) -> jax.Array:
+    """(act(x·w_gate) * (x·w_up))·w_out; SwiGLU with act="silu". Weights (D, F), (D, F), (F, D)."""
+    gate = activation(act)(jnp.einsum("...D,DF->...F", x, w_gate))
+    up = jnp.einsum("...D,DF->...F", x, w_up)
+    return jnp.einsum("...F,FD->...D", gate * up, w_out)

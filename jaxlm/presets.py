@@ -1,0 +1,47 @@
+"""Model presets: published architectures as `ModelConfig` values (data, not subclasses).
+
+Use one in YAML with `model: {preset: llama2_7b}`; further keys override it.
+The tiny trainable configs live in `configs/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlm.config import ConfigError, ModelConfig
+
+_GPT2 = dict(
+    position="learned",
+    norm="layernorm",
+    mlp="plain",
+    activation="gelu_tanh",
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    tie_embeddings=True,
+)
+_LLAMA = dict(position="rope", norm="rmsnorm", mlp="gated", activation="silu")
+
+PRESETS: dict[str, ModelConfig] = {
+    # Radford et al. 2019; 124,439,808 parameters.
+    "gpt2_124m": ModelConfig(
+        vocab_size=50257, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
+        max_seq_len=1024, norm_eps=1e-5, **_GPT2,
+    ),
+    # Touvron et al. 2023; 6,738,415,616 parameters.
+    "llama2_7b": ModelConfig(
+        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008,
+        max_seq_len=4096, norm_eps=1e-5, **_LLAMA,
+    ),
+    # Meta 2024; 8,030,261,248 parameters.
+    "llama3_8b": ModelConfig(
+        vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5, **_LLAMA,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset {name!r} is unknown; available: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

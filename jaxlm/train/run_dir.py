@@ -1,0 +1,63 @@
+"""A run directory: resolved config, tokenizer, metrics and checkpoints.
+
+    RUN_DIR/config.yaml      the resolved Config (every field)
+    RUN_DIR/tokenizer.json   BPE (Hugging Face `tokenizers` format) or a byte marker
+    RUN_DIR/metrics.jsonl    one JSON object per logged step / evaluation
+    RUN_DIR/checkpoints/N/   orbax: params, opt_state, meta
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flax import nnx
+
+from jaxlm.config import Config, ConfigError, load_config
+from jaxlm.data.tokenizer import DataError, Tokenizer, load_tokenizer
+from jaxlm.nn.decoder import DecoderLM
+from jaxlm.train.checkpoint import Checkpointer, abstract
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.tokenizer = self.path / "tokenizer.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+
+
+def check_resumable(saved: Config, new: Config) -> None:
+    """Model and data must match the checkpoint; train settings may change (e.g. more steps)."""
+    diffs = []
+    for section in ("model", "data"):
+        a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(new, section))
+        diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+    if diffs:
+        raise ConfigError(
+            "the run directory holds checkpoints of a different model/data config; use a new "
+            "train.run_dir or the saved settings. Differences: " + "; ".join(diffs)
+        )
+
+
+def load_run(path: str | Path) -> tuple[Config, Tokenizer, DecoderLM, int]:
+    """Config, tokenizer and model with the latest checkpoint's parameters, and its step."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise DataError(f"run directory not found: {run.path}")
+    if not run.config.is_file():
+        raise DataError(f"{run.path} is not a jaxlm run directory: {run.config.name} is missing")
+    cfg = load_config(run.config)
+    tokenizer = load_tokenizer(run.tokenizer)
+    if not run.has_checkpoint():
+        raise DataError(f"no checkpoint in {run.checkpoints}; train first (jaxlm train)")
+    model = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    ckpt = Checkpointer(run.checkpoints, keep=cfg.train.keep_checkpoints)
+    params, _, meta = ckpt.restore(abstract(params))
+    ckpt.close()
+    return cfg, tokenizer, nnx.merge(graphdef, params), int(meta["step"])

@@ -1,0 +1,79 @@
+"""The pure train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of the
+training state and a batch; the caller jits it with donated state buffers.
+Gradient accumulation scans over micro-batches inside the step, so one call is
+one optimizer update whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm.ops.losses import cross_entropy
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: nnx.State  # model parameters
+    opt_state: Any  # optax state
+    rng: jax.Array  # uint32[2] PRNG key for stochastic layers and sampling
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = nnx.state(model, nnx.Param)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def _loss_sums(graphdef, params, batch, z_loss):
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch["inputs"])
+    return cross_entropy(logits, batch["targets"], batch.get("mask"), z_loss=z_loss)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, z_loss: float = 0.0):
+    """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0."""
+
+    def grads_of(params, micro):
+        def f(p):
+            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss)
+            return loss_sum, count
+
+        (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, loss_sum, count
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            g, ls, c = grads_of(state.params, mb)
+            return jax.tree.map(jnp.add, carry, (g, ls, c)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, micro)
+        # Gradient of the mean over every token of every micro-batch.
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, token_bytes: jax.Array):
+    """eval_step(params, batch) -> {"loss_sum", "count", "bytes"}; bytes are the targets' UTF-8 lengths."""
+
+    def eval_step(params, batch):
+        loss_sum, count = _loss_sums(graphdef, params, batch, 0.0)
+        mask = batch.get("mask", jnp.ones_like(batch["targets"], bool))
+        nbytes = jnp.sum(jnp.where(mask, token_bytes[batch["targets"]], 0))
+        return {"loss_sum": loss_sum, "count": count, "bytes": nbytes.astype(jnp.float32)}
+
+    return eval_step

@@ -1,0 +1,196 @@
+"""Training loop: data, model, jitted steps, evaluation, checkpoints, metrics.
+
+`train(cfg)` runs or resumes the run in `cfg.train.run_dir`. SIGTERM and Ctrl-C
+finish the current step, save a checkpoint and return; running the same
+command again resumes bit-for-bit (same data order, PRNG and optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.data.corpus import load_corpus
+from jaxlm.data.loader import PackedLoader, eval_batches, pack_documents
+from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
+from jaxlm.nn.decoder import DecoderLM
+from jaxlm.train.checkpoint import Checkpointer, abstract
+from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.run_dir import RunDir, check_resumable
+from jaxlm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(eval_step, params, tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0) -> dict:
+    """Mean loss (nats/token), perplexity and bits per byte over the split (or its first batches)."""
+    totals = None
+    for batch in eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
+        out = eval_step(params, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    loss = float(totals["loss_sum"] / totals["count"])
+    bpb = float(totals["loss_sum"] / (math.log(2) * totals["bytes"]))
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": int(totals["count"])}
+
+
+class _StopOnSignal(contextlib.AbstractContextManager):
+    """Records SIGTERM/SIGINT so the loop can checkpoint; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
+    train_docs, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
+    if resuming or run.tokenizer.is_file():
+        tokenizer = load_tokenizer(run.tokenizer)
+    else:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, train_docs, cfg.model.vocab_size)
+        tokenizer.save(run.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "
+            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    train_tokens = pack_documents(tokenizer.encode_batch(train_docs), tokenizer.eos_id)
+    val_tokens = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
+    if len(val_tokens) < 2:
+        raise ConfigError(f"data.source {cfg.data.source!r} leaves no validation text; add text or raise data.val_fraction")
+    return tokenizer, train_tokens, val_tokens
+
+
+def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Trains (or resumes) `cfg.train.run_dir`. `stop_after` ends early (checkpointed) at that step."""
+    tc = cfg.train
+    run = RunDir(tc.run_dir)
+    resuming = run.has_checkpoint()
+    if resuming and run.config.is_file():
+        check_resumable(load_config(run.config), cfg)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+
+    tokenizer, train_tokens, val_tokens = _prepare_data(cfg, run, resuming)
+    loader = PackedLoader(
+        train_tokens,
+        seq_len=cfg.data.seq_len,
+        batch_size=tc.batch_size,
+        seed=cfg.data.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    model = DecoderLM(cfg.model, rngs=nnx.Rngs(tc.seed))
+    graphdef = nnx.graphdef(model)
+    tx = make_optimizer(tc)
+    state = init_train_state(model, tx, tc.seed)
+    del model
+    ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
+    if resuming:
+        params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
+        state = TrainState(jnp.asarray(meta["step"], jnp.int32), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32))
+        loader.restore(meta["data"])
+        log.info("resumed %s from step %d", run.path, meta["step"])
+
+    train_step = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, z_loss=tc.z_loss), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes)))
+    schedule = lr_schedule(tc)
+
+    def save(step: int):
+        meta = {"step": step, "rng": np.asarray(jax.device_get(state.rng)).tolist(), "data": loader.state()}
+        ckpt.save(step, state.params, state.opt_state, meta, force=True)
+
+    def run_eval(step: int, max_batches: int) -> dict:
+        out = evaluate(eval_step, state.params, val_tokens, seq_len=cfg.data.seq_len, batch_size=tc.batch_size, max_batches=max_batches)
+        out = {"step": step, **out}
+        write(out)
+        return out
+
+    metrics_file = open(run.metrics, "a", encoding="utf-8")
+
+    def write(record: dict):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    start = int(state.step)
+    end = min(tc.steps, stop_after) if stop_after is not None else tc.steps
+    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    bar = _progress(progress, total=tc.steps, initial=start)
+    last = {"time": time.perf_counter(), "step": start}
+    t0 = time.perf_counter()
+    evaluation, interrupted, step = {}, None, start
+    pending = []
+    with _StopOnSignal() as stopper:
+        for step in range(start + 1, end + 1):
+            batch = next(loader)
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            bar.update(1)
+            if step % tc.log_every == 0 or step == end:
+                now = time.perf_counter()
+                tps = (step - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
+                last.update(time=now, step=step)
+                for s, m in jax.device_get(pending):
+                    write({"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s - 1)), "tokens_per_s": tps})
+                bar.set_postfix(loss=f"{float(pending[-1][1]['loss']):.3f}", tok_s=f"{tps:,.0f}")
+                pending = []
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                evaluation = run_eval(step, tc.eval_batches)
+                bar.write(f"step {step}: val loss {evaluation['val_loss']:.4f}, bits/byte {evaluation['val_bpb']:.4f}")
+            if tc.ckpt_every and step % tc.ckpt_every == 0:
+                save(step)
+            if stopper.signum is not None:
+                interrupted = stopper.signum
+                break
+    bar.close()
+    # Flush metrics of a step ended by a signal between log points.
+    for s, m in jax.device_get(pending):
+        write({"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s - 1))})
+    step = int(state.step)
+    if ckpt.latest_step() != step:
+        save(step)
+    if step >= tc.steps and interrupted is None:
+        evaluation = run_eval(step, 0)
+    ckpt.close()
+    metrics_file.close()
+    return {"step": step, "elapsed_s": time.perf_counter() - t0, "interrupted": interrupted, **evaluation}
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = RunDir(run_dir).metrics
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
