@@ -71,15 +71,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxlm.data.loader import pack_documents
     from jaxlm.data.corpus import load_corpus
+    from jaxlm.data.loader import pack_documents
     from jaxlm.train.run_dir import load_run
     from jaxlm.train.step import make_eval_step
-    import jax
-
     from jaxlm.train.trainer import evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
@@ -87,7 +86,9 @@ def cmd_eval(args) -> int:
     val = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
     graphdef, params = nnx.split(model, nnx.Param)
     eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes)))
-    out = evaluate(eval_step, params, val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, max_batches=args.batches)
+    out = evaluate(
+        eval_step, params, val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, max_batches=args.batches
+    )
     print(
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"

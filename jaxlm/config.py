@@ -76,8 +76,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if self.num_heads % self.kv_heads:
             raise ConfigError(
-                f"model.num_heads ({self.num_heads}) must be divisible by "
-                f"model.num_kv_heads ({self.kv_heads})"
+                f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.kv_heads})"
             )
         if not self.head_dim and self.d_model % self.num_heads:
             raise ConfigError(
@@ -215,6 +214,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -83,7 +83,9 @@ class Generator:
             offset = np.maximum(pads, w0)  # hist index that gets position 0 in this window
             valid = cols[None, :] >= pads[:, None]
             positions = np.maximum(cols[None, :] - offset[:, None], 0).astype(np.int32)
-            tok, cache = self._prefill(self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), **sampling)
+            tok, cache = self._prefill(
+                self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), **sampling
+            )
             return tok, cache, offset
 
         tok, cache, offset = prefill(0, P - 1, 0)
@@ -103,7 +105,9 @@ class Generator:
                 index = W
             else:
                 position = jnp.asarray(t - offset, jnp.int32)
-                tok, cache = self._decode(self.params, cache, tok, position, index, jax.random.fold_in(key, i + 1), **sampling)
+                tok, cache = self._decode(
+                    self.params, cache, tok, position, index, jax.random.fold_in(key, i + 1), **sampling
+                )
                 index += 1
         out = np.stack(jax.device_get(generated), axis=1)
         return [_until(row.tolist(), eos_id) for row in out]
@@ -113,7 +117,9 @@ def _until(ids: list[int], eos_id: int | None) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
-def generate_uncached(model: DecoderLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None) -> list[int]:
+def generate_uncached(
+    model: DecoderLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
+) -> list[int]:
     """Greedy reference without a cache: the whole context is recomputed for every token.
 
     Same context rule as `Generator`: at most max_seq_len tokens; when that

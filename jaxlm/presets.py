@@ -25,18 +25,38 @@ _LLAMA = dict(position="rope", norm="rmsnorm", mlp="gated", activation="silu")
 PRESETS: dict[str, ModelConfig] = {
     # Radford et al. 2019; 124,439,808 parameters.
     "gpt2_124m": ModelConfig(
-        vocab_size=50257, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
-        max_seq_len=1024, norm_eps=1e-5, **_GPT2,
+        vocab_size=50257,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        max_seq_len=1024,
+        norm_eps=1e-5,
+        **_GPT2,
     ),
     # Touvron et al. 2023; 6,738,415,616 parameters.
     "llama2_7b": ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008,
-        max_seq_len=4096, norm_eps=1e-5, **_LLAMA,
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        mlp_dim=11008,
+        max_seq_len=4096,
+        norm_eps=1e-5,
+        **_LLAMA,
     ),
     # Meta 2024; 8,030,261,248 parameters.
     "llama3_8b": ModelConfig(
-        vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5, **_LLAMA,
+        vocab_size=128256,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        **_LLAMA,
     ),
 }
 

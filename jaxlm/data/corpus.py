@@ -54,7 +54,9 @@ def _resolve_files(source: str) -> list[Path]:
         return files
     matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not matches:
-        raise DataError(f"data source {source!r} is neither the embedded corpus {EMBEDDED!r}, a file, a directory nor a glob that matches files")
+        raise DataError(
+            f"data source {source!r} is neither the embedded corpus {EMBEDDED!r}, a file, a directory nor a glob that matches files"
+        )
     return matches
 
 

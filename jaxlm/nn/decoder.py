@@ -28,9 +28,13 @@ class DecoderLM(nnx.Module):
         self.cfg = cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embed(
+            cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.positions = (
-            LearnedPositions(cfg.max_seq_len, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            LearnedPositions(
+                cfg.max_seq_len, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
             if cfg.position == "learned"
             else None
         )

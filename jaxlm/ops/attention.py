@@ -86,9 +86,7 @@ def dot_product_attention(
         mask = mask[:, None]  # (B, 1, T, S)
 
     if implementation != "reference":
-        return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
-        )
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
     G = N // K
     qg = q.reshape(B, T, K, G, H)

@@ -43,9 +43,7 @@ def mlp(
     return y if b_out is None else y + b_out
 
 
-def gated_mlp(
-    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_out: jax.Array, *, act: str = "silu"
-) -> jax.Array:
+def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_out: jax.Array, *, act: str = "silu") -> jax.Array:
     """(act(x·w_gate) * (x·w_up))·w_out; SwiGLU with act="silu". Weights (D, F), (D, F), (F, D)."""
     gate = activation(act)(jnp.einsum("...D,DF->...F", x, w_gate))
     up = jnp.einsum("...D,DF->...F", x, w_up)

@@ -16,9 +16,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def layer_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, *, eps: float = 1e-5
-) -> jax.Array:
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, *, eps: float = 1e-5) -> jax.Array:
     """(x - mean) / sqrt(var + eps) * scale + bias (Ba et al. 2016). x: (..., D)."""
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)

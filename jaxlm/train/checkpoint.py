@@ -50,7 +50,9 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises several types for missing/corrupt/mismatched files
-            raise DataError(f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}") from None
+            raise DataError(
+                f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}"
+            ) from None
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
 
     def close(self) -> None:

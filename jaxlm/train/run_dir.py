@@ -1,9 +1,9 @@
 """A run directory: resolved config, tokenizer, metrics and checkpoints.
 
-    RUN_DIR/config.yaml      the resolved Config (every field)
-    RUN_DIR/tokenizer.json   BPE (Hugging Face `tokenizers` format) or a byte marker
-    RUN_DIR/metrics.jsonl    one JSON object per logged step / evaluation
-    RUN_DIR/checkpoints/N/   orbax: params, opt_state, meta
+RUN_DIR/config.yaml      the resolved Config (every field)
+RUN_DIR/tokenizer.json   BPE (Hugging Face `tokenizers` format) or a byte marker
+RUN_DIR/metrics.jsonl    one JSON object per logged step / evaluation
+RUN_DIR/checkpoints/N/   orbax: params, opt_state, meta
 """
 
 from __future__ import annotations

@@ -85,7 +85,9 @@ def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
     train_tokens = pack_documents(tokenizer.encode_batch(train_docs), tokenizer.eos_id)
     val_tokens = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
     if len(val_tokens) < 2:
-        raise ConfigError(f"data.source {cfg.data.source!r} leaves no validation text; add text or raise data.val_fraction")
+        raise ConfigError(
+            f"data.source {cfg.data.source!r} leaves no validation text; add text or raise data.val_fraction"
+        )
     return tokenizer, train_tokens, val_tokens
 
 
@@ -117,7 +119,9 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     if resuming:
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
-        state = TrainState(jnp.asarray(meta["step"], jnp.int32), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32))
+        state = TrainState(
+            jnp.asarray(meta["step"], jnp.int32), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32)
+        )
         loader.restore(meta["data"])
         log.info("resumed %s from step %d", run.path, meta["step"])
 
@@ -130,7 +134,14 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
-        out = evaluate(eval_step, state.params, val_tokens, seq_len=cfg.data.seq_len, batch_size=tc.batch_size, max_batches=max_batches)
+        out = evaluate(
+            eval_step,
+            state.params,
+            val_tokens,
+            seq_len=cfg.data.seq_len,
+            batch_size=tc.batch_size,
+            max_batches=max_batches,
+        )
         out = {"step": step, **out}
         write(out)
         return out
@@ -160,7 +171,15 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 tps = (step - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last.update(time=now, step=step)
                 for s, m in jax.device_get(pending):
-                    write({"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s - 1)), "tokens_per_s": tps})
+                    write(
+                        {
+                            "step": s,
+                            "loss": float(m["loss"]),
+                            "grad_norm": float(m["grad_norm"]),
+                            "lr": float(schedule(s - 1)),
+                            "tokens_per_s": tps,
+                        }
+                    )
                 bar.set_postfix(loss=f"{float(pending[-1][1]['loss']):.3f}", tok_s=f"{tps:,.0f}")
                 pending = []
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:

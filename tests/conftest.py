@@ -1,0 +1,48 @@
+import os
+
+# Tests run on CPU, deterministic and single-threaded per op where possible.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from jaxlm.config import load_config  # noqa: E402
+
+TINY = [
+    "model.vocab_size=300",
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.mlp_dim=64",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.ckpt_every=0",
+    "train.log_every=1",
+    "train.lr=1e-2",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A small multi-lingual text file (English verse, Chinese, emoji)."""
+    from jaxlm.data.corpus import embedded_works
+
+    text = embedded_works()["sonnets.txt"][:60_000] + "\n你好，世界。🎉 café naïve\n" * 20
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus_file):
+    """Builds a tiny Config for `base` (llama_tiny / gpt_tiny) on the small corpus."""
+
+    def make(base="llama_tiny", *overrides, run_dir=None):
+        extra = [f"data.source={corpus_file}", f"train.run_dir={run_dir or tmp_path / 'run'}", "data.tokenizer=byte"]
+        return load_config(f"configs/{base}.yaml", TINY + extra + list(overrides))
+
+    return make

@@ -1,0 +1,95 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import load_config
+from jaxlm.nn.decoder import DecoderLM
+from jaxlm.presets import PRESETS
+
+AXES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", None}
+
+
+def tiny(base, **kw):
+    cfg = load_config(f"configs/{base}.yaml").model
+    return dataclasses.replace(
+        cfg, vocab_size=97, d_model=32, num_layers=2, num_heads=4, mlp_dim=48, max_seq_len=32, **kw
+    )
+
+
+FAMILIES = {
+    "gpt": dict(base="gpt_tiny"),
+    "llama": dict(base="llama_tiny", num_kv_heads=2),
+    "mqa": dict(base="llama_tiny", num_kv_heads=1),
+    "post_norm_sinusoidal": dict(base="gpt_tiny", norm_position="post", position="sinusoidal"),
+    "sliding": dict(base="llama_tiny", num_kv_heads=2, sliding_window=4),
+}
+
+
+def build(name):
+    kw = dict(FAMILIES[name])
+    return DecoderLM(tiny(kw.pop("base"), **kw), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_causality(name):
+    model = build(name)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 97)
+    base, _ = model(tokens)
+    for t in (0, 5, 11):
+        changed, _ = model(tokens.at[:, t].set((tokens[:, t] + 1) % 97))
+        np.testing.assert_array_equal(changed[:, :t], base[:, :t])
+        assert not np.allclose(changed[:, t], base[:, t])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cached_prefill_and_decode_equal_full_forward(name):
+    model = build(name)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 97)
+    full, _ = model(tokens)
+    cache = model.init_cache(2, 16)
+    pre, cache = model(tokens[:, :6], cache=cache, cache_index=0)
+    steps = [pre]
+    for t in range(6, 10):
+        pos = jnp.full((2, 1), t)
+        out, cache = model(tokens[:, t : t + 1], pos, cache=cache, cache_index=t)
+        steps.append(out)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+
+
+def test_padding_tokens_do_not_change_other_rows_or_tokens():
+    model = build("llama")
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 0, 97)
+    ref, _ = model(tokens)
+    # Same sequence left-padded by 3 junk tokens that are marked invalid.
+    padded = jnp.concatenate([jnp.full((1, 3), 5), tokens], 1)
+    pos = jnp.maximum(jnp.arange(11) - 3, 0)[None]
+    valid = (jnp.arange(11) >= 3)[None]
+    out, _ = model(padded, pos, valid)
+    np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes():
+    model = build("gpt")
+    for path, p in nnx.iter_graph(model):
+        if isinstance(p, nnx.Param):
+            axes = p.get_metadata()["out_sharding"]
+            assert len(axes) == p[...].ndim and set(axes) <= AXES, (path, axes)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes_without_allocating(name):
+    cfg = PRESETS[name]
+    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    logits = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 16), jnp.int32))[0], state)
+    assert logits.shape == (1, 16, cfg.vocab_size)
+
+
+def test_bfloat16_compute_runs():
+    model = DecoderLM(tiny("llama_tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    logits, _ = model(jnp.ones((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

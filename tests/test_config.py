@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.nn.decoder import count_params
+from jaxlm.presets import PRESETS
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_tiny_configs_are_the_families_they_claim():
+    gpt, llama = load_config("configs/gpt_tiny.yaml").model, load_config("configs/llama_tiny.yaml").model
+    assert (gpt.position, gpt.norm, gpt.mlp, gpt.kv_heads, gpt.tie_embeddings) == (
+        "learned",
+        "layernorm",
+        "plain",
+        gpt.num_heads,
+        True,
+    )
+    assert (llama.position, llama.norm, llama.mlp, llama.activation) == ("rope", "rmsnorm", "gated", "silu")
+    assert 1 < llama.kv_heads < llama.num_heads
+
+
+@pytest.mark.parametrize(
+    "name,count", [("gpt2_124m", 124_439_808), ("llama2_7b", 6_738_415_616), ("llama3_8b", 8_030_261_248)]
+)
+def test_preset_parameter_counts_match_published_models(name, count):
+    assert count_params(PRESETS[name]) == count
+
+
+def test_preset_in_yaml_with_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {preset: llama3_8b, num_layers: 2}\n")
+    cfg = load_config(p, ["data.seq_len=64"])
+    assert cfg.model.num_kv_heads == 8 and cfg.model.num_layers == 2 and cfg.data.seq_len == 64
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = load_config("configs/llama_tiny.yaml", ["model.num_layers=3", "train.lr=1e-4", "model.qkv_bias=true"])
+    assert cfg.model.num_layers == 3 and cfg.train.lr == 1e-4 and cfg.model.qkv_bias is True
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.num_layerz=3", "unknown config key(s): model.num_layerz"),
+        ("optim.lr=3", "unknown config key(s): optim"),
+        ("model.num_layers=two", "model.num_layers must be int, got 'two'"),
+        ("model.num_layers=2.5", "model.num_layers must be int"),
+        ("model.qkv_bias=3", "model.qkv_bias must be bool"),
+        ("model.num_kv_heads=3", "model.num_heads (8) must be divisible by model.num_kv_heads (3)"),
+        ("model.d_model=250", "model.d_model (250) must be divisible by model.num_heads (8)"),
+        ("model.position=alibi2", "model.position must be one of"),
+        ("data.seq_len=1000", "data.seq_len (1000) exceeds model.max_seq_len (256)"),
+        ("train.batch_size=30", "train.batch_size (30) must be divisible by train.grad_accum"),
+        ("model.preset=gpt5", "model.preset 'gpt5' is unknown"),
+        ("model", "not of the form section.key=value"),
+        ("train.steps=0", "train.steps must be positive"),
+    ],
+)
+def test_bad_config_errors_name_the_key(override, message):
+    extra = ["train.grad_accum=4"] if "batch_size" in override else []
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/llama_tiny.yaml", extra + [override])
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_bytes(b"model: {d_model: \xff}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("configs/gpt_tiny.yaml", ["model.num_layers=3"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

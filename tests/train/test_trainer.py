@@ -1,0 +1,118 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlm.cli import main
+from jaxlm.config import ConfigError, load_config
+from jaxlm.train import read_metrics, train
+
+
+def losses(run_dir):
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path):
+    full = tiny_config("llama_tiny", "train.steps=8", run_dir=tmp_path / "full")
+    train(full, progress=False)
+    split = tiny_config("llama_tiny", "train.steps=8", run_dir=tmp_path / "split")
+    first = train(split, stop_after=4, progress=False)
+    assert first["step"] == 4
+    second = train(split, progress=False)
+    assert second["step"] == 8
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bit-for-bit, step by step
+    assert second["val_bpb"] == pytest.approx(train(full, progress=False)["val_bpb"])
+
+
+def test_run_directory_and_resume_guard(tiny_config, tmp_path):
+    cfg = tiny_config("gpt_tiny", run_dir=tmp_path / "run")
+    out = train(cfg, progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints"} <= names
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert out["val_bpb"] > 0 and out["val_tokens"] > 0
+    changed = tiny_config("gpt_tiny", "model.num_layers=3", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.num_layers: 2 -> 3"):
+        train(changed, progress=False)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_embedded_corpus(tiny_config, tmp_path):
+    cfg = tiny_config(
+        "llama_tiny", "data.source=shakespeare", "train.steps=60", "train.eval_batches=4", run_dir=tmp_path / "r"
+    )
+    out = train(cfg, progress=False)
+    seen = losses(tmp_path / "r")
+    assert sum(seen[s] for s in range(51, 61)) / 10 < seen[1] - 1.5
+    assert out["val_bpb"] < 5.0  # an untrained model scores log2(300) = 8.2
+
+
+def test_cli_train_eval_generate(tiny_config, tmp_path, capsys):
+    run = tmp_path / "cli"
+    cfg = tiny_config("llama_tiny", run_dir=run)
+    overrides = [f"data.source={cfg.data.source}", f"train.run_dir={run}", "data.tokenizer=bpe"]
+    from tests.conftest import TINY
+
+    assert main(["train", "configs/llama_tiny.yaml", *TINY, *overrides, "--no-progress"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    assert main(["eval", str(run)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", "Shall I", "--prompt", "你好", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Shall I" in out and "你好" in out and "sample 2" in out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
+    assert main(["train", "configs/llama_tiny.yaml", "data.source=/no/such/file.txt"]) == 2
+    assert "/no/such/file.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["train", "generate", "eval"])
+def test_cli_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: jaxlm " + cmd in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resumes(tiny_config, tmp_path):
+    from tests.conftest import TINY
+
+    run = tmp_path / "sig"
+    cfg = tiny_config("llama_tiny", run_dir=run)
+    args = [
+        *TINY,
+        f"data.source={cfg.data.source}",
+        f"train.run_dir={run}",
+        "data.tokenizer=byte",
+        "train.steps=100000",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxlm", "train", "configs/llama_tiny.yaml", *args, "--no-progress"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err
+    step = max(losses(run))
+    assert (run / "checkpoints" / str(step)).is_dir()
+    resumed = train(load_config(run / "config.yaml", ["train.steps=" + str(step + 2)]), progress=False)
+    assert resumed["step"] == step + 2
