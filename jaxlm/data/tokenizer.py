@@ -24,8 +24,13 @@ class DataError(ValueError):
     """Missing, empty or unreadable data, tokenizer or run files; the message names the file."""
 
 
+def _as_bytes(text: str | bytes) -> bytes:
+    """Exact bytes; `str` from argv or file names may carry invalid bytes as surrogate escapes."""
+    return bytes(text) if isinstance(text, (bytes, bytearray)) else text.encode("utf-8", errors="surrogateescape")
+
+
 def _as_text(text: str | bytes) -> str:
-    return text.decode("utf-8", errors="replace") if isinstance(text, (bytes, bytearray)) else text
+    return _as_bytes(text).decode("utf-8", errors="replace")
 
 
 class ByteTokenizer:
@@ -39,8 +44,7 @@ class ByteTokenizer:
         self.token_bytes = np.array([1] * 256 + [0], np.int32)
 
     def encode(self, text: str | bytes) -> list[int]:
-        data = text if isinstance(text, (bytes, bytearray)) else text.encode("utf-8")
-        return list(data)
+        return list(_as_bytes(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]

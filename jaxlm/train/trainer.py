@@ -72,7 +72,7 @@ class _StopOnSignal(contextlib.AbstractContextManager):
 
 def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
     train_docs, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
-    if resuming or run.tokenizer.is_file():
+    if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
     else:
         tokenizer = build_tokenizer(cfg.data.tokenizer, train_docs, cfg.model.vocab_size)

@@ -41,6 +41,14 @@ def test_invalid_utf8_never_crashes(kind, bpe):
 def test_byte_tokenizer_is_exact_on_invalid_bytes():
     data = b"ok \xff\xfe\xc3 end"
     assert ByteTokenizer().decode_bytes(ByteTokenizer().encode(data)) == data
+    # Command-line text with invalid bytes arrives as surrogate escapes.
+    escaped = data.decode("utf-8", errors="surrogateescape")
+    assert ByteTokenizer().decode_bytes(ByteTokenizer().encode(escaped)) == data
+
+
+def test_bpe_accepts_surrogate_escaped_text(bpe):
+    escaped = b"ok \xff end".decode("utf-8", errors="surrogateescape")
+    assert bpe.decode(bpe.encode(escaped)) == "ok \ufffd end"
 
 
 def test_save_and_load(bpe, tmp_path):
