@@ -159,7 +159,19 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     last = {"time": time.perf_counter(), "step": start}
     t0 = time.perf_counter()
     evaluation, interrupted, step = {}, None, start
-    pending = []
+    pending = []  # (step, device metrics) not yet written: fetched in bulk to avoid a sync per step
+
+    def flush(tokens_per_s: float | None = None):
+        for s, m in jax.device_get(pending):
+            record = {
+                "step": s,
+                "loss": float(m["loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "lr": float(schedule(s - 1)),
+            }
+            write(record if tokens_per_s is None else {**record, "tokens_per_s": tokens_per_s})
+        pending.clear()
+
     with _StopOnSignal() as stopper:
         for step in range(start + 1, end + 1):
             batch = next(loader)
@@ -170,18 +182,9 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 now = time.perf_counter()
                 tps = (step - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last.update(time=now, step=step)
-                for s, m in jax.device_get(pending):
-                    write(
-                        {
-                            "step": s,
-                            "loss": float(m["loss"]),
-                            "grad_norm": float(m["grad_norm"]),
-                            "lr": float(schedule(s - 1)),
-                            "tokens_per_s": tps,
-                        }
-                    )
-                bar.set_postfix(loss=f"{float(pending[-1][1]['loss']):.3f}", tok_s=f"{tps:,.0f}")
-                pending = []
+                loss = float(pending[-1][1]["loss"])
+                flush(tps)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 evaluation = run_eval(step, tc.eval_batches)
                 bar.write(f"step {step}: val loss {evaluation['val_loss']:.4f}, bits/byte {evaluation['val_bpb']:.4f}")
@@ -191,9 +194,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 interrupted = stopper.signum
                 break
     bar.close()
-    # Flush metrics of a step ended by a signal between log points.
-    for s, m in jax.device_get(pending):
-        write({"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s - 1))})
+    flush()  # steps ended by a signal between log points
     step = int(state.step)
     if ckpt.latest_step() != step:
         save(step)
