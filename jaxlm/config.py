@@ -47,6 +47,8 @@ class ModelConfig:
     tie_embeddings: bool = False  # logits reuse the token embedding
     sliding_window: int = 0  # attend to the last N keys only (0 = full causal)
     attention_impl: str = "reference"  # reference | xla | cudnn
+    scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
+    remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
@@ -66,6 +68,7 @@ class ModelConfig:
         _check_choice("model.mlp", self.mlp, ("gated", "plain"))
         _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
         _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
+        _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
@@ -148,11 +151,63 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
+MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to innermost
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and how the model is split over it (see jaxlm/parallel/).
+
+    Axis sizes multiply to the device count; one of them may be -1 (the rest).
+    """
+
+    data: int = -1  # replicas; the batch is split over data x fsdp
+    fsdp: int = 1  # ZeRO/FSDP: the batch is split and parameter state sharded per zero_stage
+    tensor: int = 1  # Megatron tensor parallelism: heads, MLP width and vocabulary split
+    pipeline: int = 1  # pipeline stages: layers split into contiguous groups
+    zero_stage: int = 3  # over fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    microbatches: int = 0  # pipeline micro-batches per (grad_accum) micro-batch (0 = pipeline)
+
+    def __post_init__(self):
+        sizes = {k: getattr(self, k) for k in MESH_AXES}
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{k} must be a positive size or -1 (the remaining devices), got {v}")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"mesh.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.microbatches < 0:
+            raise ConfigError(f"mesh.microbatches must be >= 0, got {self.microbatches}")
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 filled in; ConfigError when they do not fit `num_devices`."""
+        sizes = {k: getattr(self, k) for k in MESH_AXES}
+        known = 1
+        for v in sizes.values():
+            known *= v if v > 0 else 1
+        free = [k for k, v in sizes.items() if v == -1]
+        if free:
+            if num_devices % known:
+                raise ConfigError(
+                    f"mesh {sizes} does not fit {num_devices} devices: the fixed axes multiply to {known}, "
+                    f"which does not divide {num_devices}"
+                )
+            sizes[free[0]] = num_devices // known
+        elif known != num_devices:
+            raise ConfigError(
+                f"mesh {sizes} needs {known} devices but {num_devices} are available; "
+                "set the sizes to multiply to the device count, or one of them to -1"
+            )
+        return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:

@@ -4,7 +4,7 @@ Projections are stored per head: q (D, N, H), k and v (D, K, H), o (N, H, D), so
 tensor parallelism can split `heads` / `kv_heads` without reshapes.
 
 The KV cache of a layer is a dict {"k": (B, S, K, H), "v": (B, S, K, H)} that
-this module lays out (`init_cache`) and updates; the model passes it in and
+the model lays out (`DecoderLM.init_cache`, stacked over layers) and this module updates; the model passes it in and
 gets the updated one back, so decoding stays a pure jit-compiled function.
 """
 
@@ -51,10 +51,6 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = None
         self.bo = const_param((dim,), ("embed",), 0.0, param_dtype) if out_bias else None
-
-    def init_cache(self, batch: int, length: int, dtype) -> dict:
-        shape = (batch, length, self.num_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(
         self,

@@ -1,4 +1,10 @@
-"""Decoder-only language model (GPT-2 and LLaMA from one `ModelConfig`)."""
+"""Decoder-only language model (GPT-2 and LLaMA from one `ModelConfig`).
+
+The L blocks are one stacked module (every parameter has a leading `layers`
+axis), run by `lax.scan` (`scan_layers`: one layer compiled once) or a Python
+loop, each layer optionally rematerialised, or split into pipeline stages.
+All three read the same parameters, so checkpoints do not depend on them.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,13 @@ from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
 from jaxlm.ops.positions import sinusoidal_positions
+from jaxlm.parallel.pipeline import gpipe
+from jaxlm.parallel.rules import constrain
+
+REMAT_POLICIES = {
+    "full": None,  # save only each layer's input
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, redo attention
+}
 
 
 class DecoderLM(nnx.Module):
@@ -24,8 +37,10 @@ class DecoderLM(nnx.Module):
     writes the T new tokens at cache slots [i, i + T).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, pipeline_stages: int = 1, microbatches: int = 1):
+        """`pipeline_stages` > 1 runs training forwards as a GPipe pipeline of `microbatches`."""
         self.cfg = cfg
+        self.pipeline_stages, self.microbatches = pipeline_stages, microbatches
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
         self.embed = Embed(
@@ -38,7 +53,12 @@ class DecoderLM(nnx.Module):
             if cfg.position == "learned"
             else None
         )
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(key):
+            return Block(cfg, rngs=nnx.Rngs(params=key))
+
+        self.layers = stacked_blocks(jax.random.split(rngs.params(), cfg.num_layers))
         self.final_norm = (
             Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, param_dtype=param_dtype)
             if cfg.norm_position == "pre"
@@ -52,10 +72,12 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         """Empty cache: per-layer K/V and the position of each slot (-1 = empty)."""
-        length = length or self.cfg.max_seq_len
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length or cfg.max_seq_len, cfg.kv_heads, cfg.dim_per_head)
         return {
-            "pos": jnp.full((batch, length), -1, jnp.int32),
-            "layers": [layer.attn.init_cache(batch, length, self.dtype) for layer in self.layers],
+            "pos": jnp.full(shape[1:3], -1, jnp.int32),
+            "k": jnp.zeros(shape, self.dtype),  # (L, B, S, K, H)
+            "v": jnp.zeros(shape, self.dtype),
         }
 
     def __call__(
@@ -91,28 +113,66 @@ class DecoderLM(nnx.Module):
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(self.dtype)
 
+        x = constrain(x, ("batch", "seq", "embed"))
+
         window = cfg.sliding_window or None
         if cache is None:
             mask = attention_mask(positions, positions, kv_valid=valid, sliding_window=window)
-            layer_caches = [None] * len(self.layers)
+            kv = None
         else:
             slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
             mask = attention_mask(positions, kv_pos, kv_valid=kv_pos >= 0, sliding_window=window)
-            layer_caches = cache["layers"]
-
-        new_caches = []
-        for layer, layer_cache in zip(self.layers, layer_caches):
-            x, layer_cache = layer(x, positions, mask, layer_cache, cache_index)
-            new_caches.append(layer_cache)
+            kv = {"k": cache["k"], "v": cache["v"]}
+        x, kv = self._run_layers(x, positions, mask, kv, cache_index)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype))
-        new_cache = None if cache is None else {"pos": kv_pos, "layers": new_caches}
-        return logits.astype(jnp.float32), new_cache
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits, None if cache is None else {"pos": kv_pos, **kv}
+
+    def _run_layers(self, x, positions, mask, kv, cache_index):
+        """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None."""
+        cfg = self.cfg
+        graphdef, params = nnx.split(self.layers)
+
+        def layer(x, p, positions, mask, layer_kv):
+            x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index)
+            return constrain(x, ("batch", "seq", "embed")), layer_kv
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+        def layers(x, params, positions, mask, kv):
+            if not cfg.scan_layers:
+                new = []
+                for i in range(jax.tree.leaves(params)[0].shape[0]):
+                    at = lambda a, i=i: a[i]  # noqa: E731
+                    x, layer_kv = layer(x, jax.tree.map(at, params), positions, mask, jax.tree.map(at, kv))
+                    new.append(layer_kv)
+                return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+
+            def body(x, p_kv):
+                p, layer_kv = p_kv
+                return layer(x, p, positions, mask, layer_kv)
+
+            return jax.lax.scan(body, x, (params, kv))
+
+        if kv is None and self.pipeline_stages > 1:
+            stage = lambda p, x, ex: layers(x, p, ex[0], ex[1], None)[0]  # noqa: E731
+            x = gpipe(
+                stage,
+                params,
+                x,
+                (positions, mask),
+                num_stages=self.pipeline_stages,
+                num_microbatches=self.microbatches,
+            )
+            return x, None
+        return layers(x, params, positions, mask, kv)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -10,7 +10,7 @@ from jaxlm.config import load_config
 from jaxlm.nn.decoder import DecoderLM
 from jaxlm.presets import PRESETS
 
-AXES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", None}
+AXES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", None, "layers"}
 
 
 def tiny(base, **kw):
@@ -78,6 +78,7 @@ def test_every_parameter_has_logical_axes():
         if isinstance(p, nnx.Param):
             axes = p.get_metadata()["out_sharding"]
             assert len(axes) == p[...].ndim and set(axes) <= AXES, (path, axes)
+            assert (path[0] == "layers") == (axes[0] == "layers"), (path, axes)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

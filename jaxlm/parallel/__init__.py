@@ -1,0 +1,16 @@
+"""Sharding over a device mesh: rules, mesh, pipeline schedule, sharded state, planning."""
+
+from jaxlm.parallel.mesh import check_layout, make_mesh
+from jaxlm.parallel.pipeline import gpipe
+from jaxlm.parallel.rules import RULES, activation_sharding, constrain, logical_to_spec, rules_for
+
+__all__ = [
+    "RULES",
+    "activation_sharding",
+    "check_layout",
+    "constrain",
+    "gpipe",
+    "logical_to_spec",
+    "make_mesh",
+    "rules_for",
+]
