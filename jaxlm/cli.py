@@ -1,4 +1,4 @@
-"""Command line: `jaxlm train | generate | eval`. Run `jaxlm COMMAND --help`."""
+"""Command line: `jaxlm train | generate | eval | plan`. Run `jaxlm COMMAND --help`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   jaxlm train configs/gpt_tiny.yaml model.num_layers=2 train.steps=100 train.run_dir=runs/quick
   jaxlm generate runs/llama_tiny --prompt "ROMEO." --max-new-tokens 200 --temperature 0.8
   jaxlm eval runs/llama_tiny
+  jaxlm plan configs/llama_tiny.yaml model.preset=llama2_7b mesh.fsdp=4 mesh.tensor=2 --devices 8
 """
 
 
@@ -30,7 +31,11 @@ def cmd_train(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # config errors before joining other processes
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
+        from jaxlm.parallel.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
     print(f"training {args.config} -> {cfg.train.run_dir}", file=sys.stderr)
     out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
     if out["interrupted"] is not None:
@@ -96,6 +101,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.parallel.plan import plan
+
+    print(plan(load_config(args.config, args.overrides), args.devices))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxlm",
@@ -116,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="stop (with a checkpoint) at this step")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = t.add_argument_group(
+        "multi-process (multi-host)",
+        "run the same command in every process; without these flags JAXLM_COORDINATOR, JAXLM_NUM_PROCESSES and "
+        "JAXLM_PROCESS_ID are read when --distributed is given, else the cluster (SLURM, MPI, TPU) is detected",
+    )
+    d.add_argument("--distributed", action="store_true", help="join a multi-process run")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    d.add_argument("--num-processes", type=int, help="number of processes in the run")
+    d.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+    d.add_argument(
+        "--heartbeat-timeout", type=int, default=30, metavar="S", help="fail when a peer is silent this long (30)"
+    )
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser(
@@ -140,11 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     e.add_argument("--batches", type=int, default=0, help="score only the first N batches (0 = whole split)")
     e.set_defaults(fn=cmd_eval)
+
+    pl = sub.add_parser(
+        "plan",
+        help="print how a config's training shards over the mesh, and memory per device",
+        description="Without allocating anything: the sharding of every parameter and the per-device bytes of "
+        "parameters, gradients, optimizer state and (estimated) activations.",
+    )
+    pl.add_argument("config", help="YAML config")
+    pl.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. mesh.fsdp=8)")
+    pl.add_argument("--devices", type=int, default=None, help="plan for this many devices (default: those present)")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`jaxlm plan CFG --devices 8 mesh.fsdp=8`).
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _quiet_logs()
     from jaxlm.config import ConfigError
     from jaxlm.data.tokenizer import DataError

@@ -158,7 +158,8 @@ MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to i
 class MeshConfig:
     """Device mesh and how the model is split over it (see jaxlm/parallel/).
 
-    Axis sizes multiply to the device count; one of them may be -1 (the rest).
+    Axis sizes multiply to the device count (or fewer, on one process: the
+    first devices are used); one of them may be -1 (the rest).
     """
 
     data: int = -1  # replicas; the batch is split over data x fsdp
@@ -194,10 +195,10 @@ class MeshConfig:
                     f"which does not divide {num_devices}"
                 )
             sizes[free[0]] = num_devices // known
-        elif known != num_devices:
+        elif known > num_devices:
             raise ConfigError(
                 f"mesh {sizes} needs {known} devices but {num_devices} are available; "
-                "set the sizes to multiply to the device count, or one of them to -1"
+                "set the sizes to multiply to at most the device count, or one of them to -1"
             )
         return sizes
 

@@ -1,7 +1,9 @@
 import os
 
-# Tests run on CPU, deterministic and single-threaded per op where possible.
+# Tests run on CPU, with 8 host devices for the sharding tests (set before JAX is imported).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import pytest  # noqa: E402
 
@@ -23,6 +25,7 @@ TINY = [
     "train.ckpt_every=0",
     "train.log_every=1",
     "train.lr=1e-2",
+    "mesh.data=1",
 ]
 
 

@@ -4,8 +4,8 @@ Documents are joined with end-of-text tokens into one stream. Each epoch picks
 a random offset and a random order of the `seq_len + 1`-token windows that
 follow it (seeded by `seed` and the epoch), so batch k is a pure function of
 (seed, k): the loader's whole state is the number of batches it has served,
-which is saved in every checkpoint. Multi-host: each process takes its own
-rows of every global batch.
+which is saved in every checkpoint. Multi-host: each process reads only the
+rows of every global batch that its devices hold.
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ class PackedLoader:
         seed: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        rows: tuple[int, int] | None = None,
     ):
+        """`rows` = (lo, hi): serve only those rows of every global batch (what this process's
+        devices hold); default: an equal share by `process_index` of `process_count`."""
         if batch_size % process_count:
             raise DataError(f"batch size {batch_size} does not split over {process_count} processes")
         self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.process_index, self.process_count = process_index, process_count
+        per = batch_size // process_count
+        self.rows = rows or (process_index * per, (process_index + 1) * per)
         # One window fewer than fits, so every epoch's random offset still fits them all.
         self.windows = (len(tokens) - 1) // seq_len - 1
         self.batches_per_epoch = self.windows // batch_size
@@ -75,8 +79,7 @@ class PackedLoader:
             self._order = rng.permutation(self.windows)
             self._epoch = epoch
         rows = self._order[i * self.batch_size : (i + 1) * self.batch_size]
-        per = self.batch_size // self.process_count
-        rows = rows[self.process_index * per : (self.process_index + 1) * per]
+        rows = rows[self.rows[0] : self.rows[1]]
         starts = self._offset + rows * self.seq_len
         idx = starts[:, None] + np.arange(self.seq_len + 1)
         seqs = self.tokens[idx]

@@ -124,7 +124,7 @@ class DecoderLM(nnx.Module):
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
             mask = attention_mask(positions, kv_pos, kv_valid=kv_pos >= 0, sliding_window=window)
             kv = {"k": cache["k"], "v": cache["v"]}
-        x, kv = self._run_layers(x, positions, mask, kv, cache_index)
+        x, kv = self._run_layers(x, positions, valid, mask, kv, cache_index)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:
@@ -134,7 +134,7 @@ class DecoderLM(nnx.Module):
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits, None if cache is None else {"pos": kv_pos, **kv}
 
-    def _run_layers(self, x, positions, mask, kv, cache_index):
+    def _run_layers(self, x, positions, valid, mask, kv, cache_index):
         """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None."""
         cfg = self.cfg
         graphdef, params = nnx.split(self.layers)
@@ -162,12 +162,17 @@ class DecoderLM(nnx.Module):
             return jax.lax.scan(body, x, (params, kv))
 
         if kv is None and self.pipeline_stages > 1:
-            stage = lambda p, x, ex: layers(x, p, ex[0], ex[1], None)[0]  # noqa: E731
+            window = cfg.sliding_window or None
+
+            def stage(p, x, pos_valid):  # each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T)
+                pos, ok = pos_valid
+                return layers(x, p, pos, attention_mask(pos, pos, kv_valid=ok, sliding_window=window), None)[0]
+
             x = gpipe(
                 stage,
                 params,
                 x,
-                (positions, mask),
+                (positions, valid),
                 num_stages=self.pipeline_stages,
                 num_microbatches=self.microbatches,
             )

@@ -7,6 +7,7 @@ exchanges the most data per layer, so its ranks are neighbours in device order
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -15,12 +16,22 @@ from jax.sharding import AxisType, Mesh
 
 from jaxlm.config import MESH_AXES, Config, ConfigError, MeshConfig
 
+log = logging.getLogger(__name__)
+
 
 def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
     """Mesh over `devices` (default: all devices of every process); ConfigError when it does not fit."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mc.resolve(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    used = math.prod(shape)
+    if used < len(devices):
+        if jax.process_count() > 1:
+            raise ConfigError(
+                f"mesh {sizes} uses {used} of {len(devices)} devices; a multi-process run must use them all"
+            )
+        log.warning("mesh %s uses %d of the %d devices", describe(sizes), used, len(devices))
+        devices = devices[:used]
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
     except Exception:  # make_mesh wants a device topology it understands; plain order is fine elsewhere
@@ -54,4 +65,4 @@ def check_layout(cfg: Config, sizes: dict[str, int]) -> int:
 
 def describe(sizes: dict[str, int]) -> str:
     parts = [f"{a}={sizes[a]}" for a in MESH_AXES if sizes[a] > 1]
-    return " x ".join(parts) or f"1 device ({math.prod(sizes.values())})"
+    return " x ".join(parts) or "1 device"

@@ -71,7 +71,8 @@ def gpipe(
         state, out = carry
         state = state.at[0].set(xs[jnp.minimum(t, M - 1)])
         micro = jnp.clip(t - jnp.arange(Pn), 0, M - 1)  # micro-batch each stage holds now
-        y = run(stage_params, state, jax.tree.map(lambda a: a[micro], ex))
+        ex_t = jax.tree.map(lambda a: constrain(a[micro], ("stages", "batch") + (None,) * (a.ndim - 2)), ex)
+        y = run(stage_params, state, ex_t)
         # The last stage finishes micro-batch t - (P - 1); earlier writes to slot 0 are overwritten.
         out = jax.lax.dynamic_update_index_in_dim(out, y[-1], jnp.maximum(t - (Pn - 1), 0), 0)
         return (constrain(jnp.roll(y, 1, axis=0), state_axes), out), None

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxlm.ops.losses import cross_entropy
+from jaxlm.parallel.state import replicated, tree_shardings
 
 
 class TrainState(NamedTuple):
@@ -30,14 +31,36 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
 
+def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> TrainState:
+    """Where each part of the state lives: parameters and optimizer state per ZeRO stage."""
+    return TrainState(
+        replicated(mesh),
+        tree_shardings(abstract_state.params, mesh, "params", zero_stage),
+        tree_shardings(abstract_state.opt_state, mesh, "opt_state", zero_stage),
+        replicated(mesh),
+    )
+
+
 def _loss_sums(graphdef, params, batch, z_loss):
     model = nnx.merge(graphdef, params)
     logits, _ = model(batch["inputs"])
     return cross_entropy(logits, batch["targets"], batch.get("mask"), z_loss=z_loss)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, z_loss: float = 0.0):
-    """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0."""
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    z_loss: float = 0.0,
+    grad_shardings=None,
+):
+    """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0.
+
+    grad_shardings: where gradients live while they are accumulated (ZeRO-2 and -3
+    shard them, which turns the data-parallel all-reduce into a reduce-scatter).
+    """
+    place = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
     def grads_of(params, micro):
         def f(p):
@@ -48,13 +71,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        # Micro-batch i = rows i, i + grad_accum, ...: strided, so each one spans every data shard.
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
+        )
 
         def body(carry, mb):
             g, ls, c = grads_of(state.params, mb)
-            return jax.tree.map(jnp.add, carry, (g, ls, c)), None
+            g, ls, c = jax.tree.map(jnp.add, carry, (place(g), ls, c))
+            return (g, ls, c), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        zeros = (
+            place(jax.tree.map(jnp.zeros_like, state.params)),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+        )
         (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, micro)
         # Gradient of the mean over every token of every micro-batch.
         grads = jax.tree.map(lambda g: g / count, grads)

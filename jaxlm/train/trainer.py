@@ -18,28 +18,32 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlm.config import Config, ConfigError, load_config, save_config
 from jaxlm.data.corpus import load_corpus
 from jaxlm.data.loader import PackedLoader, eval_batches, pack_documents
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, abstract
-from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.run_dir import RunDir, check_resumable
-from jaxlm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxlm.train.sharded import ShardedTraining
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(eval_step, params, tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte over the split (or its first batches)."""
+def evaluate(
+    eval_step, params, tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0, put=None
+) -> dict:
+    """Mean loss (nats/token), perplexity and bits per byte over the split (or its first batches).
+
+    put: host batch -> device batch (default: as is).
+    """
     totals = None
     for batch in eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
-        out = eval_step(params, batch)
+        out = eval_step(params, batch if put is None else put(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+    totals = to_host(totals)
     loss = float(totals["loss_sum"] / totals["count"])
     bpb = float(totals["loss_sum"] / (math.log(2) * totals["bytes"]))
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": int(totals["count"])}
@@ -74,9 +78,13 @@ def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
     train_docs, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
     if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
-    else:
+    elif jax.process_index() == 0:
         tokenizer = build_tokenizer(cfg.data.tokenizer, train_docs, cfg.model.vocab_size)
         tokenizer.save(run.tokenizer)
+        _barrier("tokenizer")
+    else:  # one process trains the tokenizer; the others read it from the shared run directory
+        _barrier("tokenizer")
+        tokenizer = load_tokenizer(run.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "
@@ -95,42 +103,33 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     """Trains (or resumes) `cfg.train.run_dir`. `stop_after` ends early (checkpointed) at that step."""
     tc = cfg.train
     run = RunDir(tc.run_dir)
+    lead = jax.process_index() == 0  # writes the run directory's files; every process writes its shards
+    sharded = ShardedTraining(cfg)  # fails on a bad mesh before any data work or compile
     resuming = run.has_checkpoint()
     if resuming and run.config.is_file():
         check_resumable(load_config(run.config), cfg)
-    run.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.config)
+    if lead:
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
+    log.info("%s", sharded.describe())
 
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, run, resuming)
     loader = PackedLoader(
-        train_tokens,
-        seq_len=cfg.data.seq_len,
-        batch_size=tc.batch_size,
-        seed=cfg.data.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        train_tokens, seq_len=cfg.data.seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=sharded.rows
     )
-
-    model = DecoderLM(cfg.model, rngs=nnx.Rngs(tc.seed))
-    graphdef = nnx.graphdef(model)
-    tx = make_optimizer(tc)
-    state = init_train_state(model, tx, tc.seed)
-    del model
+    state = sharded.init_state()
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
-    if resuming:
+    if resuming:  # restored onto this run's mesh, whatever mesh wrote it
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
-        state = TrainState(
-            jnp.asarray(meta["step"], jnp.int32), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32)
-        )
+        state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"])
         loader.restore(meta["data"])
         log.info("resumed %s from step %d", run.path, meta["step"])
-
-    train_step = jax.jit(make_train_step(graphdef, tx, grad_accum=tc.grad_accum, z_loss=tc.z_loss), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes)))
+    train_step = sharded.train_step
+    eval_step = sharded.eval_step(tokenizer.token_bytes)
     schedule = lr_schedule(tc)
 
     def save(step: int):
-        meta = {"step": step, "rng": np.asarray(jax.device_get(state.rng)).tolist(), "data": loader.state()}
+        meta = {"step": step, "rng": to_host(state.rng).tolist(), "data": loader.state()}
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
@@ -141,28 +140,30 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             seq_len=cfg.data.seq_len,
             batch_size=tc.batch_size,
             max_batches=max_batches,
+            put=lambda b: sharded.put_batch(b, lo=0),
         )
         out = {"step": step, **out}
         write(out)
         return out
 
-    metrics_file = open(run.metrics, "a", encoding="utf-8")
+    metrics_file = open(run.metrics, "a", encoding="utf-8") if lead else None
 
     def write(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     start = int(state.step)
     end = min(tc.steps, stop_after) if stop_after is not None else tc.steps
     tokens_per_step = tc.batch_size * cfg.data.seq_len
-    bar = _progress(progress, total=tc.steps, initial=start)
+    bar = _progress(progress and lead, total=tc.steps, initial=start)
     last = {"time": time.perf_counter(), "step": start}
     t0 = time.perf_counter()
     evaluation, interrupted, step = {}, None, start
     pending = []  # (step, device metrics) not yet written: fetched in bulk to avoid a sync per step
 
     def flush(tokens_per_s: float | None = None):
-        for s, m in jax.device_get(pending):
+        for s, m in zip([s for s, _ in pending], to_host([m for _, m in pending])):
             record = {
                 "step": s,
                 "loss": float(m["loss"]),
@@ -174,7 +175,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
 
     with _StopOnSignal() as stopper:
         for step in range(start + 1, end + 1):
-            batch = next(loader)
+            batch = sharded.put_batch(next(loader))
             state, metrics = train_step(state, batch)
             pending.append((step, metrics))
             bar.update(1)
@@ -182,7 +183,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 now = time.perf_counter()
                 tps = (step - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
                 last.update(time=now, step=step)
-                loss = float(pending[-1][1]["loss"])
+                loss = float(to_host(pending[-1][1]["loss"]))
                 flush(tps)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
@@ -201,8 +202,16 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if step >= tc.steps and interrupted is None:
         evaluation = run_eval(step, 0)
     ckpt.close()
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     return {"step": step, "elapsed_s": time.perf_counter() - t0, "interrupted": interrupted, **evaluation}
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -1,0 +1,127 @@
+"""`jaxlm plan`: how a config's training state splits over a mesh, without allocating anything.
+
+Shapes come from `jax.eval_shape`; shardings from the same rules the trainer
+uses; bytes per device are each array's bytes over its shard count. Activation
+memory is an estimate of what the backward pass keeps per device (the largest
+term of each layer; see `activation_bytes`), not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from jaxlm.config import Config
+from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.param import dtype_of
+from jaxlm.parallel.mesh import check_layout, describe
+from jaxlm.parallel.rules import logical_to_spec, rules_for
+
+GiB = 1024**3
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _shards(spec, sizes: dict[str, int]) -> int:
+    n = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else entry or ():
+            n *= sizes[axis]
+    return n
+
+
+def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> float:
+    """Estimated activation bytes one device keeps for the backward pass of one micro-batch.
+
+    Per layer and token, remat=none keeps the block's inputs, norms, q/k/v,
+    attention probabilities, MLP hidden states and outputs; save_dots keeps the
+    projection outputs only; full keeps the layer input (plus one layer's worth
+    during its recomputation). Head and MLP terms split over `tensor`.
+    """
+    m, tc = cfg.model, cfg.train
+    a = jax.numpy.dtype(dtype_of(m.dtype)).itemsize
+    rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"])
+    T, D, F, N, K, H = cfg.data.seq_len, m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
+    tp = sizes["tensor"]
+    k_tp = tp if K % tp == 0 else 1
+    gated = 2 if m.mlp == "gated" else 1
+    span = min(T, m.sliding_window) if m.sliding_window else T
+    # Scores and probabilities (N, T, S) are materialised except by the fused cuDNN kernel.
+    scores = 0 if m.attention_impl == "cudnn" else 2 * N / tp * T * span
+    full_layer = T * (6 * D + (N * H) / tp * 2 + 2 * K * H / k_tp + (gated + 1) * F / tp) + scores
+    dots = T * (N * H / tp + 2 * K * H / k_tp + D + gated * F / tp + D)
+    per_layer = {"none": full_layer, "save_dots": dots, "full": T * D}[m.remat]
+    layers = m.num_layers // sizes["pipeline"]
+    extra = full_layer if m.remat != "none" else 0  # the layer being recomputed
+    logits = 2 * T * m.vocab_size / tp * 4  # float32 logits and their gradient
+    # A pipeline stage keeps every micro-batch in flight: rows/microbatches each, all of them.
+    return rows * (a * (layers * per_layer + extra) + logits)
+
+
+def plan(cfg: Config, num_devices: int | None = None) -> str:
+    """A report of every parameter's sharding and the per-device memory of training `cfg`."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    sizes = cfg.mesh.resolve(num_devices)
+    microbatches = check_layout(cfg, sizes)
+    zero = cfg.mesh.zero_stage
+    model = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    opt_copies = 2  # AdamW: first and second moments, each the size of the parameters
+
+    lines = []
+    total = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(params))
+    m = cfg.model
+    lines.append(
+        f"plan: {_fmt_count(total)} parameters ({m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads / "
+        f"{m.kv_heads} kv, mlp {m.mlp_dim}, vocab {m.vocab_size}), {m.param_dtype} parameters, {m.dtype} compute"
+    )
+    lines.append(
+        f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, zero_stage {zero}, "
+        f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, grad_accum {cfg.train.grad_accum}, "
+        f"remat {m.remat}" + (f", {microbatches} pipeline micro-batches" if sizes["pipeline"] > 1 else "")
+    )
+    lines.append("")
+    rows = [("parameter", "shape", "logical axes", "parameters on", "optimizer state on", "params/device")]
+    totals = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}
+    show = lambda s: "replicated" if all(e is None for e in s) else "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
+    for path, v in nnx.to_flat_state(params):
+        name = ".".join(str(p) for p in path)
+        axes = v.get_metadata()["out_sharding"]
+        nbytes = math.prod(v.shape) * jax.numpy.dtype(v.dtype).itemsize
+        specs = {k: logical_to_spec(axes, v.shape, rules_for(k, zero), sizes, where=name) for k in totals}
+        per = {k: nbytes / _shards(specs[k], sizes) for k in totals}
+        per["opt_state"] *= opt_copies
+        for k in totals:
+            totals[k] += per[k]
+        shape = "(" + ", ".join(map(str, v.shape)) + ")"
+        rows.append(
+            (name, shape, ", ".join(axes), show(specs["params"]), show(specs["opt_state"]), _fmt_bytes(per["params"]))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    act = activation_bytes(cfg, sizes, microbatches)
+    lines.append("")
+    lines.append("memory per device")
+    lines.append(f"  parameters        {_fmt_bytes(totals['params']):>12}")
+    lines.append(f"  gradients         {_fmt_bytes(totals['grads']):>12}")
+    lines.append(f"  optimizer state   {_fmt_bytes(totals['opt_state']):>12}   (AdamW moments)")
+    lines.append(f"  activations       {_fmt_bytes(act):>12}   (estimate, remat={m.remat})")
+    lines.append(f"  total             {_fmt_bytes(sum(totals.values()) + act):>12}")
+    return "\n".join(lines)
