@@ -1,8 +1,9 @@
 """How fast does a config train here, and how close is that to the machine's matmul speed?
 
-Measures training tokens/s of CONFIG on random tokens (the data pipeline is not
-timed) and model-FLOPs utilisation against the dense matmul throughput that
-this script measures on the same device in the same run.
+Measures training tokens/s of CONFIG on its mesh (`mesh:` section; default: data
+parallel over every device) on random tokens (the data pipeline is not timed),
+and model-FLOPs utilisation against the dense matmul throughput that this script
+measures on one device in the same run, times the devices used.
 
     python experiments/bench_train.py configs/llama_tiny.yaml [overrides] [--steps 10]
 """
@@ -16,13 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlm.config import load_config
 from jaxlm.flops import train_flops_per_token
-from jaxlm.nn.decoder import DecoderLM, count_params
-from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.step import init_train_state, make_train_step
+from jaxlm.nn.decoder import count_params
+from jaxlm.train.sharded import ShardedTraining
 
 
 def matmul_flops_per_s(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -41,6 +40,37 @@ def matmul_flops_per_s(dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def measure(cfg, steps: int) -> dict:
+    """Compile time, step time and tokens/s of training `cfg` on its mesh (random tokens)."""
+    mc, tc = cfg.model, cfg.train
+    sharded = ShardedTraining(cfg)
+    state = sharded.init_state()
+    rng = np.random.default_rng(0)
+    host = {
+        k: rng.integers(0, mc.vocab_size, (tc.batch_size, cfg.data.seq_len)).astype(np.int32)
+        for k in ("inputs", "targets")
+    }
+    lo, hi = sharded.rows
+    batch = sharded.put_batch({k: v[lo:hi] for k, v in host.items()})
+    t = time.perf_counter()
+    state, m = sharded.train_step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = sharded.train_step(state, batch)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t) / steps
+    tokens = tc.batch_size * cfg.data.seq_len
+    return {
+        "mesh": sharded.describe(),
+        "tokens_per_step": tokens,
+        "compile_s": round(compile_s, 2),
+        "step_ms": round(step_s * 1e3, 1),
+        "tokens_per_s": round(tokens / step_s),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -50,43 +80,18 @@ def main():
     args = p.parse_args()
 
     cfg = load_config(args.config, args.overrides)
-    mc, tc = cfg.model, cfg.train
-    model = DecoderLM(mc, rngs=nnx.Rngs(0))
-    tx = make_optimizer(tc)
-    state = init_train_state(model, tx, 0)
-    step = jax.jit(make_train_step(nnx.graphdef(model), tx, grad_accum=tc.grad_accum), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    batch = {
-        k: rng.integers(0, mc.vocab_size, (tc.batch_size, cfg.data.seq_len)).astype(np.int32)
-        for k in ("inputs", "targets")
-    }
-
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t) / args.steps
-
-    tokens = tc.batch_size * cfg.data.seq_len
-    tok_s = tokens / step_s
-    model_flops = train_flops_per_token(mc, cfg.data.seq_len) * tok_s
-    peak = matmul_flops_per_s(jnp.dtype(mc.dtype), args.matmul_size)
-    out = {
-        "config": args.config,
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
-        "params": count_params(mc),
-        "tokens_per_step": tokens,
-        "compile_s": round(compile_s, 2),
-        "step_ms": round(step_s * 1e3, 1),
-        "tokens_per_s": round(tok_s),
-        "model_tflops_per_s": round(model_flops / 1e12, 4),
-        "matmul_tflops_per_s": round(peak / 1e12, 4),
-        "mfu_vs_measured_matmul": round(model_flops / peak, 3),
-    }
+    mc = cfg.model
+    out = {"config": args.config, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
+    out.update(measure(cfg, args.steps))
+    out["params"] = count_params(mc)
+    n = int(out["mesh"].split(" on ")[1].split()[0])
+    model_flops = train_flops_per_token(mc, cfg.data.seq_len) * out["tokens_per_s"]
+    peak = n * matmul_flops_per_s(jnp.dtype(mc.dtype), args.matmul_size)  # per-device peak x devices used
+    out.update(
+        model_tflops_per_s=round(model_flops / 1e12, 4),
+        matmul_tflops_per_s=round(peak / 1e12, 4),
+        mfu_vs_measured_matmul=round(model_flops / peak, 3),
+    )
     for k, v in out.items():
         print(f"{k:>24}: {v}")
     print(json.dumps(out))

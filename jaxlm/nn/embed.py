@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.param import normal_param
+from jaxlm.parallel.rules import constrain
 
 
 class Embed(nnx.Module):
@@ -18,7 +19,9 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """(B, T) int -> (B, T, D)."""
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        # Gather whole rows: the FSDP-split `embed` dim is all-gathered first (a vocab split stays put).
+        table = constrain(self.embedding[...], ("vocab", "embed"))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits."""

@@ -1,0 +1,60 @@
+import re
+
+import pytest
+
+from jaxlm.cli import main
+from jaxlm.config import ConfigError, load_config
+from jaxlm.nn.decoder import count_params
+from jaxlm.parallel.plan import plan
+
+GiB = 1024**3
+
+
+def memory(report: str) -> dict[str, float]:
+    units = {"GiB": GiB, "MiB": 1024**2, "KiB": 1024, "B": 1}
+    out = {}
+    for name, value, unit in re.findall(r"^  (\w[\w ]*?)\s+([\d.]+) (GiB|MiB|KiB|B)", report, re.M):
+        out[name] = float(value) * units[unit]
+    return out
+
+
+def test_llama2_7b_fsdp8_splits_every_matrix_eight_ways():
+    cfg = load_config("configs/llama2_7b.yaml")
+    report = plan(cfg, 8)
+    params = count_params(cfg.model)
+    mem = memory(report)
+    # fp32 parameters over 8 devices; AdamW keeps two moments.
+    assert mem["parameters"] == pytest.approx(params * 4 / 8, rel=1e-3)
+    assert mem["optimizer state"] == pytest.approx(2 * params * 4 / 8, rel=1e-3)
+    assert mem["activations"] > 0 and "fsdp=8" in report
+    assert re.search(r"layers\.mlp\.w_up\s+\(32, 4096, 11008\)\s+layers, embed, mlp\s+\(None, fsdp, None\)", report)
+
+
+def test_plan_tensor_parallel_and_zero1():
+    cfg = load_config("configs/llama3_8b.yaml", ["mesh.fsdp=4", "mesh.tensor=2", "mesh.zero_stage=1"])
+    report = plan(cfg, 8)
+    mem = memory(report)
+    params = count_params(cfg.model)
+    # ZeRO-1: parameters split over tensor only, optimizer state also over fsdp.
+    assert mem["parameters"] == pytest.approx(params * 4 / 2, rel=1e-2)
+    assert mem["optimizer state"] == pytest.approx(2 * params * 4 / 8, rel=1e-2)
+    assert "layers.attn.wk" in report and "(None, None, tensor, None)" in report
+
+
+def test_remat_lowers_the_activation_estimate():
+    acts = {
+        r: memory(plan(load_config("configs/llama2_7b.yaml", [f"model.remat={r}"]), 8))["activations"]
+        for r in ("none", "save_dots", "full")
+    }
+    assert acts["none"] > acts["save_dots"] > acts["full"]
+
+
+def test_plan_rejects_a_mesh_that_does_not_fit():
+    with pytest.raises(ConfigError, match="needs 16 devices"):
+        plan(load_config("configs/llama2_7b.yaml", ["mesh.fsdp=16"]), 8)
+
+
+def test_cli_plan(capsys):
+    assert main(["plan", "configs/llama_tiny.yaml", "--devices", "4", "mesh.data=2", "mesh.tensor=2"]) == 0
+    out = capsys.readouterr().out
+    assert "data=2 x tensor=2" in out and "memory per device" in out
