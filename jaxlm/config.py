@@ -33,8 +33,16 @@ class ModelConfig:
     head_dim: int = 0  # H (0 = d_model // num_heads)
     mlp_dim: int = 512  # F, hidden width of the feed-forward block
     max_seq_len: int = 256  # longest context (learned positions, KV cache size)
-    position: str = "rope"  # rope | learned | sinusoidal | none
+    position: str = "rope"  # rope | learned | sinusoidal | alibi | none
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | dynamic | yarn | llama3 (Hugging Face's rope_scaling types)
+    rope_factor: float = 1.0  # context extension factor of the scaling
+    rope_original_max_len: int = 0  # pre-training context (HF original_max_position_embeddings)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn (0 = 0.1 ln(factor) + 1)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre (GPT-2, LLaMA) | post (original Transformer)
@@ -61,8 +69,33 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    @property
+    def rope(self) -> dict | None:
+        """Keyword arguments of `scaled_rope_frequencies` (without head_dim), or None without RoPE."""
+        if self.position != "rope":
+            return None
+        return dict(
+            theta=self.rope_theta,
+            scaling=self.rope_scaling,
+            factor=self.rope_factor,
+            original_max_len=self.rope_original_max_len,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            beta_fast=self.rope_beta_fast,
+            beta_slow=self.rope_beta_slow,
+            attention_factor=self.rope_attention_factor,
+        )
+
     def __post_init__(self):
-        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "none"))
+        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "alibi", "none"))
+        _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "dynamic", "yarn", "llama3"))
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
+            if self.rope_factor <= 0:
+                raise ConfigError(f"model.rope_factor must be positive, got {self.rope_factor}")
+            if self.rope_scaling != "linear" and self.rope_original_max_len <= 0:
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_len > 0")
         _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
         _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
         _check_choice("model.mlp", self.mlp, ("gated", "plain"))
@@ -74,7 +107,7 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
-        for key in ("num_kv_heads", "head_dim", "sliding_window"):
+        for key in ("num_kv_heads", "head_dim", "sliding_window", "rope_original_max_len"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if self.num_heads % self.kv_heads:

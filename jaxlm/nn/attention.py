@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
-from jaxlm.ops.positions import apply_rope, rope_frequencies
+from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
 
 class Attention(nnx.Module):
@@ -29,7 +29,7 @@ class Attention(nnx.Module):
         *,
         qkv_bias: bool,
         out_bias: bool,
-        rope_theta: float | None,
+        rope: dict | None,
         implementation: str,
         std: float,
         out_std: float,
@@ -39,7 +39,7 @@ class Attention(nnx.Module):
     ):
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
-        self.rope_theta, self.implementation, self.dtype = rope_theta, implementation, dtype
+        self.rope, self.implementation, self.dtype = rope, implementation, dtype
         self.wq = normal_param(rngs, (dim, N, H), ("embed", "heads", "head_dim"), std, param_dtype)
         self.wk = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
         self.wv = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
@@ -59,6 +59,7 @@ class Attention(nnx.Module):
         mask: jax.Array,
         cache: dict | None = None,
         cache_index: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Self-attention over x, or over the cache after writing x's keys into it.
 
@@ -68,6 +69,7 @@ class Attention(nnx.Module):
           mask: (B, T, S) bool; S = T without cache, S = cache length with it.
           cache: {"k", "v"}: (B, S, K, H), or None.
           cache_index: int scalar, slot where x's first token is written.
+          bias: additive (B, N, T, S) attention bias (ALiBi), or None.
 
         Returns:
           (B, T, D) and the updated cache (None without cache).
@@ -78,16 +80,18 @@ class Attention(nnx.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, c(self.wv))
         if self.bq is not None:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
-        if self.rope_theta is not None:
-            inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if self.rope is not None:
+            # Dynamic NTK rescales by the longest position in use (as Hugging Face does).
+            seq_len = jnp.max(positions) + 1 if self.rope["scaling"] == "dynamic" else None
+            inv_freq, scale = scaled_rope_frequencies(self.head_dim, **self.rope, seq_len=seq_len)
+            q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
         y = jnp.einsum("BTNH,NHD->BTD", out, c(self.wo))
         if self.bo is not None:
             y = y + c(self.bo)

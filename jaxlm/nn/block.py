@@ -31,7 +31,7 @@ class Block(nnx.Module):
             cfg.dim_per_head,
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
-            rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+            rope=cfg.rope,
             implementation=cfg.attention_impl,
             std=cfg.init_std,
             out_std=out_std,
@@ -53,12 +53,12 @@ class Block(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None) -> tuple[jax.Array, dict | None]:
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, bias=None) -> tuple[jax.Array, dict | None]:
         """x: (B, T, D) -> (B, T, D); see `Attention` for the other arguments."""
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias)
             x = x + h
             return x + self.mlp(self.mlp_norm(x)), cache
-        h, cache = self.attn(x, positions, mask, cache, cache_index)
+        h, cache = self.attn(x, positions, mask, cache, cache_index, bias)
         x = self.attn_norm(x + h)
         return self.mlp_norm(x + self.mlp(x)), cache

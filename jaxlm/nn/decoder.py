@@ -18,7 +18,7 @@ from jaxlm.nn.embed import Embed, LearnedPositions
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
-from jaxlm.ops.positions import sinusoidal_positions
+from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
 from jaxlm.parallel.pipeline import gpipe
 from jaxlm.parallel.rules import constrain
 
@@ -115,16 +115,15 @@ class DecoderLM(nnx.Module):
 
         x = constrain(x, ("batch", "seq", "embed"))
 
-        window = cfg.sliding_window or None
         if cache is None:
-            mask = attention_mask(positions, positions, kv_valid=valid, sliding_window=window)
-            kv = None
+            kv_pos, kv_valid, kv = positions, valid, None
         else:
             slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
-            mask = attention_mask(positions, kv_pos, kv_valid=kv_pos >= 0, sliding_window=window)
-            kv = {"k": cache["k"], "v": cache["v"]}
-        x, kv = self._run_layers(x, positions, valid, mask, kv, cache_index)
+            kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
+        x, kv = self._run_layers(
+            x, positions, valid, self._attention_inputs(positions, kv_pos, kv_valid), kv, cache_index
+        )
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:
@@ -134,39 +133,46 @@ class DecoderLM(nnx.Module):
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits, None if cache is None else {"pos": kv_pos, **kv}
 
-    def _run_layers(self, x, positions, valid, mask, kv, cache_index):
+    def _attention_inputs(self, q_pos, kv_pos, kv_valid):
+        """(mask (B, T, S), additive bias (B, N, T, S) or None) shared by every layer."""
+        cfg = self.cfg
+        mask = attention_mask(q_pos, kv_pos, kv_valid=kv_valid, sliding_window=cfg.sliding_window or None)
+        bias = alibi_bias(alibi_slopes(cfg.num_heads), q_pos, kv_pos) if cfg.position == "alibi" else None
+        return mask, bias
+
+    def _run_layers(self, x, positions, valid, attn_inputs, kv, cache_index):
         """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None."""
         cfg = self.cfg
         graphdef, params = nnx.split(self.layers)
 
-        def layer(x, p, positions, mask, layer_kv):
-            x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index)
+        def layer(x, p, positions, attn_inputs, layer_kv):
+            mask, bias = attn_inputs
+            x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index, bias)
             return constrain(x, ("batch", "seq", "embed")), layer_kv
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-        def layers(x, params, positions, mask, kv):
+        def layers(x, params, positions, attn_inputs, kv):
             if not cfg.scan_layers:
                 new = []
                 for i in range(jax.tree.leaves(params)[0].shape[0]):
                     at = lambda a, i=i: a[i]  # noqa: E731
-                    x, layer_kv = layer(x, jax.tree.map(at, params), positions, mask, jax.tree.map(at, kv))
+                    x, layer_kv = layer(x, jax.tree.map(at, params), positions, attn_inputs, jax.tree.map(at, kv))
                     new.append(layer_kv)
                 return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
 
             def body(x, p_kv):
                 p, layer_kv = p_kv
-                return layer(x, p, positions, mask, layer_kv)
+                return layer(x, p, positions, attn_inputs, layer_kv)
 
             return jax.lax.scan(body, x, (params, kv))
 
         if kv is None and self.pipeline_stages > 1:
-            window = cfg.sliding_window or None
 
             def stage(p, x, pos_valid):  # each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T)
                 pos, ok = pos_valid
-                return layers(x, p, pos, attention_mask(pos, pos, kv_valid=ok, sliding_window=window), None)[0]
+                return layers(x, p, pos, self._attention_inputs(pos, pos, ok), None)[0]
 
             x = gpipe(
                 stage,
@@ -177,7 +183,7 @@ class DecoderLM(nnx.Module):
                 num_microbatches=self.microbatches,
             )
             return x, None
-        return layers(x, params, positions, mask, kv)
+        return layers(x, params, positions, attn_inputs, kv)
 
 
 def count_params(cfg: ModelConfig) -> int:

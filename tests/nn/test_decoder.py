@@ -26,6 +26,9 @@ FAMILIES = {
     "mqa": dict(base="llama_tiny", num_kv_heads=1),
     "post_norm_sinusoidal": dict(base="gpt_tiny", norm_position="post", position="sinusoidal"),
     "sliding": dict(base="llama_tiny", num_kv_heads=2, sliding_window=4),
+    "alibi": dict(base="llama_tiny", position="alibi"),
+    "yarn": dict(base="llama_tiny", rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8),
+    "llama3_rope": dict(base="llama_tiny", rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8),
 }
 
 
