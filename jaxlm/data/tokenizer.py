@@ -80,21 +80,19 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, eos_id: int | None = None):
+        """`eos_id`: end-of-text id, for tokenizers (e.g. from Hugging Face) without `<|endoftext|>`."""
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        eos = tokenizer.token_to_id(EOS)
+        eos = tokenizer.token_to_id(EOS) if eos_id is None else eos_id
         if eos is None:
-            raise DataError(f"BPE tokenizer has no {EOS} token")
+            raise DataError(f"BPE tokenizer has no {EOS} token and no end-of-text id was given")
         self.eos_id = eos
         special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         self._id_bytes: list[bytes] = []
         for i in range(self.vocab_size):
             piece = tokenizer.id_to_token(i)
-            if piece is None or piece in special:
-                self._id_bytes.append(b"")
-            else:
-                self._id_bytes.append(bytes(_UNICODE_TO_BYTE[c] for c in piece))
+            self._id_bytes.append(b"" if piece is None or piece in special else _piece_bytes(piece))
         self.token_bytes = np.array([len(b) for b in self._id_bytes], np.int32)
 
     @classmethod
@@ -114,13 +112,17 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
+    def load(cls, path: str | Path, eos_id: int | None = None) -> BPETokenizer:
         from tokenizers import Tokenizer
 
+        side = _eos_file(path)
+        if eos_id is None and side.is_file():
+            eos_id = int(json.loads(side.read_text())["eos_id"])
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise DataError(f"cannot read tokenizer file {path}: {e}") from None
+        return cls(tok, eos_id)
 
     def encode(self, text: str | bytes) -> list[int]:
         return self._tok.encode(_as_text(text), add_special_tokens=False).ids
@@ -136,6 +138,25 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+        if self._tok.token_to_id(EOS) != self.eos_id:  # keep an end-of-text id the file cannot name
+            _eos_file(path).write_text(json.dumps({"eos_id": self.eos_id}))
+
+
+def _eos_file(path: str | Path) -> Path:
+    return Path(str(path) + ".eos.json")
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """The bytes a vocabulary piece stands for: byte-level BPE (GPT-2 alphabet), SentencePiece byte
+    fallback (`<0x0A>`), or SentencePiece text (`▁` is a space)."""
+    if all(c in _UNICODE_TO_BYTE for c in piece):
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 Tokenizer = ByteTokenizer | BPETokenizer

@@ -1,0 +1,299 @@
+"""Hugging Face `config.json` <-> `ModelConfig` for the decoder families.
+
+Every key of a config.json is either mapped, checked to have the one value
+jaxlm implements, or listed as not affecting the computation (token ids,
+cache flags, dropout: jaxlm trains without dropout, which is logged). Any
+other key, or an unsupported value, raises ConfigError naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jaxlm.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
+}
+MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+
+# Keys with no effect on the network's function.
+NEUTRAL = {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+DROPOUT = {"attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"}
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+}
+ACTIVATIONS.update({"relu": "relu"})
+
+
+class _Reader:
+    """Takes keys out of a config dict, so that whatever is left over can be reported."""
+
+    def __init__(self, hf: dict, where: str):
+        self.hf, self.where, self.used = hf, where, set()
+
+    def get(self, key, default=...):
+        self.used.add(key)
+        if key in self.hf and self.hf[key] is not None:
+            return self.hf[key]
+        if default is ...:
+            raise ConfigError(f"{self.where}: config.json lacks {key!r}")
+        return default
+
+    def expect(self, key, allowed, default=None):
+        value = self.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{self.where}: {key}={value!r} is not supported (jaxlm implements {allowed})")
+        return value
+
+    def finish(self):
+        dropout = {k: self.hf[k] for k in DROPOUT & set(self.hf) if self.hf[k]}
+        if dropout:
+            log.warning("%s: ignoring dropout %s (jaxlm has no dropout)", self.where, dropout)
+        left = sorted(set(self.hf) - self.used - NEUTRAL - DROPOUT)
+        if left:
+            raise ConfigError(
+                f"{self.where}: unsupported config.json keys {left}; jaxlm would not compute the same model"
+            )
+
+
+def architecture_of(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a
+    if not archs and hf.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[hf["model_type"]]
+    raise ConfigError(
+        f"unsupported Hugging Face architecture {archs or hf.get('model_type')!r}; jaxlm reads {sorted(ARCHITECTURES)}"
+    )
+
+
+def _rope(r: _Reader) -> dict:
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = dict(r.get("rope_parameters", None) or {})
+    scaling = r.get("rope_scaling", None)
+    if scaling:
+        params.update(scaling)
+    theta = params.pop("rope_theta", None) or r.get("rope_theta", 10000.0)
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    out = {"rope_theta": float(theta)}
+    if kind == "default":
+        return out
+    names = {
+        "factor": "rope_factor",
+        "original_max_position_embeddings": "rope_original_max_len",
+        "low_freq_factor": "rope_low_freq_factor",
+        "high_freq_factor": "rope_high_freq_factor",
+        "beta_fast": "rope_beta_fast",
+        "beta_slow": "rope_beta_slow",
+        "attention_factor": "rope_attention_factor",
+    }
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise ConfigError(f"{r.where}: rope type {kind!r} is not supported (linear, dynamic, yarn, llama3)")
+    unknown = sorted(set(params) - set(names) - {"truncate"})
+    if unknown or params.get("truncate", True) is not True:
+        raise ConfigError(f"{r.where}: unsupported rope parameters {unknown or ['truncate=False']}")
+    out["rope_scaling"] = kind
+    for k, v in params.items():
+        if k in names and v is not None:
+            out[names[k]] = v
+    if kind == "dynamic":  # scales against max_position_embeddings
+        out["rope_original_max_len"] = r.get("max_position_embeddings")
+    return out
+
+
+def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) for a config.json dict."""
+    arch = architecture_of(hf)
+    r = _Reader(hf, arch)
+    if arch == "GPT2LMHeadModel":
+        d = r.get("n_embd")
+        r.expect("scale_attn_weights", (True,), True)
+        r.expect("scale_attn_by_inverse_layer_idx", (False,), False)
+        r.expect("add_cross_attention", (False,), False)
+        r.get("reorder_and_upcast_attn", False)  # float32 attention scores: jaxlm always upcasts them
+        for k in ("summary_activation", "summary_proj_to_labels", "summary_type", "summary_use_proj"):
+            r.get(k, None)  # GPT2DoubleHeadsModel's classification head; not part of the LM
+        act = r.expect("activation_function", tuple(ACTIVATIONS), "gelu_new")
+        cfg = ModelConfig(
+            vocab_size=r.get("vocab_size"),
+            d_model=d,
+            num_layers=r.get("n_layer"),
+            num_heads=r.get("n_head"),
+            mlp_dim=r.get("n_inner", None) or 4 * d,
+            max_seq_len=r.get("n_positions"),
+            position="learned",
+            norm="layernorm",
+            norm_eps=r.get("layer_norm_epsilon", 1e-5),
+            mlp="plain",
+            activation=ACTIVATIONS[act],
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            norm_bias=True,
+            tie_embeddings=r.expect("tie_word_embeddings", (True,), True),
+            init_std=r.get("initializer_range", 0.02),
+        )
+        r.finish()
+        return cfg, arch
+
+    d, n = r.get("hidden_size"), r.get("num_attention_heads")
+    act = r.expect("hidden_act", ("silu", "swish"), "silu")
+    qkv_bias = out_bias = mlp_bias = False
+    window = 0
+    if arch == "LlamaForCausalLM":
+        qkv_bias = out_bias = bool(r.get("attention_bias", False))
+        mlp_bias = bool(r.get("mlp_bias", False))
+        r.expect("pretraining_tp", (1,), 1)
+    elif arch == "MistralForCausalLM":
+        window = r.get("sliding_window", None) or 0
+    elif arch == "Qwen2ForCausalLM":
+        qkv_bias = True
+        r.expect("use_sliding_window", (False,), False)
+        r.get("sliding_window", None)  # used only with use_sliding_window
+        r.get("max_window_layers", None)
+        types = set(r.get("layer_types", None) or ["full_attention"])
+        if types != {"full_attention"}:
+            raise ConfigError(f"{arch}: layer_types {sorted(types)} are not supported (full_attention only)")
+    cfg = ModelConfig(
+        vocab_size=r.get("vocab_size"),
+        d_model=d,
+        num_layers=r.get("num_hidden_layers"),
+        num_heads=n,
+        num_kv_heads=r.get("num_key_value_heads", n),
+        head_dim=r.get("head_dim", None) or d // n,
+        mlp_dim=r.get("intermediate_size"),
+        max_seq_len=r.get("max_position_embeddings"),
+        position="rope",
+        norm="rmsnorm",
+        norm_eps=r.get("rms_norm_eps", 1e-6),
+        mlp="gated",
+        activation=ACTIVATIONS[act],
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        mlp_bias=mlp_bias,
+        norm_bias=False,
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        init_std=r.get("initializer_range", 0.02),
+        **_rope(r),
+    )
+    r.finish()
+    return cfg, arch
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+    """The Hugging Face class that computes what `cfg` does; ConfigError when there is none."""
+    problems = []
+    if cfg.position == "learned":
+        want = dict(norm="layernorm", mlp="plain", qkv_bias=True, out_bias=True, mlp_bias=True, norm_bias=True)
+        want.update(tie_embeddings=True, norm_position="pre", num_kv_heads=0, sliding_window=0)
+        problems = [f"{k}={getattr(cfg, k)!r} (GPT-2 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+        if cfg.num_kv_heads not in (0, cfg.num_heads):
+            problems.append("grouped-query attention")
+        arch = "GPT2LMHeadModel"
+    elif cfg.position == "rope":
+        want = dict(norm="rmsnorm", mlp="gated", activation="silu", norm_position="pre", mlp_bias=False)
+        problems = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+        if cfg.sliding_window:
+            arch = "MistralForCausalLM"
+            if cfg.qkv_bias or cfg.out_bias:
+                problems.append("attention biases with a sliding window")
+        elif cfg.qkv_bias and not cfg.out_bias:
+            arch = "Qwen2ForCausalLM"
+        elif cfg.qkv_bias != cfg.out_bias:
+            arch = "LlamaForCausalLM"
+            problems.append("an output bias without q/k/v biases")
+        else:
+            arch = "LlamaForCausalLM"
+    else:
+        raise ConfigError(
+            f"no Hugging Face class implements model.position={cfg.position!r} among {sorted(ARCHITECTURES)}"
+        )
+    if problems:
+        raise ConfigError(f"the model cannot be written as {arch}: " + "; ".join(problems))
+    return arch
+
+
+def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    """config.json dict for `cfg` as `arch`."""
+    ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "architectures": [arch], "model_type": ARCHITECTURES[arch]}
+    if arch == "GPT2LMHeadModel":
+        return {
+            **ids,
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "n_inner": cfg.mlp_dim,
+            "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": {v: k for k, v in ACTIVATIONS.items()}[cfg.activation]
+            if cfg.activation != "gelu_tanh"
+            else "gelu_new",
+            "initializer_range": cfg.init_std,
+            "tie_word_embeddings": True,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+        }
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling}
+    if cfg.rope_scaling != "none":
+        rope["factor"] = cfg.rope_factor
+        if cfg.rope_scaling in ("yarn", "llama3"):
+            rope["original_max_position_embeddings"] = cfg.rope_original_max_len
+        if cfg.rope_scaling == "llama3":
+            rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+        if cfg.rope_scaling == "yarn":
+            rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+            if cfg.rope_attention_factor:
+                rope["attention_factor"] = cfg.rope_attention_factor
+    max_pos = cfg.rope_original_max_len if cfg.rope_scaling == "dynamic" else cfg.max_seq_len
+    out = {
+        **ids,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "intermediate_size": cfg.mlp_dim,
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "rope_parameters": rope,
+        "attention_dropout": 0.0,
+    }
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    elif arch == "MistralForCausalLM":
+        out["sliding_window"] = cfg.sliding_window
+    elif arch == "Qwen2ForCausalLM":
+        out.update(use_sliding_window=False)
+    return out

@@ -1,0 +1,169 @@
+"""Hugging Face tensor names and layouts <-> jaxlm parameters.
+
+torch `nn.Linear` stores (out, in); jaxlm stores (in, out) with heads split
+out: q (D, N, H), k/v (D, K, H), o (N, H, D). GPT-2's `Conv1D` already stores
+(in, out) and fuses q, k, v into one `c_attn`. Layers are stacked along a
+leading `layers` axis in jaxlm and numbered in Hugging Face names. Both RoPE
+implementations rotate halves (`rotate_half`), so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxlm.config import ConfigError, ModelConfig
+
+# Per-layer tensors of the LLaMA family: (HF suffix, jaxlm path inside a block, layout).
+_LLAMA_LAYER = [
+    ("input_layernorm.weight", ("attn_norm", "scale"), "vector"),
+    ("post_attention_layernorm.weight", ("mlp_norm", "scale"), "vector"),
+    ("self_attn.q_proj.weight", ("attn", "wq"), "linear_to_heads"),
+    ("self_attn.k_proj.weight", ("attn", "wk"), "linear_to_heads"),
+    ("self_attn.v_proj.weight", ("attn", "wv"), "linear_to_heads"),
+    ("self_attn.o_proj.weight", ("attn", "wo"), "linear_from_heads"),
+    ("self_attn.q_proj.bias", ("attn", "bq"), "bias_heads"),
+    ("self_attn.k_proj.bias", ("attn", "bk"), "bias_heads"),
+    ("self_attn.v_proj.bias", ("attn", "bv"), "bias_heads"),
+    ("self_attn.o_proj.bias", ("attn", "bo"), "vector"),
+    ("mlp.gate_proj.weight", ("mlp", "w_gate"), "linear"),
+    ("mlp.up_proj.weight", ("mlp", "w_up"), "linear"),
+    ("mlp.down_proj.weight", ("mlp", "w_out"), "linear"),
+]
+_GPT2_LAYER = [
+    ("ln_1.weight", ("attn_norm", "scale"), "vector"),
+    ("ln_1.bias", ("attn_norm", "bias"), "vector"),
+    ("ln_2.weight", ("mlp_norm", "scale"), "vector"),
+    ("ln_2.bias", ("mlp_norm", "bias"), "vector"),
+    ("attn.c_attn.weight", ("attn", ("wq", "wk", "wv")), "conv_qkv"),
+    ("attn.c_attn.bias", ("attn", ("bq", "bk", "bv")), "conv_qkv_bias"),
+    ("attn.c_proj.weight", ("attn", "wo"), "conv_from_heads"),
+    ("attn.c_proj.bias", ("attn", "bo"), "vector"),
+    ("mlp.c_fc.weight", ("mlp", "w_in"), "vector"),
+    ("mlp.c_fc.bias", ("mlp", "b_in"), "vector"),
+    ("mlp.c_proj.weight", ("mlp", "w_out"), "vector"),
+    ("mlp.c_proj.bias", ("mlp", "b_out"), "vector"),
+]
+# Buffers some checkpoints carry that hold no parameters.
+_BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
+def _layout(arch: str):
+    if arch == "GPT2LMHeadModel":
+        top = [
+            ("transformer.wte.weight", ("embed", "embedding"), "vector"),
+            ("transformer.wpe.weight", ("positions", "embedding"), "vector"),
+            ("transformer.ln_f.weight", ("final_norm", "scale"), "vector"),
+            ("transformer.ln_f.bias", ("final_norm", "bias"), "vector"),
+        ]
+        return top, "transformer.h.{}.", _GPT2_LAYER, None
+    top = [
+        ("model.embed_tokens.weight", ("embed", "embedding"), "vector"),
+        ("model.norm.weight", ("final_norm", "scale"), "vector"),
+    ]
+    return top, "model.layers.{}.", _LLAMA_LAYER, ("lm_head.weight", ("lm_head",), "linear")
+
+
+def _to_jax(x: np.ndarray, layout: str, cfg: ModelConfig):
+    D, H = cfg.d_model, cfg.dim_per_head
+    if layout == "vector":
+        return x
+    if layout == "linear":
+        return x.T
+    if layout == "linear_to_heads":  # (n H, D) -> (D, n, H)
+        return x.T.reshape(D, -1, H)
+    if layout == "linear_from_heads":  # (D, N H) -> (N, H, D)
+        return x.T.reshape(-1, H, D)
+    if layout == "bias_heads":
+        return x.reshape(-1, H)
+    if layout == "conv_from_heads":  # (N H, D) -> (N, H, D)
+        return x.reshape(-1, H, D)
+    if layout == "conv_qkv":  # (D, 3 N H) -> 3 x (D, N, H)
+        return tuple(p.reshape(D, -1, H) for p in np.split(x, 3, axis=1))
+    if layout == "conv_qkv_bias":
+        return tuple(p.reshape(-1, H) for p in np.split(x, 3))
+    raise AssertionError(layout)
+
+
+def _to_hf(x, layout: str):
+    if layout == "vector":
+        return x
+    if layout == "linear":
+        return x.T
+    if layout == "linear_to_heads":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "linear_from_heads":
+        return x.reshape(-1, x.shape[-1]).T
+    if layout in ("bias_heads",):
+        return x.reshape(-1)
+    if layout == "conv_from_heads":
+        return x.reshape(-1, x.shape[-1])
+    if layout == "conv_qkv":
+        return np.concatenate([p.reshape(p.shape[0], -1) for p in x], axis=1)
+    if layout == "conv_qkv_bias":
+        return np.concatenate([p.reshape(-1) for p in x])
+    raise AssertionError(layout)
+
+
+def _exists(flat: dict, path) -> bool:
+    return path in flat
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, expected: dict) -> dict:
+    """HF tensors -> {jaxlm param path: array} for the paths in `expected` (path -> shape).
+
+    Missing tensors, extra tensors and shape mismatches raise ConfigError naming them.
+    """
+    top, prefix, layer, head = _layout(arch)
+    if head is not None and not cfg.tie_embeddings:
+        top = [*top, head]
+    out, used = {}, set()
+
+    def take(name):
+        if name not in tensors:
+            raise ConfigError(f"checkpoint lacks tensor {name!r}")
+        used.add(name)
+        return np.asarray(tensors[name])
+
+    for name, path, layout in top:
+        if path in expected:
+            out[path] = _to_jax(take(name), layout, cfg)
+    for suffix, (module, leaf), layout in layer:
+        leaves = leaf if isinstance(leaf, tuple) else (leaf,)
+        paths = [("layers", module, lf) for lf in leaves]
+        if not all(p in expected for p in paths):
+            continue
+        per_layer = [_to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(cfg.num_layers)]
+        for j, p in enumerate(paths):
+            out[p] = np.stack([x[j] if isinstance(x, tuple) else x for x in per_layer])
+    extra = sorted(n for n in set(tensors) - used if not n.endswith(_BUFFERS))
+    if extra:
+        raise ConfigError(
+            f"checkpoint has tensors jaxlm's {arch} does not use: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    missing = sorted(".".join(p) for p in set(expected) - set(out))
+    if missing:
+        raise ConfigError(f"no checkpoint tensor for parameters {missing}")
+    for p, x in out.items():
+        if tuple(x.shape) != tuple(expected[p]):
+            raise ConfigError(f"tensor for {'.'.join(p)} has shape {x.shape}, the config implies {expected[p]}")
+    return out
+
+
+def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
+    """{jaxlm param path: array} -> HF tensor dict (contiguous NumPy arrays)."""
+    top, prefix, layer, head = _layout(arch)
+    if head is not None and not cfg.tie_embeddings:
+        top = [*top, head]
+    out = {}
+    for name, path, layout in top:
+        if path in params:
+            out[name] = _to_hf(np.asarray(params[path]), layout)
+    for suffix, (module, leaf), layout in layer:
+        leaves = leaf if isinstance(leaf, tuple) else (leaf,)
+        paths = [("layers", module, lf) for lf in leaves]
+        if not all(p in params for p in paths):
+            continue
+        for i in range(cfg.num_layers):
+            parts = [np.asarray(params[p][i]) for p in paths]
+            out[prefix.format(i) + suffix] = _to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
