@@ -1,4 +1,4 @@
-"""Command line: `jaxlm train | generate | eval | plan`. Run `jaxlm COMMAND --help`."""
+"""Command line: `jaxlm train | generate | eval | plan | convert`. Run `jaxlm COMMAND --help`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ EXAMPLES = """examples:
   jaxlm train configs/gpt_tiny.yaml model.num_layers=2 train.steps=100 train.run_dir=runs/quick
   jaxlm generate runs/llama_tiny --prompt "ROMEO." --max-new-tokens 200 --temperature 0.8
   jaxlm eval runs/llama_tiny
+  jaxlm convert --from-hf ~/models/Qwen2-0.5B --out runs/qwen2   (then generate / eval / train)
+  jaxlm convert --to-hf runs/llama_tiny --out hf/llama_tiny
   jaxlm plan configs/llama_tiny.yaml model.preset=llama2_7b mesh.fsdp=4 mesh.tensor=2 --devices 8
 """
 
@@ -109,6 +111,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    if args.from_hf:
+        from jaxlm.hf.convert import hf_to_run
+
+        arch, step = hf_to_run(args.from_hf, args.out)
+        print(f"{args.from_hf} ({arch}) -> run directory {args.out} (checkpoint {step})")
+    else:
+        from jaxlm.hf.convert import run_to_hf
+
+        arch = run_to_hf(args.to_hf, args.out)
+        print(f"{args.to_hf} -> {arch} in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxlm",
@@ -165,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     e.add_argument("--batches", type=int, default=0, help="score only the first N batches (0 = whole split)")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser(
+        "convert",
+        help="Hugging Face model directory <-> jaxlm run directory",
+        description="--from-hf DIR: config.json, model.safetensors (or shards) and tokenizer.json become a run "
+        "directory that `jaxlm generate`, `eval` and `train` (continued training) use. --to-hf RUN_DIR: the "
+        "latest checkpoint becomes a directory transformers loads. Supported: LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel.",
+    )
+    way = c.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="a local Hugging Face model directory")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="a jaxlm run directory")
+    c.add_argument("--out", required=True, help="directory to create")
+    c.set_defaults(fn=cmd_convert)
 
     pl = sub.add_parser(
         "plan",

@@ -28,13 +28,19 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
 
     def has_checkpoint(self) -> bool:
-        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+        return self.latest_step() is not None
+
+    def latest_step(self) -> int | None:
+        if not self.checkpoints.is_dir():
+            return None
+        steps = [int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()]
+        return max(steps) if steps else None
 
 
-def check_resumable(saved: Config, new: Config) -> None:
-    """Model and data must match the checkpoint; train settings may change (e.g. more steps)."""
+def check_resumable(saved: Config, new: Config, sections=("model", "data")) -> None:
+    """Model and data must match the checkpoint; train and mesh settings may change (e.g. more steps)."""
     diffs = []
-    for section in ("model", "data"):
+    for section in sections:
         a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(new, section))
         diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
     if diffs:

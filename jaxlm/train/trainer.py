@@ -107,7 +107,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     sharded = ShardedTraining(cfg)  # fails on a bad mesh before any data work or compile
     resuming = run.has_checkpoint()
     if resuming and run.config.is_file():
-        check_resumable(load_config(run.config), cfg)
+        # At step 0 (e.g. imported weights) no data was seen yet: only the model must match.
+        check_resumable(load_config(run.config), cfg, ("model",) if run.latest_step() == 0 else ("model", "data"))
     if lead:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
@@ -122,7 +123,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if resuming:  # restored onto this run's mesh, whatever mesh wrote it
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
         state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"])
-        loader.restore(meta["data"])
+        if meta.get("data") is not None:  # None: imported weights, no data seen yet
+            loader.restore(meta["data"])
         log.info("resumed %s from step %d", run.path, meta["step"])
     train_step = sharded.train_step
     eval_step = sharded.eval_step(tokenizer.token_bytes)
