@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxlm.config import load_config
 from jaxlm.generate import Generator, generate_uncached
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
         cfg, _, model, _ = load_run(args.run_dir)
     else:
         cfg = load_config(args.config, args.overrides)
-        model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
+        model = TransformerLM(cfg.model, rngs=nnx.Rngs(0))
     prompt = [(7 * i + 3) % cfg.model.vocab_size for i in range(args.prompt_len)]
 
     gen = Generator(model)

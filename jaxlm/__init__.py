@@ -1,7 +1,7 @@
 """jaxlm: the language-model stack as readable, fast, tested JAX."""
 
 from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 from jaxlm.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
@@ -11,7 +11,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "DecoderLM",
+    "TransformerLM",
     "ModelConfig",
     "TrainConfig",
     "get_preset",

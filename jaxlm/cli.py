@@ -85,14 +85,20 @@ def cmd_eval(args) -> int:
     from jaxlm.data.corpus import load_corpus
     from jaxlm.data.loader import pack_documents
     from jaxlm.train.run_dir import load_run
-    from jaxlm.train.step import make_eval_step
+    from jaxlm.train.step import make_eval_step, make_objective
     from jaxlm.train.trainer import evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
     _, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
     val = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
     graphdef, params = nnx.split(model, nnx.Param)
-    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes)))
+    objective = make_objective(
+        cfg.train.objective,
+        mask_id=getattr(tokenizer, "mask_id", None),
+        vocab_size=cfg.model.vocab_size,
+        rate=cfg.train.mask_rate,
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes), objective))
     out = evaluate(
         eval_step, params, val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, max_batches=args.batches
     )

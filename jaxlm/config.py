@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer shape and wiring. GPT and LLaMA are two instances."""
+    """Transformer shape and wiring. GPT, LLaMA, Mistral, Qwen2 and BERT are instances."""
 
     vocab_size: int = 256  # embedding rows; must be >= the tokenizer's vocabulary
     d_model: int = 128  # D, residual width
@@ -54,6 +54,11 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm bias (ignored by rmsnorm)
     tie_embeddings: bool = False  # logits reuse the token embedding
     sliding_window: int = 0  # attend to the last N keys only (0 = full causal)
+    causal: bool = True  # False: bidirectional encoder (BERT)
+    type_vocab_size: int = 0  # token-type (segment) embeddings (BERT: 2)
+    embed_norm: bool = False  # a norm right after the embeddings (BERT)
+    head: str = "lm"  # lm: logits from the (tied or own) read-out | mlm: BERT's dense+act+norm, tied read-out + bias
+    pooler: bool = False  # BERT's tanh(dense) of the first token
     attention_impl: str = "reference"  # reference | xla | cudnn
     scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
@@ -102,6 +107,11 @@ class ModelConfig:
         _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
         _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
         _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
+        _check_choice("model.head", self.head, ("lm", "mlm"))
+        if self.head == "mlm" and not self.tie_embeddings:
+            raise ConfigError("model.head=mlm reads out through the token embedding: set model.tie_embeddings=true")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
@@ -159,6 +169,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip (0 = off)
     z_loss: float = 0.0
+    objective: str = "clm"  # clm: next token (causal models) | mlm: BERT masked tokens (bidirectional models)
+    mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept)
     seed: int = 0  # parameter init and sampling PRNG
     eval_every: int = 250  # steps between validation runs (0 = only at the end)
     eval_batches: int = 16  # validation batches per periodic run (0 = whole split)
@@ -180,6 +192,9 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        _check_choice("train.objective", self.objective, ("clm", "mlm"))
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"train.mask_rate must be in (0, 1), got {self.mask_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -244,6 +259,11 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
+        if (self.train.objective == "clm") != self.model.causal:
+            raise ConfigError(
+                f"train.objective={self.train.objective} does not fit model.causal={self.model.causal}: "
+                "causal models train with clm, bidirectional ones (model.causal=false) with mlm"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"

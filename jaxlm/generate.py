@@ -21,12 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 from jaxlm.ops.sampling import sample
 
 
 class Generator:
-    def __init__(self, model: DecoderLM, *, window_shift: int | None = None):
+    def __init__(self, model: TransformerLM, *, window_shift: int | None = None):
+        if not model.cfg.causal:
+            from jaxlm.config import ConfigError
+
+            raise ConfigError(
+                "a bidirectional model (model.causal=false, e.g. BERT) cannot generate text left to right"
+            )
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
         self.window_shift = window_shift or max(1, self.max_len // 4)
@@ -118,7 +124,7 @@ def _until(ids: list[int], eos_id: int | None) -> list[int]:
 
 
 def generate_uncached(
-    model: DecoderLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
+    model: TransformerLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
 ) -> list[int]:
     """Greedy reference without a cache: the whole context is recomputed for every token.
 

@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxlm.config import load_config
 from jaxlm.generate import Generator, generate_uncached
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 
 
 def model_for(base, **kw):
@@ -15,7 +15,7 @@ def model_for(base, **kw):
     cfg = dataclasses.replace(
         cfg, vocab_size=128, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, init_std=0.3, **kw
     )
-    return DecoderLM(cfg, rngs=nnx.Rngs(0))
+    return TransformerLM(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("base", ["llama_tiny", "gpt_tiny"])

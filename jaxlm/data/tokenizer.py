@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 EOS = "<|endoftext|>"
+MASK = "[MASK]"  # masked-language-model input token (BERT)
 
 
 class DataError(ValueError):
@@ -34,14 +35,15 @@ def _as_text(text: str | bytes) -> str:
 
 
 class ByteTokenizer:
-    """ids 0..255 are the bytes, 256 is end-of-text."""
+    """ids 0..255 are the bytes, 256 is end-of-text, 257 the mask token when `mask`."""
 
     kind = "byte"
 
-    def __init__(self):
+    def __init__(self, mask: bool = False):
         self.eos_id = 256
-        self.vocab_size = 257
-        self.token_bytes = np.array([1] * 256 + [0], np.int32)
+        self.mask_id = 257 if mask else None
+        self.vocab_size = 258 if mask else 257
+        self.token_bytes = np.array([1] * 256 + [0] * (self.vocab_size - 256), np.int32)
 
     def encode(self, text: str | bytes) -> list[int]:
         return list(_as_bytes(text))
@@ -56,7 +58,8 @@ class ByteTokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"jaxlm_tokenizer": "byte"}), encoding="utf-8")
+        marker = {"jaxlm_tokenizer": "byte", "mask": self.mask_id is not None}
+        Path(path).write_text(json.dumps(marker), encoding="utf-8")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -88,6 +91,7 @@ class BPETokenizer:
         if eos is None:
             raise DataError(f"BPE tokenizer has no {EOS} token and no end-of-text id was given")
         self.eos_id = eos
+        self.mask_id = tokenizer.token_to_id(MASK)
         special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         self._id_bytes: list[bytes] = []
         for i in range(self.vocab_size):
@@ -96,7 +100,7 @@ class BPETokenizer:
         self.token_bytes = np.array([len(b) for b in self._id_bytes], np.int32)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, mask: bool = False) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -104,7 +108,7 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOS],
+            special_tokens=[EOS, MASK] if mask else [EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -162,10 +166,11 @@ def _piece_bytes(piece: str) -> bytes:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
-def build_tokenizer(kind: str, train_texts: list[str], vocab_size: int) -> Tokenizer:
+def build_tokenizer(kind: str, train_texts: list[str], vocab_size: int, mask: bool = False) -> Tokenizer:
+    """`mask`: include a mask token (masked-language-model training)."""
     if kind == "byte":
-        return ByteTokenizer()
-    return BPETokenizer.train(train_texts, vocab_size)
+        return ByteTokenizer(mask)
+    return BPETokenizer.train(train_texts, vocab_size, mask)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -177,5 +182,5 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"tokenizer file {path} is corrupt: {e}") from None
     if head.get("jaxlm_tokenizer") == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(bool(head.get("mask")))
     return BPETokenizer.load(path)

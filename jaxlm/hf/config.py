@@ -19,8 +19,11 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "GPT2LMHeadModel": "gpt2",
+    "BertModel": "bert",
+    "BertForMaskedLM": "bert",
 }
-MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES.update(gpt2="GPT2LMHeadModel", bert="BertModel")
 
 # Keys with no effect on the network's function.
 NEUTRAL = {
@@ -39,6 +42,7 @@ NEUTRAL = {
     "return_dict",
 }
 DROPOUT = {"attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"}
+DROPOUT |= {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"}
 ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -161,6 +165,39 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
         r.finish()
         return cfg, arch
 
+    if arch in ("BertModel", "BertForMaskedLM"):
+        r.expect("is_decoder", (False,), False)
+        r.expect("add_cross_attention", (False,), False)
+        r.expect("position_embedding_type", ("absolute",), "absolute")
+        act = r.expect("hidden_act", ("gelu", "gelu_new", "relu"), "gelu")
+        cfg = ModelConfig(
+            vocab_size=r.get("vocab_size"),
+            d_model=r.get("hidden_size"),
+            num_layers=r.get("num_hidden_layers"),
+            num_heads=r.get("num_attention_heads"),
+            mlp_dim=r.get("intermediate_size"),
+            max_seq_len=r.get("max_position_embeddings"),
+            position="learned",
+            norm="layernorm",
+            norm_eps=r.get("layer_norm_eps", 1e-12),
+            norm_position="post",
+            mlp="plain",
+            activation=ACTIVATIONS[act],
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            norm_bias=True,
+            tie_embeddings=r.expect("tie_word_embeddings", (True,), True),
+            causal=False,
+            type_vocab_size=r.get("type_vocab_size", 2),
+            embed_norm=True,
+            head="mlm" if arch == "BertForMaskedLM" else "lm",
+            pooler=arch == "BertModel",
+            init_std=r.get("initializer_range", 0.02),
+        )
+        r.finish()
+        return cfg, arch
+
     d, n = r.get("hidden_size"), r.get("num_attention_heads")
     act = r.expect("hidden_act", ("silu", "swish"), "silu")
     qkv_bias = out_bias = mlp_bias = False
@@ -209,7 +246,16 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
 def architecture_for(cfg: ModelConfig) -> str:
     """The Hugging Face class that computes what `cfg` does; ConfigError when there is none."""
     problems = []
-    if cfg.position == "learned":
+    if not cfg.causal:
+        want = dict(position="learned", norm="layernorm", norm_position="post", mlp="plain", qkv_bias=True)
+        want.update(out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True, embed_norm=True, num_kv_heads=0)
+        problems = [f"{k}={getattr(cfg, k)!r} (BERT needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+        arch = "BertForMaskedLM" if cfg.head == "mlm" else "BertModel"
+        if cfg.head == "mlm" and cfg.pooler:
+            problems.append("a pooler with the MLM head (BertForMaskedLM has none)")
+        if cfg.head == "lm" and not cfg.pooler:
+            problems.append("no pooler (BertModel has one)")
+    elif cfg.position == "learned":
         want = dict(norm="layernorm", mlp="plain", qkv_bias=True, out_bias=True, mlp_bias=True, norm_bias=True)
         want.update(tie_embeddings=True, norm_position="pre", num_kv_heads=0, sliding_window=0)
         problems = [f"{k}={getattr(cfg, k)!r} (GPT-2 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
@@ -242,6 +288,23 @@ def architecture_for(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """config.json dict for `cfg` as `arch`."""
     ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "architectures": [arch], "model_type": ARCHITECTURES[arch]}
+    if ARCHITECTURES[arch] == "bert":
+        return {
+            **ids,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_dim,
+            "max_position_embeddings": cfg.max_seq_len,
+            "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps,
+            "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation],
+            "initializer_range": cfg.init_std,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "tie_word_embeddings": True,
+        }
     if arch == "GPT2LMHeadModel":
         return {
             **ids,

@@ -22,7 +22,7 @@ from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.data.tokenizer import BPETokenizer, DataError
 from jaxlm.hf.config import architecture_for, config_from_hf, config_to_hf
 from jaxlm.hf.weights import hf_to_params, params_to_hf
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,10 @@ def _eos_id(directory: Path, hf: dict, tok) -> int | None:
     name = _maybe_json(directory / "tokenizer_config.json").get("eos_token")
     if isinstance(name, dict):
         name = name.get("content")
-    return tok.token_to_id(name) if name else None
+    for candidate in (name, "</s>", "<|endoftext|>", "[SEP]"):  # [SEP] ends BERT's sequences
+        if candidate and tok.token_to_id(candidate) is not None:
+            return tok.token_to_id(candidate)
+    return None
 
 
 def _maybe_json(path: Path) -> dict:
@@ -81,7 +84,7 @@ def _maybe_json(path: Path) -> dict:
 
 
 def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "float32"):
-    """Loads a Hugging Face model directory: returns (DecoderLM, tokenizer or None, architecture)."""
+    """Loads a Hugging Face model directory: returns (TransformerLM, tokenizer or None, architecture)."""
     t = time.perf_counter()
     directory = Path(path)
     if not directory.is_dir():
@@ -90,7 +93,7 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     cfg, arch = config_from_hf(hf)
     cfg = ModelConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype})
     tensors = read_safetensors(directory)
-    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     expected = {p: tuple(v.shape) for p, v in flat.items()}
@@ -110,12 +113,12 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     return model, tokenizer, arch
 
 
-def model_params(model: DecoderLM) -> dict:
+def model_params(model: TransformerLM) -> dict:
     """{param path: NumPy array} of a model."""
     return {p: np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def to_hf(model: DecoderLM, path: str | Path, *, tokenizer=None, architecture: str | None = None) -> str:
+def to_hf(model: TransformerLM, path: str | Path, *, tokenizer=None, architecture: str | None = None) -> str:
     """Writes config.json, model.safetensors (and tokenizer.json) for `model`; returns the architecture."""
     from safetensors.numpy import save_file
 

@@ -43,11 +43,46 @@ _GPT2_LAYER = [
     ("mlp.c_proj.weight", ("mlp", "w_out"), "vector"),
     ("mlp.c_proj.bias", ("mlp", "b_out"), "vector"),
 ]
+_BERT_LAYER = [
+    ("attention.self.query.weight", ("attn", "wq"), "linear_to_heads"),
+    ("attention.self.key.weight", ("attn", "wk"), "linear_to_heads"),
+    ("attention.self.value.weight", ("attn", "wv"), "linear_to_heads"),
+    ("attention.self.query.bias", ("attn", "bq"), "bias_heads"),
+    ("attention.self.key.bias", ("attn", "bk"), "bias_heads"),
+    ("attention.self.value.bias", ("attn", "bv"), "bias_heads"),
+    ("attention.output.dense.weight", ("attn", "wo"), "linear_from_heads"),
+    ("attention.output.dense.bias", ("attn", "bo"), "vector"),
+    ("attention.output.LayerNorm.weight", ("attn_norm", "scale"), "vector"),
+    ("attention.output.LayerNorm.bias", ("attn_norm", "bias"), "vector"),
+    ("intermediate.dense.weight", ("mlp", "w_in"), "linear"),
+    ("intermediate.dense.bias", ("mlp", "b_in"), "vector"),
+    ("output.dense.weight", ("mlp", "w_out"), "linear"),
+    ("output.dense.bias", ("mlp", "b_out"), "vector"),
+    ("output.LayerNorm.weight", ("mlp_norm", "scale"), "vector"),
+    ("output.LayerNorm.bias", ("mlp_norm", "bias"), "vector"),
+]
 # Buffers some checkpoints carry that hold no parameters.
-_BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+_BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
 
 
 def _layout(arch: str):
+    if arch in ("BertModel", "BertForMaskedLM"):
+        p = "bert." if arch == "BertForMaskedLM" else ""
+        top = [
+            (p + "embeddings.word_embeddings.weight", ("embed", "embedding"), "vector"),
+            (p + "embeddings.position_embeddings.weight", ("positions", "embedding"), "vector"),
+            (p + "embeddings.token_type_embeddings.weight", ("token_types",), "vector"),
+            (p + "embeddings.LayerNorm.weight", ("embed_norm", "scale"), "vector"),
+            (p + "embeddings.LayerNorm.bias", ("embed_norm", "bias"), "vector"),
+            ("pooler.dense.weight", ("pool_dense",), "linear"),
+            ("pooler.dense.bias", ("pool_bias",), "vector"),
+            ("cls.predictions.transform.dense.weight", ("head_dense",), "linear"),
+            ("cls.predictions.transform.dense.bias", ("head_dense_bias",), "vector"),
+            ("cls.predictions.transform.LayerNorm.weight", ("head_norm", "scale"), "vector"),
+            ("cls.predictions.transform.LayerNorm.bias", ("head_norm", "bias"), "vector"),
+            ("cls.predictions.bias", ("head_bias",), "vector"),
+        ]
+        return top, p + "encoder.layer.{}.", _BERT_LAYER, None
     if arch == "GPT2LMHeadModel":
         top = [
             ("transformer.wte.weight", ("embed", "embedding"), "vector"),
@@ -135,7 +170,12 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
         per_layer = [_to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(cfg.num_layers)]
         for j, p in enumerate(paths):
             out[p] = np.stack([x[j] if isinstance(x, tuple) else x for x in per_layer])
-    extra = sorted(n for n in set(tensors) - used if not n.endswith(_BUFFERS))
+    tied = (
+        {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "lm_head.weight"}
+        if cfg.tie_embeddings
+        else set()
+    )
+    extra = sorted(n for n in set(tensors) - used - tied if not n.endswith(_BUFFERS))
     if extra:
         raise ConfigError(
             f"checkpoint has tensors jaxlm's {arch} does not use: {extra[:8]}{' ...' if len(extra) > 8 else ''}"

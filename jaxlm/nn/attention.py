@@ -4,7 +4,7 @@ Projections are stored per head: q (D, N, H), k and v (D, K, H), o (N, H, D), so
 tensor parallelism can split `heads` / `kv_heads` without reshapes.
 
 The KV cache of a layer is a dict {"k": (B, S, K, H), "v": (B, S, K, H)} that
-the model lays out (`DecoderLM.init_cache`, stacked over layers) and this module updates; the model passes it in and
+the model lays out (`TransformerLM.init_cache`, stacked over layers) and this module updates; the model passes it in and
 gets the updated one back, so decoding stays a pure jit-compiled function.
 """
 

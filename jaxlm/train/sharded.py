@@ -15,12 +15,19 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
 from jaxlm.parallel.rules import activation_sharding
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.step import TrainState, init_train_state, make_eval_step, make_train_step, train_state_shardings
+from jaxlm.train.step import (
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_objective,
+    make_train_step,
+    train_state_shardings,
+)
 
 
 def on_mesh(fn, mesh):
@@ -34,7 +41,8 @@ def on_mesh(fn, mesh):
 
 
 class ShardedTraining:
-    def __init__(self, cfg: Config, devices=None):
+    def __init__(self, cfg: Config, devices=None, *, mask_id: int | None = None):
+        """mask_id: the tokenizer's mask token (train.objective=mlm)."""
         tc = cfg.train
         self.cfg = cfg
         # Mesh and layout first: a mesh that does not fit fails before anything is built or compiled.
@@ -44,7 +52,7 @@ class ShardedTraining:
         self.tx = make_optimizer(tc)
 
         def build():
-            return DecoderLM(
+            return TransformerLM(
                 cfg.model,
                 rngs=nnx.Rngs(tc.seed),
                 pipeline_stages=self.sizes["pipeline"],
@@ -59,8 +67,16 @@ class ShardedTraining:
         self.grad_shardings = tree_shardings(abstract_state.params, self.mesh, "grads", zero)
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, tc.batch_size)  # this process's rows of each batch
+        self.objective = make_objective(
+            tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate
+        )
         step = make_train_step(
-            self.graphdef, self.tx, grad_accum=tc.grad_accum, z_loss=tc.z_loss, grad_shardings=self.grad_shardings
+            self.graphdef,
+            self.tx,
+            grad_accum=tc.grad_accum,
+            z_loss=tc.z_loss,
+            grad_shardings=self.grad_shardings,
+            objective=self.objective,
         )
         self.train_step = jax.jit(
             on_mesh(step, self.mesh),
@@ -87,7 +103,7 @@ class ShardedTraining:
 
     def eval_step(self, token_bytes: np.ndarray):
         return jax.jit(
-            on_mesh(make_eval_step(self.graphdef, jnp.asarray(token_bytes)), self.mesh),
+            on_mesh(make_eval_step(self.graphdef, jnp.asarray(token_bytes), self.objective), self.mesh),
             in_shardings=(self.shardings.params, self.batch_sharding),
             out_shardings=replicated(self.mesh),
         )

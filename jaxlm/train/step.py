@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm.config import ConfigError
+from jaxlm.ops.corruption import mlm_corrupt
 from jaxlm.ops.losses import cross_entropy
 from jaxlm.parallel.state import replicated, tree_shardings
 
@@ -41,10 +43,36 @@ def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> 
     )
 
 
-def _loss_sums(graphdef, params, batch, z_loss):
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"])
-    return cross_entropy(logits, batch["targets"], batch.get("mask"), z_loss=z_loss)
+def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size: int = 0, rate: float = 0.15):
+    """objective(model, batch, key) -> (logits, targets, loss mask or None).
+
+    clm: predict batch["targets"] (the next tokens) from batch["inputs"].
+    mlm: corrupt batch["inputs"] (BERT: 80/10/10) and predict the picked originals.
+    """
+    if kind == "clm":
+
+        def clm(model, batch, key):
+            logits, _ = model(batch["inputs"])
+            return logits, batch["targets"], batch.get("mask")
+
+        return clm
+    if kind == "mlm":
+        if mask_id is None:
+            raise ConfigError("train.objective=mlm needs a tokenizer with a [MASK] token")
+
+        def mlm(model, batch, key):
+            tokens, valid = batch["inputs"], batch.get("mask")
+            corrupted, picked = mlm_corrupt(key, tokens, mask_id=mask_id, vocab_size=vocab_size, rate=rate, valid=valid)
+            logits, _ = model(corrupted, valid=valid)
+            return logits, tokens, picked
+
+        return mlm
+    raise ConfigError(f"unknown train.objective {kind!r}")
+
+
+def _loss_sums(graphdef, params, batch, z_loss, objective, key):
+    logits, targets, mask = objective(nnx.merge(graphdef, params), batch, key)
+    return cross_entropy(logits, targets, mask, z_loss=z_loss)
 
 
 def make_train_step(
@@ -54,17 +82,20 @@ def make_train_step(
     grad_accum: int = 1,
     z_loss: float = 0.0,
     grad_shardings=None,
+    objective=None,
 ):
     """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0.
 
     grad_shardings: where gradients live while they are accumulated (ZeRO-2 and -3
     shard them, which turns the data-parallel all-reduce into a reduce-scatter).
+    objective: from `make_objective` (default: next-token prediction).
     """
+    objective = objective or make_objective("clm")
     place = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
-    def grads_of(params, micro):
+    def grads_of(params, micro, key):
         def f(p):
-            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss)
+            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key)
             return loss_sum, count
 
         (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -76,8 +107,8 @@ def make_train_step(
             lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
         )
 
-        def body(carry, mb):
-            g, ls, c = grads_of(state.params, mb)
+        def body(carry, mb_key):
+            g, ls, c = grads_of(state.params, *mb_key)
             g, ls, c = jax.tree.map(jnp.add, carry, (place(g), ls, c))
             return (g, ls, c), None
 
@@ -86,7 +117,8 @@ def make_train_step(
             jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32),
         )
-        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, micro)
+        keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
+        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys))
         # Gradient of the mean over every token of every micro-batch.
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -98,13 +130,18 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef, token_bytes: jax.Array):
-    """eval_step(params, batch) -> {"loss_sum", "count", "bytes"}; bytes are the targets' UTF-8 lengths."""
+def make_eval_step(graphdef, token_bytes: jax.Array, objective=None):
+    """eval_step(params, batch) -> {"loss_sum", "count", "bytes"}; bytes are the scored targets' UTF-8 lengths.
+
+    Corruption (mlm) uses a fixed key, so evaluations are comparable across steps.
+    """
+    objective = objective or make_objective("clm")
 
     def eval_step(params, batch):
-        loss_sum, count = _loss_sums(graphdef, params, batch, 0.0)
-        mask = batch.get("mask", jnp.ones_like(batch["targets"], bool))
-        nbytes = jnp.sum(jnp.where(mask, token_bytes[batch["targets"]], 0))
+        logits, targets, mask = objective(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0))
+        loss_sum, count = cross_entropy(logits, targets, mask)
+        mask = jnp.ones_like(targets, bool) if mask is None else mask
+        nbytes = jnp.sum(jnp.where(mask, token_bytes[targets], 0))
         return {"loss_sum": loss_sum, "count": count, "bytes": nbytes.astype(jnp.float32)}
 
     return eval_step

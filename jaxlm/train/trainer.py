@@ -79,7 +79,9 @@ def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
     if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
     elif jax.process_index() == 0:
-        tokenizer = build_tokenizer(cfg.data.tokenizer, train_docs, cfg.model.vocab_size)
+        tokenizer = build_tokenizer(
+            cfg.data.tokenizer, train_docs, cfg.model.vocab_size, mask=cfg.train.objective == "mlm"
+        )
         tokenizer.save(run.tokenizer)
         _barrier("tokenizer")
     else:  # one process trains the tokenizer; the others read it from the shared run directory
@@ -104,7 +106,6 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     tc = cfg.train
     run = RunDir(tc.run_dir)
     lead = jax.process_index() == 0  # writes the run directory's files; every process writes its shards
-    sharded = ShardedTraining(cfg)  # fails on a bad mesh before any data work or compile
     resuming = run.has_checkpoint()
     if resuming and run.config.is_file():
         # At step 0 (e.g. imported weights) no data was seen yet: only the model must match.
@@ -112,9 +113,9 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if lead:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-    log.info("%s", sharded.describe())
-
     tokenizer, train_tokens, val_tokens = _prepare_data(cfg, run, resuming)
+    sharded = ShardedTraining(cfg, mask_id=getattr(tokenizer, "mask_id", None))  # checks the mesh, compiles nothing
+    log.info("%s", sharded.describe())
     loader = PackedLoader(
         train_tokens, seq_len=cfg.data.seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=sharded.rows
     )

@@ -2,14 +2,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.step import init_train_state, make_train_step
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     cfg = tiny_config("llama_tiny")
-    model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
+    model = TransformerLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, tx = nnx.graphdef(model), make_optimizer(cfg.train)
     rng = np.random.default_rng(0)
     batch = {k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ("inputs", "targets")}

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import load_config
-from jaxlm.nn.decoder import DecoderLM
+from jaxlm.nn.transformer import TransformerLM
 from jaxlm.presets import PRESETS
 
 AXES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", None, "layers"}
@@ -34,7 +34,7 @@ FAMILIES = {
 
 def build(name):
     kw = dict(FAMILIES[name])
-    return DecoderLM(tiny(kw.pop("base"), **kw), rngs=nnx.Rngs(0))
+    return TransformerLM(tiny(kw.pop("base"), **kw), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -87,13 +87,13 @@ def test_every_parameter_has_logical_axes():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_shapes_without_allocating(name):
     cfg = PRESETS[name]
-    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     logits = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 16), jnp.int32))[0], state)
     assert logits.shape == (1, 16, cfg.vocab_size)
 
 
 def test_bfloat16_compute_runs():
-    model = DecoderLM(tiny("llama_tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = TransformerLM(tiny("llama_tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
     logits, _ = model(jnp.ones((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

@@ -1,4 +1,6 @@
-"""Decoder-only language model (GPT-2 and LLaMA from one `ModelConfig`).
+"""Single-stack Transformer language model from one `ModelConfig`: causal
+decoders (GPT-2, LLaMA, Mistral, Qwen2) and bidirectional encoders (BERT, with
+token types, an embedding norm, the MLM head and the pooler).
 
 The L blocks are one stacked module (every parameter has a leading `layers`
 axis), run by `lax.scan` (`scan_layers`: one layer compiled once) or a Python
@@ -16,8 +18,9 @@ from jaxlm.config import ModelConfig
 from jaxlm.nn.block import Block
 from jaxlm.nn.embed import Embed, LearnedPositions
 from jaxlm.nn.norm import Norm
-from jaxlm.nn.param import dtype_of, normal_param
+from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.mlp import ACTIVATIONS
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
 from jaxlm.parallel.pipeline import gpipe
 from jaxlm.parallel.rules import constrain
@@ -28,7 +31,7 @@ REMAT_POLICIES = {
 }
 
 
-class DecoderLM(nnx.Module):
+class TransformerLM(nnx.Module):
     """tokens -> logits, optionally through a KV cache.
 
     Training: `logits, _ = model(tokens)`.
@@ -69,6 +72,22 @@ class DecoderLM(nnx.Module):
             if cfg.tie_embeddings
             else normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, param_dtype)
         )
+        D, std = cfg.d_model, cfg.init_std
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, param_dtype=param_dtype)
+        self.token_types = (
+            normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), std, param_dtype)
+            if cfg.type_vocab_size
+            else None
+        )
+        self.embed_norm = Norm(D, **norm) if cfg.embed_norm else None
+        if cfg.head == "mlm":  # BERT: dense -> activation -> norm, then the tied read-out plus a bias
+            self.head_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)
+            self.head_dense_bias = const_param((D,), ("embed",), 0.0, param_dtype)
+            self.head_norm = Norm(D, **norm)
+            self.head_bias = const_param((cfg.vocab_size,), ("vocab",), 0.0, param_dtype)
+        if cfg.pooler:
+            self.pool_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)
+            self.pool_bias = const_param((D,), ("embed",), 0.0, param_dtype)
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         """Empty cache: per-layer K/V and the position of each slot (-1 = empty)."""
@@ -86,21 +105,28 @@ class DecoderLM(nnx.Module):
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
         *,
+        token_types: jax.Array | None = None,
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
     ) -> tuple[jax.Array, dict | None]:
-        """Causal forward pass.
+        """Forward pass: logits of every position (causal or bidirectional per `cfg.causal`).
 
         Args:
           tokens: (B, T) int.
           positions: (B, T) int; defaults to 0..T-1.
           valid: (B, T) bool, False for padding tokens (never attended to).
+          token_types: (B, T) int segment ids (models with `type_vocab_size`); default 0.
           cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
           cache_index: int scalar (may be traced).
 
         Returns:
           logits (B, T, V) in float32, and the updated cache (None without one).
         """
+        x, cache = self.hidden(tokens, positions, valid, token_types=token_types, cache=cache, cache_index=cache_index)
+        return self.logits(x), cache
+
+    def hidden(self, tokens, positions=None, valid=None, *, token_types=None, cache=None, cache_index=None):
+        """The final hidden states (B, T, D) (after the final norm) and the updated cache."""
         cfg = self.cfg
         B, T = tokens.shape
         if positions is None:
@@ -112,6 +138,11 @@ class DecoderLM(nnx.Module):
             x = x + self.positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(self.dtype)
+        if self.token_types is not None:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + jnp.take(self.token_types[...], types, axis=0).astype(self.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
 
         x = constrain(x, ("batch", "seq", "embed"))
 
@@ -126,17 +157,33 @@ class DecoderLM(nnx.Module):
         )
         if self.final_norm is not None:
             x = self.final_norm(x)
+        return x, None if cache is None else {"pos": kv_pos, **kv}
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) final hidden states -> (B, T, V) float32 logits."""
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        if self.cfg.head == "mlm":
+            h = jnp.einsum("BTD,DE->BTE", x, c(self.head_dense)) + c(self.head_dense_bias)
+            x = self.head_norm(ACTIVATIONS[self.cfg.activation](h))
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype))
-        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
-        return logits, None if cache is None else {"pos": kv_pos, **kv}
+            logits = jnp.einsum("BTD,DV->BTV", x, c(self.lm_head))
+        if self.cfg.head == "mlm":
+            logits = logits + c(self.head_bias)
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """BERT's pooler: tanh(dense(first token)). (B, T, D) -> (B, D)."""
+        h = jnp.einsum("BD,DE->BE", x[:, 0], self.pool_dense[...].astype(self.dtype))
+        return jnp.tanh(h + self.pool_bias[...].astype(self.dtype))
 
     def _attention_inputs(self, q_pos, kv_pos, kv_valid):
         """(mask (B, T, S), additive bias (B, N, T, S) or None) shared by every layer."""
         cfg = self.cfg
-        mask = attention_mask(q_pos, kv_pos, kv_valid=kv_valid, sliding_window=cfg.sliding_window or None)
+        mask = attention_mask(
+            q_pos, kv_pos, kv_valid=kv_valid, causal=cfg.causal, sliding_window=cfg.sliding_window or None
+        )
         bias = alibi_bias(alibi_slopes(cfg.num_heads), q_pos, kv_pos) if cfg.position == "alibi" else None
         return mask, bias
 
@@ -188,6 +235,6 @@ class DecoderLM(nnx.Module):
 
 def count_params(cfg: ModelConfig) -> int:
     """Parameter count from shapes alone (jax.eval_shape: nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(state))
