@@ -19,16 +19,12 @@ from jaxlm.nn.block import Block
 from jaxlm.nn.embed import Embed, LearnedPositions
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, dtype_of, normal_param
+from jaxlm.nn.stack import run_stack, stacked
 from jaxlm.ops.attention import attention_mask
 from jaxlm.ops.mlp import ACTIVATIONS
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
 from jaxlm.parallel.pipeline import gpipe
 from jaxlm.parallel.rules import constrain
-
-REMAT_POLICIES = {
-    "full": None,  # save only each layer's input
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, redo attention
-}
 
 
 class TransformerLM(nnx.Module):
@@ -56,12 +52,7 @@ class TransformerLM(nnx.Module):
             if cfg.position == "learned"
             else None
         )
-
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(key):
-            return Block(cfg, rngs=nnx.Rngs(params=key))
-
-        self.layers = stacked_blocks(jax.random.split(rngs.params(), cfg.num_layers))
+        self.layers = stacked(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_norm = (
             Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, param_dtype=param_dtype)
             if cfg.norm_position == "pre"
@@ -192,28 +183,13 @@ class TransformerLM(nnx.Module):
         cfg = self.cfg
         graphdef, params = nnx.split(self.layers)
 
-        def layer(x, p, positions, attn_inputs, layer_kv):
-            mask, bias = attn_inputs
-            x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index, bias)
-            return constrain(x, ("batch", "seq", "embed")), layer_kv
-
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-
         def layers(x, params, positions, attn_inputs, kv):
-            if not cfg.scan_layers:
-                new = []
-                for i in range(jax.tree.leaves(params)[0].shape[0]):
-                    at = lambda a, i=i: a[i]  # noqa: E731
-                    x, layer_kv = layer(x, jax.tree.map(at, params), positions, attn_inputs, jax.tree.map(at, kv))
-                    new.append(layer_kv)
-                return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+            def layer(x, p, layer_kv):
+                mask, bias = attn_inputs
+                x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index, bias)
+                return constrain(x, ("batch", "seq", "embed")), layer_kv
 
-            def body(x, p_kv):
-                p, layer_kv = p_kv
-                return layer(x, p, positions, attn_inputs, layer_kv)
-
-            return jax.lax.scan(body, x, (params, kv))
+            return run_stack(layer, params, x, kv, remat=cfg.remat, scan=cfg.scan_layers)
 
         if kv is None and self.pipeline_stages > 1:
 
