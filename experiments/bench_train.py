@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxlm.config import load_config
 from jaxlm.flops import train_flops_per_token
-from jaxlm.nn.transformer import count_params
+from jaxlm.nn.models import count_params
 from jaxlm.train.sharded import ShardedTraining
 
 

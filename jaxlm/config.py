@@ -33,7 +33,7 @@ class ModelConfig:
     head_dim: int = 0  # H (0 = d_model // num_heads)
     mlp_dim: int = 512  # F, hidden width of the feed-forward block
     max_seq_len: int = 256  # longest context (learned positions, KV cache size)
-    position: str = "rope"  # rope | learned | sinusoidal | alibi | none
+    position: str = "rope"  # rope | learned | sinusoidal | alibi | relative (T5 bias) | none
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # none | linear | dynamic | yarn | llama3 (Hugging Face's rope_scaling types)
     rope_factor: float = 1.0  # context extension factor of the scaling
@@ -59,6 +59,12 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
     head: str = "lm"  # lm: logits from the (tied or own) read-out | mlm: BERT's dense+act+norm, tied read-out + bias
     pooler: bool = False  # BERT's tanh(dense) of the first token
+    decoder_layers: int = 0  # > 0: encoder-decoder (T5, Vaswani) with num_layers encoder layers and these
+    attention_scale: float = 0.0  # scores = q.k * scale (0 = 1/sqrt(head_dim); T5: 1)
+    relative_buckets: int = 32  # position=relative (T5): buckets of the learned bias
+    relative_max_distance: int = 128  # position=relative: distances beyond share the last bucket
+    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
+    scale_readout: bool = False  # multiply the final states by d_model^-0.5 before the read-out (T5 v1.0)
     attention_impl: str = "reference"  # reference | xla | cudnn
     scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
@@ -92,7 +98,11 @@ class ModelConfig:
         )
 
     def __post_init__(self):
-        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "alibi", "none"))
+        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "alibi", "relative", "none"))
+        if self.decoder_layers < 0:
+            raise ConfigError(f"model.decoder_layers must be >= 0, got {self.decoder_layers}")
+        if self.decoder_layers and (not self.causal or self.head != "lm" or self.type_vocab_size or self.pooler):
+            raise ConfigError("an encoder-decoder (model.decoder_layers > 0) keeps causal=true, head=lm, no pooler")
         _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "dynamic", "yarn", "llama3"))
         if self.rope_scaling != "none":
             if self.position != "rope":
@@ -169,8 +179,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip (0 = off)
     z_loss: float = 0.0
-    objective: str = "clm"  # clm: next token (causal models) | mlm: BERT masked tokens (bidirectional models)
-    mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept)
+    objective: str = "clm"  # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs
+    mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept); span: noise
+    mean_span: float = 3.0  # span: mean corrupted span length
+    target_len: int = 0  # span/seq2seq: decoder length (0 = data.seq_len)
     seed: int = 0  # parameter init and sampling PRNG
     eval_every: int = 250  # steps between validation runs (0 = only at the end)
     eval_batches: int = 16  # validation batches per periodic run (0 = whole split)
@@ -192,7 +204,7 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        _check_choice("train.objective", self.objective, ("clm", "mlm"))
+        _check_choice("train.objective", self.objective, ("clm", "mlm", "span", "seq2seq"))
         if not 0.0 < self.mask_rate < 1.0:
             raise ConfigError(f"train.mask_rate must be in (0, 1), got {self.mask_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -259,11 +271,16 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
-        if (self.train.objective == "clm") != self.model.causal:
+        fits = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder", "seq2seq": "encoder-decoder"}
+        kind = "encoder-decoder" if self.model.decoder_layers else "decoder" if self.model.causal else "encoder"
+        if fits[self.train.objective] != kind:
             raise ConfigError(
-                f"train.objective={self.train.objective} does not fit model.causal={self.model.causal}: "
-                "causal models train with clm, bidirectional ones (model.causal=false) with mlm"
+                f"train.objective={self.train.objective} trains an {fits[self.train.objective]}, but the model is an "
+                f"{kind}: clm for causal decoders, mlm for encoders (model.causal=false), span or seq2seq for "
+                "encoder-decoders (model.decoder_layers > 0)"
             )
+        if self.model.decoder_layers and self.mesh.pipeline != 1:
+            raise ConfigError("pipeline parallelism supports single-stack models; use mesh.pipeline=1")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxlm.config import ModelConfig
-from jaxlm.nn.transformer import count_params
+from jaxlm.nn.models import count_params
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -153,3 +153,65 @@ def generate_uncached(
         out.append(tok)
         seq.append(tok)
     return out
+
+
+class Seq2SeqGenerator:
+    """Generation for encoder-decoder models: the sources are encoded once, the cross-attention K/V are
+    computed once into the cache, then one jitted decoder step per token."""
+
+    def __init__(self, model):
+        self.graphdef, self.params = nnx.split(model)
+        sampling = ("temperature", "top_k", "top_p")
+        self._start = jax.jit(self._start_fn, static_argnames=("length",))
+        self._step = jax.jit(self._step_fn, static_argnames=sampling, donate_argnums=1)
+
+    def _start_fn(self, params, src, src_valid, length):
+        model = nnx.merge(self.graphdef, params)
+        return model.init_cache(model.encode(src, src_valid), src_valid, length)
+
+    def _step_fn(self, params, cache, token, index, key, **sampling):
+        model = nnx.merge(self.graphdef, params)
+        positions = jnp.full(token.shape, index, jnp.int32)
+        logits, cache = model.decode(token, positions, cache=cache, cache_index=index)
+        return sample(key, logits[:, -1], **sampling), cache
+
+    def generate(
+        self,
+        sources: list[list[int]],
+        *,
+        max_new_tokens: int,
+        start_id: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_id: int | None = None,
+    ) -> list[list[int]]:
+        """Target tokens for each source (right-padded into one batch), stopping at `eos_id` (excluded).
+
+        start_id: the decoder's first input token (T5: the pad id 0).
+        """
+        if not sources or any(len(s) == 0 for s in sources):
+            raise ValueError("every source needs at least one token")
+        B, S = len(sources), max(len(s) for s in sources)
+        src = np.zeros((B, S), np.int32)
+        valid = np.zeros((B, S), bool)
+        for i, s in enumerate(sources):
+            src[i, : len(s)], valid[i, : len(s)] = s, True
+        sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+        cache = self._start(self.params, src, valid, length=max_new_tokens)
+        token = jnp.full((B, 1), start_id, jnp.int32)
+        key = jax.random.PRNGKey(seed)
+        out = []
+        for i in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            nxt, cache = self._step(self.params, cache, token, i, sub, **sampling)
+            token = nxt[:, None].astype(jnp.int32)
+            out.append(nxt)
+            if eos_id is not None and i % 16 == 15 and bool((np.asarray(jnp.stack(out, 1)) == eos_id).any(1).all()):
+                break
+        tokens = np.asarray(jnp.stack(out, 1))
+        results = []
+        for row in tokens.tolist():
+            results.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
+        return results

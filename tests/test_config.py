@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from jaxlm.config import Config, ConfigError, load_config, save_config
-from jaxlm.nn.transformer import count_params
+from jaxlm.nn.models import count_params
 from jaxlm.presets import PRESETS
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))

@@ -21,9 +21,10 @@ ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
     "BertModel": "bert",
     "BertForMaskedLM": "bert",
+    "T5ForConditionalGeneration": "t5",
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-MODEL_TYPES.update(gpt2="GPT2LMHeadModel", bert="BertModel")
+MODEL_TYPES.update(gpt2="GPT2LMHeadModel", bert="BertModel", t5="T5ForConditionalGeneration")
 
 # Keys with no effect on the network's function.
 NEUTRAL = {
@@ -42,7 +43,7 @@ NEUTRAL = {
     "return_dict",
 }
 DROPOUT = {"attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"}
-DROPOUT |= {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"}
+DROPOUT |= {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout_rate"}
 ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -130,10 +131,47 @@ def _rope(r: _Reader) -> dict:
     return out
 
 
-def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
-    """(ModelConfig, architecture) for a config.json dict."""
+def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) for a config.json dict (and the checkpoint's tensor names, which tell
+    whether T5's read-out has its own matrix)."""
     arch = architecture_of(hf)
     r = _Reader(hf, arch)
+    if arch == "T5ForConditionalGeneration":
+        ff = r.expect("feed_forward_proj", ("relu", "gated-gelu", "gated-relu", "gelu"), "relu")
+        gated, act = ff.startswith("gated"), ff.split("-")[-1]
+        dense_act = r.get("dense_act_fn", None)
+        act = "gelu_new" if ff == "gated-gelu" else dense_act or act  # transformers maps gated-gelu to gelu_new
+        r.get("is_gated_act", None)
+        r.expect("is_encoder_decoder", (True,), True)
+        r.expect("is_decoder", (False,), False)
+        r.get("decoder_start_token_id", None)
+        r.get("initializer_factor", None)
+        tied_flag = r.get("tie_word_embeddings", True)
+        # transformers >= 5 writes scale_decoder_outputs; older configs say tie_word_embeddings=false for v1.1.
+        scale = r.get("scale_decoder_outputs", tied_flag is not False)
+        cfg = ModelConfig(
+            vocab_size=r.get("vocab_size"),
+            d_model=r.get("d_model"),
+            num_layers=r.get("num_layers"),
+            decoder_layers=r.get("num_decoder_layers", None) or hf["num_layers"],
+            num_heads=r.get("num_heads"),
+            head_dim=r.get("d_kv"),
+            mlp_dim=r.get("d_ff"),
+            max_seq_len=r.get("n_positions", 512),
+            position="relative",
+            relative_buckets=r.get("relative_attention_num_buckets", 32),
+            relative_max_distance=r.get("relative_attention_max_distance", 128),
+            norm="rmsnorm",
+            norm_eps=r.get("layer_norm_epsilon", 1e-6),
+            mlp="gated" if gated else "plain",
+            activation=ACTIVATIONS[act],
+            attention_scale=1.0,
+            tie_embeddings="lm_head.weight" not in set(tensor_names),
+            scale_readout=bool(scale),
+            init_std=1.0,
+        )
+        r.finish()
+        return cfg, arch
     if arch == "GPT2LMHeadModel":
         d = r.get("n_embd")
         r.expect("scale_attn_weights", (True,), True)
@@ -246,7 +284,14 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
 def architecture_for(cfg: ModelConfig) -> str:
     """The Hugging Face class that computes what `cfg` does; ConfigError when there is none."""
     problems = []
-    if not cfg.causal:
+    if cfg.decoder_layers:
+        want = dict(position="relative", norm="rmsnorm", norm_position="pre", qkv_bias=False, out_bias=False)
+        want.update(mlp_bias=False, attention_scale=1.0, embed_scale=False)
+        problems = [f"{k}={getattr(cfg, k)!r} (T5 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+        if cfg.kv_heads != cfg.num_heads:
+            problems.append("grouped-query attention")
+        arch = "T5ForConditionalGeneration"
+    elif not cfg.causal:
         want = dict(position="learned", norm="layernorm", norm_position="post", mlp="plain", qkv_bias=True)
         want.update(out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True, embed_norm=True, num_kv_heads=0)
         problems = [f"{k}={getattr(cfg, k)!r} (BERT needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
@@ -288,6 +333,29 @@ def architecture_for(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """config.json dict for `cfg` as `arch`."""
     ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "architectures": [arch], "model_type": ARCHITECTURES[arch]}
+    if arch == "T5ForConditionalGeneration":
+        act = {"relu": "relu", "gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
+        return {
+            **ids,
+            "pad_token_id": 0,
+            "decoder_start_token_id": 0,
+            "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model,
+            "d_kv": cfg.dim_per_head,
+            "d_ff": cfg.mlp_dim,
+            "num_layers": cfg.num_layers,
+            "num_decoder_layers": cfg.decoder_layers,
+            "num_heads": cfg.num_heads,
+            "relative_attention_num_buckets": cfg.relative_buckets,
+            "relative_attention_max_distance": cfg.relative_max_distance,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "feed_forward_proj": ("gated-" if cfg.mlp == "gated" else "") + ("gelu" if act == "gelu_new" else act),
+            "dense_act_fn": act,
+            "is_encoder_decoder": True,
+            "dropout_rate": 0.0,
+            "tie_word_embeddings": cfg.scale_readout,  # read by transformers < 5 as "scale the read-out"
+            "scale_decoder_outputs": cfg.scale_readout,
+        }
     if ARCHITECTURES[arch] == "bert":
         return {
             **ids,

@@ -22,7 +22,7 @@ from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.data.tokenizer import BPETokenizer, DataError
 from jaxlm.hf.config import architecture_for, config_from_hf, config_to_hf
 from jaxlm.hf.weights import hf_to_params, params_to_hf
-from jaxlm.nn.transformer import TransformerLM
+from jaxlm.nn.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     if not directory.is_dir():
         raise DataError(f"Hugging Face model directory not found: {directory}")
     hf = _read_json(directory / "config.json")
-    cfg, arch = config_from_hf(hf)
-    cfg = ModelConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype})
     tensors = read_safetensors(directory)
-    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    cfg, arch = config_from_hf(hf, tensors)
+    cfg = ModelConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype})
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     expected = {p: tuple(v.shape) for p, v in flat.items()}
@@ -113,12 +113,12 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     return model, tokenizer, arch
 
 
-def model_params(model: TransformerLM) -> dict:
+def model_params(model: nnx.Module) -> dict:
     """{param path: NumPy array} of a model."""
     return {p: np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def to_hf(model: TransformerLM, path: str | Path, *, tokenizer=None, architecture: str | None = None) -> str:
+def to_hf(model: nnx.Module, path: str | Path, *, tokenizer=None, architecture: str | None = None) -> str:
     """Writes config.json, model.safetensors (and tokenizer.json) for `model`; returns the architecture."""
     from safetensors.numpy import save_file
 

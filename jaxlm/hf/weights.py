@@ -61,11 +61,57 @@ _BERT_LAYER = [
     ("output.LayerNorm.weight", ("mlp_norm", "scale"), "vector"),
     ("output.LayerNorm.bias", ("mlp_norm", "bias"), "vector"),
 ]
+
+
+def _t5_layer(decoder: bool, gated: bool):
+    attn = [
+        ("layer.0.SelfAttention.q.weight", ("attn", "wq"), "linear_to_heads"),
+        ("layer.0.SelfAttention.k.weight", ("attn", "wk"), "linear_to_heads"),
+        ("layer.0.SelfAttention.v.weight", ("attn", "wv"), "linear_to_heads"),
+        ("layer.0.SelfAttention.o.weight", ("attn", "wo"), "linear_from_heads"),
+        ("layer.0.layer_norm.weight", ("attn_norm", "scale"), "vector"),
+    ]
+    m = "layer.2" if decoder else "layer.1"
+    cross = [
+        ("layer.1.EncDecAttention.q.weight", ("cross", "wq"), "linear_to_heads"),
+        ("layer.1.EncDecAttention.k.weight", ("cross", "wk"), "linear_to_heads"),
+        ("layer.1.EncDecAttention.v.weight", ("cross", "wv"), "linear_to_heads"),
+        ("layer.1.EncDecAttention.o.weight", ("cross", "wo"), "linear_from_heads"),
+        ("layer.1.layer_norm.weight", ("cross_norm", "scale"), "vector"),
+    ]
+    if gated:
+        mlp = [(f"{m}.DenseReluDense.wi_0.weight", ("mlp", "w_gate"), "linear")]
+        mlp += [(f"{m}.DenseReluDense.wi_1.weight", ("mlp", "w_up"), "linear")]
+    else:
+        mlp = [(f"{m}.DenseReluDense.wi.weight", ("mlp", "w_in"), "linear")]
+    mlp += [
+        (f"{m}.DenseReluDense.wo.weight", ("mlp", "w_out"), "linear"),
+        (f"{m}.layer_norm.weight", ("mlp_norm", "scale"), "vector"),
+    ]
+    return attn + (cross if decoder else []) + mlp
+
+
 # Buffers some checkpoints carry that hold no parameters.
 _BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
 
 
-def _layout(arch: str):
+def _layout(arch: str, cfg: ModelConfig):
+    """(top-level tensors, layer stacks: (HF name prefix, jaxlm stack name, per-layer table, layers))."""
+    if arch == "T5ForConditionalGeneration":
+        gated = cfg.mlp == "gated"
+        top = [
+            ("shared.weight", ("embed", "embedding"), "vector"),
+            ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", ("encoder_bias",), "vector"),
+            ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", ("decoder_bias",), "vector"),
+            ("encoder.final_layer_norm.weight", ("encoder_norm", "scale"), "vector"),
+            ("decoder.final_layer_norm.weight", ("decoder_norm", "scale"), "vector"),
+            ("lm_head.weight", ("lm_head",), "linear"),
+        ]
+        stacks = [
+            ("encoder.block.{}.", "encoder", _t5_layer(False, gated), cfg.num_layers),
+            ("decoder.block.{}.", "decoder", _t5_layer(True, gated), cfg.decoder_layers),
+        ]
+        return top, stacks
     if arch in ("BertModel", "BertForMaskedLM"):
         p = "bert." if arch == "BertForMaskedLM" else ""
         top = [
@@ -82,7 +128,7 @@ def _layout(arch: str):
             ("cls.predictions.transform.LayerNorm.bias", ("head_norm", "bias"), "vector"),
             ("cls.predictions.bias", ("head_bias",), "vector"),
         ]
-        return top, p + "encoder.layer.{}.", _BERT_LAYER, None
+        return top, [(p + "encoder.layer.{}.", "layers", _BERT_LAYER, cfg.num_layers)]
     if arch == "GPT2LMHeadModel":
         top = [
             ("transformer.wte.weight", ("embed", "embedding"), "vector"),
@@ -90,12 +136,13 @@ def _layout(arch: str):
             ("transformer.ln_f.weight", ("final_norm", "scale"), "vector"),
             ("transformer.ln_f.bias", ("final_norm", "bias"), "vector"),
         ]
-        return top, "transformer.h.{}.", _GPT2_LAYER, None
+        return top, [("transformer.h.{}.", "layers", _GPT2_LAYER, cfg.num_layers)]
     top = [
         ("model.embed_tokens.weight", ("embed", "embedding"), "vector"),
         ("model.norm.weight", ("final_norm", "scale"), "vector"),
+        ("lm_head.weight", ("lm_head",), "linear"),
     ]
-    return top, "model.layers.{}.", _LLAMA_LAYER, ("lm_head.weight", ("lm_head",), "linear")
+    return top, [("model.layers.{}.", "layers", _LLAMA_LAYER, cfg.num_layers)]
 
 
 def _to_jax(x: np.ndarray, layout: str, cfg: ModelConfig):
@@ -148,9 +195,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
 
     Missing tensors, extra tensors and shape mismatches raise ConfigError naming them.
     """
-    top, prefix, layer, head = _layout(arch)
-    if head is not None and not cfg.tie_embeddings:
-        top = [*top, head]
+    top, stacks = _layout(arch, cfg)
     out, used = {}, set()
 
     def take(name):
@@ -162,14 +207,15 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
     for name, path, layout in top:
         if path in expected:
             out[path] = _to_jax(take(name), layout, cfg)
-    for suffix, (module, leaf), layout in layer:
-        leaves = leaf if isinstance(leaf, tuple) else (leaf,)
-        paths = [("layers", module, lf) for lf in leaves]
-        if not all(p in expected for p in paths):
-            continue
-        per_layer = [_to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(cfg.num_layers)]
-        for j, p in enumerate(paths):
-            out[p] = np.stack([x[j] if isinstance(x, tuple) else x for x in per_layer])
+    for prefix, root, table, layers in stacks:
+        for suffix, (module, leaf), layout in table:
+            leaves = leaf if isinstance(leaf, tuple) else (leaf,)
+            paths = [(root, module, lf) for lf in leaves]
+            if not all(p in expected for p in paths):
+                continue
+            per_layer = [_to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(layers)]
+            for j, p in enumerate(paths):
+                out[p] = np.stack([x[j] if isinstance(x, tuple) else x for x in per_layer])
     tied = (
         {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "lm_head.weight"}
         if cfg.tie_embeddings
@@ -177,9 +223,8 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
     )
     extra = sorted(n for n in set(tensors) - used - tied if not n.endswith(_BUFFERS))
     if extra:
-        raise ConfigError(
-            f"checkpoint has tensors jaxlm's {arch} does not use: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
-        )
+        more = " ..." if len(extra) > 8 else ""
+        raise ConfigError(f"checkpoint has tensors jaxlm's {arch} does not use: {extra[:8]}{more}")
     missing = sorted(".".join(p) for p in set(expected) - set(out))
     if missing:
         raise ConfigError(f"no checkpoint tensor for parameters {missing}")
@@ -191,19 +236,18 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
 
 def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """{jaxlm param path: array} -> HF tensor dict (contiguous NumPy arrays)."""
-    top, prefix, layer, head = _layout(arch)
-    if head is not None and not cfg.tie_embeddings:
-        top = [*top, head]
+    top, stacks = _layout(arch, cfg)
     out = {}
     for name, path, layout in top:
         if path in params:
             out[name] = _to_hf(np.asarray(params[path]), layout)
-    for suffix, (module, leaf), layout in layer:
-        leaves = leaf if isinstance(leaf, tuple) else (leaf,)
-        paths = [("layers", module, lf) for lf in leaves]
-        if not all(p in params for p in paths):
-            continue
-        for i in range(cfg.num_layers):
-            parts = [np.asarray(params[p][i]) for p in paths]
-            out[prefix.format(i) + suffix] = _to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
+    for prefix, root, table, layers in stacks:
+        for suffix, (module, leaf), layout in table:
+            leaves = leaf if isinstance(leaf, tuple) else (leaf,)
+            paths = [(root, module, lf) for lf in leaves]
+            if not all(p in params for p in paths):
+                continue
+            for i in range(layers):
+                parts = [np.asarray(params[p][i]) for p in paths]
+                out[prefix.format(i) + suffix] = _to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

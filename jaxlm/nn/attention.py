@@ -31,6 +31,7 @@ class Attention(nnx.Module):
         out_bias: bool,
         rope: dict | None,
         implementation: str,
+        scale: float | None = None,
         std: float,
         out_std: float,
         dtype,
@@ -39,7 +40,7 @@ class Attention(nnx.Module):
     ):
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
-        self.rope, self.implementation, self.dtype = rope, implementation, dtype
+        self.rope, self.implementation, self.dtype, self.scale = rope, implementation, dtype, scale
         self.wq = normal_param(rngs, (dim, N, H), ("embed", "heads", "head_dim"), std, param_dtype)
         self.wk = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
         self.wv = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
@@ -91,8 +92,28 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
+        return self._attend(q, k, v, mask, bias), cache
+
+    def memory_kv(self, memory: jax.Array) -> dict:
+        """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        k = jnp.einsum("BSD,DKH->BSKH", memory, c(self.wk))
+        v = jnp.einsum("BSD,DKH->BSKH", memory, c(self.wv))
+        if self.bk is not None:
+            k, v = k + c(self.bk), v + c(self.bv)
+        return {"k": k, "v": v}
+
+    def cross(self, x: jax.Array, kv: dict, mask: jax.Array) -> jax.Array:
+        """Cross-attention of x (B, T, D) to `memory_kv` output; mask (B, T, S)."""
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
+        if self.bq is not None:
+            q = q + self.bq[...].astype(self.dtype)
+        return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None)
+
+    def _attend(self, q, k, v, mask, bias):
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale, implementation=self.implementation)
         y = jnp.einsum("BTNH,NHD->BTD", out, c(self.wo))
         if self.bo is not None:
             y = y + c(self.bo)
-        return y, cache
+        return y

@@ -1,7 +1,8 @@
-"""Transformer decoder block: attention and feed-forward, each with a residual.
+"""Transformer block: self-attention, optional cross-attention (encoder-decoder
+decoders), and feed-forward, each with a residual.
 
-pre-norm (GPT-2, LLaMA):   x + f(norm(x))
-post-norm (Vaswani 2017):  norm(x + f(x))
+pre-norm (GPT-2, LLaMA, T5):   x + f(norm(x))
+post-norm (Vaswani 2017, BERT): norm(x + f(x))
 """
 
 from __future__ import annotations
@@ -17,21 +18,17 @@ from jaxlm.nn.param import dtype_of
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
+        """cross: add cross-attention to encoder states (no positions) between attention and MLP."""
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         # GPT-2: residual output projections scaled by 1/sqrt(2L) at init.
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, param_dtype=param_dtype)
         self.pre_norm = cfg.norm_position == "pre"
-        self.attn_norm = Norm(cfg.d_model, **norm)
-        self.attn = Attention(
-            cfg.d_model,
-            cfg.num_heads,
-            cfg.kv_heads,
-            cfg.dim_per_head,
+        attention = dict(
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
-            rope=cfg.rope,
+            scale=cfg.attention_scale or None,
             implementation=cfg.attention_impl,
             std=cfg.init_std,
             out_std=out_std,
@@ -39,6 +36,11 @@ class Block(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        shape = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head)
+        self.attn_norm = Norm(cfg.d_model, **norm)
+        self.attn = Attention(*shape, rope=cfg.rope, **attention)
+        self.cross_norm = Norm(cfg.d_model, **norm) if cross else None
+        self.cross = Attention(*shape, rope=None, **attention) if cross else None
         self.mlp_norm = Norm(cfg.d_model, **norm)
         self.mlp = MLP(
             cfg.d_model,
@@ -53,12 +55,21 @@ class Block(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None, bias=None) -> tuple[jax.Array, dict | None]:
-        """x: (B, T, D) -> (B, T, D); see `Attention` for the other arguments."""
+    def __call__(
+        self, x, positions, mask, cache=None, cache_index=None, bias=None, memory=None, memory_mask=None
+    ) -> tuple[jax.Array, dict | None]:
+        """x: (B, T, D) -> (B, T, D); see `Attention` for the other arguments.
+
+        memory: this layer's `Attention.memory_kv` of the encoder states; memory_mask: (B, T, S).
+        """
         if self.pre_norm:
             h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias)
             x = x + h
+            if self.cross is not None:
+                x = x + self.cross.cross(self.cross_norm(x), memory, memory_mask)
             return x + self.mlp(self.mlp_norm(x)), cache
         h, cache = self.attn(x, positions, mask, cache, cache_index, bias)
         x = self.attn_norm(x + h)
+        if self.cross is not None:
+            x = self.cross_norm(x + self.cross.cross(x, memory, memory_mask))
         return self.mlp_norm(x + self.mlp(x)), cache

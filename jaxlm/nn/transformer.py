@@ -207,10 +207,3 @@ class TransformerLM(nnx.Module):
             )
             return x, None
         return layers(x, params, positions, attn_inputs, kv)
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count from shapes alone (jax.eval_shape: nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param)
-    return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(state))

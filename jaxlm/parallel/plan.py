@@ -14,8 +14,8 @@ import jax
 from flax import nnx
 
 from jaxlm.config import Config
+from jaxlm.nn.models import build_model
 from jaxlm.nn.param import dtype_of
-from jaxlm.nn.transformer import TransformerLM
 from jaxlm.parallel.mesh import check_layout, describe
 from jaxlm.parallel.rules import logical_to_spec, rules_for
 
@@ -78,7 +78,7 @@ def plan(cfg: Config, num_devices: int | None = None) -> str:
     sizes = cfg.mesh.resolve(num_devices)
     microbatches = check_layout(cfg, sizes)
     zero = cfg.mesh.zero_stage
-    model = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     opt_copies = 2  # AdamW: first and second moments, each the size of the parameters
 

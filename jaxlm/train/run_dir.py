@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxlm.config import Config, ConfigError, load_config
 from jaxlm.data.tokenizer import DataError, Tokenizer, load_tokenizer
-from jaxlm.nn.transformer import TransformerLM
+from jaxlm.nn.models import build_model
 from jaxlm.train.checkpoint import Checkpointer, abstract
 
 
@@ -50,7 +50,7 @@ def check_resumable(saved: Config, new: Config, sections=("model", "data")) -> N
         )
 
 
-def load_run(path: str | Path) -> tuple[Config, Tokenizer, TransformerLM, int]:
+def load_run(path: str | Path) -> tuple[Config, Tokenizer, nnx.Module, int]:
     """Config, tokenizer and model with the latest checkpoint's parameters, and its step."""
     run = RunDir(path)
     if not run.path.is_dir():
@@ -61,7 +61,7 @@ def load_run(path: str | Path) -> tuple[Config, Tokenizer, TransformerLM, int]:
     tokenizer = load_tokenizer(run.tokenizer)
     if not run.has_checkpoint():
         raise DataError(f"no checkpoint in {run.checkpoints}; train first (jaxlm train)")
-    model = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
     ckpt = Checkpointer(run.checkpoints, keep=cfg.train.keep_checkpoints)
     params, _, meta = ckpt.restore(abstract(params))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config
-from jaxlm.nn.transformer import TransformerLM
+from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
 from jaxlm.parallel.rules import activation_sharding
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
@@ -52,7 +52,7 @@ class ShardedTraining:
         self.tx = make_optimizer(tc)
 
         def build():
-            return TransformerLM(
+            return build_model(
                 cfg.model,
                 rngs=nnx.Rngs(tc.seed),
                 pipeline_stages=self.sizes["pipeline"],

@@ -4,7 +4,7 @@ import pytest
 
 from jaxlm.cli import main
 from jaxlm.config import ConfigError, load_config
-from jaxlm.nn.transformer import count_params
+from jaxlm.nn.models import count_params
 from jaxlm.parallel.plan import plan
 
 GiB = 1024**3
