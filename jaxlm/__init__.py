@@ -1,6 +1,9 @@
 """jaxlm: the language-model stack as readable, fast, tested JAX."""
 
-from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config
+from jaxlm.hf import from_hf, to_hf
+from jaxlm.nn.models import build_model
+from jaxlm.nn.seq2seq import EncoderDecoderLM
 from jaxlm.nn.transformer import TransformerLM
 from jaxlm.presets import PRESETS, get_preset
 
@@ -11,9 +14,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "TransformerLM",
+    "EncoderDecoderLM",
+    "MeshConfig",
     "ModelConfig",
     "TrainConfig",
+    "TransformerLM",
+    "build_model",
+    "from_hf",
     "get_preset",
     "load_config",
+    "to_hf",
 ]

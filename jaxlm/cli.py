@@ -55,42 +55,43 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxlm.generate import Generator
+    from jaxlm.generate import Generator, Seq2SeqGenerator
     from jaxlm.train.run_dir import load_run
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
-    gen = Generator(model)
-    outs = gen.generate(
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        eos_id=tokenizer.eos_id,
-    )
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    seq2seq = bool(cfg.model.decoder_layers)
+    if seq2seq:  # the prompt is the source; the output is the decoder's text
+        start = tokenizer.eos_id if cfg.model.decoder_start_id < 0 else cfg.model.decoder_start_id
+        outs = Seq2SeqGenerator(model).generate(
+            prompts, max_new_tokens=args.max_new_tokens, start_id=start, eos_id=tokenizer.eos_id, **sampling
+        )
+    else:
+        outs = Generator(model).generate(
+            prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, **sampling
+        )
     for i, (text, out) in enumerate(zip(args.prompt, outs)):
         if len(outs) > 1:
             print(f"--- sample {i + 1} ---")
-        print(text + tokenizer.decode(out))
+        print(tokenizer.decode(out) if seq2seq else text + tokenizer.decode(out))
     return 0
 
 
 def cmd_eval(args) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
-    from jaxlm.data.corpus import load_corpus
-    from jaxlm.data.loader import pack_documents
+    from jaxlm.train.data import load_splits, make_batches
     from jaxlm.train.run_dir import load_run
     from jaxlm.train.step import make_eval_step, make_objective
     from jaxlm.train.trainer import evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
-    _, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
-    val = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
+    _, val = load_splits(cfg)
+    _, val_batches = make_batches(cfg, tokenizer, None, val)
     graphdef, params = nnx.split(model, nnx.Param)
     objective = make_objective(
         cfg.train.objective,
@@ -98,10 +99,9 @@ def cmd_eval(args) -> int:
         vocab_size=cfg.model.vocab_size,
         rate=cfg.train.mask_rate,
     )
-    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(tokenizer.token_bytes), objective))
-    out = evaluate(
-        eval_step, params, val, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, max_batches=args.batches
-    )
+    token_bytes = np.pad(tokenizer.token_bytes, (0, max(0, cfg.model.vocab_size - len(tokenizer.token_bytes))))
+    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(token_bytes), objective))
+    out = evaluate(eval_step, params, val_batches(args.batches))
     print(
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"

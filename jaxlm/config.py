@@ -65,6 +65,7 @@ class ModelConfig:
     relative_max_distance: int = 128  # position=relative: distances beyond share the last bucket
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
     scale_readout: bool = False  # multiply the final states by d_model^-0.5 before the read-out (T5 v1.0)
+    decoder_start_id: int = -1  # encoder-decoder: the decoder's first input (-1 = end-of-text; T5: 0)
     attention_impl: str = "reference"  # reference | xla | cudnn
     scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots

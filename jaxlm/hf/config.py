@@ -144,7 +144,8 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
         r.get("is_gated_act", None)
         r.expect("is_encoder_decoder", (True,), True)
         r.expect("is_decoder", (False,), False)
-        r.get("decoder_start_token_id", None)
+        start = r.get("decoder_start_token_id", None)
+        start = hf.get("pad_token_id", 0) if start is None else start
         r.get("initializer_factor", None)
         tied_flag = r.get("tie_word_embeddings", True)
         # transformers >= 5 writes scale_decoder_outputs; older configs say tie_word_embeddings=false for v1.1.
@@ -168,6 +169,7 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
             attention_scale=1.0,
             tie_embeddings="lm_head.weight" not in set(tensor_names),
             scale_readout=bool(scale),
+            decoder_start_id=int(start or 0),
             init_std=1.0,
         )
         r.finish()
@@ -338,7 +340,9 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
         return {
             **ids,
             "pad_token_id": 0,
-            "decoder_start_token_id": 0,
+            "decoder_start_token_id": max(cfg.decoder_start_id, 0)
+            if eos_id is None
+            else (eos_id if cfg.decoder_start_id < 0 else cfg.decoder_start_id),
             "vocab_size": cfg.vocab_size,
             "d_model": cfg.d_model,
             "d_kv": cfg.dim_per_head,

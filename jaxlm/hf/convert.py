@@ -24,10 +24,12 @@ def hf_to_run(hf_dir: str | Path, out: str | Path) -> tuple[str, int]:
     model, tokenizer, arch = from_hf(hf_dir)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no tokenizer.json; a run directory needs the model's tokenizer")
+    m = model.cfg
+    objective = "span" if m.decoder_layers else "clm" if m.causal else "mlm"
     cfg = Config(
         model=model.cfg,
         data=DataConfig(tokenizer="bpe", seq_len=min(1024, model.cfg.max_seq_len)),
-        train=TrainConfig(run_dir=str(out), batch_size=8, lr=1e-5, warmup_steps=10),
+        train=TrainConfig(run_dir=str(out), batch_size=8, lr=1e-5, warmup_steps=10, objective=objective),
     )
     run.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run.config)

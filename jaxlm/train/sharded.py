@@ -102,6 +102,8 @@ class ShardedTraining:
         )
 
     def eval_step(self, token_bytes: np.ndarray):
+        # Ids above the tokenizer's vocabulary (T5 sentinels) stand for no text: 0 bytes.
+        token_bytes = np.pad(token_bytes, (0, max(0, self.cfg.model.vocab_size - len(token_bytes))))
         return jax.jit(
             on_mesh(make_eval_step(self.graphdef, jnp.asarray(token_bytes), self.objective), self.mesh),
             in_shardings=(self.shardings.params, self.batch_sharding),

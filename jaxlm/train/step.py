@@ -48,6 +48,7 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
 
     clm: predict batch["targets"] (the next tokens) from batch["inputs"].
     mlm: corrupt batch["inputs"] (BERT: 80/10/10) and predict the picked originals.
+    span, seq2seq: encoder-decoder batches from `jaxlm.data.seq2seq` (corrupted on the host).
     """
     if kind == "clm":
 
@@ -67,6 +68,13 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
             return logits, tokens, picked
 
         return mlm
+    if kind in ("span", "seq2seq"):
+
+        def seq2seq(model, batch, key):  # teacher forcing: tgt_in is tgt_out shifted right
+            logits = model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])
+            return logits, batch["tgt_out"], batch["tgt_mask"]
+
+        return seq2seq
     raise ConfigError(f"unknown train.objective {kind!r}")
 
 

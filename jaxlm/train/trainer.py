@@ -17,14 +17,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.config import Config, ConfigError, load_config, save_config
-from jaxlm.data.corpus import load_corpus
-from jaxlm.data.loader import PackedLoader, eval_batches, pack_documents
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, abstract
+from jaxlm.train.data import load_splits, make_batches, reserved_ids, tokenizer_texts
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.run_dir import RunDir, check_resumable
 from jaxlm.train.sharded import ShardedTraining
@@ -32,20 +30,18 @@ from jaxlm.train.sharded import ShardedTraining
 log = logging.getLogger(__name__)
 
 
-def evaluate(
-    eval_step, params, tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0, put=None
-) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte over the split (or its first batches).
+def evaluate(eval_step, params, batches, *, put=None) -> dict:
+    """Mean loss (nats/token), perplexity and bits per byte over validation `batches`.
 
     put: host batch -> device batch (default: as is).
     """
     totals = None
-    for batch in eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
+    for batch in batches:
         out = eval_step(params, batch if put is None else put(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = to_host(totals)
     loss = float(totals["loss_sum"] / totals["count"])
-    bpb = float(totals["loss_sum"] / (math.log(2) * totals["bytes"]))
+    bpb = float(totals["loss_sum"] / (math.log(2) * max(float(totals["bytes"]), 1.0)))
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": int(totals["count"])}
 
 
@@ -75,12 +71,15 @@ class _StopOnSignal(contextlib.AbstractContextManager):
 
 
 def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
-    train_docs, val_docs = load_corpus(cfg.data.source, cfg.data.val_fraction)
+    train_split, val_split = load_splits(cfg)
     if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
     elif jax.process_index() == 0:
         tokenizer = build_tokenizer(
-            cfg.data.tokenizer, train_docs, cfg.model.vocab_size, mask=cfg.train.objective == "mlm"
+            cfg.data.tokenizer,
+            tokenizer_texts(train_split),
+            cfg.model.vocab_size - reserved_ids(cfg),
+            mask=cfg.train.objective == "mlm",
         )
         tokenizer.save(run.tokenizer)
         _barrier("tokenizer")
@@ -92,13 +91,7 @@ def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "
             f"tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
-    train_tokens = pack_documents(tokenizer.encode_batch(train_docs), tokenizer.eos_id)
-    val_tokens = pack_documents(tokenizer.encode_batch(val_docs), tokenizer.eos_id)
-    if len(val_tokens) < 2:
-        raise ConfigError(
-            f"data.source {cfg.data.source!r} leaves no validation text; add text or raise data.val_fraction"
-        )
-    return tokenizer, train_tokens, val_tokens
+    return tokenizer, train_split, val_split
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -113,12 +106,10 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if lead:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-    tokenizer, train_tokens, val_tokens = _prepare_data(cfg, run, resuming)
+    tokenizer, train_split, val_split = _prepare_data(cfg, run, resuming)
     sharded = ShardedTraining(cfg, mask_id=getattr(tokenizer, "mask_id", None))  # checks the mesh, compiles nothing
     log.info("%s", sharded.describe())
-    loader = PackedLoader(
-        train_tokens, seq_len=cfg.data.seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=sharded.rows
-    )
+    loader, val_batches = make_batches(cfg, tokenizer, train_split, val_split, rows=sharded.rows)
     state = sharded.init_state()
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     if resuming:  # restored onto this run's mesh, whatever mesh wrote it
@@ -136,15 +127,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
-        out = evaluate(
-            eval_step,
-            state.params,
-            val_tokens,
-            seq_len=cfg.data.seq_len,
-            batch_size=tc.batch_size,
-            max_batches=max_batches,
-            put=lambda b: sharded.put_batch(b, lo=0),
-        )
+        out = evaluate(eval_step, state.params, val_batches(max_batches), put=lambda b: sharded.put_batch(b, lo=0))
         out = {"step": step, **out}
         write(out)
         return out

@@ -129,3 +129,32 @@ def test_bert_mlm_loss_falls_on_embedded_corpus(tiny_config, tmp_path):
     # Byte tokens: an untrained model scores ln(300) = 5.7 nats on the masked positions.
     assert sum(seen[s] for s in range(51, 61)) / 10 < seen[1] - 1.5
     assert out["val_loss"] < 4.0
+
+
+@pytest.mark.parametrize("base", ["t5_tiny", "transformer_tiny"])
+def test_span_corruption_loss_falls_and_the_model_generates(base, tiny_config, tmp_path, capsys):
+    run = tmp_path / base
+    cfg = tiny_config(base, "data.source=shakespeare", "train.steps=40", "train.eval_batches=2", run_dir=run)
+    assert cfg.train.objective == "span" and cfg.model.decoder_layers
+    out = train(cfg, progress=False)
+    seen = losses(run)
+    assert sum(seen[s] for s in range(31, 41)) / 10 < seen[1] - 1.5
+    assert out["val_loss"] < 3.5
+    assert main(["generate", str(run), "--prompt", "To be, or not", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_seq2seq_pairs_train(tiny_config, tmp_path, corpus_file):
+    """Source/target text pairs (here: reverse each line's words), in any language."""
+    lines = [ln for ln in corpus_file.read_text(encoding="utf-8").splitlines() if ln.strip()][:400]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{ln}\t{' '.join(ln.split()[::-1])}\n" for ln in lines), encoding="utf-8")
+    run = tmp_path / "pairs_run"
+    cfg = tiny_config(
+        "transformer_tiny", f"data.source={pairs}", "train.objective=seq2seq", "train.steps=30", run_dir=run
+    )
+    out = train(cfg, progress=False)
+    seen = losses(run)
+    assert sum(seen[s] for s in range(21, 31)) / 10 < seen[1] - 1.0
+    assert out["val_tokens"] > 0
