@@ -80,3 +80,26 @@ def test_t5_matches_transformers(variant, tmp_path):
             decoder_input_ids=torch.tensor(tgt),
         ).logits.numpy()
     np.testing.assert_allclose(again, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["t5_tiny", "transformer_tiny"])
+def test_jaxlm_encoder_decoders_export(config, tmp_path):
+    """jaxlm's own T5 config (untied read-out) exports to transformers; the original Transformer has no HF class."""
+    from flax import nnx
+
+    from jaxlm.config import ConfigError, load_config
+    from jaxlm.nn.models import build_model
+
+    small = ["model.vocab_size=100", "model.d_model=32", "model.num_layers=1", "model.decoder_layers=2"]
+    small += ["model.num_heads=2", "model.head_dim=8", "model.mlp_dim=32"]
+    model = build_model(load_config(f"configs/{config}.yaml", small).model, rngs=nnx.Rngs(0))
+    if config == "transformer_tiny":
+        with pytest.raises(ConfigError, match="cannot be written as T5ForConditionalGeneration: position='sinusoidal'"):
+            to_hf(model, tmp_path)
+        return
+    to_hf(model, tmp_path)
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    src, tgt = np.arange(10)[None], np.arange(5)[None]
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(src), decoder_input_ids=torch.tensor(tgt)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(src), jnp.asarray(tgt))), want, atol=1e-5)
