@@ -67,6 +67,8 @@ class ModelConfig:
     scale_readout: bool = False  # multiply the final states by d_model^-0.5 before the read-out (T5 v1.0)
     decoder_start_id: int = -1  # encoder-decoder: the decoder's first input (-1 = end-of-text; T5: 0)
     attention_impl: str = "reference"  # reference | xla | cudnn
+    dropout: float = 0.0  # training only: on the embeddings and on each residual branch's output
+    attention_dropout: float = 0.0  # training only: on the attention weights (attention_impl=reference)
     scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
     init_std: float = 0.02
@@ -117,6 +119,14 @@ class ModelConfig:
         _check_choice("model.mlp", self.mlp, ("gated", "plain"))
         _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
         _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.attention_dropout and self.attention_impl != "reference":
+            raise ConfigError(
+                f"model.attention_dropout needs model.attention_impl=reference, not {self.attention_impl} "
+                "(jax.nn.dot_product_attention has no dropout)"
+            )
         _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
         _check_choice("model.head", self.head, ("lm", "mlm"))
         if self.head == "mlm" and not self.tie_embeddings:

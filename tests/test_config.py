@@ -63,6 +63,8 @@ def test_overrides_parse_yaml_scalars():
         ("model.preset=gpt5", "model.preset 'gpt5' is unknown"),
         ("model", "not of the form section.key=value"),
         ("train.steps=0", "train.steps must be positive"),
+        ("model.dropout=1.0", "model.dropout must be in [0, 1)"),
+        ("model.attention_dropout=-0.1", "model.attention_dropout must be in [0, 1)"),
     ],
 )
 def test_bad_config_errors_name_the_key(override, message):

@@ -2,7 +2,8 @@
 
 Every key of a config.json is either mapped, checked to have the one value
 jaxlm implements, or listed as not affecting the computation (token ids,
-cache flags, dropout: jaxlm trains without dropout, which is logged). Any
+cache flags, classification heads jaxlm does not build). Dropout rates are
+mapped to `dropout` / `attention_dropout` (they act only in training). Any
 other key, or an unsupported value, raises ConfigError naming it.
 """
 
@@ -42,8 +43,8 @@ NEUTRAL = {
     "output_hidden_states",
     "return_dict",
 }
-DROPOUT = {"attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"}
-DROPOUT |= {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout_rate"}
+# Dropout of classification heads (GPT2DoubleHeadsModel, BertForSequenceClassification), not of these models.
+NEUTRAL |= {"summary_first_dropout", "classifier_dropout"}
 ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -75,10 +76,7 @@ class _Reader:
         return value
 
     def finish(self):
-        dropout = {k: self.hf[k] for k in DROPOUT & set(self.hf) if self.hf[k]}
-        if dropout:
-            log.warning("%s: ignoring dropout %s (jaxlm has no dropout)", self.where, dropout)
-        left = sorted(set(self.hf) - self.used - NEUTRAL - DROPOUT)
+        left = sorted(set(self.hf) - self.used - NEUTRAL)
         if left:
             raise ConfigError(
                 f"{self.where}: unsupported config.json keys {left}; jaxlm would not compute the same model"
@@ -150,6 +148,9 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
         tied_flag = r.get("tie_word_embeddings", True)
         # transformers >= 5 writes scale_decoder_outputs; older configs say tie_word_embeddings=false for v1.1.
         scale = r.get("scale_decoder_outputs", tied_flag is not False)
+        rate = float(r.get("dropout_rate", 0.1))
+        if rate:
+            log.info("%s: dropout_rate %s on embeddings, branch outputs and attention weights", arch, rate)
         cfg = ModelConfig(
             vocab_size=r.get("vocab_size"),
             d_model=r.get("d_model"),
@@ -170,6 +171,8 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
             tie_embeddings="lm_head.weight" not in set(tensor_names),
             scale_readout=bool(scale),
             decoder_start_id=int(start or 0),
+            dropout=rate,
+            attention_dropout=rate,  # T5 drops attention weights at the same rate
             init_std=1.0,
         )
         r.finish()
@@ -183,6 +186,11 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
         for k in ("summary_activation", "summary_proj_to_labels", "summary_type", "summary_use_proj"):
             r.get(k, None)  # GPT2DoubleHeadsModel's classification head; not part of the LM
         act = r.expect("activation_function", tuple(ACTIVATIONS), "gelu_new")
+        resid, embd = float(r.get("resid_pdrop", 0.1)), float(r.get("embd_pdrop", 0.1))
+        if embd != resid:
+            log.warning(
+                "%s: embd_pdrop %s differs from resid_pdrop %s; jaxlm uses %s for both", arch, embd, resid, resid
+            )
         cfg = ModelConfig(
             vocab_size=r.get("vocab_size"),
             d_model=d,
@@ -200,6 +208,8 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
             mlp_bias=True,
             norm_bias=True,
             tie_embeddings=r.expect("tie_word_embeddings", (True,), True),
+            dropout=resid,
+            attention_dropout=float(r.get("attn_pdrop", 0.1)),
             init_std=r.get("initializer_range", 0.02),
         )
         r.finish()
@@ -233,6 +243,8 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
             embed_norm=True,
             head="mlm" if arch == "BertForMaskedLM" else "lm",
             pooler=arch == "BertModel",
+            dropout=float(r.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(r.get("attention_probs_dropout_prob", 0.1)),
             init_std=r.get("initializer_range", 0.02),
         )
         r.finish()
@@ -276,6 +288,7 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
         norm_bias=False,
         tie_embeddings=bool(r.get("tie_word_embeddings", False)),
         sliding_window=window,
+        attention_dropout=float(r.get("attention_dropout", 0.0)),  # these models have no residual dropout
         init_std=r.get("initializer_range", 0.02),
         **_rope(r),
     )
@@ -335,6 +348,16 @@ def architecture_for(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """config.json dict for `cfg` as `arch`."""
     ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "architectures": [arch], "model_type": ARCHITECTURES[arch]}
+    family = ARCHITECTURES[arch]
+    if family == "t5" and cfg.attention_dropout != cfg.dropout:
+        log.warning(
+            "%s has one dropout_rate: writing model.dropout %s, not attention_dropout %s",
+            arch,
+            cfg.dropout,
+            cfg.attention_dropout,
+        )
+    if family in ("llama", "mistral", "qwen2") and cfg.dropout:
+        log.warning("%s has no residual dropout: model.dropout %s is not written", arch, cfg.dropout)
     if arch == "T5ForConditionalGeneration":
         act = {"relu": "relu", "gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
         return {
@@ -356,7 +379,7 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
             "feed_forward_proj": ("gated-" if cfg.mlp == "gated" else "") + ("gelu" if act == "gelu_new" else act),
             "dense_act_fn": act,
             "is_encoder_decoder": True,
-            "dropout_rate": 0.0,
+            "dropout_rate": cfg.dropout,
             "tie_word_embeddings": cfg.scale_readout,  # read by transformers < 5 as "scale the read-out"
             "scale_decoder_outputs": cfg.scale_readout,
         }
@@ -373,8 +396,8 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
             "layer_norm_eps": cfg.norm_eps,
             "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation],
             "initializer_range": cfg.init_std,
-            "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0,
+            "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.attention_dropout,
             "tie_word_embeddings": True,
         }
     if arch == "GPT2LMHeadModel":
@@ -392,9 +415,9 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
             else "gelu_new",
             "initializer_range": cfg.init_std,
             "tie_word_embeddings": True,
-            "attn_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "resid_pdrop": 0.0,
+            "attn_pdrop": cfg.attention_dropout,
+            "embd_pdrop": cfg.dropout,
+            "resid_pdrop": cfg.dropout,
         }
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling}
     if cfg.rope_scaling != "none":
@@ -423,7 +446,7 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "rope_parameters": rope,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
     }
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)

@@ -32,6 +32,7 @@ class Attention(nnx.Module):
         rope: dict | None,
         implementation: str,
         scale: float | None = None,
+        dropout: float = 0.0,
         std: float,
         out_std: float,
         dtype,
@@ -41,6 +42,7 @@ class Attention(nnx.Module):
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
         self.rope, self.implementation, self.dtype, self.scale = rope, implementation, dtype, scale
+        self.dropout = dropout  # on the attention weights, when row keys are passed
         self.wq = normal_param(rngs, (dim, N, H), ("embed", "heads", "head_dim"), std, param_dtype)
         self.wk = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
         self.wv = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
@@ -61,6 +63,7 @@ class Attention(nnx.Module):
         cache: dict | None = None,
         cache_index: jax.Array | None = None,
         bias: jax.Array | None = None,
+        dropout_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Self-attention over x, or over the cache after writing x's keys into it.
 
@@ -71,6 +74,7 @@ class Attention(nnx.Module):
           cache: {"k", "v"}: (B, S, K, H), or None.
           cache_index: int scalar, slot where x's first token is written.
           bias: additive (B, N, T, S) attention bias (ALiBi), or None.
+          dropout_keys: (B, 2) row keys for attention-weight dropout (training), or None.
 
         Returns:
           (B, T, D) and the updated cache (None without cache).
@@ -92,7 +96,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        return self._attend(q, k, v, mask, bias), cache
+        return self._attend(q, k, v, mask, bias, dropout_keys), cache
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
@@ -103,16 +107,26 @@ class Attention(nnx.Module):
             k, v = k + c(self.bk), v + c(self.bv)
         return {"k": k, "v": v}
 
-    def cross(self, x: jax.Array, kv: dict, mask: jax.Array) -> jax.Array:
-        """Cross-attention of x (B, T, D) to `memory_kv` output; mask (B, T, S)."""
+    def cross(self, x: jax.Array, kv: dict, mask: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """Cross-attention of x (B, T, D) to `memory_kv` output; mask (B, T, S); dropout_keys as in `__call__`."""
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
         if self.bq is not None:
             q = q + self.bq[...].astype(self.dtype)
-        return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None)
+        return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None, dropout_keys)
 
-    def _attend(self, q, k, v, mask, bias):
+    def _attend(self, q, k, v, mask, bias, dropout_keys):
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale, implementation=self.implementation)
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=self.scale,
+            implementation=self.implementation,
+            dropout_rate=self.dropout,
+            dropout_keys=dropout_keys,
+        )
         y = jnp.einsum("BTNH,NHD->BTD", out, c(self.wo))
         if self.bo is not None:
             y = y + c(self.bo)

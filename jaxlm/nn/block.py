@@ -15,6 +15,7 @@ from jaxlm.nn.attention import Attention
 from jaxlm.nn.mlp import MLP
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import dtype_of
+from jaxlm.ops.dropout import dropout, fold_rows
 
 
 class Block(nnx.Module):
@@ -25,10 +26,12 @@ class Block(nnx.Module):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, param_dtype=param_dtype)
         self.pre_norm = cfg.norm_position == "pre"
+        self.dropout = cfg.dropout  # on each branch's output, before the residual sum
         attention = dict(
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
             scale=cfg.attention_scale or None,
+            dropout=cfg.attention_dropout,
             implementation=cfg.attention_impl,
             std=cfg.init_std,
             out_std=out_std,
@@ -56,20 +59,32 @@ class Block(nnx.Module):
         )
 
     def __call__(
-        self, x, positions, mask, cache=None, cache_index=None, bias=None, memory=None, memory_mask=None
+        self,
+        x,
+        positions,
+        mask,
+        cache=None,
+        cache_index=None,
+        bias=None,
+        memory=None,
+        memory_mask=None,
+        dropout_keys=None,
     ) -> tuple[jax.Array, dict | None]:
         """x: (B, T, D) -> (B, T, D); see `Attention` for the other arguments.
 
         memory: this layer's `Attention.memory_kv` of the encoder states; memory_mask: (B, T, S).
+        dropout_keys: (B, 2) this layer's row keys (training), or None: no dropout.
         """
+        key = lambda i: fold_rows(dropout_keys, i)  # noqa: E731  one stream per dropout site
+        drop = lambda h, i: dropout(h, self.dropout, key(i))  # noqa: E731
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias)
-            x = x + h
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias, key(0))
+            x = x + drop(h, 1)
             if self.cross is not None:
-                x = x + self.cross.cross(self.cross_norm(x), memory, memory_mask)
-            return x + self.mlp(self.mlp_norm(x)), cache
-        h, cache = self.attn(x, positions, mask, cache, cache_index, bias)
-        x = self.attn_norm(x + h)
+                x = x + drop(self.cross.cross(self.cross_norm(x), memory, memory_mask, key(2)), 3)
+            return x + drop(self.mlp(self.mlp_norm(x)), 4), cache
+        h, cache = self.attn(x, positions, mask, cache, cache_index, bias, key(0))
+        x = self.attn_norm(x + drop(h, 1))
         if self.cross is not None:
-            x = self.cross_norm(x + self.cross.cross(x, memory, memory_mask))
-        return self.mlp_norm(x + self.mlp(x)), cache
+            x = self.cross_norm(x + drop(self.cross.cross(x, memory, memory_mask, key(2)), 3))
+        return self.mlp_norm(x + drop(self.mlp(x), 4)), cache

@@ -22,6 +22,7 @@ from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.nn.stack import run_stack, stacked
 from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.positions import sinusoidal_positions, t5_bias
 from jaxlm.parallel.rules import constrain
 
@@ -58,13 +59,14 @@ class EncoderDecoderLM(nnx.Module):
             else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, param_dtype)
         )
 
-    def _embed(self, tokens, positions):
+    def _embed(self, tokens, positions, dropout_keys):
         cfg = self.cfg
         x = self.embed(tokens)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(self.dtype)
+        x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 0))
         return constrain(x, ("batch", "seq", "embed"))
 
     def _bias(self, table, q_pos, kv_pos, bidirectional):
@@ -73,8 +75,14 @@ class EncoderDecoderLM(nnx.Module):
         cfg = self.cfg
         return t5_bias(table[...], q_pos, kv_pos, bidirectional=bidirectional, max_distance=cfg.relative_max_distance)
 
-    def encode(self, src: jax.Array, src_valid: jax.Array | None = None) -> jax.Array:
-        """(B, S) source tokens -> (B, S, D) encoder states; padding (src_valid False) is never attended to."""
+    def encode(
+        self, src: jax.Array, src_valid: jax.Array | None = None, dropout_keys: jax.Array | None = None
+    ) -> jax.Array:
+        """(B, S) source tokens -> (B, S, D) encoder states; padding (src_valid False) is never attended to.
+
+        dropout_keys: (B, 2) row keys (training, see `TransformerLM.__call__`), or None.
+        """
+        keys = fold_rows(dropout_keys, 0)  # the encoder's streams; the decoder's fold 1
         B, S = src.shape
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         valid = jnp.ones((B, S), bool) if src_valid is None else src_valid
@@ -82,11 +90,20 @@ class EncoderDecoderLM(nnx.Module):
         bias = self._bias(getattr(self, "encoder_bias", None), pos, pos, True)
         graphdef, params = nnx.split(self.encoder)
 
-        def layer(x, p, _):
-            x, _ = nnx.merge(graphdef, p)(x, pos, mask, None, None, bias)
+        layer_keys = fold_rows(keys, 1)
+
+        def layer(x, p, i):
+            x, _ = nnx.merge(graphdef, p)(x, pos, mask, None, None, bias, dropout_keys=fold_rows(layer_keys, i))
             return constrain(x, ("batch", "seq", "embed")), None
 
-        x, _ = run_stack(layer, params, self._embed(src, pos), remat=self.cfg.remat, scan=self.cfg.scan_layers)
+        x, _ = run_stack(
+            layer,
+            params,
+            self._embed(src, pos, keys),
+            _ids(self.cfg.num_layers),
+            remat=self.cfg.remat,
+            scan=self.cfg.scan_layers,
+        )
         return x if self.encoder_norm is None else self.encoder_norm(x)
 
     def memory_kv(self, memory: jax.Array) -> dict:
@@ -119,9 +136,15 @@ class EncoderDecoderLM(nnx.Module):
         src_valid: jax.Array | None = None,
         cache: dict | None = None,
         cache_index=None,
+        dropout_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
-        """Target tokens (B, T) -> float32 logits (B, T, V), attending to `memory` or to the cache's encoder K/V."""
+        """Target tokens (B, T) -> float32 logits (B, T, V), attending to `memory` or to the cache's encoder K/V.
+
+        dropout_keys: (B, 2) row keys (training), or None.
+        """
         cfg = self.cfg
+        keys = fold_rows(dropout_keys, 1)
+        layer_keys = fold_rows(keys, 1)
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -141,14 +164,27 @@ class EncoderDecoderLM(nnx.Module):
         graphdef, params = nnx.split(self.decoder)
 
         def layer(x, p, per_layer):
-            layer_kv, layer_cross = per_layer
+            layer_kv, layer_cross, i = per_layer
             x, layer_kv = nnx.merge(graphdef, p)(
-                x, positions, mask, layer_kv, cache_index, bias, layer_cross, memory_mask
+                x,
+                positions,
+                mask,
+                layer_kv,
+                cache_index,
+                bias,
+                layer_cross,
+                memory_mask,
+                dropout_keys=fold_rows(layer_keys, i),
             )
             return constrain(x, ("batch", "seq", "embed")), layer_kv
 
         x, kv = run_stack(
-            layer, params, self._embed(tokens, positions), (kv, cross), remat=cfg.remat, scan=cfg.scan_layers
+            layer,
+            params,
+            self._embed(tokens, positions, keys),
+            (kv, cross, _ids(cfg.decoder_layers)),
+            remat=cfg.remat,
+            scan=cfg.scan_layers,
         )
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
@@ -162,7 +198,12 @@ class EncoderDecoderLM(nnx.Module):
         new_cache = None if cache is None else {**cache, "pos": kv_pos, **kv}
         return logits, new_cache
 
-    def __call__(self, src, tgt, src_valid=None, tgt_valid=None) -> jax.Array:
-        """Teacher-forced logits (B, T, V) of target inputs `tgt` given sources `src`."""
-        memory = self.encode(src, src_valid)
-        return self.decode(tgt, valid=tgt_valid, memory=memory, src_valid=src_valid)[0]
+    def __call__(self, src, tgt, src_valid=None, tgt_valid=None, dropout_keys=None) -> jax.Array:
+        """Teacher-forced logits (B, T, V) of target inputs `tgt` given sources `src`; dropout_keys: (B, 2) or None."""
+        memory = self.encode(src, src_valid, dropout_keys)
+        return self.decode(tgt, valid=tgt_valid, memory=memory, src_valid=src_valid, dropout_keys=dropout_keys)[0]
+
+
+def _ids(num_layers: int) -> jax.Array:
+    """Layer indices (L,), scanned with the layers: layer i folds its dropout keys with i."""
+    return jnp.arange(num_layers, dtype=jnp.uint32)

@@ -21,6 +21,7 @@ from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.nn.stack import run_stack, stacked
 from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.mlp import ACTIVATIONS
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
 from jaxlm.parallel.pipeline import gpipe
@@ -99,6 +100,7 @@ class TransformerLM(nnx.Module):
         token_types: jax.Array | None = None,
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
+        dropout_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Forward pass: logits of every position (causal or bidirectional per `cfg.causal`).
 
@@ -109,14 +111,26 @@ class TransformerLM(nnx.Module):
           token_types: (B, T) int segment ids (models with `type_vocab_size`); default 0.
           cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
           cache_index: int scalar (may be traced).
+          dropout_keys: (B, 2) uint32, one PRNG key per row (`jaxlm.ops.dropout.row_keys`): applies
+            `cfg.dropout` / `cfg.attention_dropout` (training). None: no dropout.
 
         Returns:
           logits (B, T, V) in float32, and the updated cache (None without one).
         """
-        x, cache = self.hidden(tokens, positions, valid, token_types=token_types, cache=cache, cache_index=cache_index)
+        x, cache = self.hidden(
+            tokens,
+            positions,
+            valid,
+            token_types=token_types,
+            cache=cache,
+            cache_index=cache_index,
+            dropout_keys=dropout_keys,
+        )
         return self.logits(x), cache
 
-    def hidden(self, tokens, positions=None, valid=None, *, token_types=None, cache=None, cache_index=None):
+    def hidden(
+        self, tokens, positions=None, valid=None, *, token_types=None, cache=None, cache_index=None, dropout_keys=None
+    ):
         """The final hidden states (B, T, D) (after the final norm) and the updated cache."""
         cfg = self.cfg
         B, T = tokens.shape
@@ -134,7 +148,7 @@ class TransformerLM(nnx.Module):
             x = x + jnp.take(self.token_types[...], types, axis=0).astype(self.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-
+        x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 0))
         x = constrain(x, ("batch", "seq", "embed"))
 
         if cache is None:
@@ -144,7 +158,13 @@ class TransformerLM(nnx.Module):
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
             kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
         x, kv = self._run_layers(
-            x, positions, valid, self._attention_inputs(positions, kv_pos, kv_valid), kv, cache_index
+            x,
+            positions,
+            valid,
+            self._attention_inputs(positions, kv_pos, kv_valid),
+            kv,
+            cache_index,
+            fold_rows(dropout_keys, 1),
         )
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -178,32 +198,36 @@ class TransformerLM(nnx.Module):
         bias = alibi_bias(alibi_slopes(cfg.num_heads), q_pos, kv_pos) if cfg.position == "alibi" else None
         return mask, bias
 
-    def _run_layers(self, x, positions, valid, attn_inputs, kv, cache_index):
-        """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None."""
+    def _run_layers(self, x, positions, valid, attn_inputs, kv, cache_index, dropout_keys):
+        """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None; dropout_keys: (B, 2) or None."""
         cfg = self.cfg
         graphdef, params = nnx.split(self.layers)
+        ids = jnp.arange(cfg.num_layers, dtype=jnp.uint32)  # layer i draws its dropout masks from fold(keys, i)
 
-        def layers(x, params, positions, attn_inputs, kv):
-            def layer(x, p, layer_kv):
-                mask, bias = attn_inputs
-                x, layer_kv = nnx.merge(graphdef, p)(x, positions, mask, layer_kv, cache_index, bias)
+        def layers(x, params, ids, positions, attn_inputs, kv, keys):
+            def layer(x, p, per_layer):
+                (mask, bias), (layer_kv, i) = attn_inputs, per_layer
+                x, layer_kv = nnx.merge(graphdef, p)(
+                    x, positions, mask, layer_kv, cache_index, bias, dropout_keys=fold_rows(keys, i)
+                )
                 return constrain(x, ("batch", "seq", "embed")), layer_kv
 
-            return run_stack(layer, params, x, kv, remat=cfg.remat, scan=cfg.scan_layers)
+            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scan_layers)
 
         if kv is None and self.pipeline_stages > 1:
-
-            def stage(p, x, pos_valid):  # each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T)
-                pos, ok = pos_valid
-                return layers(x, p, pos, self._attention_inputs(pos, pos, ok), None)[0]
+            # Each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T). Row keys travel with
+            # their rows, so dropout is the same as without the pipeline.
+            def stage(p_ids, x, per_row):
+                (p, stage_ids), (pos, ok, keys) = p_ids, per_row
+                return layers(x, p, stage_ids, pos, self._attention_inputs(pos, pos, ok), None, keys)[0]
 
             x = gpipe(
                 stage,
-                params,
+                (params, ids),
                 x,
-                (positions, valid),
+                (positions, valid, dropout_keys),
                 num_stages=self.pipeline_stages,
                 num_microbatches=self.microbatches,
             )
             return x, None
-        return layers(x, params, positions, attn_inputs, kv)
+        return layers(x, params, ids, positions, attn_inputs, kv, dropout_keys)

@@ -1,6 +1,7 @@
 """Pure functions, arrays in and arrays out: the math of jaxlm."""
 
 from jaxlm.ops.attention import attention_mask, dot_product_attention
+from jaxlm.ops.dropout import dropout
 from jaxlm.ops.losses import cross_entropy
 from jaxlm.ops.mlp import activation, gated_mlp, mlp
 from jaxlm.ops.norms import layer_norm, rms_norm
@@ -13,6 +14,7 @@ __all__ = [
     "attention_mask",
     "cross_entropy",
     "dot_product_attention",
+    "dropout",
     "gated_mlp",
     "layer_norm",
     "mlp",

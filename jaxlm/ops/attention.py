@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.dropout import dropout
+
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 
 
@@ -57,8 +59,10 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
     implementation: str = "reference",
+    dropout_rate: float = 0.0,
+    dropout_keys: jax.Array | None = None,
 ) -> jax.Array:
-    """softmax(q·k^T * scale + bias, masked) · v.
+    """dropout(softmax(q·k^T * scale + bias, masked)) · v.
 
     Args:
       q: (B, T, N, H) queries.
@@ -70,6 +74,8 @@ def dot_product_attention(
       implementation: "reference" (the einsum below, softmax in fp32), or
         "xla" / "cudnn" to call `jax.nn.dot_product_attention` (cuDNN is the
         fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only).
+      dropout_rate: attention-weight dropout (training; reference implementation only).
+      dropout_keys: (B, 2) row keys (`jaxlm.ops.dropout`), or None for no dropout.
 
     Returns:
       (B, T, N, H) in q's dtype. Rows whose keys are all masked return the
@@ -85,7 +91,10 @@ def dot_product_attention(
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]  # (B, 1, T, S)
 
+    dropping = dropout_keys is not None and dropout_rate > 0.0
     if implementation != "reference":
+        if dropping:
+            raise ValueError(f"attention dropout needs the reference implementation, not {implementation!r}")
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
     G = N // K
@@ -97,7 +106,7 @@ def dot_product_attention(
     if mask is not None:
         mask = mask.reshape(*_grouped(mask.shape, K, G))
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, dropout_keys)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(B, T, N, H)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlm.config import ConfigError
 from jaxlm.ops.corruption import mlm_corrupt
+from jaxlm.ops.dropout import row_keys
 from jaxlm.ops.losses import cross_entropy
 from jaxlm.parallel.state import replicated, tree_shardings
 
@@ -44,7 +45,9 @@ def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> 
 
 
 def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size: int = 0, rate: float = 0.15):
-    """objective(model, batch, key) -> (logits, targets, loss mask or None).
+    """objective(model, batch, key, dropout_keys) -> (logits, targets, loss mask or None).
+
+    key: noise for the objective (mlm corruption); dropout_keys: (B, 2) row keys, or None (no dropout).
 
     clm: predict batch["targets"] (the next tokens) from batch["inputs"].
     mlm: corrupt batch["inputs"] (BERT: 80/10/10) and predict the picked originals.
@@ -52,8 +55,8 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
     """
     if kind == "clm":
 
-        def clm(model, batch, key):
-            logits, _ = model(batch["inputs"])
+        def clm(model, batch, key, dropout_keys=None):
+            logits, _ = model(batch["inputs"], dropout_keys=dropout_keys)
             return logits, batch["targets"], batch.get("mask")
 
         return clm
@@ -61,25 +64,25 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
         if mask_id is None:
             raise ConfigError("train.objective=mlm needs a tokenizer with a [MASK] token")
 
-        def mlm(model, batch, key):
+        def mlm(model, batch, key, dropout_keys=None):
             tokens, valid = batch["inputs"], batch.get("mask")
             corrupted, picked = mlm_corrupt(key, tokens, mask_id=mask_id, vocab_size=vocab_size, rate=rate, valid=valid)
-            logits, _ = model(corrupted, valid=valid)
+            logits, _ = model(corrupted, valid=valid, dropout_keys=dropout_keys)
             return logits, tokens, picked
 
         return mlm
     if kind in ("span", "seq2seq"):
 
-        def seq2seq(model, batch, key):  # teacher forcing: tgt_in is tgt_out shifted right
-            logits = model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])
+        def seq2seq(model, batch, key, dropout_keys=None):  # teacher forcing: tgt_in is tgt_out shifted right
+            logits = model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"], dropout_keys)
             return logits, batch["tgt_out"], batch["tgt_mask"]
 
         return seq2seq
     raise ConfigError(f"unknown train.objective {kind!r}")
 
 
-def _loss_sums(graphdef, params, batch, z_loss, objective, key):
-    logits, targets, mask = objective(nnx.merge(graphdef, params), batch, key)
+def _loss_sums(graphdef, params, batch, z_loss, objective, key, dropout_keys):
+    logits, targets, mask = objective(nnx.merge(graphdef, params), batch, key, dropout_keys)
     return cross_entropy(logits, targets, mask, z_loss=z_loss)
 
 
@@ -91,19 +94,22 @@ def make_train_step(
     z_loss: float = 0.0,
     grad_shardings=None,
     objective=None,
+    dropout: bool = False,
 ):
     """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0.
 
     grad_shardings: where gradients live while they are accumulated (ZeRO-2 and -3
     shard them, which turns the data-parallel all-reduce into a reduce-scatter).
     objective: from `make_objective` (default: next-token prediction).
+    dropout: draw dropout masks (the model's rates): one key per row of the whole batch, so
+    gradient accumulation and the mesh layout do not change them.
     """
     objective = objective or make_objective("clm")
     place = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
-    def grads_of(params, micro, key):
+    def grads_of(params, micro, key, dropout_keys):
         def f(p):
-            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key)
+            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key, dropout_keys)
             return loss_sum, count
 
         (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -111,9 +117,10 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Micro-batch i = rows i, i + grad_accum, ...: strided, so each one spans every data shard.
-        micro = jax.tree.map(
-            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
-        )
+        split = lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+        micro = jax.tree.map(split, batch)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        drop_keys = split(row_keys(jax.random.fold_in(state.rng, 2), rows)) if dropout else None
 
         def body(carry, mb_key):
             g, ls, c = grads_of(state.params, *mb_key)
@@ -126,7 +133,7 @@ def make_train_step(
             jnp.zeros((), jnp.float32),
         )
         keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
-        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys))
+        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
         # Gradient of the mean over every token of every micro-batch.
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxlm.config import Config, ConfigError, load_config, save_config
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
+from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, abstract
 from jaxlm.train.data import load_splits, make_batches, reserved_ids, tokenizer_texts
@@ -70,8 +71,7 @@ class _StopOnSignal(contextlib.AbstractContextManager):
         return False
 
 
-def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
-    train_split, val_split = load_splits(cfg)
+def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split):
     if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
     elif jax.process_index() == 0:
@@ -91,7 +91,7 @@ def _prepare_data(cfg: Config, run: RunDir, resuming: bool):
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "
             f"tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
-    return tokenizer, train_split, val_split
+    return tokenizer
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -103,10 +103,13 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if resuming and run.config.is_file():
         # At step 0 (e.g. imported weights) no data was seen yet: only the model must match.
         check_resumable(load_config(run.config), cfg, ("model",) if run.latest_step() == 0 else ("model", "data"))
+    # A mesh that does not fit and missing data fail before the run directory is touched.
+    check_layout(cfg, dict(make_mesh(cfg.mesh).shape))
+    train_split, val_split = load_splits(cfg)
     if lead:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-    tokenizer, train_split, val_split = _prepare_data(cfg, run, resuming)
+    tokenizer = _prepare_tokenizer(cfg, run, resuming, train_split)
     sharded = ShardedTraining(cfg, mask_id=getattr(tokenizer, "mask_id", None))  # checks the mesh, compiles nothing
     log.info("%s", sharded.describe())
     loader, val_batches = make_batches(cfg, tokenizer, train_split, val_split, rows=sharded.rows)

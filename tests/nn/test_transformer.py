@@ -97,3 +97,20 @@ def test_bfloat16_compute_runs():
     model = TransformerLM(tiny("llama_tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
     logits, _ = model(jnp.ones((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("name", ["gpt", "post_norm_sinusoidal"])
+def test_dropout_only_with_row_keys(name):
+    """Without keys (evaluation, decoding) a model with dropout computes exactly the model without."""
+    kw = dict(FAMILIES[name])
+    base = kw.pop("base")
+    plain = TransformerLM(tiny(base, **kw), rngs=nnx.Rngs(0))
+    drop = TransformerLM(tiny(base, dropout=0.2, attention_dropout=0.2, **kw), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 97)
+    want = plain(tokens)[0]
+    np.testing.assert_array_equal(drop(tokens)[0], want)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    a, b = drop(tokens, dropout_keys=keys)[0], drop(tokens, dropout_keys=jax.random.split(jax.random.PRNGKey(3), 3))
+    assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, b[0], atol=1e-3)
+    np.testing.assert_array_equal(drop(tokens[1:], dropout_keys=keys[1:])[0], a[1:])  # per-row masks
+    np.testing.assert_array_equal(plain(tokens, dropout_keys=keys)[0], want)  # rate 0: keys change nothing

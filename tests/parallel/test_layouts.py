@@ -99,6 +99,25 @@ def test_remat_scan_and_accumulation_under_meshes(layout, extra):
     assert_same(train_steps(LAYOUTS[layout] + extra)[:2], reference())
 
 
+DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
+
+
+@pytest.mark.parametrize(
+    "layout,extra",
+    [
+        ("pipeline=2 data=4", ["train.grad_accum=2", "mesh.microbatches=1"]),
+        ("fsdp=2 tensor=2 data=2", []),
+        ("pipeline=4 tensor=2", ["model.remat=full"]),
+    ],
+)
+def test_dropout_is_the_same_on_every_layout(layout, extra):
+    """Dropout masks come from one key per row of the global batch: meshes, pipeline micro-batches and
+    gradient accumulation split rows but never change a row's mask, so runs stay reproducible."""
+    want = reference(extra=DROPOUT)
+    assert not np.allclose(want[0], reference()[0], rtol=1e-4)  # dropout acts
+    assert_same(train_steps(LAYOUTS[layout] + DROPOUT + extra)[:2], want)
+
+
 def test_gpt_tensor_parallel_with_biases_and_tied_vocab():
     """GPT-2 wiring: biases, LayerNorm, learned positions, vocabulary-parallel tied embedding."""
     extra = ["model.num_kv_heads=0"]
@@ -137,11 +156,12 @@ def test_zero_stages_shard_state_bytes(zero_stage):
             assert opt[device] == total_opt
 
 
-def test_encoder_decoder_under_fsdp_tensor_data():
+@pytest.mark.parametrize("extra", [[], DROPOUT], ids=["plain", "dropout"])
+def test_encoder_decoder_under_fsdp_tensor_data(extra):
     """T5 (relative bias tables, cross-attention) sharded like the decoders gives the same losses."""
     base = ["model.vocab_size=256", "model.d_model=64", "model.num_layers=2", "model.decoder_layers=2"]
     base += ["model.num_heads=4", "model.head_dim=16", "model.mlp_dim=128", "data.seq_len=32"]
-    base += ["train.batch_size=8", "train.warmup_steps=1", "train.lr=1e-2"]
+    base += ["train.batch_size=8", "train.warmup_steps=1", "train.lr=1e-2", *extra]
     rng = np.random.default_rng(0)
     batch = {
         "src": rng.integers(0, 200, (8, 32)).astype(np.int32),
@@ -159,4 +179,7 @@ def test_encoder_decoder_under_fsdp_tensor_data():
             losses.append(float(metrics["loss"]))
         return np.array(losses)
 
-    np.testing.assert_allclose(run(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), run(["mesh.data=1"]), rtol=1e-5)
+    one_device = run(["mesh.data=1"])
+    np.testing.assert_allclose(run(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), one_device, rtol=1e-5)
+    if extra:  # encoder and decoder dropout act
+        assert not np.allclose(one_device, run(["mesh.data=1", "model.dropout=0", "model.attention_dropout=0"]))

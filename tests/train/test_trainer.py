@@ -73,8 +73,12 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
-    assert main(["train", "configs/llama_tiny.yaml", "data.source=/no/such/file.txt"]) == 2
+    run = tmp_path / "run"
+    assert main(["train", "configs/llama_tiny.yaml", "data.source=/no/such/file.txt", f"train.run_dir={run}"]) == 2
     assert "/no/such/file.txt" in capsys.readouterr().err
+    assert main(["train", "configs/llama_tiny.yaml", "mesh.data=64", f"train.run_dir={run}"]) == 2
+    assert "64" in capsys.readouterr().err
+    assert not run.exists()  # nothing written before the inputs were checked
 
 
 @pytest.mark.parametrize("cmd", ["train", "generate", "eval"])
