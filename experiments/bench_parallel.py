@@ -24,6 +24,8 @@ LAYOUTS = {
     "fsdp=2 tensor=2 data=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "pipeline=2 data=4": ["mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4"],
     "pipeline=4 tensor=2": ["mesh.data=1", "mesh.pipeline=4", "mesh.tensor=2", "mesh.microbatches=8"],
+    # The circular schedule: same devices and micro-batches, a smaller bubble.
+    "pipeline=2 data=4 circular": ["mesh.data=4", "mesh.pipeline=2", "mesh.microbatches=4", "mesh.pipeline_repeats=2"],
 }
 
 

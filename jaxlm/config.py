@@ -69,6 +69,7 @@ class ModelConfig:
     attention_impl: str = "reference"  # reference | xla | cudnn
     dropout: float = 0.0  # training only: on the embeddings and on each residual branch's output
     attention_dropout: float = 0.0  # training only: on the attention weights (attention_impl=reference)
+    mlp_dropout: float = 0.0  # training only: on the MLP's hidden activations, before its output projection (T5)
     scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
     init_std: float = 0.02
@@ -119,7 +120,7 @@ class ModelConfig:
         _check_choice("model.mlp", self.mlp, ("gated", "plain"))
         _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
         _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
-        for key in ("dropout", "attention_dropout"):
+        for key in ("dropout", "attention_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.attention_dropout and self.attention_impl != "reference":
@@ -239,6 +240,7 @@ class MeshConfig:
     pipeline: int = 1  # pipeline stages: layers split into contiguous groups
     zero_stage: int = 3  # over fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters
     microbatches: int = 0  # pipeline micro-batches per (grad_accum) micro-batch (0 = pipeline)
+    pipeline_repeats: int = 1  # 1: GPipe; R > 1: circular, each stage holds R layer groups (bubble / R)
 
     def __post_init__(self):
         sizes = {k: getattr(self, k) for k in MESH_AXES}
@@ -251,6 +253,8 @@ class MeshConfig:
             raise ConfigError(f"mesh.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.microbatches < 0:
             raise ConfigError(f"mesh.microbatches must be >= 0, got {self.microbatches}")
+        if self.pipeline_repeats < 1:
+            raise ConfigError(f"mesh.pipeline_repeats must be >= 1, got {self.pipeline_repeats}")
 
     def resolve(self, num_devices: int) -> dict[str, int]:
         """Axis sizes with -1 filled in; ConfigError when they do not fit `num_devices`."""

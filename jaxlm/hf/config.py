@@ -3,7 +3,7 @@
 Every key of a config.json is either mapped, checked to have the one value
 jaxlm implements, or listed as not affecting the computation (token ids,
 cache flags, classification heads jaxlm does not build). Dropout rates are
-mapped to `dropout` / `attention_dropout` (they act only in training). Any
+mapped to `dropout` / `attention_dropout` / `mlp_dropout` (they act only in training). Any
 other key, or an unsupported value, raises ConfigError naming it.
 """
 
@@ -150,7 +150,7 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
         scale = r.get("scale_decoder_outputs", tied_flag is not False)
         rate = float(r.get("dropout_rate", 0.1))
         if rate:
-            log.info("%s: dropout_rate %s on embeddings, branch outputs and attention weights", arch, rate)
+            log.info("%s: dropout_rate %s on embeddings, branches, MLP hidden states, attention weights", arch, rate)
         cfg = ModelConfig(
             vocab_size=r.get("vocab_size"),
             d_model=r.get("d_model"),
@@ -172,7 +172,8 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
             scale_readout=bool(scale),
             decoder_start_id=int(start or 0),
             dropout=rate,
-            attention_dropout=rate,  # T5 drops attention weights at the same rate
+            attention_dropout=rate,  # T5 drops attention weights and MLP hidden states at the same rate
+            mlp_dropout=rate,
             init_std=1.0,
         )
         r.finish()
@@ -349,13 +350,16 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
     """config.json dict for `cfg` as `arch`."""
     ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "architectures": [arch], "model_type": ARCHITECTURES[arch]}
     family = ARCHITECTURES[arch]
-    if family == "t5" and cfg.attention_dropout != cfg.dropout:
+    if family == "t5" and not cfg.attention_dropout == cfg.mlp_dropout == cfg.dropout:
         log.warning(
-            "%s has one dropout_rate: writing model.dropout %s, not attention_dropout %s",
+            "%s has one dropout_rate: writing model.dropout %s, not attention_dropout %s or mlp_dropout %s",
             arch,
             cfg.dropout,
             cfg.attention_dropout,
+            cfg.mlp_dropout,
         )
+    if family != "t5" and cfg.mlp_dropout:
+        log.warning("%s has no MLP hidden dropout: model.mlp_dropout %s is not written", arch, cfg.mlp_dropout)
     if family in ("llama", "mistral", "qwen2") and cfg.dropout:
         log.warning("%s has no residual dropout: model.dropout %s is not written", arch, cfg.dropout)
     if arch == "T5ForConditionalGeneration":

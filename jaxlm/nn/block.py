@@ -53,6 +53,7 @@ class Block(nnx.Module):
             bias=cfg.mlp_bias,
             std=cfg.init_std,
             out_std=out_std,
+            dropout=cfg.mlp_dropout,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -82,9 +83,9 @@ class Block(nnx.Module):
             x = x + drop(h, 1)
             if self.cross is not None:
                 x = x + drop(self.cross.cross(self.cross_norm(x), memory, memory_mask, key(2)), 3)
-            return x + drop(self.mlp(self.mlp_norm(x)), 4), cache
+            return x + drop(self.mlp(self.mlp_norm(x), key(5)), 4), cache
         h, cache = self.attn(x, positions, mask, cache, cache_index, bias, key(0))
         x = self.attn_norm(x + drop(h, 1))
         if self.cross is not None:
             x = self.cross_norm(x + drop(self.cross.cross(x, memory, memory_mask, key(2)), 3))
-        return self.mlp_norm(x + drop(self.mlp(x), 4)), cache
+        return self.mlp_norm(x + drop(self.mlp(x, key(5)), 4)), cache

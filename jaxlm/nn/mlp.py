@@ -20,11 +20,12 @@ class MLP(nnx.Module):
         bias: bool,
         std: float,
         out_std: float,
+        dropout: float = 0.0,
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        self.kind, self.act, self.dtype = kind, act, dtype
+        self.kind, self.act, self.dtype, self.dropout = kind, act, dtype, dropout
         if kind == "gated":
             self.w_gate = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
             self.w_up = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
@@ -34,9 +35,10 @@ class MLP(nnx.Module):
             self.b_out = const_param((dim,), ("embed",), 0.0, param_dtype) if bias else None
         self.w_out = normal_param(rngs, (hidden, dim), ("mlp", "embed"), out_std, param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, T, D) -> (B, T, D)."""
+    def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """(B, T, D) -> (B, T, D); dropout_keys: (B, 2) row keys for the hidden dropout (training), or None."""
         c = lambda p: None if p is None else p[...].astype(self.dtype)  # noqa: E731
+        drop = dict(act=self.act, dropout_rate=self.dropout, dropout_keys=dropout_keys)
         if self.kind == "gated":
-            return gated_mlp(x, c(self.w_gate), c(self.w_up), c(self.w_out), act=self.act)
-        return mlp(x, c(self.w_in), c(self.w_out), c(self.b_in), c(self.b_out), act=self.act)
+            return gated_mlp(x, c(self.w_gate), c(self.w_up), c(self.w_out), **drop)
+        return mlp(x, c(self.w_in), c(self.w_out), c(self.b_in), c(self.b_out), **drop)

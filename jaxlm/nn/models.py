@@ -11,10 +11,11 @@ from jaxlm.nn.seq2seq import EncoderDecoderLM
 from jaxlm.nn.transformer import TransformerLM
 
 
-def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs, pipeline_stages: int = 1, microbatches: int = 1):
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs, **pipeline):
+    """pipeline: `TransformerLM`'s pipeline_stages, microbatches and pipeline_repeats (training)."""
     if cfg.decoder_layers:
         return EncoderDecoderLM(cfg, rngs=rngs)
-    return TransformerLM(cfg, rngs=rngs, pipeline_stages=pipeline_stages, microbatches=microbatches)
+    return TransformerLM(cfg, rngs=rngs, **pipeline)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -69,6 +69,10 @@ class EncoderDecoderLM(nnx.Module):
         x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 0))
         return constrain(x, ("batch", "seq", "embed"))
 
+    def _final(self, x, keys):
+        """T5 drops each stack's final-norm output too (stream 2; 0: embeddings, 1: layers)."""
+        return dropout(x, self.cfg.dropout, fold_rows(keys, 2))
+
     def _bias(self, table, q_pos, kv_pos, bidirectional):
         if self.cfg.position != "relative":
             return None
@@ -104,7 +108,7 @@ class EncoderDecoderLM(nnx.Module):
             remat=self.cfg.remat,
             scan=self.cfg.scan_layers,
         )
-        return x if self.encoder_norm is None else self.encoder_norm(x)
+        return x if self.encoder_norm is None else self._final(self.encoder_norm(x), keys)
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Every decoder layer's cross-attention K/V of the encoder states: {"k", "v"}: (L, B, S, K, H)."""
@@ -187,7 +191,7 @@ class EncoderDecoderLM(nnx.Module):
             scan=cfg.scan_layers,
         )
         if self.decoder_norm is not None:
-            x = self.decoder_norm(x)
+            x = self._final(self.decoder_norm(x), keys)
         if cfg.scale_readout:
             x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
         if self.lm_head is None:

@@ -24,7 +24,7 @@ from jaxlm.ops.attention import attention_mask
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.mlp import ACTIVATIONS
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
-from jaxlm.parallel.pipeline import gpipe
+from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.rules import constrain
 
 
@@ -37,10 +37,19 @@ class TransformerLM(nnx.Module):
     writes the T new tokens at cache slots [i, i + T).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, pipeline_stages: int = 1, microbatches: int = 1):
-        """`pipeline_stages` > 1 runs training forwards as a GPipe pipeline of `microbatches`."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        pipeline_stages: int = 1,
+        microbatches: int = 1,
+        pipeline_repeats: int = 1,
+    ):
+        """`pipeline_stages` > 1 runs training forwards as a pipeline of `microbatches` (see
+        `jaxlm.parallel.pipeline`): GPipe, or circular with `pipeline_repeats` > 1."""
         self.cfg = cfg
-        self.pipeline_stages, self.microbatches = pipeline_stages, microbatches
+        self.pipeline_stages, self.microbatches, self.pipeline_repeats = pipeline_stages, microbatches, pipeline_repeats
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
         self.embed = Embed(
@@ -221,13 +230,14 @@ class TransformerLM(nnx.Module):
                 (p, stage_ids), (pos, ok, keys) = p_ids, per_row
                 return layers(x, p, stage_ids, pos, self._attention_inputs(pos, pos, ok), None, keys)[0]
 
-            x = gpipe(
+            x = pipeline(
                 stage,
                 (params, ids),
                 x,
                 (positions, valid, dropout_keys),
                 num_stages=self.pipeline_stages,
                 num_microbatches=self.microbatches,
+                num_repeats=self.pipeline_repeats,
             )
             return x, None
         return layers(x, params, ids, positions, attn_inputs, kv, dropout_keys)

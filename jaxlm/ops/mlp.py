@@ -11,6 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.dropout import dropout
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -33,18 +35,36 @@ def mlp(
     b_out: jax.Array | None = None,
     *,
     act: str = "gelu",
+    dropout_rate: float = 0.0,
+    dropout_keys: jax.Array | None = None,
 ) -> jax.Array:
-    """act(x·w_in + b_in)·w_out + b_out. x: (..., D), w_in: (D, F), w_out: (F, D)."""
+    """act(x·w_in + b_in)·w_out + b_out. x: (B, ..., D), w_in: (D, F), w_out: (F, D).
+
+    dropout_rate / dropout_keys (B, 2): dropout on the hidden activations (T5); no keys, no dropout.
+    """
     h = jnp.einsum("...D,DF->...F", x, w_in)
     if b_in is not None:
         h = h + b_in
-    h = activation(act)(h)
+    h = dropout(activation(act)(h), dropout_rate, dropout_keys)
     y = jnp.einsum("...F,FD->...D", h, w_out)
     return y if b_out is None else y + b_out
 
 
-def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_out: jax.Array, *, act: str = "silu") -> jax.Array:
-    """(act(x·w_gate) * (x·w_up))·w_out; SwiGLU with act="silu". Weights (D, F), (D, F), (F, D)."""
+def gated_mlp(
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_out: jax.Array,
+    *,
+    act: str = "silu",
+    dropout_rate: float = 0.0,
+    dropout_keys: jax.Array | None = None,
+) -> jax.Array:
+    """(act(x·w_gate) * (x·w_up))·w_out; SwiGLU with act="silu". x: (B, ..., D), weights (D, F), (D, F), (F, D).
+
+    dropout_rate / dropout_keys (B, 2): dropout on the gated hidden activations (T5 v1.1); no keys, no dropout.
+    """
     gate = activation(act)(jnp.einsum("...D,DF->...F", x, w_gate))
     up = jnp.einsum("...D,DF->...F", x, w_up)
-    return jnp.einsum("...F,FD->...D", gate * up, w_out)
+    h = dropout(gate * up, dropout_rate, dropout_keys)
+    return jnp.einsum("...F,FD->...D", h, w_out)

@@ -1,7 +1,7 @@
 """Sharding over a device mesh: rules, mesh, pipeline schedule, sharded state, planning."""
 
 from jaxlm.parallel.mesh import check_layout, make_mesh
-from jaxlm.parallel.pipeline import gpipe
+from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.rules import RULES, activation_sharding, constrain, logical_to_spec, rules_for
 
 __all__ = [
@@ -9,8 +9,8 @@ __all__ = [
     "activation_sharding",
     "check_layout",
     "constrain",
-    "gpipe",
     "logical_to_spec",
     "make_mesh",
+    "pipeline",
     "rules_for",
 ]

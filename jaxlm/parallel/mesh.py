@@ -44,9 +44,22 @@ def check_layout(cfg: Config, sizes: dict[str, int]) -> int:
     replicas = sizes["data"] * sizes["fsdp"]
     micro = tc.batch_size // tc.grad_accum
     stages = sizes["pipeline"]
-    microbatches = cfg.mesh.microbatches or stages
+    microbatches, repeats = cfg.mesh.microbatches or stages, cfg.mesh.pipeline_repeats
     if m.num_layers % stages:
         raise ConfigError(f"model.num_layers ({m.num_layers}) must be divisible by mesh.pipeline ({stages})")
+    if repeats > 1:
+        if stages == 1:
+            raise ConfigError(f"mesh.pipeline_repeats={repeats} needs mesh.pipeline > 1")
+        if m.num_layers % (stages * repeats):
+            raise ConfigError(
+                f"model.num_layers ({m.num_layers}) must be divisible by mesh.pipeline x mesh.pipeline_repeats "
+                f"({stages} x {repeats})"
+            )
+        if microbatches % stages:
+            raise ConfigError(
+                f"the circular pipeline (mesh.pipeline_repeats={repeats}) feeds micro-batches in groups of "
+                f"mesh.pipeline ({stages}): mesh.microbatches ({microbatches}) must be a multiple of it"
+            )
     if stages > 1 and micro % microbatches:
         raise ConfigError(
             f"train.batch_size / train.grad_accum = {micro} rows must be divisible by mesh.microbatches "

@@ -68,7 +68,8 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     layers = m.num_layers // sizes["pipeline"]
     extra = full_layer if m.remat != "none" else 0  # the layer being recomputed
     logits = 2 * T * m.vocab_size / tp * 4  # float32 logits and their gradient
-    # A pipeline stage keeps every micro-batch in flight: rows/microbatches each, all of them.
+    # A pipeline stage keeps every micro-batch in flight: rows/microbatches each, all of them; with the
+    # circular schedule each passes its L/P layers in R visits, which keeps the same activations.
     return rows * (a * (layers * per_layer + extra) + logits)
 
 
@@ -92,7 +93,9 @@ def plan(cfg: Config, num_devices: int | None = None) -> str:
     lines.append(
         f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, zero_stage {zero}, "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, grad_accum {cfg.train.grad_accum}, "
-        f"remat {m.remat}" + (f", {microbatches} pipeline micro-batches" if sizes["pipeline"] > 1 else "")
+        f"remat {m.remat}"
+        + (f", {microbatches} pipeline micro-batches" if sizes["pipeline"] > 1 else "")
+        + (f", circular schedule with {cfg.mesh.pipeline_repeats} repeats" if cfg.mesh.pipeline_repeats > 1 else "")
     )
     lines.append("")
     rows = [("parameter", "shape", "logical axes", "parameters on", "optimizer state on", "params/device")]

@@ -57,6 +57,7 @@ class ShardedTraining:
                 rngs=nnx.Rngs(tc.seed),
                 pipeline_stages=self.sizes["pipeline"],
                 microbatches=self.microbatches,
+                pipeline_repeats=cfg.mesh.pipeline_repeats,
             )
 
         self._init = lambda: init_train_state(build(), self.tx, tc.seed)

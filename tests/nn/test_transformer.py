@@ -105,7 +105,7 @@ def test_dropout_only_with_row_keys(name):
     kw = dict(FAMILIES[name])
     base = kw.pop("base")
     plain = TransformerLM(tiny(base, **kw), rngs=nnx.Rngs(0))
-    drop = TransformerLM(tiny(base, dropout=0.2, attention_dropout=0.2, **kw), rngs=nnx.Rngs(0))
+    drop = TransformerLM(tiny(base, dropout=0.2, attention_dropout=0.2, mlp_dropout=0.2, **kw), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 97)
     want = plain(tokens)[0]
     np.testing.assert_array_equal(drop(tokens)[0], want)

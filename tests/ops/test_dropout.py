@@ -5,6 +5,7 @@ import pytest
 
 from jaxlm.ops.attention import dot_product_attention
 from jaxlm.ops.dropout import dropout, fold_rows, row_keys
+from jaxlm.ops.mlp import gated_mlp, mlp
 
 
 def test_none_keys_or_zero_rate_is_identity():
@@ -64,3 +65,25 @@ def test_fused_attention_refuses_dropout():
         dot_product_attention(
             q, q, q, implementation="xla", dropout_rate=0.1, dropout_keys=row_keys(jax.random.PRNGKey(0), 1)
         )
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mlp_hidden_dropout_is_unbiased_and_inside(gated):
+    """T5's feed-forward dropout: on the hidden activations, so the output is a sum over the kept
+    units (never zeroed itself), and averaged over many masks it equals the MLP without dropout."""
+    rows, D, F = 1024, 4, 16
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    x = jnp.broadcast_to(jax.random.normal(ks[0], (1, 3, D)), (rows, 3, D))
+    w_a, w_b = jax.random.normal(ks[1], (D, F)), jax.random.normal(ks[2], (D, F))
+    w_out = jax.random.normal(ks[3], (F, D)) / 4
+
+    def run(x, **kw):
+        return gated_mlp(x, w_a, w_b, w_out, act="gelu", **kw) if gated else mlp(x, w_a, w_out, act="relu", **kw)
+
+    plain = run(x[:1])[0]
+    keys = row_keys(jax.random.PRNGKey(7), rows)
+    out = run(x, dropout_rate=0.25, dropout_keys=keys)
+    assert not np.allclose(out[0], plain, atol=1e-3)
+    assert np.mean(out == 0) < 0.01  # dropout on the output would zero a quarter of it
+    np.testing.assert_allclose(out.mean(0), plain, atol=0.1 * float(jnp.abs(plain).max()))
+    np.testing.assert_allclose(run(x[:1], dropout_rate=0.25)[0], plain, atol=1e-6)  # no keys, no dropout

@@ -92,14 +92,17 @@ def test_layout_matches_one_device(layout):
         ("pipeline=2 data=4", ["model.remat=full", "train.grad_accum=2", "mesh.microbatches=1"]),
         ("fsdp=2 tensor=2 data=2", ["model.remat=save_dots", "model.scan_layers=false"]),
         ("pipeline=4 tensor=2", ["model.remat=save_dots", "model.scan_layers=false", "mesh.microbatches=8"]),
+        # circular, 2 groups of 2 micro-batches, on pipeline=2 x data=2 x tensor=2
+        ("pipeline=2 data=4", ["mesh.data=2", "mesh.tensor=2", "mesh.pipeline_repeats=2", "mesh.microbatches=4"]),
     ],
 )
 def test_remat_scan_and_accumulation_under_meshes(layout, extra):
-    """Remat policies, the unrolled layer loop and gradient accumulation change nothing numerically."""
+    """Remat policies, the unrolled layer loop, gradient accumulation and the circular pipeline
+    schedule change nothing numerically."""
     assert_same(train_steps(LAYOUTS[layout] + extra)[:2], reference())
 
 
-DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
+DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1", "model.mlp_dropout=0.1"]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,7 @@ DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1"]
         ("pipeline=2 data=4", ["train.grad_accum=2", "mesh.microbatches=1"]),
         ("fsdp=2 tensor=2 data=2", []),
         ("pipeline=4 tensor=2", ["model.remat=full"]),
+        ("pipeline=2 data=4", ["mesh.pipeline_repeats=2"]),
     ],
 )
 def test_dropout_is_the_same_on_every_layout(layout, extra):

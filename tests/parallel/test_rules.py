@@ -51,6 +51,7 @@ def test_unknown_logical_axis_is_an_error():
         (dict(data=-1, fsdp=-1), 8, "at most one mesh axis may be -1"),
         (dict(data=0), 8, "mesh.data must be a positive size or -1"),
         (dict(zero_stage=4), 8, "mesh.zero_stage must be 0, 1, 2 or 3"),
+        (dict(pipeline_repeats=0), 8, "mesh.pipeline_repeats must be >= 1"),
     ],
 )
 def test_mesh_that_does_not_fit_fails_clearly(mesh, devices, message):
@@ -70,6 +71,9 @@ def test_mesh_uses_the_first_devices_when_smaller():
         (["train.batch_size=6", "mesh.data=4"], "6 rows, which do not split over data x fsdp = 4"),
         (["model.num_layers=3", "mesh.pipeline=2"], r"num_layers \(3\) must be divisible by mesh.pipeline \(2\)"),
         (["mesh.pipeline=2", "mesh.microbatches=3"], r"must be divisible by mesh.microbatches \(3\)"),
+        (["mesh.pipeline=2", "mesh.pipeline_repeats=4"], r"num_layers \(4\) must be divisible by mesh.pipeline x"),
+        (["mesh.pipeline=2", "mesh.pipeline_repeats=2", "mesh.microbatches=1"], r"must be a multiple of it"),
+        (["mesh.pipeline_repeats=2"], r"pipeline_repeats=2 needs mesh.pipeline > 1"),
     ],
 )
 def test_layout_errors(overrides, message):
