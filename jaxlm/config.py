@@ -101,6 +101,11 @@ class ModelConfig:
             attention_factor=self.rope_attention_factor,
         )
 
+    @property
+    def drops(self) -> bool:
+        """Whether training draws dropout masks (any rate above 0)."""
+        return max(self.dropout, self.attention_dropout, self.mlp_dropout) > 0
+
     def __post_init__(self):
         _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "alibi", "relative", "none"))
         if self.decoder_layers < 0:

@@ -20,7 +20,7 @@ from jaxlm.nn.block import Block
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import dtype_of, normal_param
-from jaxlm.nn.stack import run_stack, stacked
+from jaxlm.nn.stack import layer_ids, run_stack, stacked
 from jaxlm.ops.attention import attention_mask
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.positions import sinusoidal_positions, t5_bias
@@ -104,7 +104,7 @@ class EncoderDecoderLM(nnx.Module):
             layer,
             params,
             self._embed(src, pos, keys),
-            _ids(self.cfg.num_layers),
+            layer_ids(self.cfg.num_layers),
             remat=self.cfg.remat,
             scan=self.cfg.scan_layers,
         )
@@ -186,7 +186,7 @@ class EncoderDecoderLM(nnx.Module):
             layer,
             params,
             self._embed(tokens, positions, keys),
-            (kv, cross, _ids(cfg.decoder_layers)),
+            (kv, cross, layer_ids(cfg.decoder_layers)),
             remat=cfg.remat,
             scan=cfg.scan_layers,
         )
@@ -206,8 +206,3 @@ class EncoderDecoderLM(nnx.Module):
         """Teacher-forced logits (B, T, V) of target inputs `tgt` given sources `src`; dropout_keys: (B, 2) or None."""
         memory = self.encode(src, src_valid, dropout_keys)
         return self.decode(tgt, valid=tgt_valid, memory=memory, src_valid=src_valid, dropout_keys=dropout_keys)[0]
-
-
-def _ids(num_layers: int) -> jax.Array:
-    """Layer indices (L,), scanned with the layers: layer i folds its dropout keys with i."""
-    return jnp.arange(num_layers, dtype=jnp.uint32)

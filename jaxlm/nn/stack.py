@@ -20,6 +20,11 @@ REMAT_POLICIES = {
 }
 
 
+def layer_ids(num: int) -> jax.Array:
+    """(L,) uint32 layer indices, scanned with the layers: layer i folds its dropout keys with i."""
+    return jnp.arange(num, dtype=jnp.uint32)
+
+
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
     """`num` independently initialised copies of `make(rngs)`, parameters stacked on axis 0 (`layers`)."""
 

@@ -19,7 +19,7 @@ from jaxlm.nn.block import Block
 from jaxlm.nn.embed import Embed, LearnedPositions
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, dtype_of, normal_param
-from jaxlm.nn.stack import run_stack, stacked
+from jaxlm.nn.stack import layer_ids, run_stack, stacked
 from jaxlm.ops.attention import attention_mask
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.mlp import ACTIVATIONS
@@ -121,7 +121,7 @@ class TransformerLM(nnx.Module):
           cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
           cache_index: int scalar (may be traced).
           dropout_keys: (B, 2) uint32, one PRNG key per row (`jaxlm.ops.dropout.row_keys`): applies
-            `cfg.dropout` / `cfg.attention_dropout` (training). None: no dropout.
+            `cfg.dropout` / `cfg.attention_dropout` / `cfg.mlp_dropout` (training). None: no dropout.
 
         Returns:
           logits (B, T, V) in float32, and the updated cache (None without one).
@@ -211,7 +211,7 @@ class TransformerLM(nnx.Module):
         """x through the L stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None; dropout_keys: (B, 2) or None."""
         cfg = self.cfg
         graphdef, params = nnx.split(self.layers)
-        ids = jnp.arange(cfg.num_layers, dtype=jnp.uint32)  # layer i draws its dropout masks from fold(keys, i)
+        ids = layer_ids(cfg.num_layers)
 
         def layers(x, params, ids, positions, attn_inputs, kv, keys):
             def layer(x, p, per_layer):

@@ -92,7 +92,8 @@ def pipeline(
     stage_params = _to_stages(layer_params, Pn, R)
 
     def chunk(p, r, x, ex):
-        return stage_fn(jax.tree.map(lambda a: a[r], p) if R > 1 else jax.tree.map(lambda a: a[0], p), x, ex)
+        r = r if R > 1 else 0  # GPipe: a static index, no gather
+        return stage_fn(jax.tree.map(lambda a: a[r], p), x, ex)
 
     run = jax.vmap(chunk, spmd_axis_name="pipeline" if active_mesh() is not None else None)
     state_axes = ("stages", "batch", "seq", "embed")

@@ -78,7 +78,7 @@ class ShardedTraining:
             z_loss=tc.z_loss,
             grad_shardings=self.grad_shardings,
             objective=self.objective,
-            dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
+            dropout=cfg.model.drops,
         )
         self.train_step = jax.jit(
             on_mesh(step, self.mesh),

@@ -122,6 +122,12 @@ def test_dropout_is_the_same_on_every_layout(layout, extra):
     assert_same(train_steps(LAYOUTS[layout] + DROPOUT + extra)[:2], want)
 
 
+@pytest.mark.parametrize("rate", DROPOUT)
+def test_each_dropout_rate_alone_acts(rate):
+    """Any one rate above 0 makes the train step draw masks (one device)."""
+    assert not np.allclose(reference(extra=[rate])[0], reference()[0], rtol=1e-4)
+
+
 def test_gpt_tensor_parallel_with_biases_and_tied_vocab():
     """GPT-2 wiring: biases, LayerNorm, learned positions, vocabulary-parallel tied embedding."""
     extra = ["model.num_kv_heads=0"]
