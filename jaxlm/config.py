@@ -70,10 +70,12 @@ class ModelConfig:
     dropout: float = 0.0  # training only: on the embeddings and on each residual branch's output
     attention_dropout: float = 0.0  # training only: on the attention weights (attention_impl=reference)
     mlp_dropout: float = 0.0  # training only: on the MLP's hidden activations, before its output projection (T5)
-    scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) or a Python loop
+    # lax.scan over the stacked layers (one layer compiled once) or a Python loop (XLA fuses and schedules across
+    # layers: 10-15% faster steps on CPU, compile time grows with depth). None: the loop up to 8 layers, else scan.
+    scan_layers: bool | None = None
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (training sets it from train.precision)
     param_dtype: str = "float32"
 
     @property
@@ -100,6 +102,11 @@ class ModelConfig:
             beta_slow=self.rope_beta_slow,
             attention_factor=self.rope_attention_factor,
         )
+
+    @property
+    def scans(self) -> bool:
+        """Whether the layer stack runs as a lax.scan (`scan_layers`, or automatic)."""
+        return self.num_layers > 8 if self.scan_layers is None else self.scan_layers
 
     @property
     def drops(self) -> bool:
@@ -196,6 +203,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip (0 = off)
     z_loss: float = 0.0
+    # fp32 | bf16 (bfloat16 compute, float32 master weights and optimizer state) | fp16 (float16 compute,
+    # float32 master weights, dynamic loss scaling). Sets model.dtype for the run.
+    precision: str = "fp32"
+    loss_scale: float = 32768.0  # fp16: initial loss scale (2^15); halved when a gradient is not finite
+    loss_scale_window: int = 1000  # fp16: the scale doubles after this many finite steps in a row
     objective: str = "clm"  # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept); span: noise
     mean_span: float = 3.0  # span: mean corrupted span length
@@ -222,11 +234,18 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         _check_choice("train.objective", self.objective, ("clm", "mlm", "span", "seq2seq"))
+        _check_choice("train.precision", self.precision, tuple(PRECISION_DTYPES))
+        if not self.loss_scale >= 1.0:
+            raise ConfigError(f"train.loss_scale must be >= 1, got {self.loss_scale}")
+        if self.loss_scale_window <= 0:
+            raise ConfigError(f"train.loss_scale_window must be positive, got {self.loss_scale_window}")
         if not 0.0 < self.mask_rate < 1.0:
             raise ConfigError(f"train.mask_rate must be in (0, 1), got {self.mask_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
 
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to innermost
 
@@ -291,6 +310,15 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
+        # train.precision is the one training knob for the compute dtype; model.dtype records it.
+        want = PRECISION_DTYPES[self.train.precision]
+        if self.model.dtype != want:
+            if self.model.dtype != "float32":
+                raise ConfigError(
+                    f"model.dtype={self.model.dtype} conflicts with train.precision={self.train.precision}; "
+                    f"set the training precision with train.precision (fp32 | bf16 | fp16) alone"
+                )
+            object.__setattr__(self, "model", dataclasses.replace(self.model, dtype=want))
         fits = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder", "seq2seq": "encoder-decoder"}
         kind = "encoder-decoder" if self.model.decoder_layers else "decoder" if self.model.causal else "encoder"
         if fits[self.train.objective] != kind:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
+from jaxlm.ops.dense import dense
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
 
@@ -80,9 +81,9 @@ class Attention(nnx.Module):
           (B, T, D) and the updated cache (None without cache).
         """
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        q = jnp.einsum("BTD,DNH->BTNH", x, c(self.wq))
-        k = jnp.einsum("BTD,DKH->BTKH", x, c(self.wk))
-        v = jnp.einsum("BTD,DKH->BTKH", x, c(self.wv))
+        q = dense(x, c(self.wq))  # BTD,DNH->BTNH
+        k = dense(x, c(self.wk))  # BTD,DKH->BTKH
+        v = dense(x, c(self.wv))
         if self.bq is not None:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
         if self.rope is not None:
@@ -127,7 +128,7 @@ class Attention(nnx.Module):
             dropout_rate=self.dropout,
             dropout_keys=dropout_keys,
         )
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.wo))
+        y = dense(out, c(self.wo), 2)  # BTNH,NHD->BTD
         if self.bo is not None:
             y = y + c(self.bo)
         return y

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.param import normal_param
+from jaxlm.ops.dense import dense
 from jaxlm.parallel.rules import constrain
 
 
@@ -25,7 +26,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits."""
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
+        return dense(x, self.embedding[...].astype(self.dtype).T)  # BTD,VD->BTV
 
 
 class LearnedPositions(nnx.Module):

@@ -106,7 +106,7 @@ class EncoderDecoderLM(nnx.Module):
             self._embed(src, pos, keys),
             layer_ids(self.cfg.num_layers),
             remat=self.cfg.remat,
-            scan=self.cfg.scan_layers,
+            scan=self.cfg.scans,
         )
         return x if self.encoder_norm is None else self._final(self.encoder_norm(x), keys)
 
@@ -188,7 +188,7 @@ class EncoderDecoderLM(nnx.Module):
             self._embed(tokens, positions, keys),
             (kv, cross, layer_ids(cfg.decoder_layers)),
             remat=cfg.remat,
-            scan=cfg.scan_layers,
+            scan=cfg.scans,
         )
         if self.decoder_norm is not None:
             x = self._final(self.decoder_norm(x), keys)

@@ -21,6 +21,7 @@ from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.nn.stack import layer_ids, run_stack, stacked
 from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.mlp import ACTIVATIONS
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions
@@ -188,7 +189,7 @@ class TransformerLM(nnx.Module):
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("BTD,DV->BTV", x, c(self.lm_head))
+            logits = dense(x, c(self.lm_head))  # BTD,DV->BTV
         if self.cfg.head == "mlm":
             logits = logits + c(self.head_bias)
         return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
@@ -221,7 +222,7 @@ class TransformerLM(nnx.Module):
                 )
                 return constrain(x, ("batch", "seq", "embed")), layer_kv
 
-            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scan_layers)
+            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scans)
 
         if kv is None and self.pipeline_stages > 1:
             # Each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T). Row keys travel with

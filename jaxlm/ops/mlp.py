@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout
 
 ACTIVATIONS = {
@@ -42,11 +43,11 @@ def mlp(
 
     dropout_rate / dropout_keys (B, 2): dropout on the hidden activations (T5); no keys, no dropout.
     """
-    h = jnp.einsum("...D,DF->...F", x, w_in)
+    h = dense(x, w_in)  # ...D,DF->...F
     if b_in is not None:
         h = h + b_in
     h = dropout(activation(act)(h), dropout_rate, dropout_keys)
-    y = jnp.einsum("...F,FD->...D", h, w_out)
+    y = dense(h, w_out)  # ...F,FD->...D
     return y if b_out is None else y + b_out
 
 
@@ -64,7 +65,7 @@ def gated_mlp(
 
     dropout_rate / dropout_keys (B, 2): dropout on the gated hidden activations (T5 v1.1); no keys, no dropout.
     """
-    gate = activation(act)(jnp.einsum("...D,DF->...F", x, w_gate))
-    up = jnp.einsum("...D,DF->...F", x, w_up)
+    gate = activation(act)(dense(x, w_gate))  # ...D,DF->...F
+    up = dense(x, w_up)
     h = dropout(gate * up, dropout_rate, dropout_keys)
-    return jnp.einsum("...F,FD->...D", h, w_out)
+    return dense(h, w_out)  # ...F,FD->...D

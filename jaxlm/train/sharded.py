@@ -21,6 +21,7 @@ from jaxlm.parallel.rules import activation_sharding
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.step import (
+    LossScale,
     TrainState,
     init_train_state,
     make_eval_step,
@@ -60,7 +61,8 @@ class ShardedTraining:
                 pipeline_repeats=cfg.mesh.pipeline_repeats,
             )
 
-        self._init = lambda: init_train_state(build(), self.tx, tc.seed)
+        self.scaling = tc.precision == "fp16"  # dynamic loss scaling
+        self._init = lambda: init_train_state(build(), self.tx, tc.seed, tc.loss_scale if self.scaling else 1.0)
         self.graphdef = nnx.graphdef(nnx.eval_shape(build))
         abstract_state = jax.eval_shape(self._init)
         zero = cfg.mesh.zero_stage
@@ -79,6 +81,7 @@ class ShardedTraining:
             grad_shardings=self.grad_shardings,
             objective=self.objective,
             dropout=cfg.model.drops,
+            loss_scale_window=tc.loss_scale_window if self.scaling else None,
         )
         self.train_step = jax.jit(
             on_mesh(step, self.mesh),
@@ -94,13 +97,19 @@ class ShardedTraining:
         """A fresh state, created already sharded: a large model never sits whole on one device."""
         return jax.jit(self._init, out_shardings=self.shardings)()
 
-    def restore_state(self, params, opt_state, step: int, rng) -> TrainState:
+    def restore_state(self, params, opt_state, step: int, rng, loss_scale: dict | None = None) -> TrainState:
+        """loss_scale: {"scale", "good_steps", "skipped"} as saved (default: a fresh one)."""
         put = lambda x, s: jax.device_put(x, s)  # noqa: E731
+        if loss_scale is None:
+            fresh = self.cfg.train.loss_scale if self.scaling else 1.0
+            loss_scale = {"scale": fresh, "good_steps": 0, "skipped": 0}
+        scale = LossScale.create(loss_scale["scale"], loss_scale["good_steps"], loss_scale["skipped"])
         return TrainState(
             put(jnp.asarray(step, jnp.int32), self.shardings.step),
             params,
             opt_state,
             put(jnp.asarray(np.asarray(rng), jnp.uint32), self.shardings.rng),
+            jax.tree.map(put, scale, self.shardings.loss_scale),
         )
 
     def eval_step(self, token_bytes: np.ndarray):

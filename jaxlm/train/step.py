@@ -22,16 +22,33 @@ from jaxlm.ops.losses import cross_entropy
 from jaxlm.parallel.state import replicated, tree_shardings
 
 
+class LossScale(NamedTuple):
+    """Dynamic loss scaling (fp16): the scale, finite steps in a row, and steps skipped so far."""
+
+    scale: jax.Array  # float32 scalar; 1 when not scaling
+    good_steps: jax.Array  # int32 scalar
+    skipped: jax.Array  # int32 scalar
+
+    @staticmethod
+    def create(scale: float = 1.0, good_steps: int = 0, skipped: int = 0) -> LossScale:
+        return LossScale(jnp.float32(scale), jnp.int32(good_steps), jnp.int32(skipped))
+
+
 class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: optimizer updates done
-    params: nnx.State  # model parameters
+    step: jax.Array  # int32 scalar: train steps done (a skipped fp16 step counts: its batch was consumed)
+    params: nnx.State  # model parameters (float32 master weights under bf16/fp16 compute)
     opt_state: Any  # optax state
     rng: jax.Array  # uint32[2] PRNG key for stochastic layers and sampling
+    loss_scale: LossScale  # fp16 dynamic loss scaling (inert otherwise)
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int, loss_scale: float = 1.0
+) -> TrainState:
     params = nnx.state(model, nnx.Param)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed), LossScale.create(loss_scale)
+    )
 
 
 def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> TrainState:
@@ -41,6 +58,7 @@ def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> 
         tree_shardings(abstract_state.params, mesh, "params", zero_stage),
         tree_shardings(abstract_state.opt_state, mesh, "opt_state", zero_stage),
         replicated(mesh),
+        LossScale(replicated(mesh), replicated(mesh), replicated(mesh)),
     )
 
 
@@ -95,6 +113,7 @@ def make_train_step(
     grad_shardings=None,
     objective=None,
     dropout: bool = False,
+    loss_scale_window: int | None = None,
 ):
     """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0.
 
@@ -103,16 +122,22 @@ def make_train_step(
     objective: from `make_objective` (default: next-token prediction).
     dropout: draw dropout masks (the model's rates): one key per row of the whole batch, so
     gradient accumulation and the mesh layout do not change them.
+    loss_scale_window: dynamic loss scaling (fp16) when set: the loss is multiplied by
+    `state.loss_scale.scale` before differentiation and the gradients divided by it; a step whose
+    gradients are not all finite leaves parameters and optimizer state as they were and halves the
+    scale; after this many finite steps in a row the scale doubles.
     """
     objective = objective or make_objective("clm")
     place = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
-    def grads_of(params, micro, key, dropout_keys):
+    scaling = loss_scale_window is not None
+
+    def grads_of(params, micro, key, dropout_keys, scale):
         def f(p):
             loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key, dropout_keys)
-            return loss_sum, count
+            return loss_sum * scale if scaling else loss_sum, (loss_sum, count)
 
-        (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        (_, (loss_sum, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -122,25 +147,46 @@ def make_train_step(
         rows = jax.tree.leaves(batch)[0].shape[0]
         drop_keys = split(row_keys(jax.random.fold_in(state.rng, 2), rows)) if dropout else None
 
+        scale = state.loss_scale.scale
+
         def body(carry, mb_key):
-            g, ls, c = grads_of(state.params, *mb_key)
+            g, ls, c = grads_of(state.params, *mb_key, scale)
             g, ls, c = jax.tree.map(jnp.add, carry, (place(g), ls, c))
             return (g, ls, c), None
 
-        zeros = (
-            place(jax.tree.map(jnp.zeros_like, state.params)),
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
-        )
         keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
-        (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
-        # Gradient of the mean over every token of every micro-batch.
-        grads = jax.tree.map(lambda g: g / count, grads)
+        if grad_accum == 1:  # no loop: XLA schedules and fuses across the whole step
+            first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+            grads, loss_sum, count = grads_of(state.params, first(micro), keys[0], first(drop_keys), scale)
+            grads = place(grads)
+        else:
+            zeros = (
+                place(jax.tree.map(jnp.zeros_like, state.params)),
+                jnp.zeros((), jnp.float32),
+                jnp.zeros((), jnp.float32),
+            )
+            (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
+        # Gradient of the mean over every token of every micro-batch (and unscaled).
+        grads = jax.tree.map(lambda g: g / (count * scale) if scaling else g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "tokens": count}
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
+        grad_norm = optax.global_norm(grads)
+        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "tokens": count}
+        loss_scale = state.loss_scale
+        if scaling:
+            finite = jnp.isfinite(grad_norm)  # any inf/nan gradient makes the norm non-finite
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            good = jnp.where(finite, loss_scale.good_steps + 1, 0)
+            grow = good >= loss_scale_window
+            loss_scale = LossScale(
+                jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0)),
+                jnp.where(grow, 0, good).astype(jnp.int32),
+                loss_scale.skipped + (~finite).astype(jnp.int32),
+            )
+            metrics.update(loss_scale=scale, skipped=loss_scale.skipped, finite=finite)
+        return TrainState(state.step + 1, params, opt_state, rng, loss_scale), metrics
 
     return train_step
 

@@ -117,7 +117,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     if resuming:  # restored onto this run's mesh, whatever mesh wrote it
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
-        state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"])
+        state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"], meta.get("loss_scale"))
         if meta.get("data") is not None:  # None: imported weights, no data seen yet
             loader.restore(meta["data"])
         log.info("resumed %s from step %d", run.path, meta["step"])
@@ -126,7 +126,13 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     schedule = lr_schedule(tc)
 
     def save(step: int):
-        meta = {"step": step, "rng": to_host(state.rng).tolist(), "data": loader.state()}
+        scale = to_host(state.loss_scale)
+        meta = {
+            "step": step,
+            "rng": to_host(state.rng).tolist(),
+            "data": loader.state(),
+            "loss_scale": {"scale": float(scale.scale), "good_steps": int(scale.good_steps), "skipped": int(scale.skipped)},
+        }
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
@@ -159,6 +165,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 "grad_norm": float(m["grad_norm"]),
                 "lr": float(schedule(s - 1)),
             }
+            if "loss_scale" in m:  # fp16: the scale this step used, and the steps skipped so far
+                record.update(loss_scale=float(m["loss_scale"]), skipped=int(m["skipped"]))
             write(record if tokens_per_s is None else {**record, "tokens_per_s": tokens_per_s})
         pending.clear()
 
