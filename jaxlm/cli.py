@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -36,6 +37,13 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors before joining other processes
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         from jaxlm.parallel.distributed import initialize
+        from jaxlm.parallel.supervise import run_supervised, supervised
+
+        if not supervised():  # the work runs in a child, so a peer's death is reported in words
+            env = lambda name: int(os.environ[name]) if os.environ.get(name, "").isdigit() else None  # noqa: E731
+            pid = args.process_id if args.process_id is not None else env("JAXLM_PROCESS_ID")
+            n = args.num_processes if args.num_processes is not None else env("JAXLM_NUM_PROCESSES")
+            return run_supervised(args.argv, pid, n)
 
         initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
     print(f"training {args.config} -> {cfg.train.run_dir}", file=sys.stderr)
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may also follow the options (`jaxlm plan CFG --devices 8 mesh.fsdp=8`).
     if extra:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):

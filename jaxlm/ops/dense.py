@@ -42,12 +42,12 @@ def _dense_bwd(n, res, dy):
     x, w = res
     lead, inner = x.shape[: x.ndim - n], x.shape[x.ndim - n :]
     out = w.shape[n:]
-    M, I, O = math.prod(lead), math.prod(inner), math.prod(out)
-    x2, g2, w2 = x.reshape(M, I), dy.reshape(M, O).astype(x.dtype), w.reshape(I, O)
-    dx = jnp.dot(g2, w2.T).reshape(x.shape)
-    if I <= O:  # transpose the narrower activation: x^T (I, M) @ dy (M, O)
+    rows, n_in, n_out = math.prod(lead), math.prod(inner), math.prod(out)
+    x2, g2 = x.reshape(rows, n_in), dy.reshape(rows, n_out).astype(x.dtype)
+    dx = jnp.dot(g2, w.reshape(n_in, n_out).T).reshape(x.shape)
+    if n_in <= n_out:  # transpose the narrower activation: x^T (in, rows) @ dy (rows, out)
         dw = jnp.dot(_token_major_transpose(x2), g2)
-    else:  # dy^T (O, M) @ x (M, I), then the small (O, I) result back
+    else:  # dy^T (out, rows) @ x (rows, in), then the small (out, in) result back
         dw = jnp.dot(_token_major_transpose(g2), x2).T
     return dx, dw.reshape(w.shape).astype(w.dtype)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout

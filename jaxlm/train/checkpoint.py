@@ -1,19 +1,33 @@
 """Orbax checkpoints of a run: parameters, optimizer state and metadata as separate items.
 
 `generate` and `eval` restore the parameters alone; training restores all.
-Metadata (JSON) holds the step, the PRNG key and the data loader's position.
-Writes are atomic (orbax finalises a step directory only when complete), so a
-crash mid-save never destroys the previous checkpoint.
+Metadata (JSON) holds the step, the PRNG key, the data loader's position and the
+fp16 loss scale. Writes are atomic (orbax finalises a step directory only when
+complete), so a crash mid-save never destroys the previous checkpoint.
+
+A finished step directory also gets `jaxlm_files.json`, the size of every file
+in it. Restoring checks those sizes first (a truncated or missing file, as after
+a full disk or a partial copy, is found without reading any array), then lets
+orbax read; a checkpoint that fails either way is reported in one line and the
+next older one is used. Only when none is readable is it an error.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
+import shutil
+import sys
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.data.tokenizer import DataError
+
+log = logging.getLogger(__name__)
+MANIFEST = "jaxlm_files.json"
 
 
 class Checkpointer:
@@ -27,6 +41,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
     def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> None:
         self._mngr.save(
             step,
@@ -38,25 +55,121 @@ class Checkpointer:
             force=force,
         )
         self._mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            self._write_manifest(self.directory / str(step))
+
+    @staticmethod
+    def _write_manifest(step_dir: Path) -> None:
+        files = {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*")) if p.is_file()}
+        tmp = step_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(files, indent=0))
+        tmp.replace(step_dir / MANIFEST)
+
+    def check(self, step: int, items=("params", "opt_state", "meta")) -> str | None:
+        """What is wrong with checkpoint `step`'s files (sizes against its manifest), or None."""
+        step_dir = self.directory / str(step)
+        for item in items:
+            if not (step_dir / item).is_dir():
+                return f"{item}/ is missing"
+        manifest = step_dir / MANIFEST
+        if not manifest.is_file():
+            return None  # written before manifests existed: orbax's own checks decide
+        try:
+            files = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for name, size in files.items():
+            if name.split("/")[0] not in items and "/" in name:
+                continue
+            path = step_dir / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
 
     def restore(self, abstract_params, abstract_opt_state=None, step: int | None = None):
-        """Returns (params, opt_state or None, meta) of `step` (default: latest)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Returns (params, opt_state or None, meta) of `step`, by default of the newest readable checkpoint.
+
+        An unreadable or incomplete checkpoint is skipped with one warning line (older ones are tried);
+        DataError when none can be read.
+        """
+        steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
+        if not steps:
             raise DataError(f"no checkpoint found in {self.directory}")
         items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax raises several types for missing/corrupt/mismatched files
-            raise DataError(
-                f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}"
-            ) from None
-        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+        problems = []
+        for s in steps:
+            problem = self.check(s, tuple(items))
+            if problem is None:
+                try:
+                    out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+                except Exception as e:  # orbax raises several types for missing/corrupt/mismatched files
+                    problem = f"{type(e).__name__}: {_first_line(e)}"
+                    _silence_abandoned_reads()
+            if problem is not None:
+                problems.append(f"{s} ({problem})")
+                log.warning(
+                    "checkpoint %s is unreadable or incomplete (%s): falling back to an older one",
+                    self.directory / str(s),
+                    problem,
+                )
+                continue
+            params, meta = out["params"], out["meta"]
+            return params, out.get("opt_state") if abstract_opt_state is not None else None, meta
+        raise DataError(f"no readable checkpoint in {self.directory}: " + "; ".join(problems))
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Moves the step directories newer than `step` (unreadable ones a resume skipped) to
+        `checkpoints.unreadable/`, so training can write those steps again; nothing is deleted."""
+        moved = []
+        if jax.process_index() == 0:
+            for s in self._mngr.all_steps():
+                if s > step:
+                    dest = self.directory.parent / f"{self.directory.name}.unreadable" / str(s)
+                    n = 1
+                    while dest.exists():
+                        dest, n = dest.with_name(f"{s}.{n}"), n + 1
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.directory / str(s)), dest)
+                    log.warning("moved unreadable checkpoint %s to %s", self.directory / str(s), dest)
+                    moved.append(dest)
+        return moved
+
+    def reload(self) -> None:
+        """Re-reads the step directories (after `set_aside_after`, on every process)."""
+        self._mngr.reload()
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed orbax read, its sibling reads are abandoned: their coroutines and callbacks later
+    report 'Event loop is closed' as unraisable exceptions. That noise hides the one line that matters."""
+    if getattr(sys.unraisablehook, "_jaxlm", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        leftover = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value
+        )
+        name = getattr(getattr(unraisable.object, "cr_code", None), "co_name", "")
+        if leftover or "read_array" in name or "_read" in name:
+            return
+        previous(unraisable)
+
+    hook._jaxlm = True
+    sys.unraisablehook = hook
+    gc.collect()  # most abandoned coroutines go now, under the hook
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def abstract(tree):

@@ -117,6 +117,10 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     if resuming:  # restored onto this run's mesh, whatever mesh wrote it
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
+        if ckpt.all_steps()[-1] > meta["step"]:  # newer ones were unreadable: keep them, out of the way
+            ckpt.set_aside_after(meta["step"])
+            _barrier("set-aside")
+            ckpt.reload()
         state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"], meta.get("loss_scale"))
         if meta.get("data") is not None:  # None: imported weights, no data seen yet
             loader.restore(meta["data"])
@@ -131,7 +135,11 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             "step": step,
             "rng": to_host(state.rng).tolist(),
             "data": loader.state(),
-            "loss_scale": {"scale": float(scale.scale), "good_steps": int(scale.good_steps), "skipped": int(scale.skipped)},
+            "loss_scale": {
+                "scale": float(scale.scale),
+                "good_steps": int(scale.good_steps),
+                "skipped": int(scale.skipped),
+            },
         }
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 

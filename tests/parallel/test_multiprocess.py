@@ -103,4 +103,37 @@ def test_dead_process_fails_the_other_in_bounded_time(tmp_path, corpus_file, vic
                 p.kill()
     assert survivor.returncode != 0
     assert waited < 60, waited
-    assert "another task died" in out or "unhealthy" in out or "heartbeat" in out.lower(), out[-3000:]
+    # Whichever way the survivor's runtime noticed (gloo abort, coordination service, heartbeat),
+    # its last line says in words that the peer died, and names it.
+    last = out.strip().splitlines()[-1]
+    want = f"error: process {1 - victim} of 2 stopped because process {victim} died or stopped answering"
+    assert last.startswith(want), out[-3000:]
+
+
+@pytest.mark.parametrize(
+    "log, pid, n, peer",
+    [
+        (
+            "terminate called after throwing an instance of 'gloo::IoException'\n  what():  [gloo] Received data size "
+            "doesn't match expected size. Is there a distributed collective mismatch in your code?\n",
+            1,
+            2,
+            "process 0",
+        ),
+        (
+            "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n/job:jax_worker/replica:0/"
+            "task:2\n",
+            0,
+            4,
+            "process 2",
+        ),
+        ("Failed to send RPC to coordination service. Either the leader task was preempted/died\n", 3, 4, "process 0"),
+        ("[gloo] Connection closed by peer [127.0.0.1]:4567\n", 1, 4, "a peer process (which one is not known)"),
+    ],
+)
+def test_peer_failure_messages_name_the_peer(log, pid, n, peer):
+    from jaxlm.parallel.supervise import peer_failure
+
+    msg = peer_failure([log], pid, n)
+    assert msg.startswith(f"error: process {pid} of {n} stopped because {peer} died or stopped answering"), msg
+    assert peer_failure(["Traceback ...\nValueError: something of our own\n"], pid, n) is None
