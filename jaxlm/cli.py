@@ -18,6 +18,45 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one `error:` line (plus where to look), before anything runs."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind, lo=None, hi=None, *, lo_open=False, what=None):
+    """An argparse type: kind (int/float) within [lo, hi] ((lo, hi] with lo_open), with a message naming the bound."""
+    low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    high = "" if hi is None else f"<= {hi}"
+    rule = what or " and ".join(b for b in (low, high) if b)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if (
+            value != value
+            or (lo is not None and (value <= lo if lo_open else value < lo))
+            or (hi is not None and value > hi)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1..65535, got {text!r}")
+    return text
+
+
 def _quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("absl", "jax", "orbax"):
@@ -140,13 +179,13 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="jaxlm",
         description="Train, evaluate and sample language models written in JAX/Flax NNX.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser(
         "train",
@@ -157,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("config", help="YAML config, e.g. configs/llama_tiny.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    t.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="stop (with a checkpoint) at this step")
+    t.add_argument(
+        "--stop-after", type=_number(int, 1), default=None, metavar="STEP", help="stop (with a checkpoint) at this step"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = t.add_argument_group(
         "multi-process (multi-host)",
@@ -165,11 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
         "JAXLM_PROCESS_ID are read when --distributed is given, else the cluster (SLURM, MPI, TPU) is detected",
     )
     d.add_argument("--distributed", action="store_true", help="join a multi-process run")
-    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
-    d.add_argument("--num-processes", type=int, help="number of processes in the run")
-    d.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
     d.add_argument(
-        "--heartbeat-timeout", type=int, default=30, metavar="S", help="fail when a peer is silent this long (30)"
+        "--coordinator", type=_address, metavar="HOST:PORT", help="address of process 0's coordination service"
+    )
+    d.add_argument("--num-processes", type=_number(int, 1), help="number of processes in the run")
+    d.add_argument("--process-id", type=_number(int, 0), help="this process's index, 0 .. N-1")
+    d.add_argument(
+        "--heartbeat-timeout",
+        type=_number(int, 1),
+        default=30,
+        metavar="S",
+        help="fail when a peer is silent this long (30)",
     )
     t.set_defaults(fn=cmd_train)
 
@@ -180,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed")
+    g.add_argument("--max-new-tokens", type=_number(int, 1), default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=_number(float, 0.0), default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=_number(int, 0), default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument(
+        "--top-p", type=_number(float, 0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling mass (1.0 = off)"
+    )
+    g.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="sampling PRNG seed")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser(
@@ -193,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Scores the latest checkpoint of RUN_DIR on its validation split.",
     )
     e.add_argument("run_dir", help="a run directory written by `jaxlm train`")
-    e.add_argument("--batches", type=int, default=0, help="score only the first N batches (0 = whole split)")
+    e.add_argument(
+        "--batches", type=_number(int, 0), default=0, help="score only the first N batches (0 = whole split)"
+    )
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser(
@@ -218,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("config", help="YAML config")
     pl.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. mesh.fsdp=8)")
-    pl.add_argument("--devices", type=int, default=None, help="plan for this many devices (default: those present)")
+    pl.add_argument(
+        "--devices", type=_number(int, 1), default=None, help="plan for this many devices (default: those present)"
+    )
     pl.set_defaults(fn=cmd_plan)
     return p
 

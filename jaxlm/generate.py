@@ -71,6 +71,7 @@ class Generator:
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (use the end-of-text id to start from nothing)")
+        check_sampling(temperature, top_k, top_p)
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
@@ -117,6 +118,16 @@ class Generator:
                 index += 1
         out = np.stack(jax.device_get(generated), axis=1)
         return [_until(row.tolist(), eos_id) for row in out]
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the bad sampling setting, before anything is traced."""
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 def _until(ids: list[int], eos_id: int | None) -> list[int]:
@@ -193,6 +204,7 @@ class Seq2SeqGenerator:
         """
         if not sources or any(len(s) == 0 for s in sources):
             raise ValueError("every source needs at least one token")
+        check_sampling(temperature, top_k, top_p)
         B, S = len(sources), max(len(s) for s in sources)
         src = np.zeros((B, S), np.int32)
         valid = np.zeros((B, S), bool)

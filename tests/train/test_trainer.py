@@ -162,3 +162,54 @@ def test_seq2seq_pairs_train(tiny_config, tmp_path, corpus_file):
     seen = losses(run)
     assert sum(seen[s] for s in range(21, 31)) / 10 < seen[1] - 1.0
     assert out["val_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["generate", "RUN", "--prompt", "a", "--top-p", "2"], "--top-p"),
+        (["generate", "RUN", "--prompt", "a", "--top-p", "0"], "--top-p"),
+        (["generate", "RUN", "--prompt", "a", "--temperature", "-1"], "--temperature"),
+        (["generate", "RUN", "--prompt", "a", "--temperature", "nan"], "--temperature"),
+        (["generate", "RUN", "--prompt", "a", "--top-k", "-3"], "--top-k"),
+        (["generate", "RUN", "--prompt", "a", "--top-k", "2.5"], "--top-k"),
+        (["generate", "RUN", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "RUN", "--prompt", "a", "--seed", "-1"], "--seed"),
+        (["generate", "RUN"], "--prompt"),
+        (["eval", "RUN", "--batches", "-1"], "--batches"),
+        (["eval", "RUN", "--batches", "x"], "--batches"),
+        (["train", "CONFIG", "--stop-after", "0"], "--stop-after"),
+        (["train", "CONFIG", "--heartbeat-timeout", "0"], "--heartbeat-timeout"),
+        (["train", "CONFIG", "--num-processes", "0"], "--num-processes"),
+        (["train", "CONFIG", "--process-id", "-1"], "--process-id"),
+        (["train", "CONFIG", "--coordinator", "localhost"], "--coordinator"),
+        (["train", "CONFIG", "--bogus"], "--bogus"),
+        (["plan", "CONFIG", "--devices", "0"], "--devices"),
+        (["convert", "--from-hf", "a"], "--out"),
+        (["convert", "--from-hf", "a", "--to-hf", "b", "--out", "c"], "--to-hf"),
+        (["fly"], "fly"),
+    ],
+)
+def test_cli_bad_options_give_one_error_line(argv, option, capsys):
+    """Every verb's invalid option: one `error:` line naming it, exit 2, before anything is loaded or compiled."""
+    argv = [{"CONFIG": "configs/llama_tiny.yaml", "RUN": "runs/never-read"}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and option in lines[0], err
+
+
+def test_generator_rejects_bad_sampling_before_tracing():
+    from flax import nnx
+
+    from jaxlm.generate import Generator
+    from jaxlm.nn.transformer import TransformerLM
+    from tests.conftest import TINY
+
+    model = TransformerLM(load_config("configs/llama_tiny.yaml", TINY).model, rngs=nnx.Rngs(0))
+    gen = Generator(model)
+    for bad, name in [({"top_p": 2.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k")]:
+        with pytest.raises(ValueError, match=name):
+            gen.generate([[1, 2]], max_new_tokens=2, **bad)
