@@ -104,6 +104,11 @@ def _loss_sums(graphdef, params, batch, z_loss, objective, key, dropout_keys):
     return cross_entropy(logits, targets, mask, z_loss=z_loss)
 
 
+def _positions(batch: dict) -> int:
+    """Token positions in a (micro-)batch: the largest array's size, a constant of the shapes."""
+    return max(x.size for x in jax.tree.leaves(batch))
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -135,7 +140,8 @@ def make_train_step(
     def grads_of(params, micro, key, dropout_keys, scale):
         def f(p):
             loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key, dropout_keys)
-            return loss_sum * scale if scaling else loss_sum, (loss_sum, count)
+            # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
+            return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count)
 
         (_, (loss_sum, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, loss_sum, count
@@ -155,8 +161,8 @@ def make_train_step(
             return (g, ls, c), None
 
         keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
+        first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         if grad_accum == 1:  # no loop: XLA schedules and fuses across the whole step
-            first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
             grads, loss_sum, count = grads_of(state.params, first(micro), keys[0], first(drop_keys), scale)
             grads = place(grads)
         else:
@@ -167,7 +173,8 @@ def make_train_step(
             )
             (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
         # Gradient of the mean over every token of every micro-batch (and unscaled).
-        grads = jax.tree.map(lambda g: g / (count * scale) if scaling else g / count, grads)
+        unscale = count * scale / _positions(first(micro)) if scaling else count
+        grads = jax.tree.map(lambda g: g / unscale, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
