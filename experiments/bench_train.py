@@ -3,7 +3,9 @@
 Measures training tokens/s of CONFIG on its mesh (`mesh:` section; default: data
 parallel over every device) on random tokens (the data pipeline is not timed),
 and model-FLOPs utilisation against the dense matmul throughput that this script
-measures on one device in the same run, times the devices used.
+measures on one device in the same run, times the devices used; and memory: the
+compiled step's per-device peak (XLA's memory analysis, as `jaxlm plan --compiled`)
+and this process's peak resident set.
 
     python experiments/bench_train.py configs/llama_tiny.yaml [overrides] [--steps 10]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import jax
@@ -21,6 +24,7 @@ import numpy as np
 from jaxlm.config import load_config
 from jaxlm.flops import train_flops_per_token
 from jaxlm.nn.models import count_params
+from jaxlm.parallel.plan import compiled_memory
 from jaxlm.train.sharded import ShardedTraining
 
 
@@ -84,6 +88,9 @@ def main():
     out = {"config": args.config, "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
     out.update(measure(cfg, args.steps))
     out["params"] = count_params(mc)
+    if cfg.train.objective == "clm":
+        out["compiled_peak_mib_per_device"] = round(compiled_memory(cfg)["peak"] / 2**20, 1)
+    out["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     n = int(out["mesh"].split(" on ")[1].split()[0])
     model_flops = train_flops_per_token(mc, cfg.data.seq_len) * out["tokens_per_s"]
     peak = n * matmul_flops_per_s(jnp.dtype(mc.dtype), args.matmul_size)  # per-device peak x devices used

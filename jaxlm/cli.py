@@ -160,7 +160,7 @@ def cmd_plan(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.parallel.plan import plan
 
-    print(plan(load_config(args.config, args.overrides), args.devices))
+    print(plan(load_config(args.config, args.overrides), args.devices, compiled=args.compiled))
     return 0
 
 
@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. mesh.fsdp=8)")
     pl.add_argument(
         "--devices", type=_number(int, 1), default=None, help="plan for this many devices (default: those present)"
+    )
+    pl.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also compile the train step on the devices present and compare with XLA's memory analysis",
     )
     pl.set_defaults(fn=cmd_plan)
     return p

@@ -71,7 +71,8 @@ class ModelConfig:
     attention_dropout: float = 0.0  # training only: on the attention weights (attention_impl=reference)
     mlp_dropout: float = 0.0  # training only: on the MLP's hidden activations, before its output projection (T5)
     # lax.scan over the stacked layers (one layer compiled once) or a Python loop (XLA fuses and schedules across
-    # layers: 10-15% faster steps on CPU, compile time grows with depth). None: the loop up to 8 layers, else scan.
+    # layers: 10-15% faster steps on CPU, compile time grows with depth). None: the loop for up to 8 layers
+    # without remat, else the scan.
     scan_layers: bool | None = None
     remat: str = "none"  # gradient checkpointing per layer: none | full | save_dots
     init_std: float = 0.02
@@ -106,7 +107,12 @@ class ModelConfig:
     @property
     def scans(self) -> bool:
         """Whether the layer stack runs as a lax.scan (`scan_layers`, or automatic)."""
-        return self.num_layers > 8 if self.scan_layers is None else self.scan_layers
+        if self.scan_layers is not None:
+            return self.scan_layers
+        # The loop is faster, but XLA may schedule a looped layer's recomputation early, which undoes remat's
+        # memory saving (measured: remat=full kept 654 of 700 MiB looped, 238 MiB scanned); deep stacks compile
+        # once per layer in a loop.
+        return self.remat != "none" or self.num_layers > 8
 
     @property
     def drops(self) -> bool:

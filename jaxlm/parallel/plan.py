@@ -13,7 +13,7 @@ import math
 import jax
 from flax import nnx
 
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 from jaxlm.nn.models import build_model
 from jaxlm.nn.param import dtype_of
 from jaxlm.parallel.mesh import check_layout, describe
@@ -47,8 +47,8 @@ def _shards(spec, sizes: dict[str, int]) -> int:
 def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> float:
     """Estimated activation bytes one device keeps for the backward pass of one micro-batch.
 
-    Per layer and token, remat=none keeps the block's inputs, norms, q/k/v,
-    attention probabilities, MLP hidden states and outputs; save_dots keeps the
+    Per layer and token, remat=none keeps the block's inputs, norms, q/k/v (and
+    their batch-major copies), attention scores and probabilities, MLP hidden states and outputs; save_dots keeps the
     projection outputs only; full keeps the layer input (plus one layer's worth
     during its recomputation). Head and MLP terms split over `tensor`.
     """
@@ -62,7 +62,9 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     span = min(T, m.sliding_window) if m.sliding_window else T
     # Scores and probabilities (N, T, S) are materialised except by the fused cuDNN kernel.
     scores = 0 if m.attention_impl == "cudnn" else 2 * N / tp * T * span
-    full_layer = T * (6 * D + (N * H) / tp * 2 + 2 * K * H / k_tp + (gated + 1) * F / tp) + scores
+    # q, k, v, their batch-major copies for the attention GEMMs and the attention output; MLP hidden states
+    # (gated: gate, up, act(gate), product; plain: pre- and post-activation).
+    full_layer = T * (6 * D + (N * H) / tp * 3 + 4 * K * H / k_tp + 2 * gated * F / tp) + scores
     dots = T * (N * H / tp + 2 * K * H / k_tp + D + gated * F / tp + D)
     per_layer = {"none": full_layer, "save_dots": dots, "full": T * D}[m.remat]
     layers = m.num_layers // sizes["pipeline"]
@@ -73,8 +75,39 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     return rows * (a * (layers * per_layer + extra) + logits)
 
 
-def plan(cfg: Config, num_devices: int | None = None) -> str:
-    """A report of every parameter's sharding and the per-device memory of training `cfg`."""
+def compiled_memory(cfg: Config) -> dict[str, int]:
+    """Per-device bytes of the compiled train step (XLA's `memory_analysis`) on the devices present.
+
+    Compiles, allocates nothing: arguments (state and batch), outputs, the part of the outputs that
+    reuses donated arguments, temporaries (activations and workspace), and peak = arguments +
+    outputs - aliased + temporaries.
+    """
+    import numpy as np
+
+    from jaxlm.train.sharded import ShardedTraining
+
+    sharded = ShardedTraining(cfg)
+    state = jax.eval_shape(sharded._init)
+    if cfg.train.objective != "clm":
+        raise ConfigError(f"plan --compiled supports train.objective=clm, not {cfg.train.objective}")
+    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32)
+    analysis = sharded.train_step.lower(state, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
+    out = {
+        "arguments": analysis.argument_size_in_bytes,
+        "outputs": analysis.output_size_in_bytes,
+        "aliased": analysis.alias_size_in_bytes,
+        "temporaries": analysis.temp_size_in_bytes,
+    }
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False) -> str:
+    """A report of every parameter's sharding and the per-device memory of training `cfg`.
+
+    compiled: also compile the train step on the devices present and compare the estimate with
+    XLA's own per-device figures (`compiled_memory`).
+    """
     num_devices = jax.device_count() if num_devices is None else num_devices
     sizes = cfg.mesh.resolve(num_devices)
     microbatches = check_layout(cfg, sizes)
@@ -112,7 +145,14 @@ def plan(cfg: Config, num_devices: int | None = None) -> str:
             totals[k] += per[k]
         shape = "(" + ", ".join(map(str, v.shape)) + ")"
         rows.append(
-            (name, shape, ", ".join(axes), show(specs["params"]), show(specs["opt_state"]), _fmt_bytes(per["params"]))
+            (
+                name,
+                shape,
+                ", ".join(str(a) for a in axes),
+                show(specs["params"]),
+                show(specs["opt_state"]),
+                _fmt_bytes(per["params"]),
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
@@ -126,5 +166,28 @@ def plan(cfg: Config, num_devices: int | None = None) -> str:
     lines.append(f"  gradients         {_fmt_bytes(totals['grads']):>12}")
     lines.append(f"  optimizer state   {_fmt_bytes(totals['opt_state']):>12}   (AdamW moments)")
     lines.append(f"  activations       {_fmt_bytes(act):>12}   (estimate, remat={m.remat})")
-    lines.append(f"  total             {_fmt_bytes(sum(totals.values()) + act):>12}")
+    estimate = sum(totals.values()) + act
+    lines.append(f"  total             {_fmt_bytes(estimate):>12}")
+    if compiled:
+        if math.prod(sizes.values()) > jax.device_count():
+            raise ConfigError(
+                f"plan --compiled compiles on the devices present ({jax.device_count()}); this mesh needs "
+                f"{math.prod(sizes.values())}"
+            )
+        mem = compiled_memory(cfg)
+        state = totals["params"] + totals["opt_state"]
+        lines.append("")
+        lines.append("compiled train step (XLA memory analysis, per device)")
+        lines.append(
+            f"  arguments         {_fmt_bytes(mem['arguments']):>12}   (state and batch; estimate {_fmt_bytes(state)})"
+        )
+        lines.append(f"  temporaries       {_fmt_bytes(mem['temporaries']):>12}   (gradients, activations, workspace)")
+        lines.append(
+            f"  outputs           {_fmt_bytes(mem['outputs']):>12}   ({_fmt_bytes(mem['aliased'])} reuse donated arguments)"
+        )
+        lines.append(f"  peak              {_fmt_bytes(mem['peak']):>12}")
+        diff = (estimate - mem["peak"]) / mem["peak"]
+        lines.append(
+            f"  estimate - peak   {_fmt_bytes(abs(estimate - mem['peak'])):>12}   ({diff:+.0%} of the compiled peak)"
+        )
     return "\n".join(lines)

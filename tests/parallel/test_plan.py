@@ -58,3 +58,29 @@ def test_cli_plan(capsys):
     assert main(["plan", "configs/llama_tiny.yaml", "--devices", "4", "mesh.data=2", "mesh.tensor=2"]) == 0
     out = capsys.readouterr().out
     assert "data=2 x tensor=2" in out and "memory per device" in out
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_plan_estimate_against_the_compiled_step(remat):
+    """`plan --compiled`: the state bytes match XLA's arguments exactly; the estimate is within 30% of the peak."""
+    from jaxlm.parallel.plan import compiled_memory
+    from tests.conftest import TINY
+
+    cfg = load_config("configs/llama_tiny.yaml", TINY + [f"model.remat={remat}", "train.batch_size=16"])
+    report = plan(cfg, 1, compiled=True)
+    mem = memory(report)
+    compiled = compiled_memory(cfg)
+    assert mem["peak"] == pytest.approx(compiled["peak"], rel=1e-2)
+    state = mem["parameters"] + mem["optimizer state"]
+    assert compiled["arguments"] == pytest.approx(state, rel=0.02)  # plus the token batch
+    assert abs(mem["total"] - compiled["peak"]) / compiled["peak"] < 0.3, report
+    assert "of the compiled peak" in report
+
+
+def test_plan_compiled_needs_the_devices(capsys):
+    assert main(["plan", "configs/llama_tiny.yaml", "mesh.data=16", "--devices", "16", "--compiled"]) == 2
+    assert "plan --compiled compiles on the devices present" in capsys.readouterr().err
+
+
+def test_plan_learned_positions():  # a parameter with an unsplit axis (None) prints
+    assert "positions.embedding" in plan(load_config("configs/gpt_tiny.yaml"), 1)
