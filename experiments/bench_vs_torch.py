@@ -47,8 +47,8 @@ CONFIGS = {
     "llama_tiny": ("configs/llama_tiny.yaml", []),
     "gpt_tiny": ("configs/gpt_tiny.yaml", []),
     "gpt2_124m": (
-        "configs/gpt_tiny.yaml",
-        ["model.preset=gpt2_124m", "model.max_seq_len=1024", "train.batch_size=8", "data.seq_len=128"],
+        None,  # the preset alone (a YAML model section would override its shape)
+        ["model.preset=gpt2_124m", "train.batch_size=8", "data.seq_len=128", "data.tokenizer=byte"],
     ),
 }
 
@@ -162,7 +162,7 @@ def bench(name: str, args) -> dict:
     import torch
 
     path, overrides = CONFIGS[name]
-    cfg = load_config(ROOT / path, [*overrides, *args.overrides])
+    cfg = load_config(path and ROOT / path, [*overrides, *args.overrides])
     mc, tc = cfg.model, cfg.train
     B, T = tc.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)

@@ -188,7 +188,7 @@ class EncoderDecoderLM(nnx.Module):
             self._embed(tokens, positions, keys),
             (kv, cross, layer_ids(cfg.decoder_layers)),
             remat=cfg.remat,
-            scan=cfg.scans,
+            scan=cfg.scans or kv is not None,  # caches are written in place by the scan (see TransformerLM)
         )
         if self.decoder_norm is not None:
             x = self._final(self.decoder_norm(x), keys)

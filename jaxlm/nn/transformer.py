@@ -222,7 +222,8 @@ class TransformerLM(nnx.Module):
                 )
                 return constrain(x, ("batch", "seq", "embed")), layer_kv
 
-            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scans)
+            # With a cache the scan writes each layer's K/V into its output in place; the loop would restack it.
+            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scans or kv is not None)
 
         if kv is None and self.pipeline_stages > 1:
             # Each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T). Row keys travel with

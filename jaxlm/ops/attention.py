@@ -3,7 +3,7 @@
 Shapes use the letters of STYLE.md: B batch, T query length, S key length,
 N query heads, K key/value heads, G = N // K query groups, H head dim.
 
-GQA groups the query heads over the shared K/V heads ('BKGTH,BKSH->BKGTS')
+GQA groups the query heads over the shared K/V heads ('BTKGH,BSKH->BKGTS')
 instead of repeating K and V in memory. MHA is K = N, MQA is K = 1.
 """
 
@@ -98,19 +98,25 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
     G = N // K
-    # Batch dims (B, K) first and the contracted dim last on both sides: XLA's CPU GEMMs then read
-    # every operand contiguously (3x faster forward than contracting in the 'BTKGH,BSKH' layout).
-    qg = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # BKGTH
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # BKSH
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kt, preferred_element_type=jnp.float32)
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, H)
+    # Training and prefill (T > 8): batch dims (B, K) first and the contracted dim last on both sides, so
+    # XLA's CPU GEMMs read every operand contiguously (3x faster forward than contracting in place). Decoding
+    # (a few queries against a long cache) contracts in place: transposing the cache would copy all of it.
+    batch_major = T > 8
+    if batch_major:
+        qg, k, v = qg.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum(
+        "BKGTH,BKSH->BKGTS" if batch_major else "BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32
+    )
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(*_grouped(bias.shape, K, G))
     if mask is not None:
         mask = mask.reshape(*_grouped(mask.shape, K, G))
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, dropout_keys)
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, vt)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    if batch_major:
+        return jnp.einsum("BKGTS,BKSH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
 
 
 def _grouped(shape: tuple[int, ...], K: int, G: int) -> tuple[int, ...]:
