@@ -65,6 +65,7 @@ class Attention(nnx.Module):
         cache_index: jax.Array | None = None,
         bias: jax.Array | None = None,
         dropout_keys: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Self-attention over x, or over the cache after writing x's keys into it.
 
@@ -76,6 +77,8 @@ class Attention(nnx.Module):
           cache_index: int scalar, slot where x's first token is written.
           bias: additive (B, N, T, S) attention bias (ALiBi), or None.
           dropout_keys: (B, 2) row keys for attention-weight dropout (training), or None.
+          layer: with it, `cache` holds every layer, {"k", "v"}: (L, B, S, K, H), and this layer's slots
+            are written in place (decoding writes T tokens, not a copy of the layer's cache).
 
         Returns:
           (B, T, D) and the updated cache (None without cache).
@@ -91,7 +94,14 @@ class Attention(nnx.Module):
             seq_len = jnp.max(positions) + 1 if self.rope["scaling"] == "dynamic" else None
             inv_freq, scale = scaled_rope_frequencies(self.head_dim, **self.rope, seq_len=seq_len)
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
-        if cache is not None:
+        if cache is not None and layer is not None:  # the whole stack's cache: write this layer's slots in place
+            start = (layer, 0, jnp.asarray(cache_index, jnp.int32), 0, 0)
+            cache = {
+                n: jax.lax.dynamic_update_slice(cache[n], a[None].astype(cache[n].dtype), start)
+                for n, a in (("k", k), ("v", v))
+            }
+            k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
+        elif cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)

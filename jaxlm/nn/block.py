@@ -70,21 +70,23 @@ class Block(nnx.Module):
         memory=None,
         memory_mask=None,
         dropout_keys=None,
+        layer=None,
     ) -> tuple[jax.Array, dict | None]:
         """x: (B, T, D) -> (B, T, D); see `Attention` for the other arguments.
 
         memory: this layer's `Attention.memory_kv` of the encoder states; memory_mask: (B, T, S).
         dropout_keys: (B, 2) this layer's row keys (training), or None: no dropout.
+        layer: this layer's index when `cache` is the whole stack's (see `Attention`).
         """
         key = lambda i: fold_rows(dropout_keys, i)  # noqa: E731  one stream per dropout site
         drop = lambda h, i: dropout(h, self.dropout, key(i))  # noqa: E731
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias, key(0))
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, bias, key(0), layer)
             x = x + drop(h, 1)
             if self.cross is not None:
                 x = x + drop(self.cross.cross(self.cross_norm(x), memory, memory_mask, key(2)), 3)
             return x + drop(self.mlp(self.mlp_norm(x), key(5)), 4), cache
-        h, cache = self.attn(x, positions, mask, cache, cache_index, bias, key(0))
+        h, cache = self.attn(x, positions, mask, cache, cache_index, bias, key(0), layer)
         x = self.attn_norm(x + drop(h, 1))
         if self.cross is not None:
             x = self.cross_norm(x + drop(self.cross.cross(x, memory, memory_mask, key(2)), 3))

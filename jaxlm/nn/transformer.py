@@ -222,8 +222,20 @@ class TransformerLM(nnx.Module):
                 )
                 return constrain(x, ("batch", "seq", "embed")), layer_kv
 
-            # With a cache the scan writes each layer's K/V into its output in place; the loop would restack it.
-            return run_stack(layer, params, x, (kv, ids), remat=cfg.remat, scan=cfg.scans or kv is not None)
+            if kv is None:
+                return run_stack(layer, params, x, (None, ids), remat=cfg.remat, scan=cfg.scans)
+
+            # Decoding: the stacked cache is the scan's carry and each layer writes its new K/V into it in
+            # place, so a step moves T tokens' keys, not the whole cache (as per-layer slices would).
+            def cached(carry, p_i):
+                (x, kv), (p, i) = carry, p_i
+                x, kv = nnx.merge(graphdef, p)(
+                    x, positions, attn_inputs[0], kv, cache_index, attn_inputs[1], layer=i.astype(jnp.int32)
+                )
+                return (x, kv), None
+
+            (x, kv), _ = jax.lax.scan(cached, (x, kv), (params, ids))
+            return x, kv
 
         if kv is None and self.pipeline_stages > 1:
             # Each stage rebuilds its micro-batch's mask: (b, T) moves, not (b, T, T). Row keys travel with
