@@ -159,8 +159,6 @@ def torch_decode(hf_model, prompts, new: int, compile: bool = False):
 
 
 def bench(name: str, args) -> dict:
-    import torch
-
     path, overrides = CONFIGS[name]
     cfg = load_config(path and ROOT / path, [*overrides, *args.overrides])
     mc, tc = cfg.model, cfg.train
@@ -206,7 +204,6 @@ def bench(name: str, args) -> dict:
         first = [next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), len(a)) for a, c in zip(jt, tt)]
         row[f"decode_b{b}_identical"] = jt == tt
         row[f"decode_b{b}_first_difference"] = min(first)
-    del torch
     return row
 
 
