@@ -102,22 +102,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxlm.generate import Generator, Seq2SeqGenerator
+    from jaxlm.generate import Generator
     from jaxlm.train.run_dir import load_run
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     seq2seq = bool(cfg.model.decoder_layers)
-    if seq2seq:  # the prompt is the source; the output is the decoder's text
+    sources = None
+    if seq2seq:  # the prompt is the source; the output is the decoder's text, from its start token
         start = tokenizer.eos_id if cfg.model.decoder_start_id < 0 else cfg.model.decoder_start_id
-        outs = Seq2SeqGenerator(model).generate(
-            prompts, max_new_tokens=args.max_new_tokens, start_id=start, eos_id=tokenizer.eos_id, **sampling
-        )
-    else:
-        outs = Generator(model).generate(
-            prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, **sampling
-        )
+        sources, prompts = prompts, [[start]] * len(prompts)
+    outs = Generator(model).generate(
+        prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sources=sources, **sampling
+    )
     for i, (text, out) in enumerate(zip(args.prompt, outs)):
         if len(outs) > 1:
             print(f"--- sample {i + 1} ---")

@@ -16,14 +16,16 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
+from jaxlm.choices import ACTIVATIONS, ATTENTION_IMPLS, HEADS, MLPS, NORM_POSITIONS, NORMS, POSITIONS, REMAT, ROPE_SCALINGS
+from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Transformer shape and wiring. GPT, LLaMA, Mistral, Qwen2 and BERT are instances."""
+    """Transformer shape and wiring. GPT-2, LLaMA, Mistral, Qwen2/3, Gemma 2/3, Phi-3, BERT and T5 are instances.
+
+    Every field acts in every model class (decoder, encoder, encoder-decoder), or is refused where it cannot.
+    """
 
     vocab_size: int = 256  # embedding rows; must be >= the tokenizer's vocabulary
     d_model: int = 128  # D, residual width
@@ -42,9 +44,15 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3
     rope_beta_fast: float = 32.0  # yarn
     rope_beta_slow: float = 1.0  # yarn
-    rope_attention_factor: float = 0.0  # yarn (0 = 0.1 ln(factor) + 1)
+    rope_attention_factor: float = 0.0  # yarn (0 = 0.1 ln(factor) + 1); longrope (0 = sqrt(1 + ln f / ln L0))
+    rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within rope_original_max_len
+    rope_long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors beyond it
+    rope_local_theta: float = 0.0  # RoPE base of the sliding-window layers, unscaled (Gemma 3); 0 = rope_theta
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + scale); Gemma: 1, its scales start at 0
+    post_norms: bool = False  # also normalise each branch's output before the residual sum (Gemma 2/3)
+    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys, before RoPE (Qwen3, Gemma 3)
     norm_position: str = "pre"  # pre (GPT-2, LLaMA) | post (original Transformer)
     mlp: str = "gated"  # gated (SwiGLU with activation=silu) | plain
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
@@ -53,7 +61,10 @@ class ModelConfig:
     mlp_bias: bool = False  # biases in the feed-forward block (GPT-2)
     norm_bias: bool = True  # LayerNorm bias (ignored by rmsnorm)
     tie_embeddings: bool = False  # logits reuse the token embedding
-    sliding_window: int = 0  # attend to the last N keys only (0 = full causal)
+    sliding_window: int = 0  # attend to the last N keys only (0 = full causal); bidirectional: |q - k| < N
+    global_every: int = 0  # with sliding_window: layers n-1, 2n-1, ... attend globally (Gemma 2: 2, Gemma 3: 6)
+    attn_logit_softcap: float = 0.0  # attention scores -> c * tanh(scores / c) (Gemma 2); 0 = off
+    final_logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2/3); 0 = off
     causal: bool = True  # False: bidirectional encoder (BERT)
     type_vocab_size: int = 0  # token-type (segment) embeddings (BERT: 2)
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
@@ -63,7 +74,7 @@ class ModelConfig:
     attention_scale: float = 0.0  # scores = q.k * scale (0 = 1/sqrt(head_dim); T5: 1)
     relative_buckets: int = 32  # position=relative (T5): buckets of the learned bias
     relative_max_distance: int = 128  # position=relative: distances beyond share the last bucket
-    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al., Gemma)
     scale_readout: bool = False  # multiply the final states by d_model^-0.5 before the read-out (T5 v1.0)
     decoder_start_id: int = -1  # encoder-decoder: the decoder's first input (-1 = end-of-text; T5: 0)
     attention_impl: str = "reference"  # reference | xla | cudnn
@@ -102,7 +113,20 @@ class ModelConfig:
             beta_fast=self.rope_beta_fast,
             beta_slow=self.rope_beta_slow,
             attention_factor=self.rope_attention_factor,
+            short_factor=self.rope_short_factor,
+            long_factor=self.rope_long_factor,
         )
+
+    @property
+    def local_rope(self) -> dict | None:
+        """`rope` of the sliding-window layers: unscaled, base rope_local_theta (None: the same as `rope`)."""
+        if self.position != "rope" or not self.rope_local_theta:
+            return None
+        return {**self.rope, "theta": self.rope_local_theta, "scaling": "none", "short_factor": (), "long_factor": ()}
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer `layer` attends within the sliding window (as a Python bool)."""
+        return bool(self.sliding_window) and not (self.global_every and (layer + 1) % self.global_every == 0)
 
     @property
     def scans(self) -> bool:
@@ -120,12 +144,12 @@ class ModelConfig:
         return max(self.dropout, self.attention_dropout, self.mlp_dropout) > 0
 
     def __post_init__(self):
-        _check_choice("model.position", self.position, ("rope", "learned", "sinusoidal", "alibi", "relative", "none"))
+        _check_choice("model.position", self.position, POSITIONS)
         if self.decoder_layers < 0:
             raise ConfigError(f"model.decoder_layers must be >= 0, got {self.decoder_layers}")
         if self.decoder_layers and (not self.causal or self.head != "lm" or self.type_vocab_size or self.pooler):
             raise ConfigError("an encoder-decoder (model.decoder_layers > 0) keeps causal=true, head=lm, no pooler")
-        _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "dynamic", "yarn", "llama3"))
+        _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         if self.rope_scaling != "none":
             if self.position != "rope":
                 raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
@@ -133,11 +157,11 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_factor must be positive, got {self.rope_factor}")
             if self.rope_scaling != "linear" and self.rope_original_max_len <= 0:
                 raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_len > 0")
-        _check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
-        _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
-        _check_choice("model.mlp", self.mlp, ("gated", "plain"))
-        _check_choice("model.activation", self.activation, ("silu", "gelu", "gelu_tanh", "relu"))
-        _check_choice("model.attention_impl", self.attention_impl, ("reference", "xla", "cudnn"))
+        _check_choice("model.norm", self.norm, NORMS)
+        _check_choice("model.norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("model.mlp", self.mlp, MLPS)
+        _check_choice("model.activation", self.activation, ACTIVATIONS)
+        _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
         for key in ("dropout", "attention_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -146,12 +170,33 @@ class ModelConfig:
                 f"model.attention_dropout needs model.attention_impl=reference, not {self.attention_impl} "
                 "(jax.nn.dot_product_attention has no dropout)"
             )
-        _check_choice("model.remat", self.remat, ("none", "full", "save_dots"))
-        _check_choice("model.head", self.head, ("lm", "mlm"))
+        _check_choice("model.remat", self.remat, REMAT)
+        _check_choice("model.head", self.head, HEADS)
         if self.head == "mlm" and not self.tie_embeddings:
             raise ConfigError("model.head=mlm reads out through the token embedding: set model.tie_embeddings=true")
         if self.type_vocab_size < 0:
             raise ConfigError(f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.rope_scaling == "longrope":
+            half = self.dim_per_head // 2
+            for key in ("rope_short_factor", "rope_long_factor"):
+                if len(getattr(self, key)) != half:
+                    raise ConfigError(f"model.{key} needs {half} values (head_dim / 2) for longrope, got {len(getattr(self, key))}")
+        elif self.rope_short_factor or self.rope_long_factor:
+            raise ConfigError("model.rope_short_factor / rope_long_factor need model.rope_scaling=longrope")
+        if self.rope_local_theta and not (self.position == "rope" and self.sliding_window):
+            raise ConfigError("model.rope_local_theta is the base of sliding-window layers: needs position=rope and sliding_window > 0")
+        if self.global_every and not self.sliding_window:
+            raise ConfigError("model.global_every alternates sliding-window and global layers: set model.sliding_window > 0")
+        for key in ("global_every", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if self.norm_offset and self.norm != "rmsnorm":
+            raise ConfigError(f"model.norm_offset applies to rmsnorm, not {self.norm}")
+        if self.attn_logit_softcap and self.attention_impl != "reference":
+            raise ConfigError(
+                f"model.attn_logit_softcap needs model.attention_impl=reference, not {self.attention_impl} "
+                "(jax.nn.dot_product_attention has no soft-capping)"
+            )
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
@@ -385,6 +430,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+        raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r} ({type(value).__name__})")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -453,7 +503,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """Nested plain dict (tuples as lists, as YAML writes them)."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def save_config(config: Config, path: str | Path) -> None:

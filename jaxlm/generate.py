@@ -1,10 +1,14 @@
-"""Autoregressive generation with a fixed-size KV cache.
+"""Autoregressive generation with a fixed-size KV cache, for decoders and encoder-decoders alike.
 
-One jit-compiled prefill runs the whole (left-padded) prompt batch at once;
-then one jit-compiled decode step per token writes one slot of the cache and
-samples the next token, with no recompilation per token. Prompts of different
-lengths share the cache: shorter ones are left-padded, padding slots are never
-attended to, and positions count from each prompt's first real token.
+The model speaks a two-method protocol: `init_cache(batch, length, **context)`
+(an encoder-decoder encodes its `source` there, once) and
+`decode(tokens, positions, valid, cache=, cache_index=)`. One jit-compiled
+prefill runs the whole (left-padded) prompt batch at once; then one
+jit-compiled decode step per token writes one slot of the cache and samples the
+next token, with no recompilation per token. Prompts of different lengths
+share the cache: shorter ones are left-padded, padding slots are never attended
+to, and positions count from each prompt's first real token. Step i samples
+with `fold_in(PRNGKey(seed), i)`.
 
 When the cache (model.max_seq_len slots) is full, the oldest tokens are
 dropped: the last `max_seq_len - window_shift` tokens are prefilled again as a
@@ -21,18 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.nn.transformer import TransformerLM
+from jaxlm.errors import ConfigError
 from jaxlm.ops.sampling import sample
 
 
 class Generator:
-    def __init__(self, model: TransformerLM, *, window_shift: int | None = None):
+    def __init__(self, model, *, window_shift: int | None = None):
+        """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`."""
         if not model.cfg.causal:
-            from jaxlm.config import ConfigError
-
             raise ConfigError(
                 "a bidirectional model (model.causal=false, e.g. BERT) cannot generate text left to right"
             )
+        self.seq2seq = bool(model.cfg.decoder_layers)
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
         self.window_shift = window_shift or max(1, self.max_len // 4)
@@ -42,15 +46,15 @@ class Generator:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=sampling)
         self._decode = jax.jit(self._decode_fn, static_argnames=sampling, donate_argnums=1)
 
-    def _prefill_fn(self, params, tokens, positions, valid, key, **sampling):
+    def _prefill_fn(self, params, tokens, positions, valid, key, context, **sampling):
         model = nnx.merge(self.graphdef, params)
-        cache = model.init_cache(tokens.shape[0], self.max_len)
-        logits, cache = model(tokens, positions, valid, cache=cache, cache_index=0)
+        cache = model.init_cache(tokens.shape[0], self.max_len, **context)
+        logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=0)
         return sample(key, logits[:, -1], **sampling), cache
 
     def _decode_fn(self, params, cache, token, position, index, key, **sampling):
         model = nnx.merge(self.graphdef, params)
-        logits, cache = model(token[:, None], position[:, None], cache=cache, cache_index=index)
+        logits, cache = model.decode(token[:, None], position[:, None], cache=cache, cache_index=index)
         return sample(key, logits[:, 0], **sampling), cache
 
     def generate(
@@ -63,15 +67,19 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         eos_id: int | None = None,
+        sources: list[list[int]] | None = None,
     ) -> list[list[int]]:
         """New tokens for each prompt, stopping at `eos_id` (excluded) or `max_new_tokens`.
 
         Args:
-          prompts: token ids per prompt; each needs at least one token.
+          prompts: token ids per prompt; each needs at least one token. For an encoder-decoder these are
+            the decoder's first inputs (usually `[[start_id]] * len(sources)`).
+          sources: encoder-decoders only: the source token ids of each row (right-padded into one batch).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (use the end-of-text id to start from nothing)")
         check_sampling(temperature, top_k, top_p)
+        context = self._context(sources, len(prompts))
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
@@ -91,7 +99,7 @@ class Generator:
             valid = cols[None, :] >= pads[:, None]
             positions = np.maximum(cols[None, :] - offset[:, None], 0).astype(np.int32)
             tok, cache = self._prefill(
-                self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), **sampling
+                self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), context, **sampling
             )
             return tok, cache, offset
 
@@ -120,6 +128,21 @@ class Generator:
         return [_until(row.tolist(), eos_id) for row in out]
 
 
+    def _context(self, sources, rows: int) -> dict:
+        """init_cache's keyword arguments: the right-padded sources and their mask (encoder-decoders)."""
+        if not self.seq2seq:
+            if sources is not None:
+                raise ValueError("sources are for encoder-decoder models; this model is a decoder")
+            return {}
+        if sources is None or len(sources) != rows or any(len(s) == 0 for s in sources):
+            raise ValueError(f"an encoder-decoder needs one non-empty source per prompt ({rows} prompts)")
+        src = np.zeros((rows, max(len(s) for s in sources)), np.int32)
+        valid = np.zeros(src.shape, bool)
+        for i, s in enumerate(sources):
+            src[i, : len(s)], valid[i, : len(s)] = s, True
+        return {"source": src, "source_valid": valid}
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """ValueError naming the bad sampling setting, before anything is traced."""
     if not temperature >= 0 or temperature == float("inf"):
@@ -135,7 +158,7 @@ def _until(ids: list[int], eos_id: int | None) -> list[int]:
 
 
 def generate_uncached(
-    model: TransformerLM, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
+    model, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
 ) -> list[int]:
     """Greedy reference without a cache: the whole context is recomputed for every token.
 
@@ -164,66 +187,3 @@ def generate_uncached(
         out.append(tok)
         seq.append(tok)
     return out
-
-
-class Seq2SeqGenerator:
-    """Generation for encoder-decoder models: the sources are encoded once, the cross-attention K/V are
-    computed once into the cache, then one jitted decoder step per token."""
-
-    def __init__(self, model):
-        self.graphdef, self.params = nnx.split(model)
-        sampling = ("temperature", "top_k", "top_p")
-        self._start = jax.jit(self._start_fn, static_argnames=("length",))
-        self._step = jax.jit(self._step_fn, static_argnames=sampling, donate_argnums=1)
-
-    def _start_fn(self, params, src, src_valid, length):
-        model = nnx.merge(self.graphdef, params)
-        return model.init_cache(model.encode(src, src_valid), src_valid, length)
-
-    def _step_fn(self, params, cache, token, index, key, **sampling):
-        model = nnx.merge(self.graphdef, params)
-        positions = jnp.full(token.shape, index, jnp.int32)
-        logits, cache = model.decode(token, positions, cache=cache, cache_index=index)
-        return sample(key, logits[:, -1], **sampling), cache
-
-    def generate(
-        self,
-        sources: list[list[int]],
-        *,
-        max_new_tokens: int,
-        start_id: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_id: int | None = None,
-    ) -> list[list[int]]:
-        """Target tokens for each source (right-padded into one batch), stopping at `eos_id` (excluded).
-
-        start_id: the decoder's first input token (T5: the pad id 0).
-        """
-        if not sources or any(len(s) == 0 for s in sources):
-            raise ValueError("every source needs at least one token")
-        check_sampling(temperature, top_k, top_p)
-        B, S = len(sources), max(len(s) for s in sources)
-        src = np.zeros((B, S), np.int32)
-        valid = np.zeros((B, S), bool)
-        for i, s in enumerate(sources):
-            src[i, : len(s)], valid[i, : len(s)] = s, True
-        sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-        cache = self._start(self.params, src, valid, length=max_new_tokens)
-        token = jnp.full((B, 1), start_id, jnp.int32)
-        key = jax.random.PRNGKey(seed)
-        out = []
-        for i in range(max_new_tokens):
-            key, sub = jax.random.split(key)
-            nxt, cache = self._step(self.params, cache, token, i, sub, **sampling)
-            token = nxt[:, None].astype(jnp.int32)
-            out.append(nxt)
-            if eos_id is not None and i % 16 == 15 and bool((np.asarray(jnp.stack(out, 1)) == eos_id).any(1).all()):
-                break
-        tokens = np.asarray(jnp.stack(out, 1))
-        results = []
-        for row in tokens.tolist():
-            results.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
-        return results

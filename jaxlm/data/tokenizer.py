@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm.errors import DataError
+
 EOS = "<|endoftext|>"
 MASK = "[MASK]"  # masked-language-model input token (BERT)
-
-
-class DataError(ValueError):
-    """Missing, empty or unreadable data, tokenizer or run files; the message names the file."""
 
 
 def _as_bytes(text: str | bytes) -> bytes:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.data.tokenizer import BPETokenizer, DataError
-from jaxlm.hf.config import architecture_for, config_from_hf, config_to_hf
+from jaxlm.hf.families import architecture_for, config_from_hf, config_to_hf
 from jaxlm.hf.weights import hf_to_params, params_to_hf
 from jaxlm.nn.models import build_model
 
@@ -119,13 +119,15 @@ def model_params(model: nnx.Module) -> dict:
 
 
 def to_hf(model: nnx.Module, path: str | Path, *, tokenizer=None, architecture: str | None = None) -> str:
-    """Writes config.json, model.safetensors (and tokenizer.json) for `model`; returns the architecture."""
+    """Writes config.json, model.safetensors (and tokenizer.json) for `model`; returns the architecture.
+
+    architecture: the HF class to write (it must compute the same function), default the first family that
+    can (LLaMA before Phi-3, which can hold the same model).
+    """
     from safetensors.numpy import save_file
 
     cfg = model.cfg
-    arch = architecture or architecture_for(cfg)
-    if architecture is not None and architecture != architecture_for(cfg):
-        raise ConfigError(f"the model is a {architecture_for(cfg)}, not a {architecture}")
+    arch = architecture_for(cfg, architecture)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     eos = None if tokenizer is None else int(tokenizer.eos_id)

@@ -1,4 +1,4 @@
-"""Multi-head self-attention (MHA / MQA / GQA) with rotary positions and a KV cache.
+"""Multi-head self- and cross-attention (MHA / MQA / GQA) with rotary positions, optional q/k norms and a KV cache.
 
 Projections are stored per head: q (D, N, H), k and v (D, K, H), o (N, H, D), so
 tensor parallelism can split `heads` / `kv_heads` without reshapes.
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
 from jaxlm.ops.dense import dense
@@ -31,6 +32,9 @@ class Attention(nnx.Module):
         qkv_bias: bool,
         out_bias: bool,
         rope: dict | None,
+        local_rope: dict | None = None,
+        qk_norm: dict | None = None,
+        softcap: float = 0.0,
         implementation: str,
         scale: float | None = None,
         dropout: float = 0.0,
@@ -40,9 +44,15 @@ class Attention(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
     ):
+        """rope / local_rope: `ModelConfig.rope` of global and sliding-window layers (local_rope None: the same).
+        qk_norm: keyword arguments of `Norm` for RMSNorms over head_dim of q and k (before RoPE), or None.
+        softcap: > 0 soft-caps the attention scores."""
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
-        self.rope, self.implementation, self.dtype, self.scale = rope, implementation, dtype, scale
+        self.rope, self.local_rope, self.softcap = rope, local_rope, softcap
+        self.implementation, self.dtype, self.scale = implementation, dtype, scale
+        self.q_norm = Norm(H, **qk_norm, axis="head_dim") if qk_norm else None
+        self.k_norm = Norm(H, **qk_norm, axis="head_dim") if qk_norm else None
         self.dropout = dropout  # on the attention weights, when row keys are passed
         self.wq = normal_param(rngs, (dim, N, H), ("embed", "heads", "head_dim"), std, param_dtype)
         self.wk = normal_param(rngs, (dim, K, H), ("embed", "kv_heads", "head_dim"), std, param_dtype)
@@ -59,6 +69,7 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
+        *,
         positions: jax.Array,
         mask: jax.Array,
         cache: dict | None = None,
@@ -66,6 +77,7 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         dropout_keys: jax.Array | None = None,
         layer: jax.Array | None = None,
+        local: jax.Array | bool = False,
     ) -> tuple[jax.Array, dict | None]:
         """Self-attention over x, or over the cache after writing x's keys into it.
 
@@ -79,6 +91,7 @@ class Attention(nnx.Module):
           dropout_keys: (B, 2) row keys for attention-weight dropout (training), or None.
           layer: with it, `cache` holds every layer, {"k", "v"}: (L, B, S, K, H), and this layer's slots
             are written in place (decoding writes T tokens, not a copy of the layer's cache).
+          local: bool scalar (may be traced): a sliding-window layer, which rotates with `local_rope`.
 
         Returns:
           (B, T, D) and the updated cache (None without cache).
@@ -89,10 +102,13 @@ class Attention(nnx.Module):
         v = dense(x, c(self.wv))
         if self.bq is not None:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            # Dynamic NTK rescales by the longest position in use (as Hugging Face does).
-            seq_len = jnp.max(positions) + 1 if self.rope["scaling"] == "dynamic" else None
-            inv_freq, scale = scaled_rope_frequencies(self.head_dim, **self.rope, seq_len=seq_len)
+            inv_freq, scale = self._rope_frequencies(self.rope, positions)
+            if self.local_rope is not None:
+                local_freq, local_scale = self._rope_frequencies(self.local_rope, positions)
+                inv_freq, scale = jnp.where(local, local_freq, inv_freq), jnp.where(local, local_scale, scale)
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
         if cache is not None and layer is not None:  # the whole stack's cache: write this layer's slots in place
             start = (layer, 0, jnp.asarray(cache_index, jnp.int32), 0, 0)
@@ -109,20 +125,29 @@ class Attention(nnx.Module):
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         return self._attend(q, k, v, mask, bias, dropout_keys), cache
 
+    def _rope_frequencies(self, rope: dict, positions: jax.Array):
+        # Dynamic NTK and LongRoPE depend on the longest position in use (as in Hugging Face).
+        seq_len = jnp.max(positions) + 1 if rope["scaling"] in ("dynamic", "longrope") else None
+        return scaled_rope_frequencies(self.head_dim, **rope, seq_len=seq_len)
+
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        k = jnp.einsum("BSD,DKH->BSKH", memory, c(self.wk))
-        v = jnp.einsum("BSD,DKH->BSKH", memory, c(self.wv))
+        k = dense(memory, c(self.wk))  # BSD,DKH->BSKH
+        v = dense(memory, c(self.wv))
         if self.bk is not None:
             k, v = k + c(self.bk), v + c(self.bv)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return {"k": k, "v": v}
 
     def cross(self, x: jax.Array, kv: dict, mask: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
         """Cross-attention of x (B, T, D) to `memory_kv` output; mask (B, T, S); dropout_keys as in `__call__`."""
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
+        q = dense(x, self.wq[...].astype(self.dtype))  # BTD,DNH->BTNH
         if self.bq is not None:
             q = q + self.bq[...].astype(self.dtype)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None, dropout_keys)
 
     def _attend(self, q, k, v, mask, bias, dropout_keys):
@@ -137,6 +162,7 @@ class Attention(nnx.Module):
             implementation=self.implementation,
             dropout_rate=self.dropout,
             dropout_keys=dropout_keys,
+            softcap=self.softcap,
         )
         y = dense(out, c(self.wo), 2)  # BTNH,NHD->BTD
         if self.bo is not None:

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxlm.nn.param import normal_param
 from jaxlm.ops.dense import dense
-from jaxlm.parallel.rules import constrain
+from jaxlm.axes import constrain
 
 
 class Embed(nnx.Module):

@@ -11,11 +11,10 @@ from jaxlm.nn.seq2seq import EncoderDecoderLM
 from jaxlm.nn.transformer import TransformerLM
 
 
-def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs, **pipeline):
-    """pipeline: `TransformerLM`'s pipeline_stages, microbatches and pipeline_repeats (training)."""
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> TransformerLM | EncoderDecoderLM:
     if cfg.decoder_layers:
         return EncoderDecoderLM(cfg, rngs=rngs)
-    return TransformerLM(cfg, rngs=rngs, **pipeline)
+    return TransformerLM(cfg, rngs=rngs)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,18 +1,33 @@
-"""Running a stack of layers whose parameters are stacked along a leading `layers` axis.
+"""The layer stack of every model class: positions -> L blocks -> final norm.
 
-`stacked(make, n, rngs)` builds n copies of a module with one `nnx.vmap`, so
-every parameter gains the `layers` axis. `run_stack` applies them by
-`lax.scan` (one layer compiled once) or a Python loop, optionally
-rematerialising each layer (gradient checkpointing).
+`Stack` is used once by decoders and encoders (`TransformerLM`) and twice by
+encoder-decoders (`EncoderDecoderLM`: a bidirectional encoder, a causal decoder
+with cross-attention), so every position, mask and norm option acts the same in
+each. Its blocks are one stacked module (`stacked`: every parameter gains a
+leading `layers` axis) run by `run_stack`: `lax.scan` (one layer compiled once)
+or a Python loop, each layer optionally rematerialised; or by a layer runner
+the caller passes in (the pipeline schedule of sharded training). All read the
+same parameters, so checkpoints do not depend on how the layers run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxlm.axes import constrain
+from jaxlm.config import ModelConfig
+from jaxlm.nn.block import Block
+from jaxlm.nn.embed import LearnedPositions
+from jaxlm.nn.norm import norm_for
+from jaxlm.nn.param import dtype_of, normal_param
+from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.dropout import dropout, fold_rows
+from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions, t5_bias
 
 REMAT_POLICIES = {
     "full": None,  # save only each layer's input
@@ -56,3 +71,185 @@ def run_stack(layer: Callable, params, x: jax.Array, per_layer=None, *, remat: s
         x, out = layer(x, jax.tree.map(at, params), jax.tree.map(at, per_layer))
         outs.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs and outs[0] is not None else None
+
+
+class Stack(nnx.Module):
+    """Embedded tokens (B, T, D) -> final hidden states (B, T, D), through positions, L blocks and the final norm.
+
+    Dropout streams of the row keys: 0 embeddings, 1 layers (folded with the layer index), 2 the final norm's
+    output (`final_dropout`, T5).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, num_layers: int, *, causal: bool, rngs: nnx.Rngs, cross=False, final_dropout=False
+    ):
+        """causal: decoder (each token sees earlier ones) or encoder (all); cross: blocks attend to `memory`."""
+        self.cfg, self.num_layers, self.causal, self.final_dropout = cfg, num_layers, causal, final_dropout
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.dtype = dtype
+        self.positions = (
+            LearnedPositions(
+                cfg.max_seq_len, cfg.d_model, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+            if cfg.position == "learned"
+            else None
+        )
+        self.relative_bias = (  # T5: one table per stack, shared by its layers
+            normal_param(rngs, (cfg.relative_buckets, cfg.num_heads), (None, "heads"), cfg.init_std, param_dtype)
+            if cfg.position == "relative"
+            else None
+        )
+        self.embed_norm = norm_for(cfg) if cfg.embed_norm else None
+        # Residual projections are scaled at init for this stack's depth.
+        layer_cfg = dataclasses.replace(cfg, num_layers=num_layers)
+        self.layers = stacked(lambda r: Block(layer_cfg, rngs=r, cross=cross), num_layers, rngs)
+        self.final_norm = norm_for(cfg) if cfg.norm_position == "pre" else None
+        self.local_layers = tuple(cfg.is_local(i) for i in range(num_layers))  # sliding-window layers
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """Empty self-attention cache: the position of each slot (-1 = empty), K and V of every layer."""
+        cfg = self.cfg
+        shape = (self.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+        return {
+            "pos": jnp.full((batch, length), -1, jnp.int32),
+            "k": jnp.zeros(shape, self.dtype),  # (L, B, S, K, H)
+            "v": jnp.zeros(shape, self.dtype),
+        }
+
+    def memory_kv(self, memory: jax.Array) -> dict:
+        """Every layer's cross-attention K/V of encoder states (B, S, D): {"k", "v"}: (L, B, S, K, H)."""
+        graphdef, params = nnx.split(self.layers)
+        return jax.vmap(lambda p: nnx.merge(graphdef, p).cross.memory_kv(memory))(params)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        *,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        memory: dict | None = None,
+        memory_valid: jax.Array | None = None,
+        dropout_keys: jax.Array | None = None,
+        layer_runner: Callable | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """Final hidden states and the updated cache.
+
+        Args:
+          x: (B, T, D) token embeddings.
+          positions: (B, T) int; valid: (B, T) bool, False for padding (never attended to).
+          cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
+          memory: cross-attention K/V from `memory_kv` (a decoder with `cross`); memory_valid: (B, S) bool.
+          dropout_keys: (B, 2) row keys (training), or None: no dropout.
+          layer_runner: runs the layers instead of `run_stack` (training without a cache), e.g. the pipeline:
+            `layer_runner(stage, (params, layer ids), x, (positions, valid, dropout_keys)) -> x`, where
+            `stage(params_and_ids, x, per_row) -> x` runs a contiguous group of layers.
+        """
+        cfg = self.cfg
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, cfg.d_model).astype(self.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = constrain(dropout(x, cfg.dropout, fold_rows(dropout_keys, 0)), ("batch", "seq", "embed"))
+        if cache is None:
+            kv_pos, kv_valid, kv = positions, valid, None
+        else:
+            slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
+            kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
+            kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
+        memory_mask = None
+        if memory is not None:
+            B, T = positions.shape
+            memory_mask = jnp.broadcast_to(memory_valid[:, None, :], (B, T, memory_valid.shape[1]))
+        keys = fold_rows(dropout_keys, 1)
+        if layer_runner is not None and kv is None:
+            if memory is not None:
+                raise ValueError("a layer runner (pipeline) runs single-stack models only")
+
+            def stage(p_ids, x, per_row):  # each stage rebuilds its micro-batch's masks: (b, T) moves, not (b, T, T)
+                (p, ids), (pos, ok, row_keys) = p_ids, per_row
+                return self._layers(x, p, ids, pos, self._attention_inputs(pos, pos, ok), None, None, None, row_keys)[0]
+
+            _, params = nnx.split(self.layers)
+            x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, (positions, valid, keys))
+        else:
+            _, params = nnx.split(self.layers)
+            inputs = self._attention_inputs(positions, kv_pos, kv_valid)
+            x, kv = self._layers(
+                x, params, layer_ids(self.num_layers), positions, inputs, kv, cache_index, (memory, memory_mask), keys
+            )
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            if self.final_dropout:
+                x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 2))
+        return x, None if cache is None else {"pos": kv_pos, **kv}
+
+    def _attention_inputs(self, q_pos, kv_pos, kv_valid):
+        """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them."""
+        cfg = self.cfg
+        full = self._mask(q_pos, kv_pos, kv_valid, None) if not all(self.local_layers) else None
+        local = self._mask(q_pos, kv_pos, kv_valid, cfg.sliding_window) if any(self.local_layers) else None
+        bias = None
+        if cfg.position == "alibi":
+            bias = alibi_bias(alibi_slopes(cfg.num_heads), q_pos, kv_pos)
+        elif self.relative_bias is not None:
+            bias = t5_bias(
+                self.relative_bias[...],
+                q_pos,
+                kv_pos,
+                bidirectional=not self.causal,
+                max_distance=cfg.relative_max_distance,
+            )
+        return full, local, bias
+
+    def _mask(self, q_pos, kv_pos, kv_valid, window):
+        return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window)
+
+    def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys):
+        """x through the stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None; memory: (K/V, mask) or None."""
+        cfg = self.cfg
+        graphdef = nnx.graphdef(self.layers)
+        full, local_mask, bias = attn_inputs
+        memory, memory_mask = memory or (None, None)
+        pattern = self.local_layers
+
+        def masks(i):
+            if all(pattern) or not any(pattern):
+                return pattern[0], local_mask if pattern[0] else full
+            local = jnp.asarray(pattern)[i]
+            return local, jnp.where(local, local_mask, full)
+
+        def run(x, p, i, layer_memory, **cache):
+            local, mask = masks(i)
+            return nnx.merge(graphdef, p)(
+                x,
+                positions=positions,
+                mask=mask,
+                bias=bias,
+                local=local,
+                memory=layer_memory,
+                memory_mask=memory_mask,
+                dropout_keys=fold_rows(keys, i),
+                **cache,
+            )
+
+        if kv is None:
+
+            def layer(x, p, per_layer):
+                x, _ = run(x, p, *per_layer)
+                return constrain(x, ("batch", "seq", "embed")), None
+
+            return run_stack(layer, params, x, (ids, memory), remat=cfg.remat, scan=cfg.scans)
+
+        # Decoding: the stacked cache is the scan's carry and each layer writes its new K/V into it in place, so
+        # a step moves T tokens' keys, not the whole cache (as per-layer slices would).
+        def cached(carry, per_layer):
+            (x, kv), (p, i, layer_memory) = carry, per_layer
+            x, kv = run(x, p, i, layer_memory, cache=kv, cache_index=cache_index, layer=i.astype(jnp.int32))
+            return (x, kv), None
+
+        (x, kv), _ = jax.lax.scan(cached, (x, kv), (params, ids, memory))
+        return x, kv

@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.choices import ATTENTION_IMPLS
 from jaxlm.ops.dropout import dropout
-
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 
 
 def attention_mask(
@@ -33,7 +32,8 @@ def attention_mask(
       kv_valid: (B, S) bool, False for padding or empty cache slots.
       causal: keys after the query's position are masked.
       sliding_window: if set, keys more than `sliding_window - 1` positions
-        before the query are masked (the query sees `sliding_window` keys).
+        before the query are masked (the query sees `sliding_window` keys);
+        without `causal`, also those as far after it (|q - k| < sliding_window).
 
     Returns:
       (B, T, S) bool.
@@ -44,7 +44,7 @@ def attention_mask(
     if causal:
         mask &= k <= q
     if sliding_window is not None:
-        mask &= k > q - sliding_window
+        mask &= (k > q - sliding_window) & (causal | (k < q + sliding_window))
     if kv_valid is not None:
         mask &= kv_valid[:, None, :]
     return mask
@@ -61,8 +61,9 @@ def dot_product_attention(
     implementation: str = "reference",
     dropout_rate: float = 0.0,
     dropout_keys: jax.Array | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
-    """dropout(softmax(q·k^T * scale + bias, masked)) · v.
+    """dropout(softmax(cap(q·k^T * scale) + bias, masked)) · v, cap(s) = softcap · tanh(s / softcap).
 
     Args:
       q: (B, T, N, H) queries.
@@ -76,6 +77,7 @@ def dot_product_attention(
         fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only).
       dropout_rate: attention-weight dropout (training; reference implementation only).
       dropout_keys: (B, 2) row keys (`jaxlm.ops.dropout`), or None for no dropout.
+      softcap: > 0 bounds the scores to (-softcap, softcap) (Gemma 2; reference implementation only).
 
     Returns:
       (B, T, N, H) in q's dtype. Rows whose keys are all masked return the
@@ -85,14 +87,16 @@ def dot_product_attention(
     _, S, K, _ = k.shape
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
     scale = H**-0.5 if scale is None else scale
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]  # (B, 1, T, S)
 
     dropping = dropout_keys is not None and dropout_rate > 0.0
     if implementation != "reference":
+        if softcap:
+            raise ValueError(f"attention soft-capping needs the reference implementation, not {implementation!r}")
         if dropping:
             raise ValueError(f"attention dropout needs the reference implementation, not {implementation!r}")
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
@@ -108,6 +112,8 @@ def dot_product_attention(
     scores = jnp.einsum(
         "BKGTH,BKSH->BKGTS" if batch_major else "BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32
     )
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(*_grouped(bias.shape, K, G))
     if mask is not None:

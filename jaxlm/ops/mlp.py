@@ -13,7 +13,7 @@ import jax
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout
 
-ACTIVATIONS = {
+ACTIVATIONS = {  # the names of jaxlm.choices.ACTIVATIONS
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6) -> jax.Array:
-    """x / sqrt(mean(x^2) + eps) * scale (Zhang & Sennrich 2019). x: (..., D), scale: (D,)."""
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6, offset: float = 0.0) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * (offset + scale) (Zhang & Sennrich 2019; Gemma: offset 1). x: (..., D), scale: (D,)."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, *, eps: float = 1e-5) -> jax.Array:

@@ -19,7 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
+from jaxlm.choices import ROPE_SCALINGS
+
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
@@ -43,6 +44,8 @@ def scaled_rope_frequencies(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
     attention_factor: float = 0.0,
+    short_factor: tuple[float, ...] = (),
+    long_factor: tuple[float, ...] = (),
 ) -> tuple[jax.Array, float]:
     """RoPE inverse frequencies under a length-scaling scheme, and the cos/sin scale.
 
@@ -52,9 +55,11 @@ def scaled_rope_frequencies(
       factor: context extension factor.
       original_max_len: context length of pre-training (Hugging Face's
         `original_max_position_embeddings`; for "dynamic", `max_position_embeddings`).
-      seq_len: "dynamic" only: current length (max position + 1; may be traced).
+      seq_len: "dynamic" and "longrope": current length (max position + 1; may be traced).
       low_freq_factor, high_freq_factor: "llama3" only.
-      beta_fast, beta_slow, attention_factor: "yarn" only (0 = derived from factor).
+      beta_fast, beta_slow, attention_factor: "yarn" (and attention_factor "longrope"); 0 = derived from factor.
+      short_factor, long_factor: "longrope" (Phi-3): (H/2,) divisors of the frequencies, the long ones once
+        seq_len exceeds original_max_len.
 
     Returns:
       ((H/2,) float32 inverse frequencies, scale for cos and sin: 1 except for YaRN).
@@ -89,6 +94,14 @@ def scaled_rope_frequencies(
         inv = inv / factor * (1 - extrapolate) + inv * extrapolate
         scale = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
         return inv, scale
+    if scaling == "longrope":
+        length = jnp.asarray(seq_len if seq_len is not None else original_max_len)
+        divisors = jnp.where(
+            length > original_max_len, jnp.asarray(long_factor, jnp.float32), jnp.asarray(short_factor, jnp.float32)
+        )
+        if not attention_factor:
+            attention_factor = math.sqrt(1 + math.log(factor) / math.log(original_max_len)) if factor > 1 else 1.0
+        return inv / divisors, attention_factor
     raise ValueError(f"unknown RoPE scaling {scaling!r}; expected one of {ROPE_SCALINGS}")
 
 

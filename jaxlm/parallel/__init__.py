@@ -2,7 +2,7 @@
 
 from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.pipeline import pipeline
-from jaxlm.parallel.rules import RULES, activation_sharding, constrain, logical_to_spec, rules_for
+from jaxlm.axes import RULES, activation_sharding, constrain, logical_to_spec, rules_for
 
 __all__ = [
     "RULES",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.parallel.rules import active_mesh, constrain
+from jaxlm.axes import active_mesh, constrain
 
 
 def _to_stages(params, num_stages: int, num_repeats: int):

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.parallel.rules import logical_to_spec, rules_for
+from jaxlm.axes import logical_to_spec, rules_for
 
 
 def _is_variable(x) -> bool:

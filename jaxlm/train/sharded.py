@@ -9,6 +9,8 @@ tested is what runs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,8 @@ from flax import nnx
 from jaxlm.config import Config
 from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
-from jaxlm.parallel.rules import activation_sharding
+from jaxlm.axes import activation_sharding
+from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.step import (
@@ -53,12 +56,15 @@ class ShardedTraining:
         self.tx = make_optimizer(tc)
 
         def build():
-            return build_model(
-                cfg.model,
-                rngs=nnx.Rngs(tc.seed),
-                pipeline_stages=self.sizes["pipeline"],
-                microbatches=self.microbatches,
-                pipeline_repeats=cfg.mesh.pipeline_repeats,
+            return build_model(cfg.model, rngs=nnx.Rngs(tc.seed))
+
+        runner = None
+        if self.sizes["pipeline"] > 1:  # the model's layers run as a pipeline over the `pipeline` mesh axis
+            runner = functools.partial(
+                pipeline,
+                num_stages=self.sizes["pipeline"],
+                num_microbatches=self.microbatches,
+                num_repeats=cfg.mesh.pipeline_repeats,
             )
 
         self.scaling = tc.precision == "fp16"  # dynamic loss scaling
@@ -71,7 +77,7 @@ class ShardedTraining:
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, tc.batch_size)  # this process's rows of each batch
         self.objective = make_objective(
-            tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate
+            tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate, layer_runner=runner
         )
         step = make_train_step(
             self.graphdef,

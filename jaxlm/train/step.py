@@ -8,6 +8,8 @@ one optimizer update whatever the accumulation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any, NamedTuple
 
 import jax
@@ -62,8 +64,17 @@ def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> 
     )
 
 
-def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size: int = 0, rate: float = 0.15):
+def make_objective(
+    kind: str = "clm",
+    *,
+    mask_id: int | None = None,
+    vocab_size: int = 0,
+    rate: float = 0.15,
+    layer_runner: Callable | None = None,
+):
     """objective(model, batch, key, dropout_keys) -> (logits, targets, loss mask or None).
+
+    layer_runner: runs a single-stack model's layers (the pipeline schedule; see `jaxlm.nn.stack.Stack`).
 
     key: noise for the objective (mlm corruption); dropout_keys: (B, 2) row keys, or None (no dropout).
 
@@ -74,7 +85,7 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
     if kind == "clm":
 
         def clm(model, batch, key, dropout_keys=None):
-            logits, _ = model(batch["inputs"], dropout_keys=dropout_keys)
+            logits, _ = model(batch["inputs"], dropout_keys=dropout_keys, layer_runner=layer_runner)
             return logits, batch["targets"], batch.get("mask")
 
         return clm
@@ -85,7 +96,7 @@ def make_objective(kind: str = "clm", *, mask_id: int | None = None, vocab_size:
         def mlm(model, batch, key, dropout_keys=None):
             tokens, valid = batch["inputs"], batch.get("mask")
             corrupted, picked = mlm_corrupt(key, tokens, mask_id=mask_id, vocab_size=vocab_size, rate=rate, valid=valid)
-            logits, _ = model(corrupted, valid=valid, dropout_keys=dropout_keys)
+            logits, _ = model(corrupted, valid=valid, dropout_keys=dropout_keys, layer_runner=layer_runner)
             return logits, tokens, picked
 
         return mlm

@@ -21,6 +21,7 @@ transformers = require("transformers")
 safetensors_numpy = require("safetensors.numpy")
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+PHI3_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults (32000) exceed the tiny vocab
 CASES = {
     "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, num_key_value_heads=2, max_position_embeddings=128)),
     "llama_bias_tied": (
@@ -51,6 +52,62 @@ CASES = {
         dict(SMALL, num_key_value_heads=2, sliding_window=8, max_position_embeddings=128),
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=2, max_position_embeddings=128)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            SMALL,
+            num_hidden_layers=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.0,
+            final_logit_softcapping=0.5,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            SMALL,
+            num_hidden_layers=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+            },
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attention_bias=True),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(SMALL, **PHI3_IDS, num_key_value_heads=2, max_position_embeddings=128)),
+    "phi3_longrope_window": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            SMALL,
+            **PHI3_IDS,
+            max_position_embeddings=128,
+            original_max_position_embeddings=16,
+            sliding_window=12,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+                long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0],
+            ),
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -127,7 +184,7 @@ def test_logits_generation_and_round_trip(case, tmp_path):
     assert ours == hf_new
 
     # to_hf reproduces every tensor bit for bit, and transformers reads what it wrote.
-    to_hf(model, tmp_path / "back")
+    to_hf(model, tmp_path / "back", architecture=arch)
     original = safetensors_numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
     written = safetensors_numpy.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(written) == sorted(k for k in original if k in written)
@@ -158,8 +215,8 @@ def test_unsupported_keys_and_architectures_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 30.0}))
     with pytest.raises(ConfigError, match=r"unsupported config.json keys \['attn_logit_softcapping'\]"):
         from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
-    with pytest.raises(ConfigError, match="hidden_act='gelu' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "tanh"}))
+    with pytest.raises(ConfigError, match="hidden_act='tanh' is not supported"):
         from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
     with pytest.raises(ConfigError, match="unsupported Hugging Face architecture.*FalconForCausalLM"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxlm.hf.config import config_from_hf, config_to_hf
+from jaxlm.hf.families import config_from_hf, config_to_hf
 from tests.parity import require
 
 transformers = require("transformers")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.generate import Seq2SeqGenerator
+from jaxlm.generate import Generator
 from jaxlm.hf import from_hf, to_hf
 from tests.parity import require
 
@@ -52,7 +52,7 @@ def test_t5_matches_transformers(variant, tmp_path):
 
     # Greedy decoding of 32 tokens for a padded batch of sources.
     sources = [src[i, : src_valid[i].sum()].tolist() for i in range(3)]
-    ours = Seq2SeqGenerator(model).generate(sources, max_new_tokens=32, start_id=0, temperature=0.0)
+    ours = Generator(model).generate([[0]] * len(sources), sources=sources, max_new_tokens=32, temperature=0.0)
     for i, s in enumerate(sources):
         with torch.no_grad():
             hf_out = ref.generate(

@@ -18,7 +18,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),

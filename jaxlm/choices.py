@@ -1,0 +1,11 @@
+"""The named options of a model, defined once: config validation, ops and modules all read these."""
+
+POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "relative", "none")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3", "longrope")
+NORMS = ("rmsnorm", "layernorm")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+REMAT = ("none", "full", "save_dots")
+HEADS = ("lm", "mlm")

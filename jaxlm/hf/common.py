@@ -1,0 +1,224 @@
+"""What the Hugging Face families share: the strict config reader, the keys no family's math depends on,
+activation names, RoPE parameters in both directions, and tensor layout transforms.
+
+torch `nn.Linear` stores (out, in); jaxlm stores (in, out) with heads split out:
+q (D, N, H), k/v (D, K, H), o (N, H, D). GPT-2's `Conv1D` already stores (in, out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxlm.errors import ConfigError
+
+# Keys of any config.json that do not change the network's function: identity and bookkeeping, token ids,
+# generation defaults (transformers < 5 wrote them into config.json), runtime switches that keep the math
+# (caching, attention kernels, gradient checkpointing, TorchScript), and heads jaxlm does not build.
+NEUTRAL = frozenset(
+    """
+    architectures model_type transformers_version torch_dtype dtype _name_or_path _commit_hash auto_map
+    _attn_implementation attn_implementation _attn_implementation_autoset base_config_key
+    bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id
+    use_cache cache_implementation output_attentions output_hidden_states return_dict use_return_dict output_past
+    torchscript use_bfloat16 gradient_checkpointing xla_device chunk_size_feed_forward tf_legacy_loss
+    id2label label2id num_labels problem_type finetuning_task tokenizer_class prefix task_specific_params
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k
+    top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size
+    bad_words_ids num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
+    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens cross_attention_hidden_size
+    """.split()
+)
+# Keys any config.json may carry that change the function unless they hold this value.
+# (A family that supports another value reads the key itself.)
+CHECKED = {
+    "pruned_heads": ({},),
+    "tie_encoder_decoder": (False,),
+    "quantization_config": (None,),
+    "is_encoder_decoder": (False,),
+    "is_decoder": (False,),
+    "add_cross_attention": (False,),
+}
+
+# Hugging Face activation names -> jaxlm's.
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+class Reader:
+    """Takes keys out of a config.json dict, so that whatever is left over can be reported.
+
+    `keys` are the keys the family declares it maps or checks: reading any other is a bug in the family.
+    """
+
+    def __init__(self, hf: dict, where: str, keys: frozenset, neutral: frozenset):
+        self.hf, self.where, self.keys, self.neutral, self.used = hf, where, keys, neutral, set()
+
+    def get(self, key, default=...):
+        assert key in self.keys, f"{self.where}: reads {key!r}, which the family does not declare"
+        self.used.add(key)
+        if key in self.hf and self.hf[key] is not None:
+            return self.hf[key]
+        if default is ...:
+            raise ConfigError(f"{self.where}: config.json lacks {key!r}")
+        return default
+
+    def expect(self, key, allowed, default=None):
+        value = self.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{self.where}: {key}={value!r} is not supported (jaxlm implements {allowed})")
+        return value
+
+    def activation(self, key, default, allowed=tuple(ACTIVATIONS)) -> str:
+        return ACTIVATIONS[self.expect(key, allowed, default)]
+
+    def finish(self):
+        for key, allowed in CHECKED.items():
+            if key in self.hf and key not in self.used and self.hf[key] not in allowed:
+                raise ConfigError(f"{self.where}: {key}={self.hf[key]!r} is not supported (jaxlm implements {allowed})")
+        left = sorted(set(self.hf) - self.used - NEUTRAL - self.neutral - set(CHECKED))
+        if left:
+            raise ConfigError(
+                f"{self.where}: unsupported config.json keys {left}; jaxlm would not compute the same model"
+            )
+
+
+ROPE_NAMES = {
+    "factor": "rope_factor",
+    "original_max_position_embeddings": "rope_original_max_len",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "beta_fast": "rope_beta_fast",
+    "beta_slow": "rope_beta_slow",
+    "attention_factor": "rope_attention_factor",
+    "short_factor": "rope_short_factor",
+    "long_factor": "rope_long_factor",
+}
+ROPE_KEYS = frozenset({"rope_parameters", "rope_scaling", "rope_theta"})
+
+
+def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10000.0) -> dict:
+    """ModelConfig RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x),
+    or from `params` (one entry of a per-layer-type `rope_parameters`)."""
+    if params is None:
+        params = dict(r.get("rope_parameters", None) or {})
+        params.update(r.get("rope_scaling", None) or {})
+        theta = params.pop("rope_theta", None) or r.get("rope_theta", theta_default)
+    else:
+        params = dict(params)
+        theta = params.pop("rope_theta", theta_default)
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if kind in ("su", "yarn") and ("short_factor" in params or "long_factor" in params):
+        kind = "longrope"  # Phi-3's early names for LongRoPE
+    out = {"rope_theta": float(theta)}
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{r.where}: partial_rotary_factor != 1 is not supported (RoPE on every head dim)")
+    if kind == "default":
+        return out
+    if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope"):
+        raise ConfigError(f"{r.where}: rope type {kind!r} is not supported (linear, dynamic, yarn, llama3, longrope)")
+    unknown = sorted(set(params) - set(ROPE_NAMES) - {"truncate"})
+    if unknown or params.get("truncate", True) is not True:
+        raise ConfigError(f"{r.where}: unsupported rope parameters {unknown or ['truncate=False']}")
+    out["rope_scaling"] = kind
+    for k, v in params.items():
+        if k in ROPE_NAMES and v is not None:
+            out[ROPE_NAMES[k]] = tuple(float(x) for x in v) if isinstance(v, list) else v
+    if kind == "dynamic":  # scales against max_position_embeddings
+        out["rope_original_max_len"] = r.get("max_position_embeddings")
+    if kind == "longrope":
+        top = "original_max_position_embeddings"  # Phi-3 keeps it beside rope_parameters
+        original = out.get("rope_original_max_len") or (r.get(top, None) if top in r.keys else None)
+        if not original:
+            raise ConfigError(f"{r.where}: longrope needs original_max_position_embeddings")
+        out["rope_original_max_len"] = original
+        out.setdefault("rope_factor", r.get("max_position_embeddings") / original)
+    return out
+
+
+def rope_to_hf(cfg, *, theta: float | None = None, scaling: str | None = None) -> dict:
+    """`rope_parameters` for cfg's RoPE (or for the given theta, unscaled)."""
+    scaling = cfg.rope_scaling if scaling is None else scaling
+    rope = {"rope_theta": cfg.rope_theta if theta is None else theta, "rope_type": "default"}
+    if scaling == "none":
+        return rope
+    rope.update(rope_type=scaling, factor=cfg.rope_factor)
+    if scaling in ("yarn", "llama3", "longrope"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_len
+    if scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if scaling == "yarn":
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+    if scaling == "longrope":
+        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor))
+    if scaling in ("yarn", "longrope") and cfg.rope_attention_factor:
+        rope["attention_factor"] = cfg.rope_attention_factor
+    return rope
+
+
+def max_positions(cfg) -> int:
+    """`max_position_embeddings`: dynamic NTK scales against it, so it is the pre-training length there."""
+    return cfg.rope_original_max_len if cfg.rope_scaling == "dynamic" else cfg.max_seq_len
+
+
+def mismatches(cfg, want: dict, family: str) -> list[str]:
+    """The fields of cfg that differ from `want`, as 'field=value (family needs x)'."""
+    return [f"{k}={getattr(cfg, k)!r} ({family} needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+
+
+# Tensor layouts: (HF array, cfg) -> jaxlm array (a tuple for fused tensors) and back.
+def to_jax(x: np.ndarray, layout: str, cfg):
+    D, H, F = cfg.d_model, cfg.dim_per_head, cfg.mlp_dim
+    if layout == "vector":
+        return x
+    if layout == "linear":
+        return x.T
+    if layout == "linear_to_heads":  # (n H, D) -> (D, n, H)
+        return x.T.reshape(D, -1, H)
+    if layout == "linear_from_heads":  # (D, N H) -> (N, H, D)
+        return x.T.reshape(-1, H, D)
+    if layout == "bias_heads":
+        return x.reshape(-1, H)
+    if layout == "conv_from_heads":  # (N H, D) -> (N, H, D)
+        return x.reshape(-1, H, D)
+    if layout == "conv_qkv":  # (D, 3 N H) -> 3 x (D, N, H)
+        return tuple(p.reshape(D, -1, H) for p in np.split(x, 3, axis=1))
+    if layout == "conv_qkv_bias":
+        return tuple(p.reshape(-1, H) for p in np.split(x, 3))
+    if layout == "linear_qkv":  # (N H + 2 K H, D) -> (D, N, H), 2 x (D, K, H)
+        n = cfg.num_heads * H
+        return tuple(p.T.reshape(D, -1, H) for p in np.split(x, [n, n + cfg.kv_heads * H]))
+    if layout == "linear_gate_up":  # (2 F, D) -> 2 x (D, F)
+        return tuple(p.T for p in np.split(x, [F]))
+    raise AssertionError(layout)
+
+
+def to_hf(x, layout: str):
+    if layout == "vector":
+        return x
+    if layout == "linear":
+        return x.T
+    if layout == "linear_to_heads":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "linear_from_heads":
+        return x.reshape(-1, x.shape[-1]).T
+    if layout == "bias_heads":
+        return x.reshape(-1)
+    if layout == "conv_from_heads":
+        return x.reshape(-1, x.shape[-1])
+    if layout == "conv_qkv":
+        return np.concatenate([p.reshape(p.shape[0], -1) for p in x], axis=1)
+    if layout == "conv_qkv_bias":
+        return np.concatenate([p.reshape(-1) for p in x])
+    if layout == "linear_qkv":
+        return np.concatenate([p.reshape(p.shape[0], -1).T for p in x])
+    if layout == "linear_gate_up":
+        return np.concatenate([p.T for p in x])
+    raise AssertionError(layout)

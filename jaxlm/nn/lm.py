@@ -1,0 +1,75 @@
+"""What every model class shares around its layer stacks: the token embedding (and token types) on the way
+in, the read-out (tied or own, BERT's MLM transform, soft-capping) and BERT's pooler on the way out."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.axes import constrain
+from jaxlm.config import ModelConfig
+from jaxlm.nn.embed import Embed
+from jaxlm.nn.norm import norm_for
+from jaxlm.nn.param import const_param, dtype_of, normal_param
+from jaxlm.ops.dense import dense
+from jaxlm.ops.mlp import activation
+
+
+class LanguageModel(nnx.Module):
+    """Base of `TransformerLM` and `EncoderDecoderLM`: builds and runs the input and output layers."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.dtype = dtype
+        D, std = cfg.d_model, cfg.init_std
+        self.embed = Embed(cfg.vocab_size, D, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_types = (
+            normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), std, param_dtype)
+            if cfg.type_vocab_size
+            else None
+        )
+        self.lm_head = (
+            None if cfg.tie_embeddings else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, param_dtype)
+        )
+        if cfg.head == "mlm":  # BERT: dense -> activation -> norm, then the tied read-out plus a bias
+            self.head_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)
+            self.head_dense_bias = const_param((D,), ("embed",), 0.0, param_dtype)
+            self.head_norm = norm_for(cfg)
+            self.head_bias = const_param((cfg.vocab_size,), ("vocab",), 0.0, param_dtype)
+        if cfg.pooler:
+            self.pool_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)
+            self.pool_bias = const_param((D,), ("embed",), 0.0, param_dtype)
+
+    def embed_tokens(self, tokens: jax.Array, token_types: jax.Array | None = None) -> jax.Array:
+        """(B, T) ids -> (B, T, D): the token embedding, times sqrt(D) with `embed_scale`, plus token types."""
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.d_model**0.5, x.dtype)
+        if self.token_types is not None:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + jnp.take(self.token_types[...], types, axis=0).astype(self.dtype)
+        return x
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) final hidden states -> (B, T, V) float32 logits."""
+        cfg = self.cfg
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        if cfg.scale_readout:
+            x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+        if cfg.head == "mlm":
+            h = dense(x, c(self.head_dense)) + c(self.head_dense_bias)  # BTD,DE->BTE
+            x = self.head_norm(activation(cfg.activation)(h))
+        logits = self.embed.attend(x) if self.lm_head is None else dense(x, c(self.lm_head))  # BTD,DV->BTV
+        if cfg.head == "mlm":
+            logits = logits + c(self.head_bias)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """BERT's pooler: tanh(dense(first token)). (B, T, D) -> (B, D)."""
+        h = dense(x[:, 0], self.pool_dense[...].astype(self.dtype))  # BD,DE->BE
+        return jnp.tanh(h + self.pool_bias[...].astype(self.dtype))
