@@ -16,7 +16,17 @@ from typing import Any
 
 import yaml
 
-from jaxlm.choices import ACTIVATIONS, ATTENTION_IMPLS, HEADS, MLPS, NORM_POSITIONS, NORMS, POSITIONS, REMAT, ROPE_SCALINGS
+from jaxlm.choices import (
+    ACTIVATIONS,
+    ATTENTION_IMPLS,
+    HEADS,
+    MLPS,
+    NORM_POSITIONS,
+    NORMS,
+    POSITIONS,
+    REMAT,
+    ROPE_SCALINGS,
+)
 from jaxlm.errors import ConfigError
 
 
@@ -180,16 +190,24 @@ class ModelConfig:
             half = self.dim_per_head // 2
             for key in ("rope_short_factor", "rope_long_factor"):
                 if len(getattr(self, key)) != half:
-                    raise ConfigError(f"model.{key} needs {half} values (head_dim / 2) for longrope, got {len(getattr(self, key))}")
+                    raise ConfigError(
+                        f"model.{key} needs {half} values (head_dim / 2) for longrope, got {len(getattr(self, key))}"
+                    )
         elif self.rope_short_factor or self.rope_long_factor:
             raise ConfigError("model.rope_short_factor / rope_long_factor need model.rope_scaling=longrope")
         if self.rope_local_theta and not (self.position == "rope" and self.sliding_window):
-            raise ConfigError("model.rope_local_theta is the base of sliding-window layers: needs position=rope and sliding_window > 0")
+            raise ConfigError(
+                "model.rope_local_theta is the base of sliding-window layers: needs position=rope and sliding_window > 0"
+            )
         if self.global_every and not self.sliding_window:
-            raise ConfigError("model.global_every alternates sliding-window and global layers: set model.sliding_window > 0")
+            raise ConfigError(
+                "model.global_every alternates sliding-window and global layers: set model.sliding_window > 0"
+            )
         for key in ("global_every", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if self.post_norms and self.norm_position != "pre":
+            raise ConfigError("model.post_norms adds norms after pre-norm branches: needs model.norm_position=pre")
         if self.norm_offset and self.norm != "rmsnorm":
             raise ConfigError(f"model.norm_offset applies to rmsnorm, not {self.norm}")
         if self.attn_logit_softcap and self.attention_impl != "reference":
@@ -504,7 +522,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def to_dict(config) -> dict:
     """Nested plain dict (tuples as lists, as YAML writes them)."""
-    return dataclasses.asdict(config, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
+    return dataclasses.asdict(
+        config, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+    )
 
 
 def save_config(config: Config, path: str | Path) -> None:

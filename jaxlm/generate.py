@@ -127,7 +127,6 @@ class Generator:
         out = np.stack(jax.device_get(generated), axis=1)
         return [_until(row.tolist(), eos_id) for row in out]
 
-
     def _context(self, sources, rows: int) -> dict:
         """init_cache's keyword arguments: the right-padded sources and their mask (encoder-decoders)."""
         if not self.seq2seq:
@@ -157,9 +156,7 @@ def _until(ids: list[int], eos_id: int | None) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
-def generate_uncached(
-    model, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None
-) -> list[int]:
+def generate_uncached(model, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None) -> list[int]:
     """Greedy reference without a cache: the whole context is recomputed for every token.
 
     Same context rule as `Generator`: at most max_seq_len tokens; when that

@@ -21,6 +21,8 @@ _GPT2 = dict(
     tie_embeddings=True,
 )
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="gated", activation="silu")
+_GEMMA = dict(_LLAMA, activation="gelu_tanh", norm_eps=1e-6, norm_offset=1.0, post_norms=True, embed_scale=True)
+_GEMMA.update(tie_embeddings=True)
 
 PRESETS: dict[str, ModelConfig] = {
     # Radford et al. 2019; 124,439,808 parameters.
@@ -55,6 +57,51 @@ PRESETS: dict[str, ModelConfig] = {
         mlp_dim=14336,
         max_seq_len=8192,
         rope_theta=500000.0,
+        norm_eps=1e-5,
+        **_LLAMA,
+    ),
+    # Gemma Team 2024 (google/gemma-2-2b); 2,614,341,888 parameters.
+    "gemma2_2b": ModelConfig(
+        vocab_size=256000,
+        d_model=2304,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        mlp_dim=9216,
+        max_seq_len=8192,
+        sliding_window=4096,
+        global_every=2,
+        attention_scale=256**-0.5,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        **_GEMMA,
+    ),
+    # Qwen Team 2025 (Qwen/Qwen3-0.6B); 596,049,920 parameters (tied embeddings).
+    "qwen3_0_6b": ModelConfig(
+        vocab_size=151936,
+        d_model=1024,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=3072,
+        max_seq_len=40960,
+        rope_theta=1_000_000.0,
+        norm_eps=1e-6,
+        qk_norm=True,
+        tie_embeddings=True,
+        **_LLAMA,
+    ),
+    # Abdin et al. 2024 (microsoft/Phi-3-mini-4k-instruct); 3,821,079,552 parameters.
+    "phi3_mini": ModelConfig(
+        vocab_size=32064,
+        d_model=3072,
+        num_layers=32,
+        num_heads=32,
+        mlp_dim=8192,
+        max_seq_len=4096,
+        sliding_window=2047,
         norm_eps=1e-5,
         **_LLAMA,
     ),

@@ -2,9 +2,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.axes import logical_to_spec, rules_for
 from jaxlm.config import ConfigError, MeshConfig, load_config
 from jaxlm.parallel.mesh import check_layout, make_mesh
-from jaxlm.axes import logical_to_spec, rules_for
 from jaxlm.train.sharded import ShardedTraining
 
 SIZES = {"pipeline": 2, "data": 1, "fsdp": 2, "tensor": 2}

@@ -110,7 +110,8 @@ def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10
     if params is None:
         params = dict(r.get("rope_parameters", None) or {})
         params.update(r.get("rope_scaling", None) or {})
-        theta = params.pop("rope_theta", None) or r.get("rope_theta", theta_default)
+        top = r.get("rope_theta", None)  # 4.x; transitional files carry it beside rope_parameters too
+        theta = params.pop("rope_theta", None) or top or theta_default
     else:
         params = dict(params)
         theta = params.pop("rope_theta", theta_default)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ModelConfig
 from jaxlm.data.tokenizer import BPETokenizer, DataError
 from jaxlm.hf.families import architecture_for, config_from_hf, config_to_hf
 from jaxlm.hf.weights import hf_to_params, params_to_hf

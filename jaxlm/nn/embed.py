@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axes import constrain
 from jaxlm.nn.param import normal_param
 from jaxlm.ops.dense import dense
-from jaxlm.axes import constrain
 
 
 class Embed(nnx.Module):

@@ -31,7 +31,9 @@ class LanguageModel(nnx.Module):
             else None
         )
         self.lm_head = (
-            None if cfg.tie_embeddings else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, param_dtype)
+            None
+            if cfg.tie_embeddings
+            else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, param_dtype)
         )
         if cfg.head == "mlm":  # BERT: dense -> activation -> norm, then the tied read-out plus a bias
             self.head_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)

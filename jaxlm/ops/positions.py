@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from jaxlm.choices import ROPE_SCALINGS
 
 
-
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
     """Inverse frequencies theta^(-2i/H), i < H/2. Returns (H/2,) float32."""
     if head_dim % 2:

@@ -1,8 +1,8 @@
 """Sharding over a device mesh: rules, mesh, pipeline schedule, sharded state, planning."""
 
+from jaxlm.axes import RULES, activation_sharding, constrain, logical_to_spec, rules_for
 from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.pipeline import pipeline
-from jaxlm.axes import RULES, activation_sharding, constrain, logical_to_spec, rules_for
 
 __all__ = [
     "RULES",

@@ -13,11 +13,11 @@ import math
 import jax
 from flax import nnx
 
+from jaxlm.axes import logical_to_spec, rules_for
 from jaxlm.config import Config, ConfigError
 from jaxlm.nn.models import build_model
 from jaxlm.nn.param import dtype_of
 from jaxlm.parallel.mesh import check_layout, describe
-from jaxlm.axes import logical_to_spec, rules_for
 
 GiB = 1024**3
 

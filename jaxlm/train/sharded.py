@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.axes import activation_sharding
 from jaxlm.config import Config
 from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
-from jaxlm.axes import activation_sharding
 from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.train.optimizer import make_optimizer

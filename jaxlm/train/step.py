@@ -9,7 +9,6 @@ one optimizer update whatever the accumulation.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from typing import Any, NamedTuple
 
 import jax

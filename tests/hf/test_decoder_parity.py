@@ -90,7 +90,11 @@ CASES = {
         "Qwen3ForCausalLM",
         dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attention_bias=True),
     ),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(SMALL, **PHI3_IDS, num_key_value_heads=2, max_position_embeddings=128)),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(SMALL, **PHI3_IDS, num_key_value_heads=2, max_position_embeddings=128),
+    ),
     "phi3_longrope_window": (
         "Phi3Config",
         "Phi3ForCausalLM",

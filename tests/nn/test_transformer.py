@@ -93,12 +93,6 @@ def test_preset_shapes_without_allocating(name):
     assert logits.shape == (1, 16, cfg.vocab_size)
 
 
-def test_bfloat16_compute_runs():
-    model = TransformerLM(tiny("llama_tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
-    logits, _ = model(jnp.ones((1, 4), jnp.int32))
-    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-
-
 @pytest.mark.parametrize("name", ["gpt", "post_norm_sinusoidal"])
 def test_dropout_only_with_row_keys(name):
     """Without keys (evaluation, decoding) a model with dropout computes exactly the model without."""

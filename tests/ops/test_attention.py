@@ -15,7 +15,7 @@ def _qkv(B=2, T=5, S=5, N=4, K=2, H=8, seed=0):
     )
 
 
-def numpy_mha(q, k, v, mask=None, bias=None):
+def numpy_mha(q, k, v, mask=None, bias=None, cap=0.0):
     """Per-head loop, K/V repeated to N heads: the textbook definition."""
     q, k, v = map(np.asarray, (q, k, v))
     B, T, N, H = q.shape
@@ -25,6 +25,8 @@ def numpy_mha(q, k, v, mask=None, bias=None):
     for b in range(B):
         for n in range(N):
             s = q[b, :, n] @ k[b, :, n].T / np.sqrt(H)
+            if cap:
+                s = cap * np.tanh(s / cap)
             if bias is not None:
                 s = s + np.asarray(bias)[b, n]
             if mask is not None:
@@ -80,10 +82,32 @@ def test_causal_and_sliding_window_mask():
             assert m[t, s] == (t - 3 < s <= t)
 
 
-def test_fully_masked_rows_are_finite():
+def test_bidirectional_sliding_window_is_symmetric():
+    pos = jnp.arange(6)[None]
+    m = np.asarray(attention_mask(pos, pos, causal=False, sliding_window=2))[0]
+    for t in range(6):
+        for s in range(6):
+            assert m[t, s] == (abs(t - s) < 2)
+
+
+def test_fully_masked_rows_are_the_mean_of_v():
+    """As the docstring promises: rows with no visible key return mean(v) over the keys, not NaN."""
     q, k, v = _qkv()
-    mask = jnp.zeros((2, 5, 5), bool)
-    assert np.isfinite(np.asarray(dot_product_attention(q, k, v, mask=mask))).all()
+    mask = np.ones((2, 5, 5), bool)
+    mask[1, 2] = False  # query 2 of row 1 sees nothing
+    out = np.asarray(dot_product_attention(q, k, v, mask=jnp.asarray(mask)))
+    G = q.shape[2] // k.shape[2]
+    want = np.repeat(np.asarray(v[1]).mean(axis=0), G, axis=0)  # (N, H): query head n reads kv head n // G
+    np.testing.assert_allclose(out[1, 2], want, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(out).all()
+
+
+def test_softcap_bounds_scores():
+    q, k, v = _qkv()
+    big = q * 100.0
+    capped = dot_product_attention(big, k, v, softcap=1.0)
+    manual = numpy_mha(big, k, v, cap=1.0)
+    np.testing.assert_allclose(np.asarray(capped), manual, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_head_counts_and_implementation():

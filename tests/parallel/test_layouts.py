@@ -193,3 +193,15 @@ def test_encoder_decoder_under_fsdp_tensor_data(extra):
     np.testing.assert_allclose(run(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), one_device, rtol=1e-5)
     if extra:  # encoder and decoder dropout act
         assert not np.allclose(one_device, run(["mesh.data=1", "model.dropout=0", "model.attention_dropout=0"]))
+
+
+GEMMA = ["model.post_norms=true", "model.qk_norm=true", "model.norm_offset=1.0", "model.embed_scale=true"]
+GEMMA += ["model.attn_logit_softcap=5.0", "model.final_logit_softcap=10.0", "model.activation=gelu_tanh"]
+GEMMA += ["model.sliding_window=8", "model.global_every=2", "model.rope_local_theta=100.0"]
+
+
+@pytest.mark.parametrize("layout", ["fsdp=2 tensor=2 data=2", "pipeline=2 data=4"])
+def test_gemma_features_under_meshes(layout):
+    """Gemma's post-norms, q/k norms (head_dim-axis scales), soft-caps and alternating local/global layers
+    with two RoPE bases: sharded and pipelined (stages see their global layer ids) equal one device."""
+    assert_same(train_steps(LAYOUTS[layout] + GEMMA)[:2], reference(extra=GEMMA))

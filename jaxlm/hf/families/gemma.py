@@ -8,8 +8,14 @@ from __future__ import annotations
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, mismatches, rope_params, rope_to_hf
-from jaxlm.hf.families.llama import ADAPTER_MODULES  # noqa: F401  (the same module names as LLaMA)
-from jaxlm.hf.families.llama import ATTENTION, DECODER_TOP, MLP, decoder_config, decoder_fields
+from jaxlm.hf.families.llama import (
+    ADAPTER_MODULES,  # noqa: F401  (the same module names as LLaMA)
+    ATTENTION,
+    DECODER_TOP,
+    MLP,
+    decoder_config,
+    decoder_fields,
+)
 
 ARCHITECTURES = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
 CONFIG_CLASSES = ("Gemma2Config", "Gemma3TextConfig")

@@ -5,8 +5,15 @@ from __future__ import annotations
 from jaxlm.config import ModelConfig
 from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, mismatches, rope_params, rope_to_hf
 from jaxlm.hf.families.gemma import QK_NORM
-from jaxlm.hf.families.llama import ADAPTER_MODULES  # noqa: F401  (the same module names as LLaMA)
-from jaxlm.hf.families.llama import DECODER_TOP, LAYER, LLAMA_LIKE, decoder_config, decoder_fields, full_attention_only
+from jaxlm.hf.families.llama import (
+    ADAPTER_MODULES,  # noqa: F401  (the same module names as LLaMA)
+    DECODER_TOP,
+    LAYER,
+    LLAMA_LIKE,
+    decoder_config,
+    decoder_fields,
+    full_attention_only,
+)
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3"}
 CONFIG_CLASSES = ("Qwen3Config",)
