@@ -24,7 +24,7 @@ import numpy as np
 from jaxlm.config import load_config
 from jaxlm.flops import train_flops_per_token
 from jaxlm.nn.models import count_params
-from jaxlm.parallel.plan import compiled_memory
+from jaxlm.plan import compiled_memory
 from jaxlm.train.sharded import ShardedTraining
 
 

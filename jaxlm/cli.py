@@ -124,29 +124,27 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import dataclasses
+    import math
+
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
+    from jaxlm.config import MeshConfig
     from jaxlm.train.data import load_splits, make_batches
     from jaxlm.train.run_dir import load_run
-    from jaxlm.train.step import make_eval_step, make_objective
+    from jaxlm.train.sharded import ShardedTraining
     from jaxlm.train.trainer import evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
     _, val = load_splits(cfg)
     _, val_batches = make_batches(cfg, tokenizer, None, val)
-    graphdef, params = nnx.split(model, nnx.Param)
-    objective = make_objective(
-        cfg.train.objective,
-        mask_id=getattr(tokenizer, "mask_id", None),
-        vocab_size=cfg.model.vocab_size,
-        rate=cfg.train.mask_rate,
-    )
-    token_bytes = np.pad(tokenizer.token_bytes, (0, max(0, cfg.model.vocab_size - len(tokenizer.token_bytes))))
-    eval_step = jax.jit(make_eval_step(graphdef, jnp.asarray(token_bytes), objective))
-    out = evaluate(eval_step, params, val_batches(args.batches))
+    # Training's sharded evaluation on this machine's devices (the run's own mesh may not fit here).
+    mesh = MeshConfig(data=math.gcd(cfg.train.batch_size, jax.device_count()))
+    sharded = ShardedTraining(dataclasses.replace(cfg, mesh=mesh), mask_id=getattr(tokenizer, "mask_id", None))
+    params = jax.device_put(nnx.state(model, nnx.Param), sharded.shardings.params)
+    eval_step = sharded.eval_step(tokenizer.token_bytes)
+    out = evaluate(eval_step, params, val_batches(args.batches), put=lambda b: sharded.put_batch(b, lo=0))
     print(
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
@@ -156,7 +154,7 @@ def cmd_eval(args) -> int:
 
 def cmd_plan(args) -> int:
     from jaxlm.config import load_config
-    from jaxlm.parallel.plan import plan
+    from jaxlm.plan import plan
 
     print(plan(load_config(args.config, args.overrides), args.devices, compiled=args.compiled))
     return 0

@@ -5,7 +5,7 @@ import pytest
 from jaxlm.cli import main
 from jaxlm.config import ConfigError, load_config
 from jaxlm.nn.models import count_params
-from jaxlm.parallel.plan import plan
+from jaxlm.plan import plan
 
 GiB = 1024**3
 
@@ -63,7 +63,7 @@ def test_cli_plan(capsys):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_plan_estimate_against_the_compiled_step(remat):
     """`plan --compiled`: the state bytes match XLA's arguments exactly; the estimate is within 30% of the peak."""
-    from jaxlm.parallel.plan import compiled_memory
+    from jaxlm.plan import compiled_memory
     from tests.conftest import TINY
 
     cfg = load_config("configs/llama_tiny.yaml", TINY + [f"model.remat={remat}", "train.batch_size=16"])
