@@ -3,6 +3,8 @@ in, the read-out (tied or own, BERT's MLM transform, soft-capping) and BERT's po
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,21 +21,24 @@ from jaxlm.ops.mlp import activation
 class LanguageModel(nnx.Module):
     """Base of `TransformerLM` and `EncoderDecoderLM`: builds and runs the input and output layers."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, build_stacks: Callable[[], None]):
+        """build_stacks: creates the subclass's layer stacks, between the embedding and the read-out, so that a
+        seed draws parameters in jaxlm's one order: embedding, stacks, read-out, token types, heads."""
         self.cfg = cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
         D, std = cfg.d_model, cfg.init_std
         self.embed = Embed(cfg.vocab_size, D, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.token_types = (
-            normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), std, param_dtype)
-            if cfg.type_vocab_size
-            else None
-        )
+        build_stacks()
         self.lm_head = (
             None
             if cfg.tie_embeddings
             else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, param_dtype)
+        )
+        self.token_types = (
+            normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), std, param_dtype)
+            if cfg.type_vocab_size
+            else None
         )
         if cfg.head == "mlm":  # BERT: dense -> activation -> norm, then the tied read-out plus a bias
             self.head_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)

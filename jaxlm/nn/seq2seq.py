@@ -30,10 +30,11 @@ class EncoderDecoderLM(LanguageModel):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        # T5 also drops each stack's final-norm output.
-        self.encoder = Stack(cfg, cfg.num_layers, causal=False, final_dropout=True, rngs=rngs)
-        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, final_dropout=True, rngs=rngs)
+        def build_stacks():  # T5 also drops each stack's final-norm output
+            self.encoder = Stack(cfg, cfg.num_layers, causal=False, final_dropout=True, rngs=rngs)
+            self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, final_dropout=True, rngs=rngs)
+
+        super().__init__(cfg, rngs=rngs, build_stacks=build_stacks)
 
     def encode(
         self, src: jax.Array, src_valid: jax.Array | None = None, dropout_keys: jax.Array | None = None

@@ -165,6 +165,7 @@ class Stack(nnx.Module):
             B, T = positions.shape
             memory_mask = jnp.broadcast_to(memory_valid[:, None, :], (B, T, memory_valid.shape[1]))
         keys = fold_rows(dropout_keys, 1)
+        _, params = nnx.split(self.layers)
         if layer_runner is not None and kv is None:
             if memory is not None:
                 raise ValueError("a layer runner (pipeline) runs single-stack models only")
@@ -173,10 +174,8 @@ class Stack(nnx.Module):
                 (p, ids), (pos, ok, row_keys) = p_ids, per_row
                 return self._layers(x, p, ids, pos, self._attention_inputs(pos, pos, ok), None, None, None, row_keys)[0]
 
-            _, params = nnx.split(self.layers)
             x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, (positions, valid, keys))
         else:
-            _, params = nnx.split(self.layers)
             inputs = self._attention_inputs(positions, kv_pos, kv_valid)
             x, kv = self._layers(
                 x, params, layer_ids(self.num_layers), positions, inputs, kv, cache_index, (memory, memory_mask), keys

@@ -25,8 +25,10 @@ class TransformerLM(LanguageModel):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.stack = Stack(cfg, cfg.num_layers, causal=cfg.causal, rngs=rngs)
+        def build_stacks():
+            self.stack = Stack(cfg, cfg.num_layers, causal=cfg.causal, rngs=rngs)
+
+        super().__init__(cfg, rngs=rngs, build_stacks=build_stacks)
 
     def init_cache(self, batch: int, length: int | None = None) -> dict:
         """Empty cache of `length` (default max_seq_len) slots: per-layer K/V, the position of each slot."""

@@ -53,8 +53,9 @@ def _pattern(r, arch: str, layers: int) -> int | None:
         every = 2 if arch == "Gemma2ForCausalLM" else r.get("sliding_window_pattern", None)
         every = every or r.get("_sliding_window_pattern", 6)
         types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
-    else:
-        r.get("sliding_window_pattern", None), r.get("_sliding_window_pattern", None)  # layer_types rules
+    else:  # layer_types overrides the pattern keys
+        for key in ("sliding_window_pattern", "_sliding_window_pattern"):
+            r.get(key, None)
     if set(types) - {"full_attention", "sliding_attention"} or len(types) != layers:
         raise ConfigError(f"{arch}: layer_types {types} must name each of the {layers} layers full or sliding")
     local = [t == "sliding_attention" for t in types]
