@@ -31,6 +31,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),  # Megatron: MLP column-parallel in, row-parallel out
     "head_dim": (),
     "seq": (),
+    "lora": (),  # a LoRA's rank: small, replicated
 }
 
 # With fewer KV heads than tensor ranks (GQA), each rank keeps every K/V head

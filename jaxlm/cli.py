@@ -128,12 +128,12 @@ def cmd_eval(args) -> int:
     import math
 
     import jax
-    from flax import nnx
 
     from jaxlm.config import MeshConfig
     from jaxlm.train.data import load_splits, make_batches
     from jaxlm.train.run_dir import load_run
     from jaxlm.train.sharded import ShardedTraining
+    from jaxlm.train.step import split_model
     from jaxlm.train.trainer import evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
@@ -142,9 +142,10 @@ def cmd_eval(args) -> int:
     # Training's sharded evaluation on this machine's devices (the run's own mesh may not fit here).
     mesh = MeshConfig(data=math.gcd(cfg.train.batch_size, jax.device_count()))
     sharded = ShardedTraining(dataclasses.replace(cfg, mesh=mesh), mask_id=getattr(tokenizer, "mask_id", None))
-    params = jax.device_put(nnx.state(model, nnx.Param), sharded.shardings.params)
+    _, params, frozen = split_model(model, sharded.trainable)
+    weights = jax.device_put((params, frozen), (sharded.shardings.params, sharded.shardings.frozen))
     eval_step = sharded.eval_step(tokenizer.token_bytes)
-    out = evaluate(eval_step, params, val_batches(args.batches), put=lambda b: sharded.put_batch(b, lo=0))
+    out = evaluate(eval_step, weights, val_batches(args.batches), put=lambda b: sharded.put_batch(b, lo=0))
     print(
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"

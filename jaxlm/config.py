@@ -242,14 +242,25 @@ class ModelConfig:
 class DataConfig:
     """Where text comes from, how it is tokenized and packed."""
 
-    source: str = "shakespeare"  # "shakespeare" (embedded corpus) | a text file, directory or glob
+    # Text (objectives clm, mlm, span): "shakespeare" (embedded corpus) | a text file, directory or glob.
+    # Instructions (sft, prefix_lm): "shakespeare_instructions" (embedded set) | a JSONL file of {"messages": [...]}
+    # or {"prompt", "completion"} lines (validation: `val_source`, else its last val_fraction).
+    source: str = "shakespeare"
+    val_source: str = ""  # instructions: a JSONL file of held-out examples
     tokenizer: str = "bpe"  # bpe (trained on the training split) | byte
     seq_len: int = 256  # tokens per training sequence
     val_fraction: float = 0.05  # share of a user corpus held out (whole files when possible)
     seed: int = 0  # shuffling seed
+    document_mask: bool = False  # clm: attention stays inside each packed document, positions restart per document
+    # Instructions: the tokenizer's own Jinja chat_template when it has one, else jaxlm's built-in ChatML (auto);
+    # chatml: always the built-in; or a path to a Jinja template file.
+    chat_template: str = "auto"
+    pack: bool = True  # instructions: several examples per row (segment ids keep them apart)
+    too_long: str = "truncate"  # an example over seq_len + 1 tokens: truncate (keep its start) | drop
 
     def __post_init__(self):
         _check_choice("data.tokenizer", self.tokenizer, ("bpe", "byte"))
+        _check_choice("data.too_long", self.too_long, ("truncate", "drop"))
         if self.seq_len <= 0:
             raise ConfigError(f"data.seq_len must be positive, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -277,7 +288,9 @@ class TrainConfig:
     precision: str = "fp32"
     loss_scale: float = 32768.0  # fp16: initial loss scale (2^15); halved when a gradient is not finite
     loss_scale_window: int = 1000  # fp16: the scale doubles after this many finite steps in a row
-    objective: str = "clm"  # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs
+    # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs | sft: instruction data,
+    # loss on the responses | prefix_lm: sft with the prompt attended bidirectionally (UniLM/GLM's prefix LM)
+    objective: str = "clm"
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept); span: noise
     mean_span: float = 3.0  # span: mean corrupted span length
     target_len: int = 0  # span/seq2seq: decoder length (0 = data.seq_len)
@@ -302,7 +315,7 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        _check_choice("train.objective", self.objective, ("clm", "mlm", "span", "seq2seq"))
+        _check_choice("train.objective", self.objective, OBJECTIVES)
         _check_choice("train.precision", self.precision, tuple(PRECISION_DTYPES))
         if not self.loss_scale >= 1.0:
             raise ConfigError(f"train.loss_scale must be >= 1, got {self.loss_scale}")
@@ -315,6 +328,52 @@ class TrainConfig:
 
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm")
+INSTRUCTION_OBJECTIVES = ("sft", "prefix_lm")
+PEFT_METHODS = ("none", "lora", "qlora", "prompt", "prefix")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Where fine-tuning starts."""
+
+    # A jaxlm run directory (its latest checkpoint) or a Hugging Face model directory: weights, tokenizer and model
+    # shape come from it (model.* keys may only change dropout, remat, scan_layers, attention_impl). "" = from scratch.
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning: only the method's parameters train, the base model stays frozen bit for bit."""
+
+    method: str = "none"  # none (every parameter trains) | lora | qlora (NF4 base + LoRA) | prompt | prefix
+    rank: int = 8  # lora/qlora: R
+    alpha: float = 16.0  # lora/qlora: the update is scaled by alpha / R (rslora: alpha / sqrt(R))
+    dropout: float = 0.0  # lora/qlora: dropout on the adapter's input
+    rslora: bool = False
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # lora/qlora: projections by role
+    virtual_tokens: int = 20  # prompt/prefix: P
+    prompt_init_text: str = ""  # prompt: start from this text's token embeddings (peft's prompt_tuning_init=TEXT)
+    prefix_hidden: int = 0  # prefix: > 0 reparameterizes through an MLP of this width while training (Li & Liang)
+
+    def __post_init__(self):
+        _check_choice("peft.method", self.method, PEFT_METHODS)
+        for key in ("rank", "virtual_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"peft.{key} must be positive, got {getattr(self, key)}")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if self.prefix_hidden < 0:
+            raise ConfigError(f"peft.prefix_hidden must be >= 0, got {self.prefix_hidden}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ConfigError(f"peft.targets: unknown LoRA target(s) {unknown}; choose from {list(LORA_TARGETS)}")
+        if self.method in ("lora", "qlora") and not self.targets:
+            raise ConfigError("peft.targets is empty: name the projections LoRA adapts, e.g. [q, v]")
+
 
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to innermost
 
@@ -377,6 +436,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
     def __post_init__(self):
         # train.precision is the one training knob for the compute dtype; model.dtype records it.
@@ -389,6 +450,7 @@ class Config:
                 )
             object.__setattr__(self, "model", dataclasses.replace(self.model, dtype=want))
         fits = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder", "seq2seq": "encoder-decoder"}
+        fits.update(sft="decoder", prefix_lm="decoder")
         kind = "encoder-decoder" if self.model.decoder_layers else "decoder" if self.model.causal else "encoder"
         if fits[self.train.objective] != kind:
             raise ConfigError(
@@ -396,6 +458,18 @@ class Config:
                 f"{kind}: clm for causal decoders, mlm for encoders (model.causal=false), span or seq2seq for "
                 "encoder-decoders (model.decoder_layers > 0)"
             )
+        if self.peft.method in ("prompt", "prefix") and kind != "decoder":
+            raise ConfigError(f"peft.method={self.peft.method} adapts decoders; this model is an {kind}")
+        if self.peft.method == "prompt" and self.model.position == "learned":
+            if self.data.seq_len + self.peft.virtual_tokens > self.model.max_seq_len:
+                raise ConfigError(
+                    f"data.seq_len ({self.data.seq_len}) + peft.virtual_tokens ({self.peft.virtual_tokens}) exceed "
+                    f"the learned position table (model.max_seq_len {self.model.max_seq_len})"
+                )
+        if self.peft.method != "none" and self.mesh.pipeline != 1:
+            raise ConfigError("peft methods run without pipeline parallelism; use mesh.pipeline=1")
+        if self.data.document_mask and self.train.objective != "clm":
+            raise ConfigError("data.document_mask applies to packed text (train.objective=clm)")
         if self.model.decoder_layers and self.mesh.pipeline != 1:
             raise ConfigError("pipeline parallelism supports single-stack models; use mesh.pipeline=1")
         if self.data.seq_len > self.model.max_seq_len:

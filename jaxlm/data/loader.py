@@ -94,6 +94,20 @@ class PackedLoader:
         return b
 
 
+def document_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+    """Segment ids and positions of the documents packed in rows of inputs (B, T) (`data.document_mask`).
+
+    A document's end-of-text token is its last; the next token starts a new segment at position 0.
+    """
+    ends = np.cumsum(inputs == eos_id, axis=1)
+    segments = np.concatenate([np.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1).astype(np.int32)
+    starts = np.zeros_like(segments)
+    cols = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
+    new = np.concatenate([np.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    starts = np.maximum.accumulate(np.where(new, cols, 0), axis=1)
+    return {"segments": segments, "positions": (cols - starts).astype(np.int32)}
+
+
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0):
     """Yields the whole split in order as {"inputs", "targets", "mask"} batches.
 

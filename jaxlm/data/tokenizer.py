@@ -49,6 +49,15 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids and the (start, end) character span of each."""
+        ids, offsets = [], []
+        for i, ch in enumerate(_as_text(text)):
+            b = ch.encode("utf-8")
+            ids += list(b)
+            offsets += [(i, i + 1)] * len(b)
+        return ids, offsets
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return bytes(i for i in ids if 0 <= i < 256)
 
@@ -81,14 +90,20 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tokenizer, eos_id: int | None = None):
-        """`eos_id`: end-of-text id, for tokenizers (e.g. from Hugging Face) without `<|endoftext|>`."""
+    def __init__(self, tokenizer, eos_id: int | None = None, *, chat_template: str | None = None, special_tokens=None):
+        """`eos_id`: end-of-text id, for tokenizers (e.g. from Hugging Face) without `<|endoftext|>`.
+
+        chat_template: Jinja chat template (Hugging Face `tokenizer_config.json`), or None.
+        special_tokens: the template's variables: {"bos_token": "<s>", "eos_token": "</s>", ...}.
+        """
         self._tok = tokenizer
+        self.chat_template = chat_template
         self.vocab_size = tokenizer.get_vocab_size()
         eos = tokenizer.token_to_id(EOS) if eos_id is None else eos_id
         if eos is None:
             raise DataError(f"BPE tokenizer has no {EOS} token and no end-of-text id was given")
         self.eos_id = eos
+        self.special_tokens = dict(special_tokens or {"eos_token": tokenizer.id_to_token(eos)})
         self.mask_id = tokenizer.token_to_id(MASK)
         special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         self._id_bytes: list[bytes] = []
@@ -120,17 +135,38 @@ class BPETokenizer:
         side = _eos_file(path)
         if eos_id is None and side.is_file():
             eos_id = int(json.loads(side.read_text())["eos_id"])
+        chat = {}
+        if _chat_file(path).is_file():
+            chat = json.loads(_chat_file(path).read_text(encoding="utf-8"))
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise DataError(f"cannot read tokenizer file {path}: {e}") from None
-        return cls(tok, eos_id)
+        return cls(tok, eos_id, chat_template=chat.get("chat_template"), special_tokens=chat.get("special_tokens"))
 
     def encode(self, text: str | bytes) -> list[int]:
         return self._tok.encode(_as_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch([_as_text(t) for t in texts], add_special_tokens=False)]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids and the (start, end) character span of each (special tokens in the text are matched)."""
+        e = self._tok.encode(_as_text(text), add_special_tokens=False)
+        return e.ids, e.offsets
+
+    def add_special_tokens(self, tokens) -> list[int]:
+        """Adds special tokens the vocabulary lacks (a chat template's); returns their ids."""
+        from tokenizers import AddedToken
+
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self.vocab_size = self._tok.get_vocab_size()
+        self._id_bytes += [b""] * (self.vocab_size - len(self._id_bytes))
+        self.token_bytes = np.array([len(b) for b in self._id_bytes], np.int32)
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return b"".join(self._id_bytes[i] for i in ids if 0 <= i < self.vocab_size)
@@ -142,10 +178,17 @@ class BPETokenizer:
         self._tok.save(str(path))
         if self._tok.token_to_id(EOS) != self.eos_id:  # keep an end-of-text id the file cannot name
             _eos_file(path).write_text(json.dumps({"eos_id": self.eos_id}))
+        if self.chat_template:  # what tokenizer.json cannot hold (Hugging Face keeps it in tokenizer_config.json)
+            chat = {"chat_template": self.chat_template, "special_tokens": self.special_tokens}
+            _chat_file(path).write_text(json.dumps(chat, ensure_ascii=False), encoding="utf-8")
 
 
 def _eos_file(path: str | Path) -> Path:
     return Path(str(path) + ".eos.json")
+
+
+def _chat_file(path: str | Path) -> Path:
+    return Path(str(path) + ".chat.json")
 
 
 def _piece_bytes(piece: str) -> bytes:

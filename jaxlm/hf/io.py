@@ -79,6 +79,23 @@ def _eos_id(directory: Path, hf: dict, tok) -> int | None:
     return None
 
 
+def _chat_settings(directory: Path) -> tuple[str | None, dict]:
+    """The chat template (tokenizer_config.json, or chat_template.jinja beside it) and its special-token strings."""
+    conf = _maybe_json(directory / "tokenizer_config.json")
+    template = conf.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+        value = conf.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    return template, special
+
+
 def _maybe_json(path: Path) -> dict:
     return _read_json(path) if path.is_file() else {}
 
@@ -106,7 +123,8 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
         from tokenizers import Tokenizer
 
         raw = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        tokenizer = BPETokenizer(raw, _eos_id(directory, hf, raw))
+        template, special = _chat_settings(directory)
+        tokenizer = BPETokenizer(raw, _eos_id(directory, hf, raw), chat_template=template, special_tokens=special)
     else:
         log.warning("%s has no tokenizer.json; returning the model alone", directory)
     log.info("loaded %s from %s in %.1f s", arch, directory, time.perf_counter() - t)
@@ -140,4 +158,8 @@ def to_hf(model: nnx.Module, path: str | Path, *, tokenizer=None, architecture: 
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None and hasattr(tokenizer, "_tok"):
         tokenizer._tok.save(str(directory / "tokenizer.json"))
+        conf = dict(getattr(tokenizer, "special_tokens", {}))
+        if getattr(tokenizer, "chat_template", None):
+            conf["chat_template"] = tokenizer.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
     return arch

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.nn.adapters import project
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
-from jaxlm.ops.dense import dense
+from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
 
@@ -97,9 +98,10 @@ class Attention(nnx.Module):
           (B, T, D) and the updated cache (None without cache).
         """
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        q = dense(x, c(self.wq))  # BTD,DNH->BTNH
-        k = dense(x, c(self.wk))  # BTD,DKH->BTKH
-        v = dense(x, c(self.wv))
+        keys = fold_rows(dropout_keys, 1)  # LoRA dropout: a stream apart from the attention weights'
+        q = project(self, "wq", x, 1, keys)  # BTD,DNH->BTNH
+        k = project(self, "wk", x, 1, keys)  # BTD,DKH->BTKH
+        v = project(self, "wv", x, 1, keys)
         if self.bq is not None:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
         if self.q_norm is not None:
@@ -133,8 +135,8 @@ class Attention(nnx.Module):
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        k = dense(memory, c(self.wk))  # BSD,DKH->BSKH
-        v = dense(memory, c(self.wv))
+        k = project(self, "wk", memory)  # BSD,DKH->BSKH
+        v = project(self, "wv", memory)
         if self.bk is not None:
             k, v = k + c(self.bk), v + c(self.bv)
         if self.k_norm is not None:
@@ -143,7 +145,7 @@ class Attention(nnx.Module):
 
     def cross(self, x: jax.Array, kv: dict, mask: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
         """Cross-attention of x (B, T, D) to `memory_kv` output; mask (B, T, S); dropout_keys as in `__call__`."""
-        q = dense(x, self.wq[...].astype(self.dtype))  # BTD,DNH->BTNH
+        q = project(self, "wq", x, 1, fold_rows(dropout_keys, 1))  # BTD,DNH->BTNH
         if self.bq is not None:
             q = q + self.bq[...].astype(self.dtype)
         if self.q_norm is not None:
@@ -164,7 +166,7 @@ class Attention(nnx.Module):
             dropout_keys=dropout_keys,
             softcap=self.softcap,
         )
-        y = dense(out, c(self.wo), 2)  # BTNH,NHD->BTD
+        y = project(self, "wo", out, 2, fold_rows(dropout_keys, 1))  # BTNH,NHD->BTD
         if self.bo is not None:
             y = y + c(self.bo)
         return y

@@ -22,7 +22,10 @@ class Embed(nnx.Module):
         """(B, T) int -> (B, T, D)."""
         # Gather whole rows: the FSDP-split `embed` dim is all-gathered first (a vocab split stays put).
         table = constrain(self.embedding[...], ("vocab", "embed"))
-        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        lora = getattr(self, "lora_embedding", None)  # jaxlm.nn.adapters.EmbeddingLoRA
+        delta = None if lora is None else lora(tokens, self.dtype)
+        return x if delta is None else x + delta
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits."""

@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxlm.axes import constrain
 from jaxlm.config import ModelConfig
+from jaxlm.nn.adapters import project
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import const_param, dtype_of, normal_param
@@ -68,7 +69,7 @@ class LanguageModel(nnx.Module):
         if cfg.head == "mlm":
             h = dense(x, c(self.head_dense)) + c(self.head_dense_bias)  # BTD,DE->BTE
             x = self.head_norm(activation(cfg.activation)(h))
-        logits = self.embed.attend(x) if self.lm_head is None else dense(x, c(self.lm_head))  # BTD,DV->BTV
+        logits = self.embed.attend(x) if self.lm_head is None else project(self, "lm_head", x)  # BTD,DV->BTV
         if cfg.head == "mlm":
             logits = logits + c(self.head_bias)
         logits = logits.astype(jnp.float32)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jaxlm.nn.adapters import project
 from jaxlm.nn.param import const_param, normal_param
-from jaxlm.ops.mlp import gated_mlp, mlp
+from jaxlm.ops.dropout import fold_rows
+from jaxlm.ops.mlp import gated_activation, hidden_activation
 
 
 class MLP(nnx.Module):
@@ -39,6 +41,10 @@ class MLP(nnx.Module):
         """(B, T, D) -> (B, T, D); dropout_keys: (B, 2) row keys for the hidden dropout (training), or None."""
         c = lambda p: None if p is None else p[...].astype(self.dtype)  # noqa: E731
         drop = dict(act=self.act, dropout_rate=self.dropout, dropout_keys=dropout_keys)
-        if self.kind == "gated":
-            return gated_mlp(x, c(self.w_gate), c(self.w_up), c(self.w_out), **drop)
-        return mlp(x, c(self.w_in), c(self.w_out), c(self.b_in), c(self.b_out), **drop)
+        lora_keys = fold_rows(dropout_keys, 1)  # LoRA dropout: a stream apart from the hidden dropout
+        if self.kind == "gated":  # ops.mlp.gated_mlp, each projection with its LoRA
+            gate, up = project(self, "w_gate", x, 1, lora_keys), project(self, "w_up", x, 1, lora_keys)
+            return project(self, "w_out", gated_activation(gate, up, **drop), 1, lora_keys)
+        h = hidden_activation(project(self, "w_in", x, 1, lora_keys), c(self.b_in), **drop)  # ops.mlp.mlp
+        y = project(self, "w_out", h, 1, lora_keys)
+        return y if self.b_out is None else y + c(self.b_out)

@@ -133,6 +133,8 @@ class Stack(nnx.Module):
         memory_valid: jax.Array | None = None,
         dropout_keys: jax.Array | None = None,
         layer_runner: Callable | None = None,
+        segments: jax.Array | None = None,
+        prefix: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Final hidden states and the updated cache.
 
@@ -142,6 +144,8 @@ class Stack(nnx.Module):
           cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
           memory: cross-attention K/V from `memory_kv` (a decoder with `cross`); memory_valid: (B, S) bool.
           dropout_keys: (B, 2) row keys (training), or None: no dropout.
+          segments: (B, T) int ids of packed examples (attention stays inside each; without a cache), or None.
+          prefix: (B, T) bool, a prefix LM's bidirectional part (causal stacks), or None.
           layer_runner: runs the layers instead of `run_stack` (training without a cache), e.g. the pipeline:
             `layer_runner(stage, (params, layer ids), x, (positions, valid, dropout_keys)) -> x`, where
             `stage(params_and_ids, x, per_row) -> x` runs a contiguous group of layers.
@@ -154,6 +158,16 @@ class Stack(nnx.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = constrain(dropout(x, cfg.dropout, fold_rows(dropout_keys, 0)), ("batch", "seq", "embed"))
+        flags = {}  # the mask's segment and prefix-LM inputs
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segment ids (packed examples) are for training, not decoding with a cache")
+            flags.update(q_segments=segments, kv_segments=segments)
+        if prefix is not None:
+            kv_prefix = prefix
+            if cache is not None:  # only the new tokens' prefix matters: earlier slots precede them anyway
+                kv_prefix = jax.lax.dynamic_update_slice(jnp.zeros(cache["pos"].shape, bool), prefix, (0, cache_index))
+            flags.update(q_prefix=prefix, kv_prefix=kv_prefix)
         if cache is None:
             kv_pos, kv_valid, kv = positions, valid, None
         else:
@@ -171,12 +185,17 @@ class Stack(nnx.Module):
                 raise ValueError("a layer runner (pipeline) runs single-stack models only")
 
             def stage(p_ids, x, per_row):  # each stage rebuilds its micro-batch's masks: (b, T) moves, not (b, T, T)
-                (p, ids), (pos, ok, row_keys) = p_ids, per_row
-                return self._layers(x, p, ids, pos, self._attention_inputs(pos, pos, ok), None, None, None, row_keys)[0]
+                (p, ids), (pos, ok, seg, pre, row_keys) = p_ids, per_row
+                flags = {} if seg is None else dict(q_segments=seg, kv_segments=seg)
+                if pre is not None:
+                    flags.update(q_prefix=pre, kv_prefix=pre)
+                inputs = self._attention_inputs(pos, pos, ok, flags)
+                return self._layers(x, p, ids, pos, inputs, None, None, None, row_keys)[0]
 
-            x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, (positions, valid, keys))
+            per_row = (positions, valid, segments, prefix, keys)
+            x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, per_row)
         else:
-            inputs = self._attention_inputs(positions, kv_pos, kv_valid)
+            inputs = self._attention_inputs(positions, kv_pos, kv_valid, flags)
             x, kv = self._layers(
                 x, params, layer_ids(self.num_layers), positions, inputs, kv, cache_index, (memory, memory_mask), keys
             )
@@ -186,11 +205,13 @@ class Stack(nnx.Module):
                 x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 2))
         return x, None if cache is None else {"pos": kv_pos, **kv}
 
-    def _attention_inputs(self, q_pos, kv_pos, kv_valid):
-        """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them."""
+    def _attention_inputs(self, q_pos, kv_pos, kv_valid, flags):
+        """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them.
+
+        flags: `attention_mask`'s segment and prefix keyword arguments."""
         cfg = self.cfg
-        full = self._mask(q_pos, kv_pos, kv_valid, None) if not all(self.local_layers) else None
-        local = self._mask(q_pos, kv_pos, kv_valid, cfg.sliding_window) if any(self.local_layers) else None
+        full = self._mask(q_pos, kv_pos, kv_valid, None, flags) if not all(self.local_layers) else None
+        local = self._mask(q_pos, kv_pos, kv_valid, cfg.sliding_window, flags) if any(self.local_layers) else None
         bias = None
         if cfg.position == "alibi":
             bias = alibi_bias(alibi_slopes(cfg.num_heads), q_pos, kv_pos)
@@ -204,8 +225,8 @@ class Stack(nnx.Module):
             )
         return full, local, bias
 
-    def _mask(self, q_pos, kv_pos, kv_valid, window):
-        return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window)
+    def _mask(self, q_pos, kv_pos, kv_valid, window, flags):
+        return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window, **flags)
 
     def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys):
         """x through the stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None; memory: (K/V, mask) or None."""

@@ -30,9 +30,33 @@ class TransformerLM(LanguageModel):
 
         super().__init__(cfg, rngs=rngs, build_stacks=build_stacks)
 
+    @property
+    def virtual_tokens(self) -> int:
+        """P, the leading positions and cache slots that prompt or prefix tuning occupies (0 without)."""
+        prompt, prefix = getattr(self, "prompt", None), getattr(self.stack, "prefix", None)
+        return prompt.embedding.shape[0] if prompt is not None else prefix.shape[1] if prefix is not None else 0
+
     def init_cache(self, batch: int, length: int | None = None) -> dict:
-        """Empty cache of `length` (default max_seq_len) slots: per-layer K/V, the position of each slot."""
-        return self.stack.init_cache(batch, length or self.cfg.max_seq_len)
+        """Cache of `length` (default max_seq_len) slots for the caller: per-layer K/V, the position of each slot.
+
+        Prompt and prefix tuning put their P virtual tokens in P more slots before them, filled here; `decode`
+        keeps cache indices and positions relative to the caller's slots.
+        """
+        P = self.virtual_tokens
+        cache = self.stack.init_cache(batch, (length or self.cfg.max_seq_len) + P)
+        if not P:
+            return cache
+        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (batch, P))
+        if getattr(self, "prompt", None) is not None:  # the virtual tokens' keys and values, through every layer
+            valid = jnp.ones((batch, P), bool)
+            return self.stack(self.prompt(batch, self.dtype), positions, valid, cache=cache, cache_index=0)[1]
+        kv = self.stack.prefix(cache["k"].dtype)  # (L, P, K, H): the learned keys and values themselves
+        fill = lambda c, x: c.at[:, :, :P].set(jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])))  # noqa: E731
+        return {
+            "pos": cache["pos"].at[:, :P].set(positions),
+            "k": fill(cache["k"], kv["k"]),
+            "v": fill(cache["v"], kv["v"]),
+        }
 
     def __call__(
         self,
@@ -45,6 +69,8 @@ class TransformerLM(LanguageModel):
         cache_index: jax.Array | int | None = None,
         dropout_keys: jax.Array | None = None,
         layer_runner: Callable | None = None,
+        segments: jax.Array | None = None,
+        prefix: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Forward pass: logits of every position (causal or bidirectional per `cfg.causal`).
 
@@ -58,6 +84,8 @@ class TransformerLM(LanguageModel):
           dropout_keys: (B, 2) uint32, one PRNG key per row (`jaxlm.ops.dropout.row_keys`): applies
             `cfg.dropout` / `cfg.attention_dropout` / `cfg.mlp_dropout` (training). None: no dropout.
           layer_runner: runs the layers (the pipeline schedule, see `Stack`), or None.
+          segments: (B, T) int ids of packed examples: attention stays inside each (positions should restart).
+          prefix: (B, T) bool, the bidirectional prefix of a prefix LM (causal models).
 
         Returns:
           logits (B, T, V) in float32, and the updated cache (None without one).
@@ -71,6 +99,8 @@ class TransformerLM(LanguageModel):
             cache_index=cache_index,
             dropout_keys=dropout_keys,
             layer_runner=layer_runner,
+            segments=segments,
+            prefix=prefix,
         )
         return self.logits(x), cache
 
@@ -89,6 +119,8 @@ class TransformerLM(LanguageModel):
         cache_index=None,
         dropout_keys=None,
         layer_runner=None,
+        segments=None,
+        prefix=None,
     ):
         """The final hidden states (B, T, D) (after the final norm) and the updated cache."""
         B, T = tokens.shape
@@ -96,12 +128,24 @@ class TransformerLM(LanguageModel):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if valid is None:
             valid = jnp.ones((B, T), bool)
-        return self.stack(
-            self.embed_tokens(tokens, token_types),
-            positions,
-            valid,
-            cache=cache,
-            cache_index=cache_index,
-            dropout_keys=dropout_keys,
-            layer_runner=layer_runner,
-        )
+        x = self.embed_tokens(tokens, token_types)
+        P = self.virtual_tokens
+        run = dict(dropout_keys=dropout_keys, layer_runner=layer_runner, segments=segments, prefix=prefix)
+        if not P:
+            return self.stack(x, positions, valid, cache=cache, cache_index=cache_index, **run)
+        # Prompt / prefix tuning: P virtual tokens at positions 0..P-1 come first, the input follows them.
+        if segments is not None or layer_runner is not None:
+            raise ValueError("prompt and prefix tuning take one example per row, without a pipeline")
+        positions = positions + P
+        if cache is not None:
+            return self.stack(x, positions, valid, cache=cache, cache_index=cache_index + P, **run)
+        if getattr(self, "prompt", None) is None:  # prefix: through a cache that holds the learned keys/values
+            x, _ = self.stack(x, positions, valid, cache=self.init_cache(B, T), cache_index=P, **run)
+            return x, None
+        ones = jnp.ones((B, P), bool)
+        inputs = jnp.concatenate([self.prompt(B, x.dtype), x], axis=1)
+        virtual = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+        if prefix is not None:
+            run["prefix"] = jnp.concatenate([ones, prefix], axis=1)
+        x, _ = self.stack(inputs, jnp.concatenate([virtual, positions], 1), jnp.concatenate([ones, valid], 1), **run)
+        return x[:, P:], None

@@ -23,6 +23,10 @@ def attention_mask(
     kv_valid: jax.Array | None = None,
     causal: bool = True,
     sliding_window: int | None = None,
+    q_segments: jax.Array | None = None,
+    kv_segments: jax.Array | None = None,
+    q_prefix: jax.Array | None = None,
+    kv_prefix: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask, True where query t may attend to key s.
 
@@ -31,6 +35,10 @@ def attention_mask(
       kv_positions: (B, S) int positions of the keys.
       kv_valid: (B, S) bool, False for padding or empty cache slots.
       causal: keys after the query's position are masked.
+      q_segments, kv_segments: (B, T), (B, S) int segment ids of packed examples: a query sees only keys
+        of its own segment (attention never crosses examples).
+      q_prefix, kv_prefix: (B, T), (B, S) bool, the prefix of a prefix LM (UniLM, GLM): with `causal`,
+        prefix queries also see later prefix keys (bidirectional prefix, causal rest).
       sliding_window: if set, keys more than `sliding_window - 1` positions
         before the query are masked (the query sees `sliding_window` keys);
         without `causal`, also those as far after it (|q - k| < sliding_window).
@@ -42,9 +50,14 @@ def attention_mask(
     k = kv_positions[:, None, :]
     mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
     if causal:
-        mask &= k <= q
+        allowed = k <= q
+        if q_prefix is not None:
+            allowed |= q_prefix[:, :, None] & kv_prefix[:, None, :]
+        mask &= allowed
     if sliding_window is not None:
         mask &= (k > q - sliding_window) & (causal | (k < q + sliding_window))
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
     if kv_valid is not None:
         mask &= kv_valid[:, None, :]
     return mask

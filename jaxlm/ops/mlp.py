@@ -42,12 +42,16 @@ def mlp(
 
     dropout_rate / dropout_keys (B, 2): dropout on the hidden activations (T5); no keys, no dropout.
     """
-    h = dense(x, w_in)  # ...D,DF->...F
-    if b_in is not None:
-        h = h + b_in
-    h = dropout(activation(act)(h), dropout_rate, dropout_keys)
+    h = hidden_activation(dense(x, w_in), b_in, act=act, dropout_rate=dropout_rate, dropout_keys=dropout_keys)
     y = dense(h, w_out)  # ...F,FD->...D
     return y if b_out is None else y + b_out
+
+
+def hidden_activation(h, b_in=None, *, act: str, dropout_rate: float = 0.0, dropout_keys=None) -> jax.Array:
+    """The plain MLP's hidden layer from its input projection h = x·w_in (..., F): dropout(act(h + b_in))."""
+    if b_in is not None:
+        h = h + b_in
+    return dropout(activation(act)(h), dropout_rate, dropout_keys)
 
 
 def gated_mlp(
@@ -64,7 +68,12 @@ def gated_mlp(
 
     dropout_rate / dropout_keys (B, 2): dropout on the gated hidden activations (T5 v1.1); no keys, no dropout.
     """
-    gate = activation(act)(dense(x, w_gate))  # ...D,DF->...F
-    up = dense(x, w_up)
-    h = dropout(gate * up, dropout_rate, dropout_keys)
+    h = gated_activation(
+        dense(x, w_gate), dense(x, w_up), act=act, dropout_rate=dropout_rate, dropout_keys=dropout_keys
+    )
     return dense(h, w_out)  # ...F,FD->...D
+
+
+def gated_activation(gate, up, *, act: str, dropout_rate: float = 0.0, dropout_keys=None) -> jax.Array:
+    """The gated MLP's hidden layer from x·w_gate and x·w_up (..., F): dropout(act(gate) * up)."""
+    return dropout(activation(act)(gate) * up, dropout_rate, dropout_keys)

@@ -7,16 +7,38 @@ seq2seq: `source<TAB>target` pairs (the last `val_fraction` of them validate).
 
 from __future__ import annotations
 
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import INSTRUCTION_OBJECTIVES, Config, ConfigError
+from jaxlm.data.chat import read_template
 from jaxlm.data.corpus import load_corpus
-from jaxlm.data.loader import PackedLoader, eval_batches, pack_documents
+from jaxlm.data.instructions import RowLoader, encode_example, pack, read_jsonl, row_batches
+from jaxlm.data.loader import PackedLoader, document_segments, eval_batches, pack_documents
 from jaxlm.data.seq2seq import Seq2SeqLoader, read_pairs, span_target_len
+from jaxlm.data.shakespeare_instructions import NAME as EMBEDDED_INSTRUCTIONS
+from jaxlm.data.shakespeare_instructions import instruction_splits
 
 SENTINELS = 100  # T5's extra ids
 
 
 def load_splits(cfg: Config):
-    """(train, validation): lists of documents, or of (source, target) text pairs for seq2seq."""
+    """(train, validation): lists of documents, of (source, target) text pairs (seq2seq), or of instruction
+    examples (sft, prefix_lm)."""
+    if cfg.train.objective in INSTRUCTION_OBJECTIVES:
+        if cfg.data.source == EMBEDDED_INSTRUCTIONS:
+            return instruction_splits()
+        if cfg.data.source == "shakespeare" or not cfg.data.source.endswith(".jsonl"):
+            raise ConfigError(
+                f"train.objective={cfg.train.objective} reads instruction data: data.source must be "
+                f"{EMBEDDED_INSTRUCTIONS!r} or a .jsonl file, got {cfg.data.source!r}"
+            )
+        examples = read_jsonl(cfg.data.source)
+        if cfg.data.val_source:
+            return examples, read_jsonl(cfg.data.val_source)
+        n_val = max(1, int(len(examples) * cfg.data.val_fraction))
+        if n_val >= len(examples):
+            raise ConfigError(f"{cfg.data.source} has too few examples to hold out validation; set data.val_source")
+        return examples[:-n_val], examples[-n_val:]
+    if cfg.data.source == EMBEDDED_INSTRUCTIONS:
+        raise ConfigError(f"data.source={EMBEDDED_INSTRUCTIONS} is instruction data: use train.objective=sft")
     if cfg.train.objective == "seq2seq":
         pairs = read_pairs(cfg.data.source)
         n_val = max(1, int(len(pairs) * cfg.data.val_fraction))
@@ -26,6 +48,17 @@ def load_splits(cfg: Config):
 
 def tokenizer_texts(split) -> list[str]:
     return [t for item in split for t in (item if isinstance(item, tuple) else (item,))]
+
+
+def instruction_rows(cfg: Config, tokenizer, examples: list[dict], seed: int) -> dict:
+    """Packed rows (`jaxlm.data.instructions.pack`) of examples; without packing, no segment ids."""
+    template = read_template(cfg.data.chat_template, tokenizer) if any("messages" in e for e in examples) else None
+    encoded = [encode_example(e, tokenizer, template) for e in examples]
+    d = cfg.data
+    rows = pack(encoded, seq_len=d.seq_len, pack=d.pack, too_long=d.too_long, seed=seed)
+    if not d.pack:
+        rows.pop("segments")
+    return rows
 
 
 def reserved_ids(cfg: Config) -> int:
@@ -45,6 +78,13 @@ def target_len(cfg: Config) -> int:
 def make_batches(cfg: Config, tokenizer, train, val, rows=None):
     """(training loader or None when `train` is None, eval(max_batches) -> iterator of validation batches)."""
     tc, seq_len = cfg.train, cfg.data.seq_len
+    if tc.objective in INSTRUCTION_OBJECTIVES:
+        loader = None
+        if train is not None:
+            data = instruction_rows(cfg, tokenizer, train, cfg.data.seed)
+            loader = RowLoader(data, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows)
+        val_rows = instruction_rows(cfg, tokenizer, val, cfg.data.seed)
+        return loader, lambda max_batches: row_batches(val_rows, tc.batch_size, max_batches)
     encode = lambda docs: pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)  # noqa: E731
     if tc.objective in ("clm", "mlm"):
         val_tokens = encode(val)
@@ -55,9 +95,14 @@ def make_batches(cfg: Config, tokenizer, train, val, rows=None):
             loader = PackedLoader(
                 encode(train), seq_len=seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows
             )
-        return loader, lambda max_batches: eval_batches(
+        val_batches = lambda max_batches: eval_batches(  # noqa: E731
             val_tokens, seq_len=seq_len, batch_size=tc.batch_size, max_batches=max_batches
         )
+        if cfg.data.document_mask:  # segment ids and positions per document, computed per batch
+            with_docs = lambda b: {**b, **document_segments(b["inputs"], tokenizer.eos_id)}  # noqa: E731
+            loader = None if loader is None else MappedLoader(loader, with_docs)
+            return loader, lambda max_batches: map(with_docs, val_batches(max_batches))
+        return loader, val_batches
 
     eos = tokenizer.eos_id
     common = dict(
@@ -82,3 +127,17 @@ def make_batches(cfg: Config, tokenizer, train, val, rows=None):
     loader = None if train is None else Seq2SeqLoader(**data(train), **common, rows=rows)
     val_loader = Seq2SeqLoader(**data(val), **common, training=False)
     return loader, val_loader.eval_batches
+
+
+class MappedLoader:
+    """A loader whose batches pass through `fn`; state and restore are the inner loader's."""
+
+    def __init__(self, loader, fn):
+        self.loader, self.fn = loader, fn
+        self.state, self.restore = loader.state, loader.restore
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.fn(next(self.loader))

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlm.config import Config, ConfigError, load_config
 from jaxlm.data.tokenizer import DataError, Tokenizer, load_tokenizer
+from jaxlm.nn.adapters import Adapter
 from jaxlm.nn.models import build_model
 from jaxlm.train.checkpoint import Checkpointer, abstract
 
@@ -61,9 +62,35 @@ def load_run(path: str | Path) -> tuple[Config, Tokenizer, nnx.Module, int]:
     tokenizer = load_tokenizer(run.tokenizer)
     if not run.has_checkpoint():
         raise DataError(f"no checkpoint in {run.checkpoints}; train first (jaxlm train)")
-    model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model, nnx.Param)
+    if cfg.peft.method == "none":
+        model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(model, nnx.Param)
+        rest = None
+    else:  # the checkpoint holds adapters: the base comes from finetune.init_from
+        model = peft_model(cfg, tokenizer)
+        graphdef, params, rest = nnx.split(model, Adapter, ...)
     ckpt = Checkpointer(run.checkpoints, keep=cfg.train.keep_checkpoints)
     params, _, meta = ckpt.restore(abstract(params))
     ckpt.close()
-    return cfg, tokenizer, nnx.merge(graphdef, params), int(meta["step"])
+    model = nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
+    return cfg, tokenizer, model, int(meta["step"])
+
+
+def peft_model(cfg: Config, tokenizer) -> nnx.Module:
+    """The base of finetune.init_from with cfg's (freshly initialised) adapters."""
+    from jaxlm.peft import apply_peft
+    from jaxlm.train.finetune import grow_vocab, load_base
+
+    if not cfg.finetune.init_from:
+        raise DataError(f"a peft.method={cfg.peft.method} run needs its base, but finetune.init_from is empty")
+    try:
+        base = load_base(cfg.finetune.init_from)
+    except (DataError, ConfigError) as e:
+        raise DataError(f"cannot load this adapter's base model: {e}") from None
+    _, params = grow_vocab(dataclasses.replace(cfg, model=base.model), base.params, cfg.model.vocab_size)
+    model = build_model(cfg.model, rngs=nnx.Rngs(0))
+    try:
+        nnx.update(model, params)
+    except (ValueError, KeyError) as e:
+        raise DataError(f"the base at {cfg.finetune.init_from} does not fit this run's model: {e}") from None
+    return apply_peft(model, cfg.peft, seed=cfg.train.seed)

@@ -22,6 +22,7 @@ from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
 from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
+from jaxlm.peft import apply_peft, trainable
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.step import (
     LossScale,
@@ -30,6 +31,7 @@ from jaxlm.train.step import (
     make_eval_step,
     make_objective,
     make_train_step,
+    split_model,
     train_state_shardings,
 )
 
@@ -45,8 +47,9 @@ def on_mesh(fn, mesh):
 
 
 class ShardedTraining:
-    def __init__(self, cfg: Config, devices=None, *, mask_id: int | None = None):
-        """mask_id: the tokenizer's mask token (train.objective=mlm)."""
+    def __init__(self, cfg: Config, devices=None, *, mask_id: int | None = None, prompt_init_ids=None):
+        """mask_id: the tokenizer's mask token (train.objective=mlm). prompt_init_ids: prompt tuning's initial
+        text as token ids (peft.prompt_init_text)."""
         tc = cfg.train
         self.cfg = cfg
         # Mesh and layout first: a mesh that does not fit fails before anything is built or compiled.
@@ -55,8 +58,14 @@ class ShardedTraining:
         self.microbatches = check_layout(cfg, self.sizes)
         self.tx = make_optimizer(tc)
 
-        def build():
-            return build_model(cfg.model, rngs=nnx.Rngs(tc.seed))
+        self.trainable = trainable(cfg.peft)
+
+        def build(base=None):
+            """The model (and its PEFT adapters); base: the weights to start from (nnx.State of Params)."""
+            model = build_model(cfg.model, rngs=nnx.Rngs(tc.seed))
+            if base is not None:
+                nnx.update(model, base)
+            return apply_peft(model, cfg.peft, seed=tc.seed, init_ids=prompt_init_ids)
 
         runner = None
         if self.sizes["pipeline"] > 1:  # the model's layers run as a pipeline over the `pipeline` mesh axis
@@ -68,9 +77,17 @@ class ShardedTraining:
             )
 
         self.scaling = tc.precision == "fp16"  # dynamic loss scaling
-        self._init = lambda: init_train_state(build(), self.tx, tc.seed, tc.loss_scale if self.scaling else 1.0)
-        self.graphdef = nnx.graphdef(nnx.eval_shape(build))
+        scale = tc.loss_scale if self.scaling else 1.0
+        self._init = lambda base=None: init_train_state(build(base), self.tx, tc.seed, scale, self.trainable)
+        self.graphdef = split_model(nnx.eval_shape(build), self.trainable)[0]
         abstract_state = jax.eval_shape(self._init)
+        # The unadapted model's parameters: what `init_state(base)` takes.
+        self.base_shardings = tree_shardings(
+            nnx.state(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))), nnx.Param),
+            self.mesh,
+            "params",
+            cfg.mesh.zero_stage,
+        )
         zero = cfg.mesh.zero_stage
         self.shardings = train_state_shardings(abstract_state, self.mesh, zero)
         self.grad_shardings = tree_shardings(abstract_state.params, self.mesh, "grads", zero)
@@ -86,7 +103,7 @@ class ShardedTraining:
             z_loss=tc.z_loss,
             grad_shardings=self.grad_shardings,
             objective=self.objective,
-            dropout=cfg.model.drops,
+            dropout=cfg.model.drops or (cfg.peft.method in ("lora", "qlora") and cfg.peft.dropout > 0),
             loss_scale_window=tc.loss_scale_window if self.scaling else None,
         )
         self.train_step = jax.jit(
@@ -99,12 +116,24 @@ class ShardedTraining:
     def describe(self) -> str:
         return f"mesh {describe(self.sizes)} on {self.mesh.size} devices, zero_stage {self.cfg.mesh.zero_stage}"
 
-    def init_state(self) -> TrainState:
-        """A fresh state, created already sharded: a large model never sits whole on one device."""
-        return jax.jit(self._init, out_shardings=self.shardings)()
+    def init_state(self, base=None) -> TrainState:
+        """A fresh state, created already sharded: a large model never sits whole on one device.
 
-    def restore_state(self, params, opt_state, step: int, rng, loss_scale: dict | None = None) -> TrainState:
-        """loss_scale: {"scale", "good_steps", "skipped"} as saved (default: a fresh one)."""
+        base: the starting weights (an nnx.State of the model's Params, host or device arrays), e.g. from
+        `finetune.init_from`; they enter sharded, and a PEFT method's adapters (and NF4 quantization) are
+        built on them inside the same compiled function. None: a random initialisation.
+        """
+        if base is None:
+            return jax.jit(self._init, out_shardings=self.shardings)()
+        base = jax.device_put(base, self.base_shardings)
+        return jax.jit(self._init, out_shardings=self.shardings)(base)
+
+    def restore_state(
+        self, state: TrainState, params, opt_state, step: int, rng, loss_scale: dict | None = None
+    ) -> TrainState:
+        """`state` (from `init_state`, which provides the frozen part) with a checkpoint's trained part.
+
+        loss_scale: {"scale", "good_steps", "skipped"} as saved (default: a fresh one)."""
         put = lambda x, s: jax.device_put(x, s)  # noqa: E731
         if loss_scale is None:
             fresh = self.cfg.train.loss_scale if self.scaling else 1.0
@@ -116,6 +145,7 @@ class ShardedTraining:
             opt_state,
             put(jnp.asarray(np.asarray(rng), jnp.uint32), self.shardings.rng),
             jax.tree.map(put, scale, self.shardings.loss_scale),
+            state.frozen,
         )
 
     def eval_step(self, token_bytes: np.ndarray):
@@ -123,7 +153,7 @@ class ShardedTraining:
         token_bytes = np.pad(token_bytes, (0, max(0, self.cfg.model.vocab_size - len(token_bytes))))
         return jax.jit(
             on_mesh(make_eval_step(self.graphdef, jnp.asarray(token_bytes), self.objective), self.mesh),
-            in_shardings=(self.shardings.params, self.batch_sharding),
+            in_shardings=(self.shardings.params, self.shardings.frozen, self.batch_sharding),
             out_shardings=replicated(self.mesh),
         )
 

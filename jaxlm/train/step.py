@@ -37,29 +37,42 @@ class LossScale(NamedTuple):
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: train steps done (a skipped fp16 step counts: its batch was consumed)
-    params: nnx.State  # model parameters (float32 master weights under bf16/fp16 compute)
-    opt_state: Any  # optax state
+    params: nnx.State  # trained parameters (float32 master weights under bf16/fp16 compute): all, or the adapters
+    opt_state: Any  # optax state (of `params` only)
     rng: jax.Array  # uint32[2] PRNG key for stochastic layers and sampling
     loss_scale: LossScale  # fp16 dynamic loss scaling (inert otherwise)
+    frozen: nnx.State  # the rest of the model (a PEFT method's frozen base), never differentiated; else empty
+
+
+def split_model(model: nnx.Module, trainable=nnx.Param):
+    """(graphdef, trained state, frozen state); `nnx.merge(graphdef, params, frozen)` rebuilds the model."""
+    return nnx.split(model, trainable, ...)
 
 
 def init_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int, loss_scale: float = 1.0
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int, loss_scale: float = 1.0, trainable=nnx.Param
 ) -> TrainState:
-    params = nnx.state(model, nnx.Param)
+    _, params, frozen = split_model(model, trainable)
     return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed), LossScale.create(loss_scale)
+        jnp.zeros((), jnp.int32),
+        params,
+        tx.init(params),
+        jax.random.PRNGKey(seed),
+        LossScale.create(loss_scale),
+        frozen,
     )
 
 
 def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> TrainState:
-    """Where each part of the state lives: parameters and optimizer state per ZeRO stage."""
+    """Where each part of the state lives: parameters and optimizer state per ZeRO stage; the frozen base as
+    parameters (ZeRO-3 shards it over fsdp)."""
     return TrainState(
         replicated(mesh),
         tree_shardings(abstract_state.params, mesh, "params", zero_stage),
         tree_shardings(abstract_state.opt_state, mesh, "opt_state", zero_stage),
         replicated(mesh),
         LossScale(replicated(mesh), replicated(mesh), replicated(mesh)),
+        tree_shardings(abstract_state.frozen, mesh, "params", zero_stage),
     )
 
 
@@ -78,13 +91,25 @@ def make_objective(
     key: noise for the objective (mlm corruption); dropout_keys: (B, 2) row keys, or None (no dropout).
 
     clm: predict batch["targets"] (the next tokens) from batch["inputs"].
+    sft: the same on instruction batches: batch["mask"] scores only the responses.
+    prefix_lm: sft whose prompts (batch["prefix"]) attend bidirectionally.
     mlm: corrupt batch["inputs"] (BERT: 80/10/10) and predict the picked originals.
     span, seq2seq: encoder-decoder batches from `jaxlm.data.seq2seq` (corrupted on the host).
     """
-    if kind == "clm":
+    if kind in ("clm", "sft", "prefix_lm"):
 
         def clm(model, batch, key, dropout_keys=None):
-            logits, _ = model(batch["inputs"], dropout_keys=dropout_keys, layer_runner=layer_runner)
+            # Packed documents or examples (`jaxlm.data.instructions`) carry positions that restart per example,
+            # segment ids, and for prefix_lm the prompt tokens (attended bidirectionally).
+            logits, _ = model(
+                batch["inputs"],
+                batch.get("positions"),
+                batch.get("valid"),
+                segments=batch.get("segments"),
+                prefix=batch.get("prefix") if kind == "prefix_lm" else None,
+                dropout_keys=dropout_keys,
+                layer_runner=layer_runner,
+            )
             return logits, batch["targets"], batch.get("mask")
 
         return clm
@@ -109,8 +134,8 @@ def make_objective(
     raise ConfigError(f"unknown train.objective {kind!r}")
 
 
-def _loss_sums(graphdef, params, batch, z_loss, objective, key, dropout_keys):
-    logits, targets, mask = objective(nnx.merge(graphdef, params), batch, key, dropout_keys)
+def _loss_sums(graphdef, params, frozen, batch, z_loss, objective, key, dropout_keys):
+    logits, targets, mask = objective(nnx.merge(graphdef, params, frozen), batch, key, dropout_keys)
     return cross_entropy(logits, targets, mask, z_loss=z_loss)
 
 
@@ -147,9 +172,9 @@ def make_train_step(
 
     scaling = loss_scale_window is not None
 
-    def grads_of(params, micro, key, dropout_keys, scale):
+    def grads_of(params, frozen, micro, key, dropout_keys, scale):
         def f(p):
-            loss_sum, count = _loss_sums(graphdef, p, micro, z_loss, objective, key, dropout_keys)
+            loss_sum, count = _loss_sums(graphdef, p, frozen, micro, z_loss, objective, key, dropout_keys)
             # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
             return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count)
 
@@ -166,14 +191,16 @@ def make_train_step(
         scale = state.loss_scale.scale
 
         def body(carry, mb_key):
-            g, ls, c = grads_of(state.params, *mb_key, scale)
+            g, ls, c = grads_of(state.params, state.frozen, *mb_key, scale)
             g, ls, c = jax.tree.map(jnp.add, carry, (place(g), ls, c))
             return (g, ls, c), None
 
         keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         if grad_accum == 1:  # no loop: XLA schedules and fuses across the whole step
-            grads, loss_sum, count = grads_of(state.params, first(micro), keys[0], first(drop_keys), scale)
+            grads, loss_sum, count = grads_of(
+                state.params, state.frozen, first(micro), keys[0], first(drop_keys), scale
+            )
             grads = place(grads)
         else:
             zeros = (
@@ -203,20 +230,21 @@ def make_train_step(
                 loss_scale.skipped + (~finite).astype(jnp.int32),
             )
             metrics.update(loss_scale=scale, skipped=loss_scale.skipped, finite=finite)
-        return TrainState(state.step + 1, params, opt_state, rng, loss_scale), metrics
+        return TrainState(state.step + 1, params, opt_state, rng, loss_scale, state.frozen), metrics
 
     return train_step
 
 
 def make_eval_step(graphdef, token_bytes: jax.Array, objective=None):
-    """eval_step(params, batch) -> {"loss_sum", "count", "bytes"}; bytes are the scored targets' UTF-8 lengths.
+    """eval_step(params, frozen, batch) -> {"loss_sum", "count", "bytes"}; bytes are the scored targets' UTF-8
+    lengths. params, frozen: as in `TrainState`.
 
     Corruption (mlm) uses a fixed key, so evaluations are comparable across steps.
     """
     objective = objective or make_objective("clm")
 
-    def eval_step(params, batch):
-        logits, targets, mask = objective(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0))
+    def eval_step(params, frozen, batch):
+        logits, targets, mask = objective(nnx.merge(graphdef, params, frozen), batch, jax.random.PRNGKey(0))
         loss_sum, count = cross_entropy(logits, targets, mask)
         mask = jnp.ones_like(targets, bool) if mask is None else mask
         nbytes = jnp.sum(jnp.where(mask, token_bytes[targets], 0))

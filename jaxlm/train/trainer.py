@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, abstract
 from jaxlm.train.data import load_splits, make_batches, reserved_ids, tokenizer_texts
+from jaxlm.train.finetune import grow_vocab, load_base, resolve
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.run_dir import RunDir, check_resumable
 from jaxlm.train.sharded import ShardedTraining
@@ -31,14 +33,14 @@ from jaxlm.train.sharded import ShardedTraining
 log = logging.getLogger(__name__)
 
 
-def evaluate(eval_step, params, batches, *, put=None) -> dict:
+def evaluate(eval_step, weights, batches, *, put=None) -> dict:
     """Mean loss (nats/token), perplexity and bits per byte over validation `batches`.
 
-    put: host batch -> device batch (default: as is).
+    weights: eval_step's leading arguments, (params, frozen). put: host batch -> device batch (default: as is).
     """
     totals = None
     for batch in batches:
-        out = eval_step(params, batch if put is None else put(batch))
+        out = eval_step(*weights, batch if put is None else put(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = to_host(totals)
     loss = float(totals["loss_sum"] / totals["count"])
@@ -71,9 +73,22 @@ class _StopOnSignal(contextlib.AbstractContextManager):
         return False
 
 
-def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split):
+def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, base=None):
     if resuming:  # the checkpoint's token ids only mean something with its own tokenizer
         tokenizer = load_tokenizer(run.tokenizer)
+    elif base is not None:  # fine-tuning: the base's tokenizer, and a chat template's tokens if it lacks them
+        tokenizer = base.tokenizer
+        if any("messages" in e for e in train_split) and read_template(cfg.data.chat_template, tokenizer) == CHATML:
+            missing = [t for t in CHATML_TOKENS if getattr(tokenizer, "token_id", lambda t: None)(t) is None]
+            if missing and not hasattr(tokenizer, "add_special_tokens"):
+                raise ConfigError(
+                    "the built-in chat template needs a BPE tokenizer (data.tokenizer=byte has no special tokens)"
+                )
+            if missing:
+                tokenizer.add_special_tokens(missing)
+        if jax.process_index() == 0:
+            tokenizer.save(run.tokenizer)
+        _barrier("tokenizer")
     elif jax.process_index() == 0:
         tokenizer = build_tokenizer(
             cfg.data.tokenizer,
@@ -100,20 +115,39 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     run = RunDir(tc.run_dir)
     lead = jax.process_index() == 0  # writes the run directory's files; every process writes its shards
     resuming = run.has_checkpoint()
-    if resuming and run.config.is_file():
-        # At step 0 (e.g. imported weights) no data was seen yet: only the model must match.
-        check_resumable(load_config(run.config), cfg, ("model",) if run.latest_step() == 0 else ("model", "data"))
+    base = None
+    if cfg.finetune.init_from:  # the base's weights, tokenizer and model shape
+        base = load_base(cfg.finetune.init_from)
+        cfg = resolve(cfg, base.model)
+        log.info("fine-tuning from %s", base.source)
+
+    def check_resume():
+        if resuming and run.config.is_file():
+            # At step 0 (e.g. imported weights) no data was seen yet: only the model must match.
+            sections = ("model",) if run.latest_step() == 0 else ("model", "data")
+            check_resumable(load_config(run.config), cfg, sections + (("peft",) if base else ()))
+
+    if base is None:
+        check_resume()
     # A mesh that does not fit and missing data fail before the run directory is touched.
     check_layout(cfg, dict(make_mesh(cfg.mesh).shape))
     train_split, val_split = load_splits(cfg)
     if lead:
         run.path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _prepare_tokenizer(cfg, run, resuming, train_split, base)
+    base_params = None
+    if base is not None:
+        cfg, base_params = grow_vocab(cfg, base.params, tokenizer.vocab_size)
+        check_resume()  # against the model with the tokenizer's vocabulary
+    if lead:
         save_config(cfg, run.config)
-    tokenizer = _prepare_tokenizer(cfg, run, resuming, train_split)
-    sharded = ShardedTraining(cfg, mask_id=getattr(tokenizer, "mask_id", None))  # checks the mesh, compiles nothing
+    prompt_ids = tokenizer.encode(cfg.peft.prompt_init_text) if cfg.peft.prompt_init_text else None
+    # checks the mesh, compiles nothing
+    sharded = ShardedTraining(cfg, mask_id=getattr(tokenizer, "mask_id", None), prompt_init_ids=prompt_ids)
     log.info("%s", sharded.describe())
     loader, val_batches = make_batches(cfg, tokenizer, train_split, val_split, rows=sharded.rows)
-    state = sharded.init_state()
+    state = sharded.init_state(base_params)
+    del base_params
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     if resuming:  # restored onto this run's mesh, whatever mesh wrote it
         params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
@@ -121,7 +155,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             ckpt.set_aside_after(meta["step"])
             _barrier("set-aside")
             ckpt.reload()
-        state = sharded.restore_state(params, opt_state, meta["step"], meta["rng"], meta.get("loss_scale"))
+        state = sharded.restore_state(state, params, opt_state, meta["step"], meta["rng"], meta.get("loss_scale"))
         if meta.get("data") is not None:  # None: imported weights, no data seen yet
             loader.restore(meta["data"])
         log.info("resumed %s from step %d", run.path, meta["step"])
@@ -133,6 +167,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         scale = to_host(state.loss_scale)
         meta = {
             "step": step,
+            "base": cfg.finetune.init_from or None,  # a PEFT checkpoint holds adapters for this base
             "rng": to_host(state.rng).tolist(),
             "data": loader.state(),
             "loss_scale": {
@@ -144,7 +179,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
-        out = evaluate(eval_step, state.params, val_batches(max_batches), put=lambda b: sharded.put_batch(b, lo=0))
+        weights = (state.params, state.frozen)
+        out = evaluate(eval_step, weights, val_batches(max_batches), put=lambda b: sharded.put_batch(b, lo=0))
         out = {"step": step, **out}
         write(out)
         return out

@@ -1,0 +1,191 @@
+"""Parameter-efficient fine-tuning modules: LoRA on a projection, an NF4-quantized frozen weight, learned
+prompt embeddings and learned per-layer prefix keys/values.
+
+Adapters are attached to a built (or loaded) model by `jaxlm.peft.apply_peft`. Their parameters are
+`Adapter` variables, a subclass of `nnx.Param` that carries logical axes like every parameter; training
+differentiates and optimizes only them when a `peft` method is set, and the rest of the model is frozen.
+Every projection of the model reads its weight and its LoRA through `project`, so a LoRA or a quantized
+weight acts wherever the weight does (self- and cross-attention, MLPs, stacked and scanned layers).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.ops.dense import dense
+from jaxlm.ops.dropout import dropout, fold_rows
+from jaxlm.ops.lora import embedding_lora_delta, init_embedding_lora, init_lora, lora_delta, lora_weight
+from jaxlm.ops.nf4 import NF4, dequantize_nf4, quantize_nf4
+
+
+class Adapter(nnx.Param):
+    """A trainable parameter of a PEFT method (everything else stays frozen)."""
+
+
+class Quantized(nnx.Variable):
+    """Frozen quantized storage (NF4 codes and constants): never differentiated."""
+
+
+def _adapter(value, axes) -> Adapter:
+    return Adapter(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class LoRA(nnx.Module):
+    """scale · (dropout(x)·A)·B added to a projection x·W; W (I..., O...), A (I..., R), B (R, O...).
+
+    layers > 0: A and B get a leading `layers` axis (the adapter of a stacked layer's weight).
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple,
+        out_shape: tuple,
+        *,
+        in_axes: tuple,
+        out_axes: tuple,
+        rank: int,
+        scale: float,
+        dropout: float = 0.0,
+        layers: int = 0,
+        param_dtype=jnp.float32,
+        key: jax.Array,
+    ):
+        self.scale, self.dropout, self.n = scale, dropout, len(in_shape)
+        self.merged = False
+        lead = ("layers",) if layers else ()
+        if layers:
+            a, b = jax.vmap(lambda k: init_lora(k, in_shape, out_shape, rank, param_dtype))(
+                jax.random.split(key, layers)
+            )
+        else:
+            a, b = init_lora(key, in_shape, out_shape, rank, param_dtype)
+        self.a = _adapter(a, (*lead, *in_axes, "lora"))
+        self.b = _adapter(b, (*lead, "lora", *out_axes))
+
+    def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """The update of x (B, T, I...) -> (B, T, O...); zero once merged into W."""
+        if self.merged:
+            return None
+        return lora_delta(dropout(x, self.dropout, dropout_keys), self.a[...], self.b[...], self.scale, self.n)
+
+    def weight(self) -> jax.Array:
+        """scale · A·B (layers, I..., O...) or (I..., O...), float32."""
+        a, b = self.a[...], self.b[...]
+        if a.ndim > self.n + 1:  # stacked over layers
+            return jax.vmap(lambda a, b: lora_weight(a, b, self.scale))(a, b)
+        return lora_weight(a, b, self.scale)
+
+
+class EmbeddingLoRA(nnx.Module):
+    """scale · A[tokens]·B added to a token embedding (V, D): A (V, R) zeros, B (R, D) normal (peft)."""
+
+    def __init__(self, vocab: int, dim: int, *, rank: int, scale: float, param_dtype=jnp.float32, key: jax.Array):
+        a, b = init_embedding_lora(key, vocab, dim, rank, param_dtype)
+        self.a = _adapter(a, ("vocab", "lora"))
+        self.b = _adapter(b, ("lora", "embed"))
+        self.scale, self.merged = scale, False
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array | None:
+        if self.merged:
+            return None
+        return embedding_lora_delta(tokens, self.a[...], self.b[...], self.scale, dtype)
+
+    def weight(self) -> jax.Array:
+        return lora_weight(self.a[...], self.b[...], self.scale)
+
+
+class NF4Weight(nnx.Module):
+    """A frozen weight stored as NF4 with double quantization; `layers` > 0: one per stacked layer."""
+
+    def __init__(self, w: jax.Array, *, layers: int = 0, dtype=jnp.float32):
+        self.shape = tuple(w.shape[1:] if layers else w.shape)  # one layer's weight
+        self.dtype = dtype  # the dtype it dequantizes to (the original parameter dtype)
+        q = jax.vmap(quantize_nf4)(w) if layers else quantize_nf4(w)
+        lead = ("layers",) if layers else ()
+        for name, a in q._asdict().items():
+            setattr(self, name, Quantized(a, out_sharding=(*lead, None)[: a.ndim], eager_sharding=False))
+
+    def quantized(self) -> NF4:
+        return NF4(*(getattr(self, name)[...] for name in NF4._fields))
+
+    def __getitem__(self, index):  # reads like a parameter: w[...] is the dequantized weight
+        q = self.quantized()
+        if q.codes.ndim > 1:  # stacked: every layer
+            return jax.vmap(lambda q: dequantize_nf4(q, self.shape, self.dtype))(q)[index]
+        return dequantize_nf4(q, self.shape, self.dtype)[index]
+
+
+def project(owner: nnx.Module, name: str, x: jax.Array, n: int = 1, dropout_keys: jax.Array | None = None):
+    """x·W (+ its LoRA) for the weight `owner.<name>`: contracts x's last n dims, in `owner.dtype`."""
+    y = dense(x, getattr(owner, name)[...].astype(owner.dtype), n)
+    lora = getattr(owner, "lora_" + name, None)
+    if lora is None:
+        return y
+    delta = lora(x, fold_rows(dropout_keys, zlib.crc32(name.encode()) >> 1))  # one dropout stream per weight
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
+class PromptEmbedding(nnx.Module):
+    """Prompt tuning (Lester et al. 2021): P virtual token embeddings (P, D) placed before the input."""
+
+    def __init__(self, init: jax.Array):
+        self.embedding = _adapter(init, (None, "embed"))
+
+    def __call__(self, batch: int, dtype) -> jax.Array:
+        """(B, P, D)."""
+        e = self.embedding[...].astype(dtype)
+        return jnp.broadcast_to(e[None], (batch, *e.shape))
+
+
+class PrefixKV(nnx.Module):
+    """Prefix tuning (Li & Liang 2021; P-tuning v2): learned keys and values for every layer, (L, P, K, H) each.
+
+    With `hidden` > 0 they are reparameterized while training, as Li & Liang do: an embedding (P, D) through
+    Linear(D, hidden) -> tanh -> Linear(hidden, L·2·K·H) (peft's `prefix_projection`); `fold` replaces the
+    network by its output for inference and export.
+    """
+
+    def __init__(
+        self, layers: int, length: int, kv_heads: int, head_dim: int, dim: int, *, hidden: int, key: jax.Array
+    ):
+        self.shape = (layers, length, kv_heads, head_dim)
+        k1, k2, k3 = jax.random.split(key, 3)
+        width = 2 * layers * kv_heads * head_dim
+        if hidden:  # peft: nn.Embedding (normal 0, 1) and nn.Linear layers (Kaiming-uniform, uniform bias)
+            self.embedding = _adapter(jax.random.normal(k1, (length, dim)), (None, "embed"))
+            self.w1, self.b1 = _linear(k2, dim, hidden)
+            self.w2, self.b2 = _linear(k3, hidden, width)
+            self.kv = None
+        else:  # peft: nn.Embedding(P, L·2·K·H), normal(0, 1)
+            self.kv = _adapter(jax.random.normal(k1, (length, width)), (None, None))
+
+    def flat(self) -> jax.Array:
+        """(P, L·2·K·H): peft's `prompt_embeddings` (what its checkpoints store)."""
+        if self.kv is not None:
+            return self.kv[...]
+        h = jnp.tanh(self.embedding[...] @ self.w1[...] + self.b1[...])
+        return h @ self.w2[...] + self.b2[...]
+
+    def __call__(self, dtype) -> dict:
+        """{"k", "v"}: (L, P, K, H) each, in `dtype`."""
+        L, P, K, H = self.shape
+        kv = self.flat().reshape(P, L, 2, K, H).astype(dtype)  # peft's order: layer-major, then key/value
+        return {"k": kv[:, :, 0].transpose(1, 0, 2, 3), "v": kv[:, :, 1].transpose(1, 0, 2, 3)}
+
+    def fold(self) -> None:
+        """Replace the reparameterization by its output (inference, export)."""
+        if self.kv is None:
+            self.kv = _adapter(self.flat(), (None, None))
+            del self.embedding, self.w1, self.b1, self.w2, self.b2
+
+
+def _linear(key, fan_in: int, fan_out: int):
+    bound = fan_in**-0.5  # torch nn.Linear's default init
+    kw, kb = jax.random.split(key)
+    w = jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound)
+    b = jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound)
+    return _adapter(w, (None, None)), _adapter(b, (None,))

@@ -1,0 +1,187 @@
+"""Attach parameter-efficient fine-tuning to a model (NNX surgery), merge LoRA into the weights and back.
+
+`apply_peft(model, cfg.peft, seed=...)` adds the method's `Adapter` parameters to a built or loaded model:
+
+  lora   a `LoRA` on every targeted projection, by role: q, k, v, o (self- and cross-attention), gate, up, down
+         (the plain MLP's w_in is `up`), embed (the token table) and lm_head (an untied read-out).
+  qlora  the same LoRAs, and every projection weight of the layer stacks stored as NF4 (`NF4Weight`); the
+         embedding, norms and read-out stay as they are (as QLoRA keeps them).
+  prompt `PromptEmbedding`: virtual tokens before the input (decoders).
+  prefix `PrefixKV`: learned keys/values of every layer (decoders).
+
+`trainable(cfg.peft)` is the filter of what trains: every `nnx.Param` without a method, else the `Adapter`s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ConfigError, PeftConfig
+from jaxlm.nn.adapters import Adapter, EmbeddingLoRA, LoRA, NF4Weight, PrefixKV, PromptEmbedding
+from jaxlm.ops.lora import lora_scale
+
+# role -> (block submodule kind, weight attribute, input axes, output axes) of a stacked layer's projection
+PROJECTIONS = {
+    "q": ("attention", "wq", ("embed",), ("heads", "head_dim")),
+    "k": ("attention", "wk", ("embed",), ("kv_heads", "head_dim")),
+    "v": ("attention", "wv", ("embed",), ("kv_heads", "head_dim")),
+    "o": ("attention", "wo", ("heads", "head_dim"), ("embed",)),
+    "gate": ("mlp", "w_gate", ("embed",), ("mlp",)),
+    "up": ("mlp", "w_up", ("embed",), ("mlp",)),
+    "down": ("mlp", "w_out", ("mlp",), ("embed",)),
+}
+PLAIN_MLP = {"w_up": "w_in"}  # the plain (GPT-2) MLP's input projection plays `up`
+
+
+def trainable(pc: PeftConfig):
+    """The nnx filter of trained parameters."""
+    return nnx.Param if pc.method == "none" else Adapter
+
+
+def stacks(model) -> list:
+    """The model's layer stacks: [stack] (decoders, encoders) or [encoder, decoder]."""
+    return [model.stack] if hasattr(model, "stack") else [model.encoder, model.decoder]
+
+
+def _modules(block, kind: str) -> list:
+    if kind == "mlp":
+        return [block.mlp]
+    return [m for m in (block.attn, block.cross) if m is not None]
+
+
+def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | None = None):
+    """Adds `pc`'s adapters to `model` in place and returns it; ConfigError when they do not fit the model.
+
+    init_ids: prompt tuning's initial text as token ids (`pc.prompt_init_text`), or None for random vectors.
+    """
+    if pc.method == "none":
+        return model
+    cfg = model.cfg
+    key = jax.random.PRNGKey(seed)
+    param_dtype = model.embed.embedding[...].dtype
+    if pc.method in ("lora", "qlora"):
+        scale = lora_scale(pc.alpha, pc.rank, pc.rslora)
+        if "gate" in pc.targets and cfg.mlp != "gated":
+            raise ConfigError("peft.targets has gate, but the model's MLP is not gated (model.mlp=plain)")
+        n = 0
+        for stack in stacks(model):
+            block, layers = stack.layers, stack.num_layers
+            for role in pc.targets:
+                if role not in PROJECTIONS:
+                    continue
+                kind, name, in_axes, out_axes = PROJECTIONS[role]
+                for module in _modules(block, kind):
+                    name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
+                    w = getattr(module, name)[...]
+                    k = len(in_axes)
+                    lora = LoRA(
+                        w.shape[1 : 1 + k],
+                        w.shape[1 + k :],
+                        in_axes=in_axes,
+                        out_axes=out_axes,
+                        rank=pc.rank,
+                        scale=scale,
+                        dropout=pc.dropout,
+                        layers=layers,
+                        param_dtype=w.dtype,
+                        key=jax.random.fold_in(key, n),
+                    )
+                    setattr(module, "lora_" + name, lora)
+                    n += 1
+        if "embed" in pc.targets:
+            V, D = model.embed.embedding.shape
+            model.embed.lora_embedding = EmbeddingLoRA(
+                V, D, rank=pc.rank, scale=scale, param_dtype=param_dtype, key=jax.random.fold_in(key, 1000)
+            )
+        if "lm_head" in pc.targets:
+            if model.lm_head is None:
+                raise ConfigError(
+                    "peft.targets has lm_head, but the read-out is tied to the token embedding "
+                    "(model.tie_embeddings=true): adapt `embed` instead"
+                )
+            D, V = model.lm_head.shape
+            model.lora_lm_head = LoRA(
+                (D,),
+                (V,),
+                in_axes=("embed",),
+                out_axes=("vocab",),
+                rank=pc.rank,
+                scale=scale,
+                dropout=pc.dropout,
+                param_dtype=param_dtype,
+                key=jax.random.fold_in(key, 1001),
+            )
+        if pc.method == "qlora":
+            quantize(model)
+    elif pc.method == "prompt":
+        P, D = pc.virtual_tokens, cfg.d_model
+        if init_ids:  # peft: the text's ids repeated to P tokens, their embeddings
+            ids = jnp.asarray((list(init_ids) * (P // len(init_ids) + 1))[:P])
+            init = jnp.take(model.embed.embedding[...], ids, axis=0).astype(jnp.float32)
+        else:  # peft's RANDOM init: nn.Embedding's normal(0, 1)
+            init = jax.random.normal(key, (P, D))
+        model.prompt = PromptEmbedding(init.astype(param_dtype))
+    elif pc.method == "prefix":
+        model.stack.prefix = PrefixKV(
+            cfg.num_layers,
+            pc.virtual_tokens,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            cfg.d_model,
+            hidden=pc.prefix_hidden,
+            key=key,
+        )
+    return model
+
+
+def quantize(model) -> None:
+    """Stores every projection weight of the layer stacks as NF4 (in place)."""
+    for stack in stacks(model):
+        block, layers = stack.layers, stack.num_layers
+        for kind, name, _, _ in PROJECTIONS.values():
+            for module in _modules(block, kind):
+                name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
+                w = getattr(module, name)
+                if isinstance(w, nnx.Param):
+                    setattr(module, name, NF4Weight(w[...], layers=layers, dtype=w[...].dtype))
+
+
+def loras(model):
+    """(owner module, weight attribute name, LoRA) of every LoRA in the model, and the embedding's."""
+    out = []
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, LoRA) and path:
+            owner = model
+            for p in path[:-1]:
+                owner = getattr(owner, p) if not isinstance(p, int) else owner[p]
+            out.append((owner, str(path[-1])[len("lora_") :], module))
+        elif isinstance(module, EmbeddingLoRA):
+            out.append((model.embed, "embedding", module))
+    return out
+
+
+def merge(model) -> None:
+    """W <- W + scale·A·B for every LoRA, which then adds nothing (in place; `unmerge` undoes it)."""
+    _shift(model, +1.0, merged=True)
+
+
+def unmerge(model) -> None:
+    """W <- W - scale·A·B: the base weights back (to float rounding), the LoRAs active again."""
+    _shift(model, -1.0, merged=False)
+
+
+def _shift(model, sign: float, merged: bool) -> None:
+    for owner, name, lora in loras(model):
+        if lora.merged == merged:
+            continue
+        w = getattr(owner, name)
+        if not isinstance(w, nnx.Param):
+            raise ConfigError(f"cannot merge a LoRA into the quantized weight {name}: dequantize the base first")
+        w.set_value((w[...].astype(jnp.float32) + sign * lora.weight()).astype(w[...].dtype))
+        lora.merged = merged
+
+
+def adapter_count(model) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, Adapter)))

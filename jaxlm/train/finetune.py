@@ -1,0 +1,130 @@
+"""Fine-tuning starts from weights: `finetune.init_from` names a jaxlm run directory or a Hugging Face directory.
+
+`load_base(path)` reads its model config, tokenizer and parameters; `resolve(cfg, base)` takes the model's
+shape from the base (the run's own `model` section may only change how it runs: dropout, remat, scan,
+attention implementation) so the resolved config written to the new run names one consistent model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import Config, ConfigError, ModelConfig
+from jaxlm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# ModelConfig fields a fine-tuning run may set on its own: how the base runs, not what it computes.
+RUNTIME_FIELDS = (
+    "dropout",
+    "attention_dropout",
+    "mlp_dropout",
+    "remat",
+    "scan_layers",
+    "attention_impl",
+    "dtype",
+    "param_dtype",
+)
+
+
+class Base(NamedTuple):
+    model: ModelConfig
+    tokenizer: object
+    params: nnx.State  # the model's Params (host arrays)
+    source: str  # what it was read from, for messages and the run's metadata
+
+
+def load_base(path: str) -> Base:
+    """Model config, tokenizer and parameters of a jaxlm run directory or a Hugging Face model directory."""
+    directory = Path(path).expanduser()
+    hint = (
+        "a jaxlm run directory (make the default one with `jaxlm train configs/llama_tiny.yaml`) or a Hugging Face "
+        "model directory (config.json + model.safetensors)"
+    )
+    if not directory.is_dir():
+        raise DataError(f"finetune.init_from {path!r} does not exist; it should be {hint}")
+    if (directory / "config.yaml").is_file():
+        from jaxlm.peft import loras, merge
+        from jaxlm.train.run_dir import load_run
+
+        cfg, tokenizer, model, step = load_run(directory)
+        if cfg.peft.method in ("prompt", "prefix", "qlora"):
+            raise ConfigError(
+                f"finetune.init_from {path}: a {cfg.peft.method} run is adapters on another base; start from that "
+                "base, or from a merged export (`jaxlm convert --to-hf RUN --merge`)"
+            )
+        if loras(model):  # a LoRA run: its adapters merged into its base
+            merge(model)
+        return Base(cfg.model, tokenizer, _host(_base_params(model)), f"{directory} (step {step})")
+    if (directory / "config.json").is_file():
+        from jaxlm.hf import from_hf
+
+        model, tokenizer, arch = from_hf(directory)
+        if tokenizer is None:
+            raise DataError(f"finetune.init_from {path}: the Hugging Face directory has no tokenizer.json")
+        return Base(model.cfg, tokenizer, _host(nnx.state(model, nnx.Param)), f"{directory} ({arch})")
+    raise DataError(f"finetune.init_from {path!r} has neither config.yaml nor config.json; it should be {hint}")
+
+
+def _base_params(model) -> nnx.State:
+    """The Params of the unadapted model (a merged LoRA run's weights without its adapters)."""
+    from jaxlm.nn.models import build_model
+
+    abstract = nnx.eval_shape(lambda: build_model(model.cfg, rngs=nnx.Rngs(0)))
+    wanted = {p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p in wanted]
+    return nnx.from_flat_state(flat)
+
+
+def _host(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+
+
+def resolve(cfg: Config, base: ModelConfig) -> Config:
+    """cfg with the base's model shape and cfg's runtime fields; ConfigError where cfg.model asks another shape."""
+    default, own = ModelConfig(), cfg.model
+    conflicts = [
+        f"model.{f.name}={getattr(own, f.name)!r} (the base has {getattr(base, f.name)!r})"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in RUNTIME_FIELDS
+        and getattr(own, f.name) != getattr(default, f.name)
+        and getattr(own, f.name) != getattr(base, f.name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            "finetune.init_from sets the model's shape; remove these model keys or use another base: "
+            + "; ".join(conflicts)
+        )
+    runtime = {k: getattr(own, k) for k in RUNTIME_FIELDS if getattr(own, k) != getattr(default, k)}
+    model = dataclasses.replace(base, **{**runtime, "dtype": "float32"})
+    try:
+        return dataclasses.replace(cfg, model=model)  # re-checks everything, sets dtype from train.precision
+    except ConfigError as e:
+        raise ConfigError(f"with the base model of finetune.init_from: {e}") from None
+
+
+def grow_vocab(cfg: Config, params: nnx.State, vocab: int) -> tuple[Config, nnx.State]:
+    """Room for tokens the tokenizer gained (a chat template's): new rows of the embedding, read-out and
+    MLM bias, each the mean of the old ones (as transformers' `resize_token_embeddings`); cfg's vocab_size."""
+    old = cfg.model.vocab_size
+    if vocab <= old:
+        return cfg, params
+    log.info("vocabulary %d -> %d (tokens added for the chat template); new rows start at the mean", old, vocab)
+    grow = {"embed": 0, "lm_head": 1, "head_bias": 0}  # parameter -> its vocab axis
+
+    def pad(path, x):
+        axis = grow.get(path[0].key if hasattr(path[0], "key") else path[0])
+        if axis is None or x.shape[axis] != old:
+            return x
+        mean = np.mean(x, axis=axis, keepdims=True).astype(x.dtype)
+        return np.concatenate([x, np.repeat(mean, vocab - old, axis=axis)], axis=axis)
+
+    params = jax.tree_util.tree_map_with_path(pad, params)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)), params
