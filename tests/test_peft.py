@@ -1,0 +1,102 @@
+"""PEFT on jaxlm models: LoRA B = 0 is the base, merge = unmerged, QLoRA = LoRA on dequantized weights,
+only adapters train (base bit-identical, optimizer state of adapters only), prompt/prefix tuning with the cache."""
+
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import ConfigError, PeftConfig
+from jaxlm.generate import Generator, generate_uncached
+from jaxlm.nn.adapters import Adapter, NF4Weight
+from jaxlm.nn.models import build_model
+from jaxlm.peft import apply_peft, merge, unmerge
+from jaxlm.train.sharded import ShardedTraining
+
+TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=32)
+
+
+def _model(**kw):
+    from jaxlm.config import ModelConfig
+
+    return build_model(ModelConfig(**{**TINY, **kw}), rngs=nnx.Rngs(0))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, 64)
+
+
+def _randomize_b(model):
+    for path, v in nnx.to_flat_state(nnx.state(model, Adapter)):
+        if path[-1] == "b":
+            v.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(len(path)), v.shape))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(mlp="plain", activation="gelu", position="learned"), dict(decoder_layers=2)])
+def test_lora_zero_b_is_base_and_merge_equals_unmerged(kw):
+    tokens = _tokens()
+    model = _model(**kw)
+    run = (lambda m: m(tokens, tokens)) if kw.get("decoder_layers") else (lambda m: m(tokens)[0])
+    base = run(model)
+    targets = ("q", "k", "v", "o", "up", "down") + (("gate",) if kw.get("mlp", "gated") == "gated" else ())
+    apply_peft(model, PeftConfig(method="lora", rank=4, targets=targets + ("embed",)), seed=1)
+    np.testing.assert_array_equal(run(model), base)  # B = 0 (and A = 0 for the embedding): the base exactly
+    _randomize_b(model)
+    adapted = run(model)
+    assert np.abs(adapted - base).max() > 1e-3
+    merge(model)
+    np.testing.assert_allclose(run(model), adapted, atol=1e-5)
+    unmerge(model)
+    np.testing.assert_allclose(run(model), adapted, atol=1e-5)
+
+
+def test_unknown_target_and_tied_lm_head_are_refused():
+    with pytest.raises(ConfigError, match="unknown LoRA target.*'qq'"):
+        PeftConfig(method="lora", targets=("qq",))
+    with pytest.raises(ConfigError, match="tied"):
+        apply_peft(_model(tie_embeddings=True), PeftConfig(method="lora", targets=("lm_head",)))
+
+
+def test_qlora_equals_lora_on_dequantized_weights():
+    tokens = _tokens()
+    q = apply_peft(_model(), PeftConfig(method="qlora", rank=4), seed=1)
+    _randomize_b(q)
+    assert isinstance(q.stack.layers.attn.wq, NF4Weight)
+    lora = apply_peft(_model(), PeftConfig(method="lora", rank=4), seed=1)
+    _randomize_b(lora)
+    for name in ("wq", "wk", "wv", "wo"):  # the LoRA model's base := the dequantized NF4 weights
+        getattr(lora.stack.layers.attn, name).set_value(getattr(q.stack.layers.attn, name)[...])
+    for name in ("w_gate", "w_up", "w_out"):
+        getattr(lora.stack.layers.mlp, name).set_value(getattr(q.stack.layers.mlp, name)[...])
+    np.testing.assert_allclose(q(tokens)[0], lora(tokens)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix"])
+def test_only_adapters_train(method, tiny_config):
+    cfg = tiny_config("llama_tiny", "peft.method=" + method, "peft.rank=4", "peft.virtual_tokens=4", "train.lr=1e-2")
+    sharded = ShardedTraining(cfg)
+    state = sharded.init_state()
+    frozen0 = jax.device_get(state.frozen)
+    params0 = jax.device_get(state.params)
+    assert all(
+        isinstance(v, Adapter) for v in jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
+    n_adapter = sum(x.size for x in jax.tree.leaves(params0))
+    n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert n_opt == 2 * n_adapter  # Adam's two moments, of the adapters alone
+    batch = {"inputs": np.arange(4 * 16).reshape(4, 16) % 50, "targets": (np.arange(4 * 16).reshape(4, 16) + 1) % 50}
+    for _ in range(3):
+        state, _ = sharded.train_step(state, sharded.put_batch(batch))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen0)  # bit for bit
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state.params), params0)
+    assert any(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_cached_generation_equals_recompute(method):
+    model = apply_peft(_model(), PeftConfig(method=method, virtual_tokens=3, prefix_hidden=8), seed=2)
+    prompt = [5, 9, 2, 7]
+    want = generate_uncached(model, prompt, max_new_tokens=6)
+    got = Generator(model).generate([prompt], max_new_tokens=6, temperature=0.0)[0]
+    assert got == want
