@@ -68,7 +68,7 @@ def jax_train(cfg, batch_np: dict, steps: int):
     sharded = ShardedTraining(cfg)
     state = sharded.init_state()
     # The initial weights (a device copy: the train step donates the state's buffers).
-    model = nnx.merge(sharded.graphdef, jax.tree.map(jnp.copy, state.params))
+    model = nnx.merge(sharded.graphdef, jax.tree.map(jnp.copy, state.params), state.frozen)
     batch = sharded.put_batch(batch_np)
     box = {"state": state}
     first = {}
