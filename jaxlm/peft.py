@@ -181,7 +181,3 @@ def _shift(model, sign: float, merged: bool) -> None:
             raise ConfigError(f"cannot merge a LoRA into the quantized weight {name}: dequantize the base first")
         w.set_value((w[...].astype(jnp.float32) + sign * lora.weight()).astype(w[...].dtype))
         lora.merged = merged
-
-
-def adapter_count(model) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, Adapter)))

@@ -1,13 +1,14 @@
 """PEFT on jaxlm models: LoRA B = 0 is the base, merge = unmerged, QLoRA = LoRA on dequantized weights,
 only adapters train (base bit-identical, optimizer state of adapters only), prompt/prefix tuning with the cache."""
 
+import dataclasses
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.config import ConfigError, PeftConfig
+from jaxlm.config import ConfigError, PeftConfig, load_config
 from jaxlm.generate import Generator, generate_uncached
 from jaxlm.nn.adapters import Adapter, NF4Weight
 from jaxlm.nn.models import build_model
@@ -100,3 +101,38 @@ def test_virtual_tokens_cached_generation_equals_recompute(method):
     want = generate_uncached(model, prompt, max_new_tokens=6)
     got = Generator(model).generate([prompt], max_new_tokens=6, temperature=0.0)[0]
     assert got == want
+
+
+def test_prefix_reparameterization_folds_to_the_same_model():
+    model = apply_peft(_model(), PeftConfig(method="prefix", virtual_tokens=3, prefix_hidden=8), seed=2)
+    tokens = _tokens()
+    before = model(tokens)[0]
+    n_before = sum(x.size for x in jax.tree.leaves(nnx.state(model, Adapter)))
+    model.stack.prefix.fold()
+    np.testing.assert_allclose(model(tokens)[0], before, atol=1e-6)
+    n_after = sum(x.size for x in jax.tree.leaves(nnx.state(model, Adapter)))
+    assert n_after == 3 * 2 * 2 * 2 * 8 < n_before  # P x (L * 2 * K * H) left
+
+
+def test_init_from_errors_and_shape_conflicts(tmp_path, tiny_config):
+    from jaxlm.errors import DataError
+    from jaxlm.train.finetune import grow_vocab, load_base, resolve
+
+    with pytest.raises(DataError, match="does not exist.*jaxlm train configs/llama_tiny.yaml"):
+        load_base(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither config.yaml nor config.json"):
+        load_base(str(tmp_path / "empty"))
+    cfg = tiny_config("llama_tiny")
+    base = dataclasses.replace(cfg.model, d_model=48, num_heads=4)
+    with pytest.raises(ConfigError, match="model.d_model=32 \\(the base has 48\\)"):
+        resolve(cfg, base)
+    ok = resolve(load_config(None, ["model.dropout=0.1", "data.seq_len=16"]), base)
+    assert ok.model.d_model == 48 and ok.model.dropout == 0.1
+    params = nnx.state(_model(), nnx.Param)
+    tiny = load_config(None, [f"model.{k}={v}" for k, v in TINY.items()] + ["data.seq_len=16"])
+    grown_cfg, grown = grow_vocab(tiny, params, 66)
+    table = np.asarray(grown["embed"]["embedding"][...])
+    assert grown_cfg.model.vocab_size == 66 and table.shape == (66, 32)
+    np.testing.assert_allclose(table[64], table[:64].mean(0), atol=1e-6)
+    np.testing.assert_array_equal(table[:64], np.asarray(params["embed"]["embedding"][...]))

@@ -159,7 +159,7 @@ class PrefixKV(nnx.Module):
             self.embedding = _adapter(jax.random.normal(k1, (length, dim)), (None, "embed"))
             self.w1, self.b1 = _linear(k2, dim, hidden)
             self.w2, self.b2 = _linear(k3, hidden, width)
-            self.kv = None
+            self.kv = nnx.data(None)  # set by `fold`
         else:  # peft: nn.Embedding(P, L·2·K·H), normal(0, 1)
             self.kv = _adapter(jax.random.normal(k1, (length, width)), (None, None))
 

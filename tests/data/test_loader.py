@@ -64,3 +64,11 @@ def test_eval_batches_score_every_token_once():
         seen.extend(b["targets"][b["mask"]].tolist())
     assert seen == list(range(1, 203))
     assert len(list(eval_batches(tokens, seq_len=16, batch_size=4, max_batches=2))) == 2
+
+
+def test_document_segments_restart_after_each_end_of_text():
+    from jaxlm.data.loader import document_segments
+
+    out = document_segments(np.array([[5, 6, 0, 7, 8, 9, 0, 1], [0, 3, 3, 3, 3, 3, 3, 3]]), 0)
+    np.testing.assert_array_equal(out["segments"], [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]])
