@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   jaxlm eval runs/llama_tiny
   jaxlm convert --from-hf ~/models/Qwen2-0.5B --out runs/qwen2   (then generate / eval / train)
   jaxlm convert --to-hf runs/llama_tiny --out hf/llama_tiny
+  jaxlm convert --to-hf runs/sft_lora --out hf/sft_lora_adapter      (a peft adapter; --merge: full weights)
   jaxlm plan configs/llama_tiny.yaml model.preset=llama2_7b mesh.fsdp=4 mesh.tensor=2 --devices 8
 """
 
@@ -162,15 +163,21 @@ def cmd_plan(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from jaxlm.config import ConfigError
+
     if args.from_hf:
         from jaxlm.hf.convert import hf_to_run
 
-        arch, step = hf_to_run(args.from_hf, args.out)
+        if args.merge:
+            raise ConfigError("--merge is for --to-hf (writing a LoRA run as full weights)")
+        arch, step = hf_to_run(args.from_hf, args.out, base=args.base)
         print(f"{args.from_hf} ({arch}) -> run directory {args.out} (checkpoint {step})")
     else:
         from jaxlm.hf.convert import run_to_hf
 
-        arch = run_to_hf(args.to_hf, args.out)
+        if args.base:
+            raise ConfigError("--base is for --from-hf with a peft adapter directory")
+        arch = run_to_hf(args.to_hf, args.out, merge=args.merge)
         print(f"{args.to_hf} -> {arch} in {args.out}")
     return 0
 
@@ -246,16 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "convert",
-        help="Hugging Face model directory <-> jaxlm run directory",
+        help="Hugging Face model / peft adapter directory <-> jaxlm run directory",
         description="--from-hf DIR: config.json, model.safetensors (or shards) and tokenizer.json become a run "
-        "directory that `jaxlm generate`, `eval` and `train` (continued training) use. --to-hf RUN_DIR: the "
-        "latest checkpoint becomes a directory transformers loads. Supported: LlamaForCausalLM, "
-        "MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel.",
+        "directory that `jaxlm generate`, `eval` and `train` (continued training) use; a peft adapter directory "
+        "(adapter_config.json + adapter_model.safetensors: LoRA, prompt or prefix tuning) becomes a PEFT run on "
+        "its base (--base, default the adapter's base_model_name_or_path). --to-hf RUN_DIR: the latest "
+        "checkpoint becomes a directory transformers loads; a PEFT run's becomes a peft adapter directory "
+        "(`PeftModel.from_pretrained(base, DIR)`), or with --merge its LoRA merged into full weights. "
+        "Families: LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-2, BERT, T5.",
     )
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="a local Hugging Face model directory")
     way.add_argument("--to-hf", metavar="RUN_DIR", help="a jaxlm run directory")
     c.add_argument("--out", required=True, help="directory to create")
+    c.add_argument("--base", metavar="DIR", help="--from-hf ADAPTER_DIR: the base model (HF or jaxlm run directory)")
+    c.add_argument("--merge", action="store_true", help="--to-hf of a LoRA/QLoRA run: full merged weights")
     c.set_defaults(fn=cmd_convert)
 
     pl = sub.add_parser(

@@ -145,7 +145,20 @@ def quantize(model) -> None:
                 name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
                 w = getattr(module, name)
                 if isinstance(w, nnx.Param):
-                    setattr(module, name, NF4Weight(w[...], layers=layers, dtype=w[...].dtype))
+                    axes = getattr(w, "out_sharding", None)
+                    setattr(module, name, NF4Weight(w[...], layers=layers, dtype=w[...].dtype, axes=axes))
+
+
+def dequantize(model) -> None:
+    """Every NF4 weight back to a (frozen) parameter holding its dequantized values (in place): what a QLoRA
+    model computes with, so LoRA can be merged into it."""
+    for stack in stacks(model):
+        for kind, name, _, _ in PROJECTIONS.values():
+            for module in _modules(stack.layers, kind):
+                name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
+                w = getattr(module, name)
+                if isinstance(w, NF4Weight):
+                    setattr(module, name, nnx.Param(w[...], out_sharding=w.axes, eager_sharding=False))
 
 
 def loras(model):

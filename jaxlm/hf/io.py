@@ -38,8 +38,6 @@ def _read_json(path: Path) -> dict:
 
 def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of model.safetensors, or of the shards its index lists, as NumPy (bf16 via ml_dtypes)."""
-    from safetensors import safe_open
-
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -54,13 +52,21 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
         path = directory / name
         if not path.is_file():
             raise DataError(f"shard {path} listed in the index is missing")
-        try:
-            with safe_open(str(path), framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
-        except Exception as e:  # safetensors raises SafetensorError / OSError for truncated or corrupt files
-            raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        tensors.update(read_safetensors_file(path))
     return tensors
+
+
+def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one .safetensors file; DataError naming the file when it is missing or corrupt."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="flax") as f:
+            return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError / OSError for truncated or corrupt files
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def _eos_id(directory: Path, hf: dict, tok) -> int | None:

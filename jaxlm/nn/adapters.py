@@ -101,8 +101,9 @@ class EmbeddingLoRA(nnx.Module):
 class NF4Weight(nnx.Module):
     """A frozen weight stored as NF4 with double quantization; `layers` > 0: one per stacked layer."""
 
-    def __init__(self, w: jax.Array, *, layers: int = 0, dtype=jnp.float32):
+    def __init__(self, w: jax.Array, *, layers: int = 0, dtype=jnp.float32, axes: tuple | None = None):
         self.shape = tuple(w.shape[1:] if layers else w.shape)  # one layer's weight
+        self.axes = axes  # the logical axes of the weight it stores (`dequantize` gives them back)
         self.dtype = dtype  # the dtype it dequantizes to (the original parameter dtype)
         q = jax.vmap(quantize_nf4)(w) if layers else quantize_nf4(w)
         lead = ("layers",) if layers else ()

@@ -37,8 +37,9 @@ def nf4_levels() -> np.ndarray:
     """
     offset = 0.9677083
     ppf = lambda p: np.asarray(ndtri(jnp.asarray(p, jnp.float32)), np.float64)  # noqa: E731
-    positive = ppf(np.linspace(offset, 0.5, 9, dtype=np.float32)[:-1])
-    negative = -ppf(np.linspace(offset, 0.5, 8, dtype=np.float32)[:-1])
+    with jax.ensure_compile_time_eval():  # constants, also when first asked for under jit
+        positive = ppf(np.linspace(offset, 0.5, 9, dtype=np.float32)[:-1])
+        negative = -ppf(np.linspace(offset, 0.5, 8, dtype=np.float32)[:-1])
     levels = np.sort(np.concatenate([positive, [0.0], negative]).astype(np.float32))
     return levels / levels.max()
 

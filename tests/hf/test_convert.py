@@ -64,3 +64,86 @@ def test_convert_generate_eval_train_and_back(hf_dir, tmp_path, corpus_file, cap
     got, _ = model(tokens)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
     assert (back / "tokenizer.json").is_file()
+
+
+def _finetune(hf_dir, corpus_file, run, *extra):
+    overrides = [f"finetune.init_from={hf_dir}", f"data.source={corpus_file}", "data.seq_len=32"]
+    overrides += ["train.batch_size=4", "train.steps=2", "train.eval_batches=1", "train.lr=3e-2", "mesh.data=1"]
+    overrides += [f"train.run_dir={run}", "train.warmup_steps=0", *extra]
+    config = run.parent / "finetune.yaml"
+    config.write_text("finetune:\n  init_from: ''\n")
+    assert main(["train", str(config), *overrides, "--no-progress"]) == 0
+
+
+def _logits(model, tokens):
+    return np.asarray(model(tokens)[0])
+
+
+def test_peft_runs_convert_to_adapters_and_back(hf_dir, tmp_path, corpus_file, capsys):
+    """A LoRA run -> peft adapter (peft loads it), -> merged weights (transformers loads them), and the adapter
+    -> a run again (same model); prompt tuning has nothing to merge."""
+    peft = require("peft")
+    tokens = np.arange(20)[None] % 300
+    base = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        base_logits = base(torch.tensor(tokens)).logits.numpy()
+
+    run = tmp_path / "lora"
+    _finetune(hf_dir, corpus_file, run, "peft.method=lora", "peft.rank=4", "peft.targets=[q,v,down]")
+    _, _, model, _ = load_run(run)
+    ours = _logits(model, tokens)
+    assert np.abs(ours - base_logits).max() > 1e-3  # two steps moved the adapter
+
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(hf_dir.resolve()) and conf["r"] == 4
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+
+    back = tmp_path / "back"
+    assert main(["convert", "--from-hf", str(tmp_path / "adapter"), "--out", str(back)]) == 0
+    cfg, _, again, step = load_run(back)
+    assert (cfg.peft.method, cfg.peft.rank, cfg.peft.targets, step) == ("lora", 4, ("q", "v", "down"), 0)
+    np.testing.assert_allclose(_logits(again, tokens), ours, atol=1e-5)
+    assert main(["generate", str(back), "--prompt", "Shall I", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+
+    prompt = tmp_path / "prompt"
+    _finetune(hf_dir, corpus_file, prompt, "peft.method=prompt", "peft.virtual_tokens=3")
+    capsys.readouterr()
+    assert main(["convert", "--to-hf", str(prompt), "--out", str(tmp_path / "pm"), "--merge"]) == 2
+    assert "no weights to merge" in capsys.readouterr().err
+    assert not (tmp_path / "pm").exists()
+    assert main(["convert", "--to-hf", str(prompt), "--out", str(tmp_path / "pa")]) == 0
+    base = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()  # peft wrapped the first one in place
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "pa").eval()
+    _, _, model, _ = load_run(prompt)
+    with torch.no_grad():
+        want = pm(torch.tensor(tokens)).logits.numpy()[:, 3:]
+    np.testing.assert_allclose(want, _logits(model, tokens), atol=1e-4)
+
+
+def test_qlora_run_merges_its_dequantized_base(hf_dir, tmp_path, corpus_file):
+    run = tmp_path / "qlora"
+    _finetune(hf_dir, corpus_file, run, "peft.method=qlora", "peft.rank=2")
+    _, _, model, _ = load_run(run)
+    tokens = np.arange(12)[None]
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(tokens)).logits.numpy(), _logits(model, tokens), atol=1e-4)
+
+
+def test_adapter_without_a_local_base_asks_for_one(hf_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    conf = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2, "base_model_name_or_path": "Qwen/Qwen2-0.5B"}
+    (adapter / "adapter_config.json").write_text(json.dumps(conf))
+    assert main(["convert", "--from-hf", str(adapter), "--out", str(tmp_path / "run")]) == 2
+    assert "pass --base" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
