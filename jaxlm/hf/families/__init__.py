@@ -4,7 +4,6 @@ A family module defines:
   ARCHITECTURES    {HF class name: model_type} it reads (and writes).
   CONFIG_CLASSES   the transformers config classes whose attributes it answers for (a test walks them).
   KEYS             the config.json keys it maps or checks; NEUTRAL: the keys it knows not to change the math.
-  ADAPTER_MODULES  {semantic projection (q, k, v, o, gate, up, down, embed, lm_head): peft module name}.
   layout(cfg, arch) -> (top-level tensors, layer stacks): HF names <-> jaxlm parameter paths and layouts.
   config_from_hf(reader, arch, tensor_names) -> ModelConfig.
   architecture(cfg) -> None (not this family), or (HF class, [reasons it cannot be written]).

@@ -16,8 +16,6 @@ KEYS = frozenset(
     """.split()
 )
 NEUTRAL = frozenset({"classifier_dropout"})  # BertForSequenceClassification's head, not built
-ADAPTER_MODULES = {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"}
-ADAPTER_MODULES.update(up="intermediate.dense", down="output.dense", embed="word_embeddings")
 UNWRITTEN_DROPOUT = ("mlp_dropout",)
 
 LAYER = [

@@ -9,7 +9,6 @@ from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, mismatches, rope_params, rope_to_hf
 from jaxlm.hf.families.llama import (
-    ADAPTER_MODULES,  # noqa: F401  (the same module names as LLaMA)
     ATTENTION,
     DECODER_TOP,
     MLP,

@@ -25,7 +25,6 @@ NEUTRAL = frozenset(
     {"summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj"}
     | {"n_ctx"}
 )
-ADAPTER_MODULES = {"qkv": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj", "embed": "wte"}
 UNWRITTEN_DROPOUT = ("mlp_dropout",)
 
 TOP = [

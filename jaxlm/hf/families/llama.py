@@ -20,18 +20,6 @@ KEYS = ROPE_KEYS | set(
     """.split()
 )
 NEUTRAL = frozenset({"max_sequence_length"})  # LLaMA 1 conversions: the context length, unused by the model
-# peft target module names of each semantic projection.
-ADAPTER_MODULES = {
-    "q": "q_proj",
-    "k": "k_proj",
-    "v": "v_proj",
-    "o": "o_proj",
-    "gate": "gate_proj",
-    "up": "up_proj",
-    "down": "down_proj",
-    "embed": "embed_tokens",
-    "lm_head": "lm_head",
-}
 
 DECODER_TOP = [
     ("model.embed_tokens.weight", ("embed", "embedding"), "vector"),

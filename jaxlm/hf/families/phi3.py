@@ -20,8 +20,6 @@ KEYS = ROPE_KEYS | set(
     """.split()
 )
 NEUTRAL = frozenset({"embd_pdrop"})  # transformers' Phi-3 has no embedding dropout
-ADAPTER_MODULES = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}
-ADAPTER_MODULES.update(embed="embed_tokens", lm_head="lm_head")
 LAYER = [
     ("input_layernorm.weight", ("attn_norm", "scale"), "vector"),
     ("self_attn.qkv_proj.weight", [("attn", "wq"), ("attn", "wk"), ("attn", "wv")], "linear_qkv"),

@@ -6,7 +6,6 @@ from jaxlm.config import ModelConfig
 from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, mismatches, rope_params, rope_to_hf
 from jaxlm.hf.families.gemma import QK_NORM
 from jaxlm.hf.families.llama import (
-    ADAPTER_MODULES,  # noqa: F401  (the same module names as LLaMA)
     DECODER_TOP,
     LAYER,
     LLAMA_LIKE,

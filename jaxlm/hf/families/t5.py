@@ -21,8 +21,6 @@ KEYS = frozenset(
     """.split()
 )
 NEUTRAL = frozenset({"classifier_dropout"})  # T5ForSequenceClassification's head, not built
-ADAPTER_MODULES = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "wi_0", "up": "wi_1", "down": "wo"}
-ADAPTER_MODULES.update(embed="shared", lm_head="lm_head")
 
 
 def _layer(decoder: bool, gated: bool):
