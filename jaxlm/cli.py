@@ -151,6 +151,15 @@ def cmd_eval(args) -> int:
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
     )
+    if cfg.train.objective == "sft" and args.examples >= 0:
+        from jaxlm.train.exact_match import exact_match
+
+        examples = val[: args.examples] if args.examples else val
+        em = exact_match(model, tokenizer, examples, chat_template=cfg.data.chat_template)
+        tasks = ", ".join(f"{t} {v:.1%}" for t, v in em["by_task"].items())
+        print(f"exact match {em['exact_match']:.1%} of {em['n']} held-out examples ({tasks})")
+        for sample in em["samples"]:
+            print(f"  {sample['answer'].strip()!r} (reference {sample['reference'].strip()!r})")
     return 0
 
 
@@ -248,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     e.add_argument(
         "--batches", type=_number(int, 0), default=0, help="score only the first N batches (0 = whole split)"
+    )
+    e.add_argument(
+        "--examples",
+        type=_number(int, -1),
+        default=0,
+        help="sft runs: exact match of greedy answers on the first N held-out examples (0 = all, -1 = skip)",
     )
     e.set_defaults(fn=cmd_eval)
 

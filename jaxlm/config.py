@@ -466,6 +466,12 @@ class Config:
                     f"data.seq_len ({self.data.seq_len}) + peft.virtual_tokens ({self.peft.virtual_tokens}) exceed "
                     f"the learned position table (model.max_seq_len {self.model.max_seq_len})"
                 )
+        packed = self.data.document_mask or (self.train.objective in INSTRUCTION_OBJECTIVES and self.data.pack)
+        if self.peft.method in ("prompt", "prefix") and packed:
+            raise ConfigError(
+                f"peft.method={self.peft.method} puts its virtual tokens before each row, so a row holds one example: "
+                "set data.pack=false (and data.document_mask=false)"
+            )
         if self.peft.method != "none" and self.mesh.pipeline != 1:
             raise ConfigError("peft methods run without pipeline parallelism; use mesh.pipeline=1")
         if self.data.document_mask and self.train.objective != "clm":

@@ -59,6 +59,18 @@ def test_unknown_target_and_tied_lm_head_are_refused():
         apply_peft(_model(tie_embeddings=True), PeftConfig(method="lora", targets=("lm_head",)))
 
 
+def test_virtual_tokens_refuse_packed_rows_and_pipelines():
+    sft = ["train.objective=sft", "data.source=shakespeare_instructions"]
+    for method in ("prompt", "prefix"):
+        with pytest.raises(ConfigError, match="data.pack=false"):
+            load_config(None, [f"peft.method={method}", *sft])
+        with pytest.raises(ConfigError, match="data.pack=false"):
+            load_config(None, [f"peft.method={method}", "data.document_mask=true"])
+        assert load_config(None, [f"peft.method={method}", *sft, "data.pack=false"]).peft.method == method
+    with pytest.raises(ConfigError, match="mesh.pipeline=1"):
+        load_config(None, ["peft.method=lora", "mesh.pipeline=2", "mesh.data=1"])
+
+
 def test_qlora_equals_lora_on_dequantized_weights():
     tokens = _tokens()
     q = apply_peft(_model(), PeftConfig(method="qlora", rank=4), seed=1)

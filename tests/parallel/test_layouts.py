@@ -205,3 +205,14 @@ def test_gemma_features_under_meshes(layout):
     """Gemma's post-norms, q/k norms (head_dim-axis scales), soft-caps and alternating local/global layers
     with two RoPE bases: sharded and pipelined (stages see their global layer ids) equal one device."""
     assert_same(train_steps(LAYOUTS[layout] + GEMMA)[:2], reference(extra=GEMMA))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix"])
+def test_peft_under_fsdp_tensor_matches_one_device(method):
+    """Adapters (and NF4 codes) carry logical axes: PEFT training over fsdp x tensor x data equals one device."""
+    extra = [f"peft.method={method}", "peft.rank=4", "peft.virtual_tokens=4", "model.max_seq_len=40"]
+    extra += ["peft.prefix_hidden=16"] if method == "prefix" else []
+    losses, params, sharded = train_steps(LAYOUTS["fsdp=2 tensor=2 data=2"] + extra)
+    assert sharded.mesh.size == 8 and len(jax.tree.leaves(params)) > 0
+    assert_same((losses, params), reference(extra=extra))
+    assert losses[-1] != losses[0]  # the adapters moved (3 steps do not always lower a prompt's loss)
