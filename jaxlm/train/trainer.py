@@ -101,7 +101,7 @@ def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, ba
     else:  # one process trains the tokenizer; the others read it from the shared run directory
         _barrier("tokenizer")
         tokenizer = load_tokenizer(run.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    if tokenizer.vocab_size > cfg.model.vocab_size and base is None:  # a base grows its vocabulary (grow_vocab)
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "
             f"tokenizer's vocabulary ({tokenizer.vocab_size})"
