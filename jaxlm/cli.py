@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
     if seq2seq:  # the prompt is the source; the output is the decoder's text, from its start token
         start = tokenizer.eos_id if cfg.model.decoder_start_id < 0 else cfg.model.decoder_start_id
         sources, prompts = prompts, [[start]] * len(prompts)
-    outs = Generator(model).generate(
+    outs = Generator(model, prefix_lm=cfg.train.objective == "prefix_lm").generate(
         prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sources=sources, **sampling
     )
     for i, (text, out) in enumerate(zip(args.prompt, outs)):
@@ -151,11 +151,12 @@ def cmd_eval(args) -> int:
         f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
         f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
     )
-    if cfg.train.objective == "sft" and args.examples >= 0:
+    if cfg.train.objective in ("sft", "prefix_lm") and args.examples >= 0:
         from jaxlm.train.exact_match import exact_match
 
         examples = val[: args.examples] if args.examples else val
-        em = exact_match(model, tokenizer, examples, chat_template=cfg.data.chat_template)
+        prefix_lm = cfg.train.objective == "prefix_lm"
+        em = exact_match(model, tokenizer, examples, chat_template=cfg.data.chat_template, prefix_lm=prefix_lm)
         tasks = ", ".join(f"{t} {v:.1%}" for t, v in em["by_task"].items())
         print(f"exact match {em['exact_match']:.1%} of {em['n']} held-out examples ({tasks})")
         for sample in em["samples"]:

@@ -30,13 +30,19 @@ from jaxlm.ops.sampling import sample
 
 
 class Generator:
-    def __init__(self, model, *, window_shift: int | None = None):
-        """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`."""
+    def __init__(self, model, *, window_shift: int | None = None, prefix_lm: bool = False):
+        """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`.
+
+        prefix_lm: the prompt attends to itself bidirectionally (a model trained with train.objective=prefix_lm).
+        """
         if not model.cfg.causal:
             raise ConfigError(
                 "a bidirectional model (model.causal=false, e.g. BERT) cannot generate text left to right"
             )
         self.seq2seq = bool(model.cfg.decoder_layers)
+        if prefix_lm and self.seq2seq:
+            raise ConfigError("prefix_lm generation is for decoder-only models")
+        self.prefix_lm = prefix_lm
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
         self.window_shift = window_shift or max(1, self.max_len // 4)
@@ -46,10 +52,13 @@ class Generator:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=sampling)
         self._decode = jax.jit(self._decode_fn, static_argnames=sampling, donate_argnums=1)
 
-    def _prefill_fn(self, params, tokens, positions, valid, key, context, **sampling):
+    def _prefill_fn(self, params, tokens, positions, valid, key, context, prefix=None, **sampling):
         model = nnx.merge(self.graphdef, params)
         cache = model.init_cache(tokens.shape[0], self.max_len, **context)
-        logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=0)
+        if prefix is None:
+            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=0)
+        else:
+            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=0, prefix=prefix)
         return sample(key, logits[:, -1], **sampling), cache
 
     def _decode_fn(self, params, cache, token, position, index, key, **sampling):
@@ -98,8 +107,16 @@ class Generator:
             offset = np.maximum(pads, w0)  # hist index that gets position 0 in this window
             valid = cols[None, :] >= pads[:, None]
             positions = np.maximum(cols[None, :] - offset[:, None], 0).astype(np.int32)
+            prefix = valid if self.prefix_lm and w0 == 0 else None  # the prompt, bidirectional
             tok, cache = self._prefill(
-                self.params, hist[:, w0 : t + 1], positions, valid, jax.random.fold_in(key, step), context, **sampling
+                self.params,
+                hist[:, w0 : t + 1],
+                positions,
+                valid,
+                jax.random.fold_in(key, step),
+                context,
+                prefix,
+                **sampling,
             )
             return tok, cache, offset
 

@@ -32,6 +32,21 @@ def test_cached_greedy_equals_recompute_for_64_tokens_batched(base):
         assert len(set(ref)) > 8  # a real continuation, not one repeated token
 
 
+def test_prefix_lm_generation_attends_the_prompt_both_ways():
+    """Batched, left-padded, cached prefix-LM generation equals recomputing with the prefix mask each step."""
+    model = model_for("llama_tiny", max_seq_len=64)
+    prompts = [[5, 9, 2, 7, 1], [3, 4]]
+    out = Generator(model, prefix_lm=True).generate(prompts, max_new_tokens=8, temperature=0.0)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for _ in range(8):
+            prefix = jnp.asarray([[i < len(p) for i in range(len(seq))]])
+            logits, _ = model(jnp.asarray([seq]), prefix=prefix)
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert o == seq[len(p) :]
+    assert out[0] != Generator(model).generate(prompts[:1], max_new_tokens=8, temperature=0.0)[0]
+
+
 @pytest.mark.parametrize("base", ["llama_tiny", "gpt_tiny"])
 def test_full_context_slides_instead_of_failing(base):
     model = model_for(base, max_seq_len=24)

@@ -35,10 +35,12 @@ def exact_match(
     chat_template: str = "auto",
     batch_size: int = 32,
     extra_tokens: int = 4,
+    prefix_lm: bool = False,
 ) -> dict:
     """{"exact_match": fraction, "n", "by_task": {task: fraction}, "samples": first few (prompt, answer, ref)}.
 
-    Each batch generates up to its longest reference plus `extra_tokens` tokens.
+    Each batch generates up to its longest reference plus `extra_tokens` tokens. prefix_lm: the prompt is
+    attended bidirectionally, as a train.objective=prefix_lm model was trained.
     """
     if not examples:
         raise ValueError("exact match needs at least one example")
@@ -47,7 +49,7 @@ def exact_match(
     stops = {tokenizer.eos_id} | {
         i for t in CHATML_TOKENS if (i := getattr(tokenizer, "token_id", lambda _: None)(t)) is not None
     }
-    generator = Generator(model)
+    generator = Generator(model, prefix_lm=prefix_lm)
     hits, rows = [], []
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]))  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
