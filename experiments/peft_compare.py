@@ -4,7 +4,8 @@ Each method fine-tunes the default pretrained run (runs/llama_tiny; make it with
 `jaxlm train configs/llama_tiny.yaml`) on the embedded instruction set with its configs/sft_*.yaml, in its
 own process, and reports: trainable parameters, optimizer-state bytes, bytes of the frozen base as stored
 (QLoRA's NF4), the compiled train step's peak memory (XLA's memory analysis) and the process's peak
-resident set, training tokens/s, held-out loss and held-out exact match (greedy answers on unseen plays).
+resident set, training tokens/s, held-out loss, and exact match (greedy answers) on the held-out plays and on
+as many examples of the training plays.
 "base" is the pretrained run itself, asked the same questions.
 
     python experiments/peft_compare.py [--steps 200] [--methods full,lora_r8,...]
@@ -46,8 +47,15 @@ def measure_base(base: str) -> dict:
     from jaxlm.train.run_dir import load_run
 
     _, tokenizer, model, _ = load_run(base)
-    em = exact_match(model, tokenizer, instruction_splits()[1])
-    return {"method": "base", "exact_match": em["exact_match"], "exact_match_by_task": em["by_task"]}
+    train_examples, val_examples = instruction_splits()
+    em = exact_match(model, tokenizer, val_examples)
+    seen = exact_match(model, tokenizer, train_examples[: len(val_examples)])  # plays (and names) it trained on
+    return {
+        "method": "base",
+        "exact_match": em["exact_match"],
+        "exact_match_by_task": em["by_task"],
+        "train_exact_match": seen["exact_match"],
+    }
 
 
 def measure(method: str, steps: int, root: Path) -> dict:
@@ -86,7 +94,8 @@ def measure(method: str, steps: int, root: Path) -> dict:
     # the compiled step's per-device memory, for one real batch's shapes
     sharded = ShardedTraining(cfg)
     state = jax.eval_shape(sharded._init)
-    _, val_batches = make_batches(cfg, tokenizer, None, instruction_splits()[1])
+    train_examples, val_examples = instruction_splits()
+    _, val_batches = make_batches(cfg, tokenizer, None, val_examples)
     batch = next(iter(val_batches(1)))
     shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
     analysis = sharded.train_step.lower(state, shapes).compile().memory_analysis()
@@ -97,7 +106,8 @@ def measure(method: str, steps: int, root: Path) -> dict:
         + analysis.temp_size_in_bytes
     )
     rates = [m["tokens_per_s"] for m in read_metrics(run) if "tokens_per_s" in m and m["step"] > 5]
-    em = exact_match(model, tokenizer, instruction_splits()[1])
+    em = exact_match(model, tokenizer, val_examples)
+    seen = exact_match(model, tokenizer, train_examples[: len(val_examples)])  # plays (and names) it trained on
     return {
         "method": method,
         "config": f"configs/{config}.yaml",
@@ -116,6 +126,7 @@ def measure(method: str, steps: int, root: Path) -> dict:
         "val_loss": result.get("val_loss"),
         "exact_match": em["exact_match"],
         "exact_match_by_task": em["by_task"],
+        "train_exact_match": seen["exact_match"],
     }
 
 
@@ -124,15 +135,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (PercentFormatter)
 
     trained = [r for r in rows if r["method"] != "base"]
     names = [r["method"] for r in trained]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.2))
     panels = [
-        ("exact match (held-out plays)", [r["exact_match"] for r in rows], [r["method"] for r in rows], False),
+        ("exact match: held-out plays", [r["exact_match"] for r in rows], [r["method"] for r in rows], False),
         ("held-out loss (answer tokens)", [r["val_loss"] for r in trained], names, False),
         ("trainable parameters", [r["trainable_params"] for r in trained], names, True),
-        ("train step peak memory (MiB)", [r["step_peak_bytes"] / 2**20 for r in trained], names, False),
+        ("exact match: training plays", [r["train_exact_match"] for r in rows], [r["method"] for r in rows], False),
+        ("params + optimizer state (MiB)", [r["step_argument_bytes"] / 2**20 for r in trained], names, False),
     ]
     for ax, (title, values, labels, log) in zip(axes, panels):
         ax.bar(labels, values, color="#4c72b0")
@@ -140,22 +153,30 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         if log:
             ax.set_yscale("log")
+        if title.startswith("exact match"):
+            ax.set_ylim(0, max(0.05, 1.15 * max(values)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
 
 def table(rows: list[dict]) -> str:
-    head = "| method | trainable params | optimizer state | step peak memory | peak RSS | tokens/s | held-out loss | exact match |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| method | trainable params | optimizer state | frozen base | step arguments / peak | peak RSS | tokens/s "
+        "| held-out loss | exact match: held-out / training plays |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    mib = 2**20
     for r in rows:
+        em = f"{r['exact_match']:.1%} / {r['train_exact_match']:.1%}"
         if r["method"] == "base":
-            lines.append(f"| base (no fine-tuning) | | | | | | | {r['exact_match']:.1%} |")
+            lines.append(f"| base (no fine-tuning) | | | | | | | | {em} |")
             continue
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_fraction']:.2%}) "
-            f"| {r['optimizer_state_bytes'] / 2**20:.2f} MiB | {r['step_peak_bytes'] / 2**20:.0f} MiB "
-            f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s'] or 0:,.0f} | {r['val_loss']:.3f} "
-            f"| {r['exact_match']:.1%} |"
+            f"| {r['optimizer_state_bytes'] / mib:.2f} MiB | {r['frozen_bytes'] / mib:.1f} MiB "
+            f"| {r['step_argument_bytes'] / mib:.1f} / {r['step_peak_bytes'] / mib:.0f} MiB "
+            f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s'] or 0:,.0f} | {r['val_loss']:.3f} | {em} |"
         )
     return "\n".join(lines)
 

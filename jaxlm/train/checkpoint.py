@@ -104,11 +104,12 @@ class Checkpointer:
         for s in steps:
             problem = self.check(s, tuple(items))
             if problem is None:
+                _silence_abandoned_reads()  # before the read: abandoned sibling reads may report at any time
                 try:
                     out = self._mngr.restore(s, args=ocp.args.Composite(**items))
                 except Exception as e:  # orbax raises several types for missing/corrupt/mismatched files
                     problem = f"{type(e).__name__}: {_first_line(e)}"
-                    _silence_abandoned_reads()
+                    gc.collect()  # most abandoned coroutines go now, under the hook
             if problem is not None:
                 problems.append(f"{s} ({problem})")
                 log.warning(
@@ -148,7 +149,8 @@ class Checkpointer:
 
 def _silence_abandoned_reads() -> None:
     """After a failed orbax read, its sibling reads are abandoned: their coroutines and callbacks later
-    report 'Event loop is closed' as unraisable exceptions. That noise hides the one line that matters."""
+    report 'Event loop is closed' as unraisable exceptions, from other threads, possibly while the failure is
+    still being raised. That noise hides the one line that matters, so the filter goes in before any read."""
     if getattr(sys.unraisablehook, "_jaxlm", False):
         return
     previous = sys.unraisablehook
@@ -164,7 +166,15 @@ def _silence_abandoned_reads() -> None:
 
     hook._jaxlm = True
     sys.unraisablehook = hook
-    gc.collect()  # most abandoned coroutines go now, under the hook
+    logging.getLogger("asyncio").addFilter(_drop_abandoned_read_futures)  # "... exception was never retrieved"
+
+
+def _drop_abandoned_read_futures(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    abandoned = "exception was never retrieved" in message and (
+        "while reading array" in message or "Event loop is closed" in message
+    )
+    return not abandoned
 
 
 def _first_line(e: Exception, limit: int = 200) -> str:

@@ -23,7 +23,8 @@ def test_exact_match_cuts_at_stops_and_ignores_surrounding_space(monkeypatch, co
     asked = []
 
     class Answers:
-        def __init__(self, model):
+        def __init__(self, model, prefix_lm):
+            assert prefix_lm is False
             pass
 
         def generate(self, prompts, *, max_new_tokens, temperature):
