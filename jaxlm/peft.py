@@ -161,17 +161,17 @@ def dequantize(model) -> None:
                     setattr(module, name, nnx.Param(w[...], out_sharding=w.axes, eager_sharding=False))
 
 
-def loras(model):
-    """(owner module, weight attribute name, LoRA) of every LoRA in the model, and the embedding's."""
+def loras(model) -> list[tuple]:
+    """(path of the adapted weight, its owner module, the weight's attribute name, LoRA) of every LoRA in the
+    model, the embedding's included: `<owner>.lora_<name>` adapts `<owner>.<name>`."""
     out = []
     for path, module in nnx.iter_graph(model):
-        if isinstance(module, LoRA) and path:
+        if isinstance(module, (LoRA, EmbeddingLoRA)) and path:
             owner = model
             for p in path[:-1]:
                 owner = getattr(owner, p) if not isinstance(p, int) else owner[p]
-            out.append((owner, str(path[-1])[len("lora_") :], module))
-        elif isinstance(module, EmbeddingLoRA):
-            out.append((model.embed, "embedding", module))
+            name = "embedding" if isinstance(module, EmbeddingLoRA) else str(path[-1])[len("lora_") :]
+            out.append((tuple(path[:-1]) + (name,), owner, name, module))
     return out
 
 
@@ -186,7 +186,7 @@ def unmerge(model) -> None:
 
 
 def _shift(model, sign: float, merged: bool) -> None:
-    for owner, name, lora in loras(model):
+    for _, owner, name, lora in loras(model):
         if lora.merged == merged:
             continue
         w = getattr(owner, name)

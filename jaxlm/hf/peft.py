@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlm.config import LORA_TARGETS, PeftConfig
 from jaxlm.data.tokenizer import DataError
@@ -104,17 +103,9 @@ def _weight_shape(model, path: tuple, layers: int) -> tuple:
 
 def _loras(model) -> dict[tuple, LoRA | EmbeddingLoRA]:
     """{path of the adapted weight: its LoRA}."""
-    out = {}
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, LoRA) and path:
-            out[tuple(path[:-1]) + (str(path[-1])[len("lora_") :],)] = module
-        elif isinstance(module, EmbeddingLoRA):
-            out[tuple(path[:-1]) + ("embedding",)] = module
-    return out
+    from jaxlm.peft import loras
 
-
-def _stacked(path: tuple, modules: _Modules) -> int:
-    return modules.of_path[path][1]
+    return {path: lora for path, _, _, lora in loras(model)}
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -354,7 +345,7 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
     s0 = lora_scale(alpha, r, rslora)
     values = {}
     for path, by_layer in per_path.items():
-        layers = _stacked(path, modules)
+        layers = modules.of_path[path][1]
         rows = []
         for i in range(max(layers, 1)):
             if i in by_layer:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm.config import ConfigError, PeftConfig
 from jaxlm.hf import from_hf
@@ -90,16 +91,9 @@ def torch_logits(model, ids) -> np.ndarray:
 
 def randomize(model, seed: int) -> None:
     """Every adapter parameter drawn from N(0, 0.3^2): B = 0 would hide layout mistakes."""
-    params = nnx_state(model)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
-    for _, v in params:
+    for _, v in nnx.to_flat_state(nnx.state(model, Adapter)):
         v.set_value(0.3 * jax.random.normal(next(keys), v[...].shape, v[...].dtype))
-
-
-def nnx_state(model):
-    from flax import nnx
-
-    return nnx.to_flat_state(nnx.state(model, Adapter))
 
 
 PEFT_CONFIGS = {
