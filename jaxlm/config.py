@@ -78,7 +78,10 @@ class ModelConfig:
     causal: bool = True  # False: bidirectional encoder (BERT)
     type_vocab_size: int = 0  # token-type (segment) embeddings (BERT: 2)
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
-    head: str = "lm"  # lm: logits from the (tied or own) read-out | mlm: BERT's dense+act+norm, tied read-out + bias
+    # lm: logits from the (tied or own) read-out | mlm: BERT's dense+act+norm, tied read-out + bias | score: a
+    # linear read-out of num_labels values per position, no vocabulary (a reward model reads its last token's)
+    head: str = "lm"
+    num_labels: int = 1  # head=score: values per position
     pooler: bool = False  # BERT's tanh(dense) of the first token
     decoder_layers: int = 0  # > 0: encoder-decoder (T5, Vaswani) with num_layers encoder layers and these
     attention_scale: float = 0.0  # scores = q.k * scale (0 = 1/sqrt(head_dim); T5: 1)
@@ -184,6 +187,10 @@ class ModelConfig:
         _check_choice("model.head", self.head, HEADS)
         if self.head == "mlm" and not self.tie_embeddings:
             raise ConfigError("model.head=mlm reads out through the token embedding: set model.tie_embeddings=true")
+        if self.head == "score" and (not self.causal or self.decoder_layers or self.pooler):
+            raise ConfigError("model.head=score scores a causal decoder's last token: needs causal=true, no decoder")
+        if self.num_labels <= 0:
+            raise ConfigError(f"model.num_labels must be positive, got {self.num_labels}")
         if self.type_vocab_size < 0:
             raise ConfigError(f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
         if self.rope_scaling == "longrope":

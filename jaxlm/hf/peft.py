@@ -25,7 +25,7 @@ import numpy as np
 from jaxlm.config import LORA_TARGETS, PeftConfig
 from jaxlm.data.tokenizer import DataError
 from jaxlm.errors import ConfigError
-from jaxlm.hf.families import family_of
+from jaxlm.hf.families import layout as family_layout
 from jaxlm.hf.weights import _paths
 from jaxlm.nn.adapters import EmbeddingLoRA, LoRA, NF4Weight
 from jaxlm.ops.lora import lora_scale
@@ -72,7 +72,7 @@ class _Modules:
     """
 
     def __init__(self, cfg, arch: str):
-        top, stacks = family_of(arch).layout(cfg, arch)
+        top, stacks = family_layout(cfg, arch)
         entries = [(name, (), target, 0) for name, target, _ in top]
         entries += [(prefix + s, root, target, n) for prefix, root, table, n in stacks for s, target, _ in table]
         self.of_path, self.named = {}, {}
@@ -252,7 +252,7 @@ def load_adapter(model, directory: str | Path, *, arch: str, seed: int = 0, base
 def _load_base_weights(model, saved: dict, arch: str, where, *, replace: bool) -> None:
     from jaxlm.hf.common import to_jax
 
-    top, _ = family_of(arch).layout(model.cfg, arch)
+    top, _ = family_layout(model.cfg, arch)
     table = {name: (target, layout) for name, target, layout in top}
     for key, x in saved.items():
         name = key[len(PREFIX) :].replace(".base_layer.weight", ".weight")

@@ -12,7 +12,7 @@ import numpy as np
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import to_hf, to_jax
-from jaxlm.hf.families import family_of
+from jaxlm.hf.families import layout as family_layout
 
 # Buffers some checkpoints carry that hold no parameters.
 _BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
@@ -27,7 +27,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
 
     Missing tensors, extra tensors and shape mismatches raise ConfigError naming them.
     """
-    top, stacks = family_of(arch).layout(cfg, arch)
+    top, stacks = family_layout(cfg, arch)
     out, used = {}, set()
 
     def take(name):
@@ -67,7 +67,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
 
 def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """{jaxlm param path: array} -> HF tensor dict (contiguous NumPy arrays)."""
-    top, stacks = family_of(arch).layout(cfg, arch)
+    top, stacks = family_layout(cfg, arch)
     out = {}
     for name, target, layout in top:
         paths = _paths((), target)

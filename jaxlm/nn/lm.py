@@ -33,9 +33,11 @@ class LanguageModel(nnx.Module):
         build_stacks()
         self.lm_head = (
             None
-            if cfg.tie_embeddings
+            if cfg.tie_embeddings or cfg.head == "score"
             else normal_param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, param_dtype)
         )
+        if cfg.head == "score":  # a reward model's read-out (transformers' `score` of ...ForSequenceClassification)
+            self.score = normal_param(rngs, (D, cfg.num_labels), ("embed", None), std, param_dtype)
         self.token_types = (
             normal_param(rngs, (cfg.type_vocab_size, D), (None, "embed"), std, param_dtype)
             if cfg.type_vocab_size
@@ -61,11 +63,13 @@ class LanguageModel(nnx.Module):
         return x
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """(B, T, D) final hidden states -> (B, T, V) float32 logits."""
+        """(B, T, D) final hidden states -> (B, T, V) float32 logits; head=score: (B, T, num_labels) scores."""
         cfg = self.cfg
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
         if cfg.scale_readout:
             x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+        if cfg.head == "score":
+            return dense(x, c(self.score)).astype(jnp.float32)  # BTD,DC->BTC
         if cfg.head == "mlm":
             h = dense(x, c(self.head_dense)) + c(self.head_dense_bias)  # BTD,DE->BTE
             x = self.head_norm(activation(cfg.activation)(h))

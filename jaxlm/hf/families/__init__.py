@@ -15,6 +15,7 @@ write.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import ModuleType
 
@@ -26,12 +27,41 @@ from jaxlm.hf.families import bert, gemma, gpt2, llama, phi3, qwen3, t5
 log = logging.getLogger(__name__)
 
 FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5)
-ARCHITECTURES = {arch: fam for fam in FAMILIES for arch in fam.ARCHITECTURES}
 MODEL_TYPES = {mt: arch for fam in FAMILIES for arch, mt in reversed(fam.ARCHITECTURES.items())}
+# Reward models (model.head=score): a decoder family's ...ForSequenceClassification holds its causal class's
+# tensors, with `score.weight` (num_labels, D) in place of the read-out; transformers scores the last token that
+# is not pad_token_id.
+SCORE_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "Gemma2ForSequenceClassification": "Gemma2ForCausalLM",
+    "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM",
+    "Phi3ForSequenceClassification": "Phi3ForCausalLM",
+    "GPT2ForSequenceClassification": "GPT2LMHeadModel",
+}
+_SCORED = {lm: score for score, lm in SCORE_ARCHITECTURES.items()}
+ARCHITECTURES = {arch: fam for fam in FAMILIES for arch in fam.ARCHITECTURES}
+ARCHITECTURES.update({score: ARCHITECTURES[lm] for score, lm in SCORE_ARCHITECTURES.items()})
 
 
 def family_of(arch: str) -> ModuleType:
     return ARCHITECTURES[arch]
+
+
+def lm_architecture(arch: str) -> str:
+    """The causal class whose tensors and config a class holds (itself, unless it is a reward model's)."""
+    return SCORE_ARCHITECTURES.get(arch, arch)
+
+
+def layout(cfg: ModelConfig, arch: str):
+    """(top-level tensors, layer stacks) of `arch` (see the families' `layout`)."""
+    lm = lm_architecture(arch)
+    if lm == arch:
+        return family_of(arch).layout(cfg, arch)
+    top, stacks = family_of(lm).layout(dataclasses.replace(cfg, head="lm"), lm)
+    return [t for t in top if t[1] != ("lm_head",)] + [("score.weight", ("score",), "linear")], stacks
 
 
 def architecture_of(hf: dict) -> str:
@@ -51,10 +81,12 @@ def config_from_hf(hf: dict, tensor_names=()) -> tuple[ModelConfig, str]:
     """(ModelConfig, architecture) for a config.json dict and the checkpoint's tensor names (which tell
     whether T5's read-out has its own matrix). ConfigError names any key jaxlm cannot honour."""
     arch = architecture_of(hf)
-    fam = family_of(arch)
+    fam, lm = family_of(arch), lm_architecture(arch)
     r = Reader(hf, arch, frozenset(fam.KEYS), frozenset(fam.NEUTRAL))
-    cfg = fam.config_from_hf(r, arch, tensor_names)
+    cfg = fam.config_from_hf(r, lm, tensor_names)
     r.finish()
+    if lm != arch:  # transformers' default is 2 labels when id2label is absent
+        cfg = dataclasses.replace(cfg, head="score", num_labels=len(hf.get("id2label") or {0: 0, 1: 1}))
     return cfg, arch
 
 
@@ -62,6 +94,13 @@ def architecture_for(cfg: ModelConfig, requested: str | None = None) -> str:
     """The HF class that computes what `cfg` does (or checks that `requested` does); ConfigError when none."""
     if requested is not None and requested not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {requested!r}; jaxlm writes {sorted(ARCHITECTURES)}")
+    if cfg.head == "score":  # a reward model: the causal class of the same trunk, as its ...ForSequenceClassification
+        if requested is not None and requested not in SCORE_ARCHITECTURES:
+            raise ConfigError(f"a reward model (model.head=score) is written as one of {sorted(SCORE_ARCHITECTURES)}")
+        lm = architecture_for(dataclasses.replace(cfg, head="lm"), requested and SCORE_ARCHITECTURES[requested])
+        if lm not in _SCORED:
+            raise ConfigError(f"transformers has no sequence-classification class for {lm}")
+        return _SCORED[lm]
     first = None
     for fam in FAMILIES:
         if requested is not None and requested not in fam.ARCHITECTURES:
@@ -83,11 +122,17 @@ def architecture_for(cfg: ModelConfig, requested: str | None = None) -> str:
 
 def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """config.json dict for `cfg` as `arch`."""
-    fam = family_of(arch)
+    fam, lm = family_of(arch), lm_architecture(arch)
     for field in getattr(fam, "UNWRITTEN_DROPOUT", ("dropout", "mlp_dropout")):
         if getattr(cfg, field):
             log.warning("%s has no such dropout: model.%s %s is not written", arch, field, getattr(cfg, field))
-    ids = {"architectures": [arch], "model_type": fam.ARCHITECTURES[arch]}
+    ids = {"architectures": [arch], "model_type": fam.ARCHITECTURES[lm]}
     ids.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None)  # None: not a class default (Phi-3's 32000)
-    body = fam.config_to_hf(cfg, arch, eos_id) if fam is t5 else fam.config_to_hf(cfg, arch)
+    if lm != arch:
+        # transformers scores the last token that is not pad_token_id: jaxlm's reward inputs end without end-of-text,
+        # so padding with it leaves the same last token.
+        labels = {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        ids.update(pad_token_id=eos_id, id2label=labels, label2id={v: k for k, v in labels.items()})
+        cfg = dataclasses.replace(cfg, head="lm")
+    body = fam.config_to_hf(cfg, lm, eos_id) if fam is t5 else fam.config_to_hf(cfg, lm)
     return {**ids, **body}
