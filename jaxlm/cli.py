@@ -135,7 +135,10 @@ def cmd_eval(args) -> int:
     from jaxlm.train.run_dir import load_run
     from jaxlm.train.sharded import ShardedTraining
     from jaxlm.train.step import split_model
-    from jaxlm.train.trainer import evaluate
+    from flax import nnx
+
+    from jaxlm.train.finetune import base_params_for
+    from jaxlm.train.trainer import describe_eval, evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
     _, val = load_splits(cfg)
@@ -144,13 +147,18 @@ def cmd_eval(args) -> int:
     mesh = MeshConfig(data=math.gcd(cfg.train.batch_size, jax.device_count()))
     sharded = ShardedTraining(dataclasses.replace(cfg, mesh=mesh), mask_id=getattr(tokenizer, "mask_id", None))
     _, params, frozen = split_model(model, sharded.trainable)
-    weights = jax.device_put((params, frozen), (sharded.shardings.params, sharded.shardings.frozen))
+    ref = base_params_for(cfg) if sharded.reference == "copy" else nnx.State({})  # DPO's reference: its start
+    shardings = (sharded.shardings.params, sharded.shardings.frozen, sharded.shardings.ref)
+    weights = jax.device_put((params, frozen, ref), shardings)
     eval_step = sharded.eval_step(tokenizer.token_bytes)
     out = evaluate(eval_step, weights, val_batches(args.batches), put=lambda b: sharded.put_batch(b, lo=0))
-    print(
-        f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
-        f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
-    )
+    if "val_bpb" in out:
+        print(
+            f"step {step}: val loss {out['val_loss']:.4f}, perplexity {out['val_ppl']:.2f}, "
+            f"bits/byte {out['val_bpb']:.4f} ({out['val_tokens']} tokens)"
+        )
+    else:
+        print(f"step {step}: {describe_eval(out)} ({out['val_pairs']} held-out pairs)")
     if cfg.train.objective in ("sft", "prefix_lm") and args.examples >= 0:
         from jaxlm.train.exact_match import exact_match
 

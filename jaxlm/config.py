@@ -297,6 +297,7 @@ class TrainConfig:
     loss_scale_window: int = 1000  # fp16: the scale doubles after this many finite steps in a row
     # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs | sft: instruction data,
     # loss on the responses | prefix_lm: sft with the prompt attended bidirectionally (UniLM/GLM's prefix LM)
+    # | reward: a reward model (model.head=score) on preference pairs | dpo: a policy on preference pairs
     objective: str = "clm"
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept); span: noise
     mean_span: float = 3.0  # span: mean corrupted span length
@@ -335,8 +336,11 @@ class TrainConfig:
 
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
-OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm")
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm", "reward", "dpo")
 INSTRUCTION_OBJECTIVES = ("sft", "prefix_lm")
+PREFERENCE_OBJECTIVES = ("reward", "dpo")  # trained on preference pairs (jaxlm.data.preferences)
+ALIGNMENT_OBJECTIVES = PREFERENCE_OBJECTIVES
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 PEFT_METHODS = ("none", "lora", "qlora", "prompt", "prefix")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
 
@@ -380,6 +384,23 @@ class PeftConfig:
             raise ConfigError(f"peft.targets: unknown LoRA target(s) {unknown}; choose from {list(LORA_TARGETS)}")
         if self.method in ("lora", "qlora") and not self.targets:
             raise ConfigError("peft.targets is empty: name the projections LoRA adapts, e.g. [q, v]")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Learning from preferences and rewards (train.objective reward, dpo)."""
+
+    beta: float = 0.1  # dpo: β, the pull towards the reference (IPO: τ)
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO; conservative with label_smoothing) | robust | ipo | hinge
+    label_smoothing: float = 0.0  # dpo: ε, the assumed rate of flipped labels, in [0, 0.5)
+    reward_margin: float = 0.0  # reward: the Bradley-Terry loss asks r_chosen - r_rejected > this margin
+
+    def __post_init__(self):
+        _check_choice("align.dpo_loss", self.dpo_loss, DPO_LOSSES)
+        if self.beta <= 0:
+            raise ConfigError(f"align.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to innermost
@@ -445,6 +466,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
 
     def __post_init__(self):
         # train.precision is the one training knob for the compute dtype; model.dtype records it.
@@ -457,7 +479,7 @@ class Config:
                 )
             object.__setattr__(self, "model", dataclasses.replace(self.model, dtype=want))
         fits = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder", "seq2seq": "encoder-decoder"}
-        fits.update(sft="decoder", prefix_lm="decoder")
+        fits.update(sft="decoder", prefix_lm="decoder", **dict.fromkeys(ALIGNMENT_OBJECTIVES, "decoder"))
         kind = "encoder-decoder" if self.model.decoder_layers else "decoder" if self.model.causal else "encoder"
         if fits[self.train.objective] != kind:
             raise ConfigError(
@@ -465,6 +487,25 @@ class Config:
                 f"{kind}: clm for causal decoders, mlm for encoders (model.causal=false), span or seq2seq for "
                 "encoder-decoders (model.decoder_layers > 0)"
             )
+        objective = self.train.objective
+        if (objective == "reward") != (self.model.head == "score"):
+            raise ConfigError(
+                "train.objective=reward trains a reward model (model.head=score), and a model.head=score model "
+                f"trains with train.objective=reward; got objective={objective}, head={self.model.head}"
+            )
+        if objective == "reward" and self.model.num_labels != 1:
+            raise ConfigError(f"a reward model scores with one value: model.num_labels=1, got {self.model.num_labels}")
+        if objective in ALIGNMENT_OBJECTIVES:
+            if not self.finetune.init_from:
+                raise ConfigError(
+                    f"train.objective={objective} starts from a trained model: set finetune.init_from to a jaxlm "
+                    "run directory or a Hugging Face model directory"
+                )
+            if self.peft.method in ("prompt", "prefix"):
+                raise ConfigError(
+                    f"train.objective={objective} takes peft.method none, lora or qlora (the reference is the "
+                    f"model with its adapters off), not {self.peft.method}"
+                )
         if self.peft.method in ("prompt", "prefix") and kind != "decoder":
             raise ConfigError(f"peft.method={self.peft.method} adapts decoders; this model is an {kind}")
         if self.peft.method == "prompt" and self.model.position == "learned":

@@ -59,6 +59,8 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     if pc.method == "none":
         return model
     cfg = model.cfg
+    if cfg.head == "score":  # a reward model's new head trains with the adapters (peft's modules_to_save)
+        model.score = Adapter(model.score[...], out_sharding=("embed", None), eager_sharding=False)
     key = jax.random.PRNGKey(seed)
     param_dtype = model.embed.embedding[...].dtype
     if pc.method in ("lora", "qlora"):

@@ -159,7 +159,7 @@ class RowLoader:
 
     def __init__(self, data: dict[str, np.ndarray], *, batch_size: int, seed: int = 0, rows=None):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.n = len(data["inputs"])
+        self.n = len(next(iter(data.values())))
         if self.n < batch_size:
             raise DataError(f"instruction data makes {self.n} rows: too few for a batch of {batch_size}")
         self.batches_per_epoch = self.n // batch_size
@@ -196,7 +196,7 @@ class RowLoader:
 
 def row_batches(data: dict[str, np.ndarray], batch_size: int, max_batches: int = 0):
     """Every row once, in order; the last batch padded with rows that score nothing."""
-    n = len(data["inputs"])
+    n = len(next(iter(data.values())))
     for b, lo in enumerate(range(0, n, batch_size)):
         if max_batches and b >= max_batches:
             return

@@ -76,10 +76,17 @@ def _example(passage: str, question: str, answer: str, task: str) -> dict:
 
 
 @functools.cache
+def play_examples(per_play: int = 60, seed: int = 0) -> tuple[tuple[str, tuple[dict, ...]], ...]:
+    """(work name, its examples) for every embedded work: `per_play` per task from each play with speeches."""
+    return tuple(
+        (name, tuple(_examples(text, np.random.default_rng([seed, i]), per_play)))
+        for i, (name, text) in enumerate(embedded_works().items())
+    )
+
+
 def instruction_splits(per_play: int = 60, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(training examples, validation examples): `per_play` per task from every play with speeches."""
+    """(training examples, validation examples): those of the training plays and of the held-out plays."""
     train, val = [], []
-    for i, (name, text) in enumerate(embedded_works().items()):
-        examples = _examples(text, np.random.default_rng([seed, i]), per_play)
-        (val if name in VAL_WORKS else train).extend(examples)
+    for name, examples in play_examples(per_play, seed):
+        (val if name in VAL_WORKS else train).extend(dict(e) for e in examples)
     return train, val

@@ -116,6 +116,11 @@ def save_adapter(model, out: str | Path, pc: PeftConfig, *, arch: str, base: str
     from safetensors.numpy import save_file
 
     cfg = model.cfg
+    if cfg.head == "score":
+        raise ConfigError(
+            "a reward model's adapters come with its trained score head: write the merged model "
+            "(`jaxlm convert --to-hf RUN --merge`)"
+        )
     if pc.method in ("lora", "qlora"):
         tensors, conf = _lora_export(model, pc, arch)
     elif pc.method == "prompt":

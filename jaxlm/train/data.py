@@ -7,8 +7,11 @@ seq2seq: `source<TAB>target` pairs (the last `val_fraction` of them validate).
 
 from __future__ import annotations
 
-from jaxlm.config import INSTRUCTION_OBJECTIVES, Config, ConfigError
+from jaxlm.config import INSTRUCTION_OBJECTIVES, PREFERENCE_OBJECTIVES, Config, ConfigError
 from jaxlm.data.chat import read_template
+from jaxlm.data.preferences import encode_pair, pair_rows, read_preferences
+from jaxlm.data.shakespeare_preferences import NAME as EMBEDDED_PREFERENCES
+from jaxlm.data.shakespeare_preferences import preference_splits
 from jaxlm.data.corpus import load_corpus
 from jaxlm.data.instructions import RowLoader, encode_example, pack, read_jsonl, row_batches
 from jaxlm.data.loader import PackedLoader, document_segments, eval_batches, pack_documents
@@ -20,25 +23,31 @@ SENTINELS = 100  # T5's extra ids
 
 
 def load_splits(cfg: Config):
-    """(train, validation): lists of documents, of (source, target) text pairs (seq2seq), or of instruction
-    examples (sft, prefix_lm)."""
-    if cfg.train.objective in INSTRUCTION_OBJECTIVES:
-        if cfg.data.source == EMBEDDED_INSTRUCTIONS:
-            return instruction_splits()
-        if cfg.data.source == "shakespeare" or not cfg.data.source.endswith(".jsonl"):
+    """(train, validation): lists of documents, of (source, target) text pairs (seq2seq), of instruction
+    examples (sft, prefix_lm) or of preference pairs (reward, dpo)."""
+    objective = cfg.train.objective
+    if objective in INSTRUCTION_OBJECTIVES + PREFERENCE_OBJECTIVES:
+        preferences = objective in PREFERENCE_OBJECTIVES
+        embedded, read = (EMBEDDED_PREFERENCES, read_preferences) if preferences else (EMBEDDED_INSTRUCTIONS, read_jsonl)
+        if cfg.data.source == embedded:
+            return preference_splits() if preferences else instruction_splits()
+        if not cfg.data.source.endswith(".jsonl"):
+            kind = "preference pairs" if preferences else "instruction data"
             raise ConfigError(
-                f"train.objective={cfg.train.objective} reads instruction data: data.source must be "
-                f"{EMBEDDED_INSTRUCTIONS!r} or a .jsonl file, got {cfg.data.source!r}"
+                f"train.objective={objective} reads {kind}: data.source must be {embedded!r} or a .jsonl file, "
+                f"got {cfg.data.source!r}"
             )
-        examples = read_jsonl(cfg.data.source)
+        examples = read(cfg.data.source)
         if cfg.data.val_source:
-            return examples, read_jsonl(cfg.data.val_source)
+            return examples, read(cfg.data.val_source)
         n_val = max(1, int(len(examples) * cfg.data.val_fraction))
         if n_val >= len(examples):
             raise ConfigError(f"{cfg.data.source} has too few examples to hold out validation; set data.val_source")
         return examples[:-n_val], examples[-n_val:]
     if cfg.data.source == EMBEDDED_INSTRUCTIONS:
         raise ConfigError(f"data.source={EMBEDDED_INSTRUCTIONS} is instruction data: use train.objective=sft")
+    if cfg.data.source == EMBEDDED_PREFERENCES:
+        raise ConfigError(f"data.source={EMBEDDED_PREFERENCES} is preference data: use train.objective=reward or dpo")
     if cfg.train.objective == "seq2seq":
         pairs = read_pairs(cfg.data.source)
         n_val = max(1, int(len(pairs) * cfg.data.val_fraction))
@@ -61,6 +70,15 @@ def instruction_rows(cfg: Config, tokenizer, examples: list[dict], seed: int) ->
     return rows
 
 
+def preference_rows(cfg: Config, tokenizer, pairs: list[dict]) -> dict:
+    """(N, 2, seq_len) rows of preference pairs (`jaxlm.data.preferences.pair_rows`); a policy's completions
+    end with end-of-text, a reward model's do not (it scores their last token)."""
+    template = read_template(cfg.data.chat_template, tokenizer) if any(isinstance(p["prompt"], list) for p in pairs) else None
+    eos = cfg.train.objective != "reward"
+    encoded = [encode_pair(p, tokenizer, template, eos=eos) for p in pairs]
+    return pair_rows(encoded, seq_len=cfg.data.seq_len, too_long=cfg.data.too_long)
+
+
 def reserved_ids(cfg: Config) -> int:
     """Ids kept free above the tokenizer's vocabulary (span corruption's sentinels)."""
     return SENTINELS if cfg.train.objective == "span" and cfg.data.tokenizer == "bpe" else 0
@@ -78,12 +96,16 @@ def target_len(cfg: Config) -> int:
 def make_batches(cfg: Config, tokenizer, train, val, rows=None):
     """(training loader or None when `train` is None, eval(max_batches) -> iterator of validation batches)."""
     tc, seq_len = cfg.train, cfg.data.seq_len
-    if tc.objective in INSTRUCTION_OBJECTIVES:
+    if tc.objective in INSTRUCTION_OBJECTIVES + PREFERENCE_OBJECTIVES:
+        if tc.objective in PREFERENCE_OBJECTIVES:
+            rows_of = lambda split: preference_rows(cfg, tokenizer, split)  # noqa: E731
+        else:
+            rows_of = lambda split: instruction_rows(cfg, tokenizer, split, cfg.data.seed)  # noqa: E731
         loader = None
         if train is not None:
-            data = instruction_rows(cfg, tokenizer, train, cfg.data.seed)
+            data = rows_of(train)
             loader = RowLoader(data, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows)
-        val_rows = instruction_rows(cfg, tokenizer, val, cfg.data.seed)
+        val_rows = rows_of(val)
         return loader, lambda max_batches: row_batches(val_rows, tc.batch_size, max_batches)
     encode = lambda docs: pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)  # noqa: E731
     if tc.objective in ("clm", "mlm"):

@@ -90,10 +90,12 @@ def _host(state: nnx.State) -> nnx.State:
 def resolve(cfg: Config, base: ModelConfig) -> Config:
     """cfg with the base's model shape and cfg's runtime fields; ConfigError where cfg.model asks another shape."""
     default, own = ModelConfig(), cfg.model
+    # A language model may become a reward model: its trunk under a new score head (the read-out is dropped).
+    heads = ("head", "num_labels") if own.head == "score" and base.head == "lm" else ()
     conflicts = [
         f"model.{f.name}={getattr(own, f.name)!r} (the base has {getattr(base, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
-        if f.name not in RUNTIME_FIELDS
+        if f.name not in RUNTIME_FIELDS + heads
         and getattr(own, f.name) != getattr(default, f.name)
         and getattr(own, f.name) != getattr(base, f.name)
     ]
@@ -102,7 +104,7 @@ def resolve(cfg: Config, base: ModelConfig) -> Config:
             "finetune.init_from sets the model's shape; remove these model keys or use another base: "
             + "; ".join(conflicts)
         )
-    runtime = {k: getattr(own, k) for k in RUNTIME_FIELDS if getattr(own, k) != getattr(default, k)}
+    runtime = {k: getattr(own, k) for k in RUNTIME_FIELDS + heads if getattr(own, k) != getattr(default, k)}
     model = dataclasses.replace(base, **{**runtime, "dtype": "float32"})
     try:
         return dataclasses.replace(cfg, model=model)  # re-checks everything, sets dtype from train.precision
@@ -128,3 +130,26 @@ def grow_vocab(cfg: Config, params: nnx.State, vocab: int) -> tuple[Config, nnx.
 
     params = jax.tree_util.tree_map_with_path(pad, params)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)), params
+
+
+def fit_head(cfg: Config, params: nnx.State, base: ModelConfig) -> nnx.State:
+    """The base's parameters for cfg's head: a language model's trunk under a new score head (normal(0,
+    init_std), as transformers initialises `score`) when cfg makes a reward model of it; else as they are."""
+    if cfg.model.head != "score" or base.head == "score":
+        return params
+    log.info("reward model: the base's read-out is dropped, a score head of %d output(s) starts", cfg.model.num_labels)
+    flat = [(p, v) for p, v in nnx.to_flat_state(params) if p[0] != "lm_head"]
+    m = cfg.model
+    score = np.random.default_rng(cfg.train.seed).normal(0.0, m.init_std, (m.d_model, m.num_labels))
+    dtype = np.asarray(flat[0][1][...]).dtype
+    flat.append((("score",), nnx.Param(score.astype(dtype), out_sharding=("embed", None), eager_sharding=False)))
+    return nnx.from_flat_state(flat)
+
+
+def base_params_for(cfg: Config) -> nnx.State:
+    """The parameters of cfg's finetune.init_from as cfg's model takes them: vocabulary grown to cfg's (a chat
+    template's tokens), head fitted (a reward model's)."""
+    base = load_base(cfg.finetune.init_from)
+    as_base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=base.model.vocab_size))
+    _, params = grow_vocab(as_base, base.params, cfg.model.vocab_size)
+    return fit_head(cfg, params, base.model)

@@ -79,15 +79,14 @@ def load_run(path: str | Path) -> tuple[Config, Tokenizer, nnx.Module, int]:
 def peft_model(cfg: Config, tokenizer) -> nnx.Module:
     """The base of finetune.init_from with cfg's (freshly initialised) adapters."""
     from jaxlm.peft import apply_peft
-    from jaxlm.train.finetune import grow_vocab, load_base
+    from jaxlm.train.finetune import base_params_for
 
     if not cfg.finetune.init_from:
         raise DataError(f"a peft.method={cfg.peft.method} run needs its base, but finetune.init_from is empty")
     try:
-        base = load_base(cfg.finetune.init_from)
+        params = base_params_for(cfg)
     except (DataError, ConfigError) as e:
         raise DataError(f"cannot load this adapter's base model: {e}") from None
-    _, params = grow_vocab(dataclasses.replace(cfg, model=base.model), base.params, cfg.model.vocab_size)
     model = build_model(cfg.model, rngs=nnx.Rngs(0))
     try:
         nnx.update(model, params)

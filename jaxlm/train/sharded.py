@@ -17,13 +17,14 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.axes import activation_sharding
-from jaxlm.config import Config
+from jaxlm.config import PREFERENCE_OBJECTIVES, Config
 from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
 from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.peft import apply_peft, trainable
 from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.preference import make_dpo_loss, make_reward_loss
 from jaxlm.train.step import (
     LossScale,
     TrainState,
@@ -44,6 +45,14 @@ def on_mesh(fn, mesh):
             return fn(*args)
 
     return traced
+
+
+def reference_for(cfg: Config) -> str:
+    """The reference policy of cfg's objective (`jaxlm.train.step.REFERENCES`): DPO's is the starting model,
+    kept as a copy, or with LoRA the same weights with the adapters off."""
+    if cfg.train.objective not in ("dpo",):
+        return "none"
+    return "adapters_off" if cfg.peft.method in ("lora", "qlora") else "copy"
 
 
 class ShardedTraining:
@@ -78,7 +87,10 @@ class ShardedTraining:
 
         self.scaling = tc.precision == "fp16"  # dynamic loss scaling
         scale = tc.loss_scale if self.scaling else 1.0
-        self._init = lambda base=None: init_train_state(build(base), self.tx, tc.seed, scale, self.trainable)
+        self.reference = reference_for(cfg)
+        self._init = lambda base=None: init_train_state(
+            build(base), self.tx, tc.seed, scale, self.trainable, self.reference
+        )
         self.graphdef = split_model(nnx.eval_shape(build), self.trainable)[0]
         abstract_state = jax.eval_shape(self._init)
         # The unadapted model's parameters: what `init_state(base)` takes.
@@ -93,9 +105,13 @@ class ShardedTraining:
         self.grad_shardings = tree_shardings(abstract_state.params, self.mesh, "grads", zero)
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, tc.batch_size)  # this process's rows of each batch
-        self.objective = make_objective(
-            tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate, layer_runner=runner
-        )
+        self.objective, self.loss = None, None
+        if tc.objective in PREFERENCE_OBJECTIVES:
+            self.loss = (make_reward_loss if tc.objective == "reward" else make_dpo_loss)(cfg.align)
+        else:
+            self.objective = make_objective(
+                tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate, layer_runner=runner
+            )
         step = make_train_step(
             self.graphdef,
             self.tx,
@@ -103,6 +119,8 @@ class ShardedTraining:
             z_loss=tc.z_loss,
             grad_shardings=self.grad_shardings,
             objective=self.objective,
+            loss=self.loss,
+            reference=self.reference,
             dropout=cfg.model.drops or (cfg.peft.method in ("lora", "qlora") and cfg.peft.dropout > 0),
             loss_scale_window=tc.loss_scale_window if self.scaling else None,
         )
@@ -146,14 +164,18 @@ class ShardedTraining:
             put(jnp.asarray(np.asarray(rng), jnp.uint32), self.shardings.rng),
             jax.tree.map(put, scale, self.shardings.loss_scale),
             state.frozen,
+            state.ref,
         )
 
     def eval_step(self, token_bytes: np.ndarray):
         # Ids above the tokenizer's vocabulary (T5 sentinels) stand for no text: 0 bytes.
         token_bytes = np.pad(token_bytes, (0, max(0, self.cfg.model.vocab_size - len(token_bytes))))
+        step = make_eval_step(
+            self.graphdef, jnp.asarray(token_bytes), self.objective, loss=self.loss, reference=self.reference
+        )
         return jax.jit(
-            on_mesh(make_eval_step(self.graphdef, jnp.asarray(token_bytes), self.objective), self.mesh),
-            in_shardings=(self.shardings.params, self.shardings.frozen, self.batch_sharding),
+            on_mesh(step, self.mesh),
+            in_shardings=(self.shardings.params, self.shardings.frozen, self.shardings.ref, self.batch_sharding),
             out_shardings=replicated(self.mesh),
         )
 

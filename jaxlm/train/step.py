@@ -42,6 +42,11 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2] PRNG key for stochastic layers and sampling
     loss_scale: LossScale  # fp16 dynamic loss scaling (inert otherwise)
     frozen: nnx.State  # the rest of the model (a PEFT method's frozen base), never differentiated; else empty
+    ref: nnx.State  # the reference policy's `params` (alignment without adapters: the starting weights); else empty
+
+
+# Where an alignment objective's reference policy comes from (`make_train_step(reference=...)`).
+REFERENCES = ("none", "copy", "adapters_off")
 
 
 def split_model(model: nnx.Module, trainable=nnx.Param):
@@ -50,8 +55,14 @@ def split_model(model: nnx.Module, trainable=nnx.Param):
 
 
 def init_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int, loss_scale: float = 1.0, trainable=nnx.Param
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    loss_scale: float = 1.0,
+    trainable=nnx.Param,
+    reference: str = "none",
 ) -> TrainState:
+    """reference: "copy" keeps the starting `params` as the reference policy (see `REFERENCES`)."""
     _, params, frozen = split_model(model, trainable)
     return TrainState(
         jnp.zeros((), jnp.int32),
@@ -60,7 +71,18 @@ def init_train_state(
         jax.random.PRNGKey(seed),
         LossScale.create(loss_scale),
         frozen,
+        jax.tree.map(jnp.copy, params) if reference == "copy" else nnx.State({}),
     )
+
+
+def reference_model(graphdef, params, frozen, ref, reference: str):
+    """The frozen reference policy: the kept copy, or the model with its adapters off (LoRA's A and B at zero
+    add nothing: the base exactly, with no second copy of it); None without one."""
+    if reference == "none":
+        return None
+    if reference == "copy":
+        return nnx.merge(graphdef, ref, frozen)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), frozen)
 
 
 def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> TrainState:
@@ -73,6 +95,7 @@ def train_state_shardings(abstract_state: TrainState, mesh, zero_stage: int) -> 
         replicated(mesh),
         LossScale(replicated(mesh), replicated(mesh), replicated(mesh)),
         tree_shardings(abstract_state.frozen, mesh, "params", zero_stage),
+        tree_shardings(abstract_state.ref, mesh, "params", zero_stage),
     )
 
 
@@ -134,9 +157,14 @@ def make_objective(
     raise ConfigError(f"unknown train.objective {kind!r}")
 
 
-def _loss_sums(graphdef, params, frozen, batch, z_loss, objective, key, dropout_keys):
-    logits, targets, mask = objective(nnx.merge(graphdef, params, frozen), batch, key, dropout_keys)
-    return cross_entropy(logits, targets, mask, z_loss=z_loss)
+def lm_loss(objective, z_loss: float = 0.0):
+    """The loss of a language-model objective (`make_objective`): summed token cross-entropy, token count."""
+
+    def loss(model, reference, batch, key, dropout_keys=None):
+        logits, targets, mask = objective(model, batch, key, dropout_keys)
+        return (*cross_entropy(logits, targets, mask, z_loss=z_loss), {})
+
+    return loss
 
 
 def _positions(batch: dict) -> int:
@@ -152,14 +180,19 @@ def make_train_step(
     z_loss: float = 0.0,
     grad_shardings=None,
     objective=None,
+    loss=None,
+    reference: str = "none",
     dropout: bool = False,
     loss_scale_window: int | None = None,
 ):
-    """Returns train_step(state, batch); batch arrays are (batch, T) with batch % grad_accum == 0.
+    """Returns train_step(state, batch); batch arrays are (batch, ...) with batch % grad_accum == 0.
 
     grad_shardings: where gradients live while they are accumulated (ZeRO-2 and -3
     shard them, which turns the data-parallel all-reduce into a reduce-scatter).
-    objective: from `make_objective` (default: next-token prediction).
+    objective: from `make_objective` (default: next-token prediction), trained with `lm_loss`.
+    loss: instead of an objective, loss(model, reference model, batch, key, dropout_keys) -> (loss_sum, count,
+    metric sums): the step minimizes sum / count over the whole batch and reports each metric sum / count.
+    reference: where the reference model comes from (`REFERENCES`; alignment objectives).
     dropout: draw dropout masks (the model's rates): one key per row of the whole batch, so
     gradient accumulation and the mesh layout do not change them.
     loss_scale_window: dynamic loss scaling (fp16) when set: the loss is multiplied by
@@ -167,19 +200,21 @@ def make_train_step(
     gradients are not all finite leaves parameters and optimizer state as they were and halves the
     scale; after this many finite steps in a row the scale doubles.
     """
-    objective = objective or make_objective("clm")
+    loss = loss or lm_loss(objective or make_objective("clm"), z_loss)
     place = (lambda g: g) if grad_shardings is None else (lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
 
     scaling = loss_scale_window is not None
 
-    def grads_of(params, frozen, micro, key, dropout_keys, scale):
-        def f(p):
-            loss_sum, count = _loss_sums(graphdef, p, frozen, micro, z_loss, objective, key, dropout_keys)
-            # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
-            return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count)
+    def grads_of(state, micro, key, dropout_keys, scale):
+        ref = reference_model(graphdef, state.params, state.frozen, state.ref, reference)
 
-        (_, (loss_sum, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return grads, loss_sum, count
+        def f(p):
+            loss_sum, count, sums = loss(nnx.merge(graphdef, p, state.frozen), ref, micro, key, dropout_keys)
+            # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
+            return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count, sums)
+
+        (_, (loss_sum, count, sums)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        return grads, loss_sum, count, sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Micro-batch i = rows i, i + grad_accum, ...: strided, so each one spans every data shard.
@@ -191,24 +226,19 @@ def make_train_step(
         scale = state.loss_scale.scale
 
         def body(carry, mb_key):
-            g, ls, c = grads_of(state.params, state.frozen, *mb_key, scale)
-            g, ls, c = jax.tree.map(jnp.add, carry, (place(g), ls, c))
-            return (g, ls, c), None
+            g, ls, c, sums = grads_of(state, *mb_key, scale)
+            return jax.tree.map(jnp.add, carry, (place(g), ls, c, sums)), None
 
         keys = jax.random.split(jax.random.fold_in(state.rng, 1), grad_accum)  # corruption noise per micro-batch
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         if grad_accum == 1:  # no loop: XLA schedules and fuses across the whole step
-            grads, loss_sum, count = grads_of(
-                state.params, state.frozen, first(micro), keys[0], first(drop_keys), scale
-            )
+            grads, loss_sum, count, sums = grads_of(state, first(micro), keys[0], first(drop_keys), scale)
             grads = place(grads)
         else:
-            zeros = (
-                place(jax.tree.map(jnp.zeros_like, state.params)),
-                jnp.zeros((), jnp.float32),
-                jnp.zeros((), jnp.float32),
-            )
-            (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
+            shapes = jax.eval_shape(lambda: grads_of(state, first(micro), keys[0], first(drop_keys), scale))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            zeros = (place(zeros[0]), *zeros[1:])
+            (grads, loss_sum, count, sums), _ = jax.lax.scan(body, zeros, (micro, keys, drop_keys))
         # Gradient of the mean over every token of every micro-batch (and unscaled).
         unscale = count * scale / _positions(first(micro)) if scaling else count
         grads = jax.tree.map(lambda g: g / unscale, grads)
@@ -217,6 +247,7 @@ def make_train_step(
         rng, _ = jax.random.split(state.rng)
         grad_norm = optax.global_norm(grads)
         metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "tokens": count}
+        metrics.update({k: v / count for k, v in sums.items()})
         loss_scale = state.loss_scale
         if scaling:
             finite = jnp.isfinite(grad_norm)  # any inf/nan gradient makes the norm non-finite
@@ -230,20 +261,29 @@ def make_train_step(
                 loss_scale.skipped + (~finite).astype(jnp.int32),
             )
             metrics.update(loss_scale=scale, skipped=loss_scale.skipped, finite=finite)
-        return TrainState(state.step + 1, params, opt_state, rng, loss_scale, state.frozen), metrics
+        return TrainState(state.step + 1, params, opt_state, rng, loss_scale, state.frozen, state.ref), metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, token_bytes: jax.Array, objective=None):
-    """eval_step(params, frozen, batch) -> {"loss_sum", "count", "bytes"}; bytes are the scored targets' UTF-8
-    lengths. params, frozen: as in `TrainState`.
+def make_eval_step(graphdef, token_bytes: jax.Array, objective=None, *, loss=None, reference: str = "none"):
+    """eval_step(params, frozen, ref, batch) -> {"loss_sum", "count", "bytes"}; bytes are the scored targets'
+    UTF-8 lengths. params, frozen, ref: as in `TrainState`. With `loss` (see `make_train_step`):
+    {"loss_sum", "count", and the loss's metric sums}.
 
     Corruption (mlm) uses a fixed key, so evaluations are comparable across steps.
     """
+    if loss is not None:
+
+        def eval_loss(params, frozen, ref, batch):
+            model, ref_model = nnx.merge(graphdef, params, frozen), reference_model(graphdef, params, frozen, ref, reference)
+            loss_sum, count, sums = loss(model, ref_model, batch, jax.random.PRNGKey(0))
+            return {"loss_sum": loss_sum, "count": count, **sums}
+
+        return eval_loss
     objective = objective or make_objective("clm")
 
-    def eval_step(params, frozen, batch):
+    def eval_step(params, frozen, ref, batch):
         logits, targets, mask = objective(nnx.merge(graphdef, params, frozen), batch, jax.random.PRNGKey(0))
         loss_sum, count = cross_entropy(logits, targets, mask)
         mask = jnp.ones_like(targets, bool) if mask is None else mask

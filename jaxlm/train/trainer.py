@@ -25,27 +25,43 @@ from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, abstract
 from jaxlm.train.data import load_splits, make_batches, reserved_ids, tokenizer_texts
-from jaxlm.train.finetune import grow_vocab, load_base, resolve
+from jaxlm.train.finetune import fit_head, grow_vocab, load_base, resolve
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.run_dir import RunDir, check_resumable
 from jaxlm.train.sharded import ShardedTraining
 
 log = logging.getLogger(__name__)
+STEP_KEYS = ("loss", "grad_norm", "tokens", "loss_scale", "skipped", "finite")  # what every step reports
 
 
 def evaluate(eval_step, weights, batches, *, put=None) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte over validation `batches`.
+    """Mean loss (nats/token), perplexity and bits per byte over validation `batches`; for a loss with metric sums
+    (preference objectives), the mean loss and each metric's mean per pair.
 
-    weights: eval_step's leading arguments, (params, frozen). put: host batch -> device batch (default: as is).
+    weights: eval_step's leading arguments, (params, frozen, ref). put: host batch -> device batch (default: as is).
     """
     totals = None
     for batch in batches:
         out = eval_step(*weights, batch if put is None else put(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = to_host(totals)
+    count = max(float(totals.pop("count")), 1.0)
+    if "bytes" not in totals:
+        loss = {"val_loss": float(totals.pop("loss_sum")) / count}
+        return {**loss, **{f"val_{k}": float(v) / count for k, v in totals.items()}, "val_pairs": int(count)}
+    totals["count"] = count
     loss = float(totals["loss_sum"] / totals["count"])
     bpb = float(totals["loss_sum"] / (math.log(2) * max(float(totals["bytes"]), 1.0)))
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": int(totals["count"])}
+
+
+def describe_eval(ev: dict) -> str:
+    """One line of an evaluation's figures."""
+    if "val_bpb" in ev:
+        return f"val loss {ev['val_loss']:.4f}, bits/byte {ev['val_bpb']:.4f}"
+    accuracy = ev.get("val_accuracy", ev.get("val_rewards/accuracies"))
+    margin = ev.get("val_margin", ev.get("val_rewards/margins"))
+    return f"val loss {ev['val_loss']:.4f}, preference accuracy {accuracy:.1%}, margin {margin:.3f}"
 
 
 class _StopOnSignal(contextlib.AbstractContextManager):
@@ -78,7 +94,8 @@ def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, ba
         tokenizer = load_tokenizer(run.tokenizer)
     elif base is not None:  # fine-tuning: the base's tokenizer, and a chat template's tokens if it lacks them
         tokenizer = base.tokenizer
-        if any("messages" in e for e in train_split) and read_template(cfg.data.chat_template, tokenizer) == CHATML:
+        chat = any("messages" in e or isinstance(e.get("prompt"), list) for e in train_split)
+        if chat and read_template(cfg.data.chat_template, tokenizer) == CHATML:
             missing = [t for t in CHATML_TOKENS if getattr(tokenizer, "token_id", lambda t: None)(t) is None]
             if missing and not hasattr(tokenizer, "add_special_tokens"):
                 raise ConfigError(
@@ -138,6 +155,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     base_params = None
     if base is not None:
         cfg, base_params = grow_vocab(cfg, base.params, tokenizer.vocab_size)
+        base_params = fit_head(cfg, base_params, base.model)
         check_resume()  # against the model with the tokenizer's vocabulary
     if lead:
         save_config(cfg, run.config)
@@ -179,7 +197,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     def run_eval(step: int, max_batches: int) -> dict:
-        weights = (state.params, state.frozen)
+        weights = (state.params, state.frozen, state.ref)
         out = evaluate(eval_step, weights, val_batches(max_batches), put=lambda b: sharded.put_batch(b, lo=0))
         out = {"step": step, **out}
         write(out)
@@ -211,6 +229,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             }
             if "loss_scale" in m:  # fp16: the scale this step used, and the steps skipped so far
                 record.update(loss_scale=float(m["loss_scale"]), skipped=int(m["skipped"]))
+            record.update({k: float(v) for k, v in m.items() if k not in STEP_KEYS})  # the objective's metrics
             write(record if tokens_per_s is None else {**record, "tokens_per_s": tokens_per_s})
         pending.clear()
 
@@ -229,7 +248,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 evaluation = run_eval(step, tc.eval_batches)
-                bar.write(f"step {step}: val loss {evaluation['val_loss']:.4f}, bits/byte {evaluation['val_bpb']:.4f}")
+                bar.write(f"step {step}: {describe_eval(evaluation)}")
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 save(step)
             if stopper.signum is not None:
