@@ -129,15 +129,14 @@ def cmd_eval(args) -> int:
     import math
 
     import jax
+    from flax import nnx
 
     from jaxlm.config import MeshConfig
     from jaxlm.train.data import load_splits, make_batches
+    from jaxlm.train.finetune import base_params_for
     from jaxlm.train.run_dir import load_run
     from jaxlm.train.sharded import ShardedTraining
     from jaxlm.train.step import split_model
-    from flax import nnx
-
-    from jaxlm.train.finetune import base_params_for
     from jaxlm.train.trainer import describe_eval, evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)

@@ -82,6 +82,7 @@ class ModelConfig:
     # linear read-out of num_labels values per position, no vocabulary (a reward model reads its last token's)
     head: str = "lm"
     num_labels: int = 1  # head=score: values per position
+    value_head: bool = False  # also a scalar value per position from the final hidden states (PPO's critic)
     pooler: bool = False  # BERT's tanh(dense) of the first token
     decoder_layers: int = 0  # > 0: encoder-decoder (T5, Vaswani) with num_layers encoder layers and these
     attention_scale: float = 0.0  # scores = q.k * scale (0 = 1/sqrt(head_dim); T5: 1)
@@ -298,6 +299,7 @@ class TrainConfig:
     # clm: next token | mlm: BERT masked tokens | span: T5 span corruption | seq2seq: pairs | sft: instruction data,
     # loss on the responses | prefix_lm: sft with the prompt attended bidirectionally (UniLM/GLM's prefix LM)
     # | reward: a reward model (model.head=score) on preference pairs | dpo: a policy on preference pairs
+    # | ppo, grpo: a policy on its own samples of prompts, scored by align.reward (steps: rollout batches)
     objective: str = "clm"
     mask_rate: float = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept); span: noise
     mean_span: float = 3.0  # span: mean corrupted span length
@@ -336,11 +338,13 @@ class TrainConfig:
 
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
-OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm", "reward", "dpo")
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm", "reward", "dpo", "ppo", "grpo")
 INSTRUCTION_OBJECTIVES = ("sft", "prefix_lm")
 PREFERENCE_OBJECTIVES = ("reward", "dpo")  # trained on preference pairs (jaxlm.data.preferences)
-ALIGNMENT_OBJECTIVES = PREFERENCE_OBJECTIVES
+RL_OBJECTIVES = ("ppo", "grpo")  # trained on the policy's own samples, scored by a reward
+ALIGNMENT_OBJECTIVES = PREFERENCE_OBJECTIVES + RL_OBJECTIVES
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
+KL_ESTIMATORS = ("auto", "k1", "k2", "k3")
 PEFT_METHODS = ("none", "lora", "qlora", "prompt", "prefix")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
 
@@ -394,13 +398,55 @@ class AlignConfig:
     dpo_loss: str = "sigmoid"  # sigmoid (DPO; conservative with label_smoothing) | robust | ipo | hinge
     label_smoothing: float = 0.0  # dpo: ε, the assumed rate of flipped labels, in [0, 0.5)
     reward_margin: float = 0.0  # reward: the Bradley-Terry loss asks r_chosen - r_rejected > this margin
+    # ppo/grpo: a reward-model run directory (model.head=score, the policy's tokenizer) or a Python function
+    # `module:function` called as f(prompts, completions, **fields) -> one float per completion (TRL's signature;
+    # fields: the prompts' other data fields, e.g. completion and task). Built in: jaxlm.rewards.
+    reward: str = ""
+    response_len: int = 16  # ppo/grpo: tokens sampled per response, at most (it stops at end-of-text)
+    temperature: float = 1.0  # ppo/grpo: sampling temperature; log-probs are those of the tempered policy
+    top_k: int = 0  # ppo/grpo sampling (0 = off)
+    top_p: float = 1.0  # ppo/grpo sampling (1 = off)
+    group: int = 4  # grpo: samples per prompt, whose rewards are compared (ppo: 1)
+    kl_coef: float = 0.05  # ppo: per-token KL penalty in the reward | grpo: beta of the KL term of the loss
+    kl_estimator: str = "auto"  # k1 | k2 | k3 | auto (ppo k1 in the reward, grpo k3 in the loss)
+    clip: float = 0.2  # ppo/grpo: the policy ratio is clipped to [1 - clip, 1 + clip]
+    value_clip: float = 0.2  # ppo: values move at most this far from the rollout's
+    vf_coef: float = 0.1  # ppo: weight of the value loss
+    gamma: float = 1.0  # ppo: discount
+    lam: float = 0.95  # ppo: GAE lambda
+    epochs: int = 4  # ppo/grpo: passes over each rollout batch
+    minibatches: int = 1  # ppo/grpo: optimizer updates per pass
+    whiten_advantages: bool = True  # ppo
+    whiten_rewards: bool = False  # ppo: scale the per-token rewards to unit variance (not centred)
 
     def __post_init__(self):
         _check_choice("align.dpo_loss", self.dpo_loss, DPO_LOSSES)
+        _check_choice("align.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.beta <= 0:
             raise ConfigError(f"align.beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"align.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("response_len", "group", "epochs", "minibatches"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"align.{key} must be positive, got {getattr(self, key)}")
+        for key in ("kl_coef", "value_clip", "vf_coef", "top_k"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"align.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.clip < 1.0:
+            raise ConfigError(f"align.clip must be in (0, 1), got {self.clip}")
+        if not 0.0 < self.temperature or self.temperature == float("inf"):
+            raise ConfigError(f"align.temperature must be positive (rollouts sample), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"align.top_p must be in (0, 1], got {self.top_p}")
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"align.{key} must be in [0, 1], got {getattr(self, key)}")
+
+    def estimator(self, objective: str) -> str:
+        """The KL estimator in use: k1 in PPO's reward, k3 in GRPO's loss, unless set."""
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if objective == "grpo" else "k1"
 
 
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")  # mesh order: outermost to innermost
@@ -495,6 +541,32 @@ class Config:
             )
         if objective == "reward" and self.model.num_labels != 1:
             raise ConfigError(f"a reward model scores with one value: model.num_labels=1, got {self.model.num_labels}")
+        if objective == "ppo" and not self.model.value_head:  # PPO's critic
+            object.__setattr__(self, "model", dataclasses.replace(self.model, value_head=True))
+        if self.model.value_head and (self.model.head != "lm" or kind != "decoder"):
+            raise ConfigError("model.value_head adds a critic to a causal language model (head=lm, a decoder)")
+        if objective in RL_OBJECTIVES:
+            if not self.align.reward:
+                raise ConfigError(
+                    f"train.objective={objective} needs align.reward: a reward-model run directory or a Python "
+                    "function module:function (e.g. jaxlm.rewards:passage_name)"
+                )
+            if objective == "ppo" and self.align.group != 1:
+                raise ConfigError("align.group > 1 samples several responses per prompt for grpo; ppo takes 1")
+            if objective == "grpo" and self.align.group < 2:
+                raise ConfigError("grpo compares the samples of a prompt: align.group must be >= 2")
+            rows = self.train.batch_size * self.align.group
+            if rows % self.align.minibatches or (rows // self.align.minibatches) % self.train.grad_accum:
+                raise ConfigError(
+                    f"a rollout batch of train.batch_size x align.group = {rows} responses must split into "
+                    f"align.minibatches ({self.align.minibatches}) of a multiple of train.grad_accum "
+                    f"({self.train.grad_accum}) rows"
+                )
+            if self.align.response_len >= self.data.seq_len:
+                raise ConfigError(
+                    f"align.response_len ({self.align.response_len}) must leave room for the prompt in "
+                    f"data.seq_len ({self.data.seq_len})"
+                )
         if objective in ALIGNMENT_OBJECTIVES:
             if not self.finetune.init_from:
                 raise ConfigError(

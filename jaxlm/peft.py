@@ -59,8 +59,11 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     if pc.method == "none":
         return model
     cfg = model.cfg
-    if cfg.head == "score":  # a reward model's new head trains with the adapters (peft's modules_to_save)
-        model.score = Adapter(model.score[...], out_sharding=("embed", None), eager_sharding=False)
+    # New heads train with the adapters (peft's modules_to_save): a reward model's score, PPO's value head.
+    for name in ("score", "value_head", "value_bias") if cfg.head == "score" or cfg.value_head else ():
+        if hasattr(model, name):
+            p = getattr(model, name)
+            setattr(model, name, Adapter(p[...], out_sharding=p.get_metadata("out_sharding"), eager_sharding=False))
     key = jax.random.PRNGKey(seed)
     param_dtype = model.embed.embedding[...].dtype
     if pc.method in ("lora", "qlora"):

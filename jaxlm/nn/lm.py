@@ -51,6 +51,9 @@ class LanguageModel(nnx.Module):
         if cfg.pooler:
             self.pool_dense = normal_param(rngs, (D, D), ("embed", "embed"), std, param_dtype)
             self.pool_bias = const_param((D,), ("embed",), 0.0, param_dtype)
+        if cfg.value_head:  # PPO's critic; zeros: values start at 0 (and no draw shifts the other parameters)
+            self.value_head = const_param((D, 1), ("embed", None), 0.0, param_dtype)
+            self.value_bias = const_param((1,), (None,), 0.0, param_dtype)
 
     def embed_tokens(self, tokens: jax.Array, token_types: jax.Array | None = None) -> jax.Array:
         """(B, T) ids -> (B, T, D): the token embedding, times sqrt(D) with `embed_scale`, plus token types."""
@@ -80,6 +83,11 @@ class LanguageModel(nnx.Module):
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return constrain(logits, ("batch", "seq", "vocab"))
+
+    def values(self, x: jax.Array) -> jax.Array:
+        """The value head: (B, T, D) final hidden states -> (B, T) float32 values."""
+        v = dense(x, self.value_head[...].astype(self.dtype)) + self.value_bias[...].astype(self.dtype)  # BTD,DC->BTC
+        return v[..., 0].astype(jnp.float32)
 
     def pool(self, x: jax.Array) -> jax.Array:
         """BERT's pooler: tanh(dense(first token)). (B, T, D) -> (B, D)."""

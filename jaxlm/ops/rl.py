@@ -133,22 +133,24 @@ def grpo_loss(
     *,
     clip: float,
     beta: float,
+    estimator: str = "k3",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GRPO's per-token loss −min(ρ·A, clip(ρ)·A) + β·k3(π, π_ref), averaged over each sequence's tokens.
+    """GRPO's per-token loss −min(ρ·A, clip(ρ)·A) + β·KL(π, π_ref), averaged over each sequence's tokens; the KL
+    per token is `kl_penalty`'s estimator (k3, as DeepSeekMath and TRL).
 
     advantages: (B,) one per sample, shared by its tokens. ref_logp: None when β = 0.
 
-    Returns (loss_sum over sequences, kl_sum over sequences (each its per-token mean), clipped token count);
-    the caller divides by the number of sequences.
+    Returns (loss_sum, kl_sum, clip_sum) over sequences, each sequence's term the mean over its tokens (of the
+    loss, the k3 KL, the clipped indicator); the caller divides by the number of sequences.
     """
     mask = mask.astype(jnp.float32)
     ratio = jnp.exp(logp.astype(jnp.float32) - old_logp.astype(jnp.float32))
     a = advantages.astype(jnp.float32)[:, None]
     l1, l2 = ratio * a, jnp.clip(ratio, 1 - clip, 1 + clip) * a
     per_token = -jnp.minimum(l1, l2)
-    kl = jnp.zeros_like(per_token) if ref_logp is None else kl_penalty(logp, ref_logp, "k3")
+    kl = jnp.zeros_like(per_token) if ref_logp is None else kl_penalty(logp, ref_logp, estimator)
     if beta:
         per_token = per_token + beta * kl
     tokens = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-    per_seq = jnp.sum(per_token * mask, axis=1) / tokens
-    return jnp.sum(per_seq), jnp.sum(jnp.sum(kl * mask, axis=1) / tokens), jnp.sum((l2 < l1) * mask)
+    mean = lambda x: jnp.sum(jnp.sum(x * mask, axis=1) / tokens)  # noqa: E731
+    return mean(per_token), mean(kl), mean((l2 < l1).astype(jnp.float32))

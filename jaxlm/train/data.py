@@ -7,17 +7,18 @@ seq2seq: `source<TAB>target` pairs (the last `val_fraction` of them validate).
 
 from __future__ import annotations
 
-from jaxlm.config import INSTRUCTION_OBJECTIVES, PREFERENCE_OBJECTIVES, Config, ConfigError
+from jaxlm.config import INSTRUCTION_OBJECTIVES, PREFERENCE_OBJECTIVES, RL_OBJECTIVES, Config, ConfigError
 from jaxlm.data.chat import read_template
-from jaxlm.data.preferences import encode_pair, pair_rows, read_preferences
-from jaxlm.data.shakespeare_preferences import NAME as EMBEDDED_PREFERENCES
-from jaxlm.data.shakespeare_preferences import preference_splits
 from jaxlm.data.corpus import load_corpus
 from jaxlm.data.instructions import RowLoader, encode_example, pack, read_jsonl, row_batches
 from jaxlm.data.loader import PackedLoader, document_segments, eval_batches, pack_documents
+from jaxlm.data.preferences import encode_pair, pair_rows, read_preferences
+from jaxlm.data.prompts import read_prompts
 from jaxlm.data.seq2seq import Seq2SeqLoader, read_pairs, span_target_len
 from jaxlm.data.shakespeare_instructions import NAME as EMBEDDED_INSTRUCTIONS
 from jaxlm.data.shakespeare_instructions import instruction_splits
+from jaxlm.data.shakespeare_preferences import NAME as EMBEDDED_PREFERENCES
+from jaxlm.data.shakespeare_preferences import preference_splits
 
 SENTINELS = 100  # T5's extra ids
 
@@ -26,9 +27,26 @@ def load_splits(cfg: Config):
     """(train, validation): lists of documents, of (source, target) text pairs (seq2seq), of instruction
     examples (sft, prefix_lm) or of preference pairs (reward, dpo)."""
     objective = cfg.train.objective
+    if objective in RL_OBJECTIVES:  # prompts
+        if cfg.data.source == EMBEDDED_INSTRUCTIONS:
+            return instruction_splits()
+        if not cfg.data.source.endswith(".jsonl"):
+            raise ConfigError(
+                f"train.objective={objective} reads prompts: data.source must be {EMBEDDED_INSTRUCTIONS!r} or a "
+                f".jsonl file of prompts, got {cfg.data.source!r}"
+            )
+        prompts = read_prompts(cfg.data.source)
+        if cfg.data.val_source:
+            return prompts, read_prompts(cfg.data.val_source)
+        n_val = max(1, int(len(prompts) * cfg.data.val_fraction))
+        if n_val >= len(prompts):
+            raise ConfigError(f"{cfg.data.source} has too few prompts to hold out validation; set data.val_source")
+        return prompts[:-n_val], prompts[-n_val:]
     if objective in INSTRUCTION_OBJECTIVES + PREFERENCE_OBJECTIVES:
         preferences = objective in PREFERENCE_OBJECTIVES
-        embedded, read = (EMBEDDED_PREFERENCES, read_preferences) if preferences else (EMBEDDED_INSTRUCTIONS, read_jsonl)
+        embedded, read = (
+            (EMBEDDED_PREFERENCES, read_preferences) if preferences else (EMBEDDED_INSTRUCTIONS, read_jsonl)
+        )
         if cfg.data.source == embedded:
             return preference_splits() if preferences else instruction_splits()
         if not cfg.data.source.endswith(".jsonl"):
@@ -73,7 +91,9 @@ def instruction_rows(cfg: Config, tokenizer, examples: list[dict], seed: int) ->
 def preference_rows(cfg: Config, tokenizer, pairs: list[dict]) -> dict:
     """(N, 2, seq_len) rows of preference pairs (`jaxlm.data.preferences.pair_rows`); a policy's completions
     end with end-of-text, a reward model's do not (it scores their last token)."""
-    template = read_template(cfg.data.chat_template, tokenizer) if any(isinstance(p["prompt"], list) for p in pairs) else None
+    template = (
+        read_template(cfg.data.chat_template, tokenizer) if any(isinstance(p["prompt"], list) for p in pairs) else None
+    )
     eos = cfg.train.objective != "reward"
     encoded = [encode_pair(p, tokenizer, template, eos=eos) for p in pairs]
     return pair_rows(encoded, seq_len=cfg.data.seq_len, too_long=cfg.data.too_long)

@@ -92,6 +92,7 @@ def resolve(cfg: Config, base: ModelConfig) -> Config:
     default, own = ModelConfig(), cfg.model
     # A language model may become a reward model: its trunk under a new score head (the read-out is dropped).
     heads = ("head", "num_labels") if own.head == "score" and base.head == "lm" else ()
+    heads += ("value_head",) if own.value_head and not base.value_head else ()  # PPO adds a critic
     conflicts = [
         f"model.{f.name}={getattr(own, f.name)!r} (the base has {getattr(base, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -133,16 +134,25 @@ def grow_vocab(cfg: Config, params: nnx.State, vocab: int) -> tuple[Config, nnx.
 
 
 def fit_head(cfg: Config, params: nnx.State, base: ModelConfig) -> nnx.State:
-    """The base's parameters for cfg's head: a language model's trunk under a new score head (normal(0,
-    init_std), as transformers initialises `score`) when cfg makes a reward model of it; else as they are."""
-    if cfg.model.head != "score" or base.head == "score":
-        return params
-    log.info("reward model: the base's read-out is dropped, a score head of %d output(s) starts", cfg.model.num_labels)
-    flat = [(p, v) for p, v in nnx.to_flat_state(params) if p[0] != "lm_head"]
+    """The base's parameters for cfg's heads: a language model's trunk under a new score head (normal(0,
+    init_std), as transformers initialises `score`) when cfg makes a reward model of it, and a new value head
+    (zeros) when cfg adds PPO's critic; else as they are."""
     m = cfg.model
-    score = np.random.default_rng(cfg.train.seed).normal(0.0, m.init_std, (m.d_model, m.num_labels))
+    new_score = m.head == "score" and base.head != "score"
+    new_value = m.value_head and not base.value_head
+    if not (new_score or new_value):
+        return params
+    flat = list(nnx.to_flat_state(params))
     dtype = np.asarray(flat[0][1][...]).dtype
-    flat.append((("score",), nnx.Param(score.astype(dtype), out_sharding=("embed", None), eager_sharding=False)))
+    param = lambda x, axes: nnx.Param(np.asarray(x, dtype), out_sharding=axes, eager_sharding=False)  # noqa: E731
+    if new_score:
+        log.info("reward model: the base's read-out is dropped, a score head of %d output(s) starts", m.num_labels)
+        flat = [(p, v) for p, v in flat if p[0] != "lm_head"]
+        score = np.random.default_rng(cfg.train.seed).normal(0.0, m.init_std, (m.d_model, m.num_labels))
+        flat.append((("score",), param(score, ("embed", None))))
+    if new_value:  # zeros, as the model initialises it
+        flat += [(("value_head",), param(np.zeros((m.d_model, 1)), ("embed", None)))]
+        flat += [(("value_bias",), param(np.zeros(1), (None,)))]
     return nnx.from_flat_state(flat)
 
 

@@ -17,13 +17,14 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.axes import activation_sharding
-from jaxlm.config import PREFERENCE_OBJECTIVES, Config
+from jaxlm.config import Config
 from jaxlm.nn.models import build_model
 from jaxlm.parallel.mesh import check_layout, describe, make_mesh
 from jaxlm.parallel.pipeline import pipeline
 from jaxlm.parallel.state import batch_sharding, local_rows, replicated, to_global, tree_shardings
 from jaxlm.peft import apply_peft, trainable
 from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.policy_gradient import make_grpo_loss, make_ppo_loss
 from jaxlm.train.preference import make_dpo_loss, make_reward_loss
 from jaxlm.train.step import (
     LossScale,
@@ -48,9 +49,9 @@ def on_mesh(fn, mesh):
 
 
 def reference_for(cfg: Config) -> str:
-    """The reference policy of cfg's objective (`jaxlm.train.step.REFERENCES`): DPO's is the starting model,
-    kept as a copy, or with LoRA the same weights with the adapters off."""
-    if cfg.train.objective not in ("dpo",):
+    """The reference policy of cfg's objective (`jaxlm.train.step.REFERENCES`): DPO's, PPO's and GRPO's is the
+    starting model, kept as a copy, or with LoRA the same weights with the adapters off."""
+    if cfg.train.objective not in ("dpo", "ppo", "grpo"):
         return "none"
     return "adapters_off" if cfg.peft.method in ("lora", "qlora") else "copy"
 
@@ -106,8 +107,9 @@ class ShardedTraining:
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, tc.batch_size)  # this process's rows of each batch
         self.objective, self.loss = None, None
-        if tc.objective in PREFERENCE_OBJECTIVES:
-            self.loss = (make_reward_loss if tc.objective == "reward" else make_dpo_loss)(cfg.align)
+        losses = dict(reward=make_reward_loss, dpo=make_dpo_loss, ppo=make_ppo_loss, grpo=make_grpo_loss)
+        if tc.objective in losses:
+            self.loss = losses[tc.objective](cfg.align)
         else:
             self.objective = make_objective(
                 tc.objective, mask_id=mask_id, vocab_size=cfg.model.vocab_size, rate=tc.mask_rate, layer_runner=runner

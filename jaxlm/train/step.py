@@ -276,7 +276,10 @@ def make_eval_step(graphdef, token_bytes: jax.Array, objective=None, *, loss=Non
     if loss is not None:
 
         def eval_loss(params, frozen, ref, batch):
-            model, ref_model = nnx.merge(graphdef, params, frozen), reference_model(graphdef, params, frozen, ref, reference)
+            model, ref_model = (
+                nnx.merge(graphdef, params, frozen),
+                reference_model(graphdef, params, frozen, ref, reference),
+            )
             loss_sum, count, sums = loss(model, ref_model, batch, jax.random.PRNGKey(0))
             return {"loss_sum": loss_sum, "count": count, **sums}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.config import RL_OBJECTIVES, Config, ConfigError, load_config, save_config
 from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxlm.parallel.mesh import check_layout, make_mesh
@@ -128,6 +128,10 @@ def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, ba
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) `cfg.train.run_dir`. `stop_after` ends early (checkpointed) at that step."""
+    if cfg.train.objective in RL_OBJECTIVES:  # rollouts, rewards and updates: another loop
+        from jaxlm.train.rl import train_rl
+
+        return train_rl(cfg, stop_after=stop_after, progress=progress)
     tc = cfg.train
     run = RunDir(tc.run_dir)
     lead = jax.process_index() == 0  # writes the run directory's files; every process writes its shards

@@ -31,7 +31,11 @@ def _write(path, lines):
         ({"prompt": [], "chosen": [], "rejected": []}, "empty list of messages"),
         ({"prompt": [{"role": "user", "content": "Q"}], "chosen": "a", "rejected": "b"}, "message-list"),
         (
-            {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": []},
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": [],
+            },
             "role must be assistant",
         ),
         ({"prompt": 3, "chosen": "a", "rejected": "b"}, "text or a list of messages"),
@@ -60,7 +64,10 @@ def test_read_names_file_and_line(tmp_path):
 
 def test_rows_mark_completions_and_pad():
     tok = ByteTokenizer()
-    pairs = [{"prompt": "Who? ", "chosen": "Romeo", "rejected": "Iago!"}, {"prompt": "多少", "chosen": "一", "rejected": "二"}]
+    pairs = [
+        {"prompt": "Who? ", "chosen": "Romeo", "rejected": "Iago!"},
+        {"prompt": "多少", "chosen": "一", "rejected": "二"},
+    ]
     encoded = [encode_pair(p, tok, None, eos=True) for p in pairs]
     rows = pair_rows(encoded, seq_len=16)
     assert rows["tokens"].shape == (2, 2, 16)

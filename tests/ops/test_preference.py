@@ -121,7 +121,7 @@ def test_conservative_dpo_equals_trl():
     losses, *_ = _ours(pc, pr, rc, rr, mask, beta=0.3, loss="sigmoid", label_smoothing=0.15)
     P = len(pc)
     for i in range(P):
-        one = lambda x: x[i : i + 1]  # noqa: E731
+        one = lambda x, i=i: x[i : i + 1]  # noqa: E731
         m = np.concatenate([mask[i : i + 1], mask[P + i : P + i + 1]])
         want, _ = _trl_dpo(
             torch, one(pc), one(pr), one(rc), one(rr), m, loss_type="aot_unpaired", beta=0.3, label_smoothing=0.15

@@ -121,4 +121,4 @@ def test_grpo_loss_by_hand():
     np.testing.assert_allclose(
         float(kl), np.mean(k3(np.array([0.1, -0.2]), 0.0)) + np.mean(k3(np.zeros(3), np.array([0.3, 0, 0]))), rtol=1e-5
     )
-    assert float(clipped) == 1  # ratio e^0.1 > 1.1 with A > 0
+    assert float(clipped) == 0.5  # sequence 1: ratio e^0.1 > 1.1 with A > 0 on one of its two tokens

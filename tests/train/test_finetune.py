@@ -7,15 +7,6 @@ import pytest
 
 from jaxlm.cli import main
 from jaxlm.train.run_dir import load_run
-from tests.conftest import TINY
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus_file):
-    run = tmp_path_factory.mktemp("base") / "run"
-    args = ["train", "configs/llama_tiny.yaml", *TINY, f"data.source={corpus_file}", f"train.run_dir={run}"]
-    assert main([*args, "data.tokenizer=bpe", "--no-progress"]) == 0
-    return run
 
 
 def _chat(path, n):
