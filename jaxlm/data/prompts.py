@@ -73,7 +73,9 @@ def encode_prompt(ex: dict, tokenizer, template: str | None) -> list[int]:
         return tokenizer.encode(prompt)
     if template is None:
         raise DataError("a chat prompt needs a chat template")
-    return tokenizer.encode(render(template, prompt, add_generation_prompt=True, **getattr(tokenizer, "special_tokens", {})))
+    return tokenizer.encode(
+        render(template, prompt, add_generation_prompt=True, **getattr(tokenizer, "special_tokens", {}))
+    )
 
 
 def reward_fields(examples: list[dict]) -> dict[str, list]:

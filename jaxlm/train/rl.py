@@ -57,9 +57,7 @@ def step_config(cfg: Config) -> Config:
     tc, ac = cfg.train, cfg.align
     updates = ac.epochs * ac.minibatches
     rows = tc.batch_size * ac.group // ac.minibatches
-    train = dataclasses.replace(
-        tc, batch_size=rows, steps=tc.steps * updates, warmup_steps=tc.warmup_steps * updates
-    )
+    train = dataclasses.replace(tc, batch_size=rows, steps=tc.steps * updates, warmup_steps=tc.warmup_steps * updates)
     return dataclasses.replace(cfg, train=train)
 
 
@@ -112,7 +110,9 @@ class Reward:
         out = self.fn(prompts=prompts, completions=completions, **fields)
         out = np.asarray(list(out), np.float64)
         if out.shape != (len(completions),):
-            raise ValueError(f"returned {out.shape[0] if out.ndim else 'a scalar'} values for {len(completions)} completions")
+            raise ValueError(
+                f"returned {out.shape[0] if out.ndim else 'a scalar'} values for {len(completions)} completions"
+            )
         return out
 
 
@@ -269,7 +269,9 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
     def score_rows(rows):
         n = len(rows["tokens"])
         padded = put(pad_rows({k: rows[k] for k in ("tokens", "valid")}, sharded.sizes["data"] * sharded.sizes["fsdp"]))
-        logp, ref_logp, values = jax.device_get(scorer(state.params, state.frozen, state.ref, padded["tokens"], padded["valid"]))
+        logp, ref_logp, values = jax.device_get(
+            scorer(state.params, state.frozen, state.ref, padded["tokens"], padded["valid"])
+        )
         return logp[:n], ref_logp[:n], None if values is None else values[:n]
 
     def evaluate(step: int) -> dict:
@@ -278,7 +280,14 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
         rewards, kls, lengths = [], [], []
         for lo in range(0, n, tc.batch_size):
             idx = list(range(lo, min(n, lo + tc.batch_size)))
-            rows, scores, _ = rollout([val_prompts[i] for i in idx], [val_split[i] for i in idx], 10**6 + lo, 1)
+            try:
+                rows, scores, _ = rollout([val_prompts[i] for i in idx], [val_split[i] for i in idx], 10**6 + lo, 1)
+            except Exception as e:  # the reward's failure: no held-out figures this time
+                log.warning(
+                    "step %d: held-out evaluation skipped: align.reward raised %s: %s", step, type(e).__name__, e
+                )
+                write({"step": step, "val_skipped": 1, "reason": f"{type(e).__name__}: {e}"})
+                return {}
             logp, ref_logp, _ = score_rows(rows)
             m = rows["response"]
             rewards += scores.tolist()
@@ -302,8 +311,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
         ckpt.save(step, state.params, state.opt_state, meta, force=True)
 
     first = start == 0
-    if first:
-        evaluation = evaluate(0)
+    if first and (evaluation := evaluate(0)):
         log.info("before training: held-out reward %.4f, KL %.4f", evaluation["val_reward"], evaluation["val_kl"])
     end = min(tc.steps, stop_after) if stop_after is not None else tc.steps
     bar = _progress(progress, total=tc.steps, initial=start)
@@ -314,7 +322,9 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
             examples = [train_split[i] for i in idx]
             t_roll = time.perf_counter()
             try:
-                rows, scores, completions = rollout([train_prompts[i] for i in idx], examples, tc.seed * 100003 + step, ac.group)
+                rows, scores, completions = rollout(
+                    [train_prompts[i] for i in idx], examples, tc.seed * 100003 + step, ac.group
+                )
             except Exception as e:  # the reward's failure: this step's rollouts are discarded, nothing else
                 failures += 1
                 log.warning("step %d skipped: align.reward %s raised %s: %s", step, ac.reward, type(e).__name__, e)
@@ -363,8 +373,10 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                evaluation = evaluate(step)
-                bar.write(f"step {step}: held-out reward {evaluation['val_reward']:.4f}, KL {evaluation['val_kl']:.4f}")
+                if evaluation := evaluate(step):
+                    bar.write(
+                        f"step {step}: held-out reward {evaluation['val_reward']:.4f}, KL {evaluation['val_kl']:.4f}"
+                    )
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 save(step)
             if stopper.signum is not None:
