@@ -57,3 +57,29 @@ def passage_answer(prompts, completions, completion=None, task=None, **_) -> lis
         exact = a in candidates
         out.append(share + float(exact) + float(exact and a == _answer(ref)))
     return out
+
+
+_VOWELS = re.compile(r"[aeiouy]+")
+
+
+def syllables(word: str) -> int:
+    """An English syllable count by vowel groups, a final silent e left out (at least 1 per word)."""
+    w = re.sub(r"[^a-z]", "", word.lower())
+    if not w:
+        return 0
+    n = len(_VOWELS.findall(w))
+    if w.endswith("e") and not w.endswith(("le", "ee")) and n > 1:
+        n -= 1
+    return max(n, 1)
+
+
+def verse_line(prompts, completions, **_) -> list[float]:
+    """Verse form: the completion's first line, scored 1 at ten syllables (a pentameter's), falling linearly to 0
+    at five fewer or more, halved unless it starts with a capital letter (verse lines do in the corpus)."""
+    out = []
+    for c in completions:
+        line = c.strip("\n").split("\n")[0].strip()
+        n = sum(syllables(w) for w in line.split())
+        score = max(0.0, 1.0 - abs(n - 10) / 5)
+        out.append(score * (1.0 if line[:1].isupper() else 0.5))
+    return out

@@ -90,3 +90,25 @@ def instruction_splits(per_play: int = 60, seed: int = 0) -> tuple[list[dict], l
     for name, examples in play_examples(per_play, seed):
         (val if name in VAL_WORKS else train).extend(dict(e) for e in examples)
     return train, val
+
+
+VERSE = "shakespeare_verse"
+
+
+@functools.cache
+def _verse(per_play: int, seed: int) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    train, val = [], []
+    for i, (name, text) in enumerate(embedded_works().items()):
+        rng = np.random.default_rng([seed, i, 1])
+        sp = [(who, body) for who, body in speeches(text) if len(body) >= 2 and len(body[0]) > 20]
+        picked = [sp[j] for j in sorted(rng.permutation(len(sp))[:per_play])]
+        out = val if name in VAL_WORKS else train
+        out += [{"prompt": f"{who}.\n{body[0]}\n", "completion": body[1], "task": "verse"} for who, body in picked]
+    return tuple(train), tuple(val)
+
+
+def verse_splits(per_play: int = 40, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Prompts to continue a speech: a speaker's heading and the speech's first line; the reference completion
+    is its second line. (training prompts, held-out prompts), from the training and the held-out plays."""
+    train, val = _verse(per_play, seed)
+    return [dict(e) for e in train], [dict(e) for e in val]

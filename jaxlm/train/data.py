@@ -16,7 +16,7 @@ from jaxlm.data.preferences import encode_pair, pair_rows, read_preferences
 from jaxlm.data.prompts import read_prompts
 from jaxlm.data.seq2seq import Seq2SeqLoader, read_pairs, span_target_len
 from jaxlm.data.shakespeare_instructions import NAME as EMBEDDED_INSTRUCTIONS
-from jaxlm.data.shakespeare_instructions import instruction_splits
+from jaxlm.data.shakespeare_instructions import VERSE, instruction_splits, verse_splits
 from jaxlm.data.shakespeare_preferences import NAME as EMBEDDED_PREFERENCES
 from jaxlm.data.shakespeare_preferences import preference_splits
 
@@ -30,10 +30,12 @@ def load_splits(cfg: Config):
     if objective in RL_OBJECTIVES:  # prompts
         if cfg.data.source == EMBEDDED_INSTRUCTIONS:
             return instruction_splits()
+        if cfg.data.source == VERSE:
+            return verse_splits()
         if not cfg.data.source.endswith(".jsonl"):
             raise ConfigError(
-                f"train.objective={objective} reads prompts: data.source must be {EMBEDDED_INSTRUCTIONS!r} or a "
-                f".jsonl file of prompts, got {cfg.data.source!r}"
+                f"train.objective={objective} reads prompts: data.source must be {EMBEDDED_INSTRUCTIONS!r}, "
+                f"{VERSE!r} or a .jsonl file of prompts, got {cfg.data.source!r}"
             )
         prompts = read_prompts(cfg.data.source)
         if cfg.data.val_source:

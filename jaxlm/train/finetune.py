@@ -146,7 +146,6 @@ def fit_head(cfg: Config, params: nnx.State, base: ModelConfig) -> nnx.State:
     dtype = np.asarray(flat[0][1][...]).dtype
     param = lambda x, axes: nnx.Param(np.asarray(x, dtype), out_sharding=axes, eager_sharding=False)  # noqa: E731
     if new_score:
-        log.info("reward model: the base's read-out is dropped, a score head of %d output(s) starts", m.num_labels)
         flat = [(p, v) for p, v in flat if p[0] != "lm_head"]
         score = np.random.default_rng(cfg.train.seed).normal(0.0, m.init_std, (m.d_model, m.num_labels))
         flat.append((("score",), param(score, ("embed", None))))

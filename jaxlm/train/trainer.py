@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import RL_OBJECTIVES, Config, ConfigError, load_config, save_config
+from jaxlm.config import ALIGNMENT_OBJECTIVES, RL_OBJECTIVES, Config, ConfigError, load_config, save_config
 from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxlm.parallel.mesh import check_layout, make_mesh
@@ -160,6 +160,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     if base is not None:
         cfg, base_params = grow_vocab(cfg, base.params, tokenizer.vocab_size)
         base_params = fit_head(cfg, base_params, base.model)
+        if cfg.model.head != base.model.head:
+            log.info("the base's read-out is dropped for a new %s head", cfg.model.head)
         check_resume()  # against the model with the tokenizer's vocabulary
     if lead:
         save_config(cfg, run.config)
@@ -237,6 +239,9 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             write(record if tokens_per_s is None else {**record, "tokens_per_s": tokens_per_s})
         pending.clear()
 
+    if start == 0 and tc.objective in ALIGNMENT_OBJECTIVES:  # the figures before any update, to compare with
+        evaluation = run_eval(0, tc.eval_batches)
+        log.info("before training: %s", describe_eval(evaluation))
     with _StopOnSignal() as stopper:
         for step in range(start + 1, end + 1):
             batch = sharded.put_batch(next(loader))

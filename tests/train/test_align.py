@@ -131,8 +131,9 @@ def test_reward_model_cli_and_export(pretrained, tmp_path, capsys):
     args = ["train", "configs/reward.yaml", *_pairs_files(tmp_path), *COMMON, f"finetune.init_from={pretrained}"]
     assert main([*args, "train.steps=3", f"train.run_dir={run}", "--no-progress"]) == 0
     records = read_metrics(run)
-    assert {"accuracy", "margin", "reward_chosen"} <= set(records[0])
-    assert {"val_accuracy", "val_margin", "val_pairs"} <= set(records[-1])
+    assert records[0]["step"] == 0 and {"val_accuracy", "val_margin", "val_pairs"} <= set(records[0])  # before
+    assert {"accuracy", "margin", "reward_chosen"} <= set(records[1])
+    assert {"val_accuracy", "val_margin", "val_pairs"} <= set(records[-1]) and records[-1]["step"] == 3
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     assert "preference accuracy" in capsys.readouterr().out
