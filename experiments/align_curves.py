@@ -40,7 +40,7 @@ QUICK = {  # a few steps of each stage
 def train(stage: str, root: Path, extra: list[str]) -> float:
     run = root / stage
     shutil.rmtree(run, ignore_errors=True)
-    cmd = ["jaxlm", "train", f"configs/{stage}.yaml", f"train.run_dir={run}"]
+    cmd = [sys.executable, "-m", "jaxlm", "train", f"configs/{stage}.yaml", f"train.run_dir={run}"]
     cmd += [*extra, "--no-progress"]
     print("$ " + " ".join(cmd), flush=True)
     t = time.perf_counter()

@@ -131,7 +131,7 @@ def cmd_eval(args) -> int:
     import jax
     from flax import nnx
 
-    from jaxlm.config import MeshConfig
+    from jaxlm.config import RL_OBJECTIVES, ConfigError, MeshConfig
     from jaxlm.train.data import load_splits, make_batches
     from jaxlm.train.finetune import base_params_for
     from jaxlm.train.run_dir import load_run
@@ -140,6 +140,11 @@ def cmd_eval(args) -> int:
     from jaxlm.train.trainer import describe_eval, evaluate
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
+    if cfg.train.objective in RL_OBJECTIVES:
+        raise ConfigError(
+            f"a {cfg.train.objective} run evaluates while it trains: its held-out reward and KL are the val_reward and "
+            f"val_kl lines of {args.run_dir}/metrics.jsonl (before the first step and every train.eval_every steps)"
+        )
     _, val = load_splits(cfg)
     _, val_batches = make_batches(cfg, tokenizer, None, val)
     # Training's sharded evaluation on this machine's devices (the run's own mesh may not fit here).
