@@ -152,6 +152,8 @@ def to_hf(model: nnx.Module, path: str | Path, *, tokenizer=None, architecture: 
 
     cfg = model.cfg
     arch = architecture_for(cfg, architecture)
+    if cfg.value_head:  # PPO's critic: transformers' causal classes have no place for it
+        log.warning("%s has no value head: model.value_head (PPO's critic) is not written", arch)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     eos = None if tokenizer is None else int(tokenizer.eos_id)

@@ -240,7 +240,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         pending.clear()
 
     if start == 0 and tc.objective in ALIGNMENT_OBJECTIVES:  # the figures before any update, to compare with
-        evaluation = run_eval(0, tc.eval_batches)
+        evaluation = run_eval(0, 0)  # the whole held-out split, as the final evaluation
         log.info("before training: %s", describe_eval(evaluation))
     with _StopOnSignal() as stopper:
         for step in range(start + 1, end + 1):

@@ -220,3 +220,13 @@ def test_ppo_with_a_reward_model_run(pretrained, tmp_path, corpus_file):
     with pytest.raises(ConfigError, match="another tokenizer"):
         overrides = [*_prompts(tmp_path), f"finetune.init_from={pretrained}", "data.seq_len=64"]
         train(load_config("configs/ppo.yaml", [*overrides, f"align.reward={rm2}", f"train.run_dir={tmp_path / 'y'}"]))
+
+
+def test_rl_loop_under_a_mesh(pretrained, tmp_path):
+    """The whole loop (sampling with sharded weights, scoring, updates) on fsdp x tensor; resumable there."""
+    mesh = ["mesh.fsdp=2", "mesh.tensor=2", "align.group=2", "train.steps=2"]
+    run = tmp_path / "mesh"
+    assert _cli(pretrained, tmp_path, "grpo", run, "align.reward=tests.train.toy_rewards:vowels", *mesh) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "reward" in r] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) for r in records if "reward" in r)
