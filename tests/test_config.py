@@ -42,7 +42,7 @@ def test_every_shipped_config_builds_and_runs_abstractly(path):
         logits = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(tokens, tokens), state)
     else:
         logits = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(tokens)[0], state)
-    assert logits.shape == (1, 8, cfg.vocab_size)
+    assert logits.shape == (1, 8, cfg.num_labels if cfg.head == "score" else cfg.vocab_size)
 
 
 PUBLISHED_COUNTS = [

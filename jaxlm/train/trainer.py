@@ -94,7 +94,7 @@ def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, ba
         tokenizer = load_tokenizer(run.tokenizer)
     elif base is not None:  # fine-tuning: the base's tokenizer, and a chat template's tokens if it lacks them
         tokenizer = base.tokenizer
-        chat = any("messages" in e or isinstance(e.get("prompt"), list) for e in train_split)
+        chat = any(isinstance(e, dict) and ("messages" in e or isinstance(e.get("prompt"), list)) for e in train_split)
         if chat and read_template(cfg.data.chat_template, tokenizer) == CHATML:
             missing = [t for t in CHATML_TOKENS if getattr(tokenizer, "token_id", lambda t: None)(t) is None]
             if missing and not hasattr(tokenizer, "add_special_tokens"):

@@ -4,9 +4,12 @@ transformers scores each row at its last token that is not pad_token_id; jaxlm a
 right-padded with the pad id, so both read the same position.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm.config import ConfigError, load_config
 from jaxlm.hf import from_hf, to_hf
@@ -63,10 +66,8 @@ def test_import_matches_transformers(case, tmp_path):
 
 
 def test_export_loads_in_transformers_with_the_same_scores(tmp_path):
-    cfg = load_config("configs/llama_tiny.yaml", ["model.head=score", "model.vocab_size=128", "model.num_kv_heads=2"])
-    from flax import nnx
-
-    model = build_model(cfg.model, rngs=nnx.Rngs(3))
+    base = load_config("configs/llama_tiny.yaml").model
+    model = build_model(dataclasses.replace(base, head="score", vocab_size=128, num_kv_heads=2), rngs=nnx.Rngs(3))
     arch = to_hf(model, tmp_path / "rm")
     assert arch == "LlamaForSequenceClassification"
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
