@@ -13,13 +13,13 @@ out; either way an example left with no scored token is dropped, and the counts 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from jaxlm.data.chat import render
+from jaxlm.data.jsonl import read_records
 from jaxlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -30,26 +30,7 @@ OPEN_ROWS = 64  # packing looks for room in the most recent rows only: linear ti
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Checked examples of a JSONL file; DataError naming the file and line of the first bad one."""
-    path = Path(path).expanduser()
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read instruction file {path}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            ex = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-        out.append(check_example(ex, where))
-    if not out:
-        raise DataError(f"instruction file {path} holds no examples")
-    return out
+    return read_records(path, check_example, "instruction", "examples")
 
 
 def check_example(ex, where: str) -> dict:

@@ -18,13 +18,13 @@ warning that counts them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from jaxlm.data.chat import render
+from jaxlm.data.jsonl import read_records
 from jaxlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,26 +34,7 @@ FIELDS = ("tokens", "valid", "mask")
 
 def read_preferences(path: str | Path) -> list[dict]:
     """Checked pairs of a JSONL file; DataError naming the file and line of the first bad one."""
-    path = Path(path).expanduser()
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read preference file {path}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            ex = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-        out.append(check_pair(ex, where))
-    if not out:
-        raise DataError(f"preference file {path} holds no pairs")
-    return out
+    return read_records(path, check_pair, "preference", "pairs")
 
 
 def _messages(value, where: str, key: str) -> None:

@@ -8,35 +8,16 @@ Python reward function as a keyword argument of the same name, one value per pro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jaxlm.data.chat import render
+from jaxlm.data.jsonl import read_records
 from jaxlm.errors import DataError
 
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Checked prompt records of a JSONL file; DataError naming the file and line of the first bad one."""
-    path = Path(path).expanduser()
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read prompt file {path}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            ex = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-        out.append(check_prompt(ex, where))
-    if not out:
-        raise DataError(f"prompt file {path} holds no prompts")
-    return out
+    return read_records(path, check_prompt, "prompt", "prompts")
 
 
 def check_prompt(ex, where: str) -> dict:

@@ -37,13 +37,7 @@ def load_splits(cfg: Config):
                 f"train.objective={objective} reads prompts: data.source must be {EMBEDDED_INSTRUCTIONS!r}, "
                 f"{VERSE!r} or a .jsonl file of prompts, got {cfg.data.source!r}"
             )
-        prompts = read_prompts(cfg.data.source)
-        if cfg.data.val_source:
-            return prompts, read_prompts(cfg.data.val_source)
-        n_val = max(1, int(len(prompts) * cfg.data.val_fraction))
-        if n_val >= len(prompts):
-            raise ConfigError(f"{cfg.data.source} has too few prompts to hold out validation; set data.val_source")
-        return prompts[:-n_val], prompts[-n_val:]
+        return _read_split(cfg, read_prompts, "prompts")
     if objective in INSTRUCTION_OBJECTIVES + PREFERENCE_OBJECTIVES:
         preferences = objective in PREFERENCE_OBJECTIVES
         embedded, read = (
@@ -57,13 +51,7 @@ def load_splits(cfg: Config):
                 f"train.objective={objective} reads {kind}: data.source must be {embedded!r} or a .jsonl file, "
                 f"got {cfg.data.source!r}"
             )
-        examples = read(cfg.data.source)
-        if cfg.data.val_source:
-            return examples, read(cfg.data.val_source)
-        n_val = max(1, int(len(examples) * cfg.data.val_fraction))
-        if n_val >= len(examples):
-            raise ConfigError(f"{cfg.data.source} has too few examples to hold out validation; set data.val_source")
-        return examples[:-n_val], examples[-n_val:]
+        return _read_split(cfg, read, "pairs" if preferences else "examples")
     if cfg.data.source == EMBEDDED_INSTRUCTIONS:
         raise ConfigError(f"data.source={EMBEDDED_INSTRUCTIONS} is instruction data: use train.objective=sft")
     if cfg.data.source == EMBEDDED_PREFERENCES:
@@ -73,6 +61,17 @@ def load_splits(cfg: Config):
         n_val = max(1, int(len(pairs) * cfg.data.val_fraction))
         return pairs[:-n_val], pairs[-n_val:]
     return load_corpus(cfg.data.source, cfg.data.val_fraction)
+
+
+def _read_split(cfg: Config, read, items: str) -> tuple[list[dict], list[dict]]:
+    """(training, validation) records of data.source: validation from data.val_source, else its last val_fraction."""
+    records = read(cfg.data.source)
+    if cfg.data.val_source:
+        return records, read(cfg.data.val_source)
+    n_val = max(1, int(len(records) * cfg.data.val_fraction))
+    if n_val >= len(records):
+        raise ConfigError(f"{cfg.data.source} has too few {items} to hold out validation; set data.val_source")
+    return records[:-n_val], records[-n_val:]
 
 
 def tokenizer_texts(split) -> list[str]:
