@@ -1,19 +1,9 @@
-"""Autoregressive generation with a fixed-size KV cache, for decoders and encoder-decoders alike.
+"""Batch generation with a KV cache, for decoders and encoder-decoders alike: every prompt of a batch in its
+own slot of a continuous-batching `Engine` (see `jaxlm.engine`), so a batch generates exactly what each
+prompt would generate alone, also past the context refill.
 
-The model speaks a two-method protocol: `init_cache(batch, length, **context)`
-(an encoder-decoder encodes its `source` there, once) and
-`decode(tokens, positions, valid, cache=, cache_index=)`. One jit-compiled
-prefill runs the whole (left-padded) prompt batch at once; then one
-jit-compiled decode step per token writes one slot of the cache and samples the
-next token, with no recompilation per token. Prompts of different lengths
-share the cache: shorter ones are left-padded, padding slots are never attended
-to, and positions count from each prompt's first real token. Step i samples
-with `fold_in(PRNGKey(seed), i)`.
-
-When the cache (model.max_seq_len slots) is full, the oldest tokens are
-dropped: the last `max_seq_len - window_shift` tokens are prefilled again as a
-fresh context (positions restart at 0), so generation never fails for length
-and learned position tables are never indexed out of range.
+The model speaks a two-method protocol: `init_cache(batch, length, **context)` (an encoder-decoder encodes
+its `source` there, once) and `decode(tokens, positions, valid, cache=, cache_index=)`.
 """
 
 from __future__ import annotations
@@ -25,46 +15,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.errors import ConfigError
-from jaxlm.ops.sampling import sample
+from jaxlm.engine import DecodeSteps, Engine, Request, check_sampling
+
+__all__ = ["Generator", "check_sampling", "generate_uncached"]
 
 
 class Generator:
-    def __init__(self, model, *, window_shift: int | None = None, prefix_lm: bool = False):
+    def __init__(self, model, *, window_shift: int | None = None, prefix_lm: bool = False, chunk: int = 128):
         """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`.
 
+        window_shift: tokens dropped when a row's cache is full (default max_seq_len // 4).
         prefix_lm: the prompt attends to itself bidirectionally (a model trained with train.objective=prefix_lm).
+        chunk: prompt tokens prefilled per step (prompts up to this length take one prefill).
         """
-        if not model.cfg.causal:
-            raise ConfigError(
-                "a bidirectional model (model.causal=false, e.g. BERT) cannot generate text left to right"
-            )
-        self.seq2seq = bool(model.cfg.decoder_layers)
-        if prefix_lm and self.seq2seq:
-            raise ConfigError("prefix_lm generation is for decoder-only models")
-        self.prefix_lm = prefix_lm
-        self.graphdef, self.params = nnx.split(model)
-        self.max_len = model.cfg.max_seq_len
-        self.window_shift = window_shift or max(1, self.max_len // 4)
-        if not 1 <= self.window_shift < self.max_len:
-            raise ValueError(f"window_shift must be in [1, {self.max_len}), got {self.window_shift}")
-        sampling = ("temperature", "top_k", "top_p")
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=sampling)
-        self._decode = jax.jit(self._decode_fn, static_argnames=sampling, donate_argnums=1)
+        self.steps = DecodeSteps(model, prefix_lm=prefix_lm)
+        self.window_shift, self.chunk = window_shift, chunk
+        self.max_len = self.steps.max_len
+        ws = window_shift or max(1, self.max_len // 4)
+        if not 1 <= ws < self.max_len:
+            raise ValueError(f"window_shift must be in [1, {self.max_len}), got {ws}")
 
-    def _prefill_fn(self, params, tokens, positions, valid, key, context, prefix=None, **sampling):
-        model = nnx.merge(self.graphdef, params)
-        cache = model.init_cache(tokens.shape[0], self.max_len, **context)
-        if prefix is None:
-            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=0)
-        else:
-            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=0, prefix=prefix)
-        return sample(key, logits[:, -1], **sampling), cache
+    @property
+    def params(self):
+        return self.steps.params
 
-    def _decode_fn(self, params, cache, token, position, index, key, **sampling):
-        model = nnx.merge(self.graphdef, params)
-        logits, cache = model.decode(token[:, None], position[:, None], cache=cache, cache_index=index)
-        return sample(key, logits[:, 0], **sampling), cache
+    @params.setter
+    def params(self, params):  # new weights of the same model: no recompilation
+        self.steps.params = params
 
     def generate(
         self,
@@ -80,6 +57,8 @@ class Generator:
     ) -> list[list[int]]:
         """New tokens for each prompt, stopping at `eos_id` (excluded) or `max_new_tokens`.
 
+        Row b samples with seed `seed` and stream b (`jaxlm.engine`), whatever the other rows are.
+
         Args:
           prompts: token ids per prompt; each needs at least one token. For an encoder-decoder these are
             the decoder's first inputs (usually `[[start_id]] * len(sources)`).
@@ -91,62 +70,33 @@ class Generator:
         context = self._context(sources, len(prompts))
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
-        sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-        S, W = self.max_len, self.max_len - self.window_shift
-        prompts = [list(p)[-W:] for p in prompts]  # longer prompts keep their most recent tokens
-        B, P = len(prompts), max(len(p) for p in prompts)
-        hist = np.zeros((B, P + max_new_tokens), np.int32)
-        pads = np.array([P - len(p) for p in prompts])
-        for b, p in enumerate(prompts):
-            hist[b, pads[b] : P] = p
-        key = jax.random.PRNGKey(seed)
-
-        def prefill(w0: int, t: int, step: int):
-            """Fresh cache from hist[:, w0 : t + 1]; returns next token, cache and position offsets."""
-            cols = np.arange(w0, t + 1)
-            offset = np.maximum(pads, w0)  # hist index that gets position 0 in this window
-            valid = cols[None, :] >= pads[:, None]
-            positions = np.maximum(cols[None, :] - offset[:, None], 0).astype(np.int32)
-            prefix = valid if self.prefix_lm and w0 == 0 else None  # the prompt, bidirectional
-            tok, cache = self._prefill(
-                self.params,
-                hist[:, w0 : t + 1],
-                positions,
-                valid,
-                jax.random.fold_in(key, step),
-                context,
-                prefix,
-                **sampling,
-            )
-            return tok, cache, offset
-
-        tok, cache, offset = prefill(0, P - 1, 0)
-        index, generated, done = P, [], np.zeros(B, bool)
-        for i in range(max_new_tokens):
-            generated.append(tok)
-            t = P + i  # hist index of `tok`
-            if eos_id is not None and (i % 16 == 15 or i == max_new_tokens - 1):
-                done |= np.any(np.stack(jax.device_get(generated[-16:])) == eos_id, axis=0)
-                if done.all():
-                    break
-            if i == max_new_tokens - 1:
-                break
-            if index == S:  # cache full: keep the last W tokens as a fresh context
-                hist[:, P : t + 1] = np.stack(jax.device_get(generated), axis=1)
-                tok, cache, offset = prefill(t - W + 1, t, i + 1)
-                index = W
-            else:
-                position = jnp.asarray(t - offset, jnp.int32)
-                tok, cache = self._decode(
-                    self.params, cache, tok, position, index, jax.random.fold_in(key, i + 1), **sampling
+        longest = max(len(p) for p in prompts)
+        chunk = min(self.chunk, 1 << max(3, (longest - 1).bit_length()))  # few shapes, little padding
+        engine = Engine(
+            self.steps, slots=len(prompts), chunk=chunk, window_shift=self.window_shift, context=context or None
+        )
+        stops = frozenset() if eos_id is None else frozenset({int(eos_id)})
+        requests = [
+            engine.submit(
+                Request(
+                    list(p),
+                    max_new_tokens,
+                    temperature=float(temperature),
+                    top_k=int(top_k),
+                    top_p=float(top_p),
+                    seed=seed,
+                    stream=b,
+                    stop_ids=stops,
                 )
-                index += 1
-        out = np.stack(jax.device_get(generated), axis=1)
-        return [_until(row.tolist(), eos_id) for row in out]
+            )
+            for b, p in enumerate(prompts)
+        ]
+        engine.run()
+        return [r.tokens for r in requests]
 
     def _context(self, sources, rows: int) -> dict:
         """init_cache's keyword arguments: the right-padded sources and their mask (encoder-decoders)."""
-        if not self.seq2seq:
+        if not self.steps.seq2seq:
             if sources is not None:
                 raise ValueError("sources are for encoder-decoder models; this model is a decoder")
             return {}
@@ -157,20 +107,6 @@ class Generator:
         for i, s in enumerate(sources):
             src[i, : len(s)], valid[i, : len(s)] = s, True
         return {"source": src, "source_valid": valid}
-
-
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """ValueError naming the bad sampling setting, before anything is traced."""
-    if not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
-def _until(ids: list[int], eos_id: int | None) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
 def generate_uncached(model, prompt: list[int], *, max_new_tokens: int, window_shift: int | None = None) -> list[int]:

@@ -82,8 +82,8 @@ def test_decode_compiles_once():
     gen = Generator(model_for("llama_tiny", max_seq_len=64))
     gen.generate([[1, 2, 3]], max_new_tokens=10, temperature=0.0)
     gen.generate([[4, 5, 6]], max_new_tokens=30, temperature=0.0)
-    assert gen._decode._cache_size() == 1
-    np.testing.assert_equal(gen._prefill._cache_size(), 1)
+    assert gen.steps.decode._cache_size() == 1
+    assert gen.steps.prefill._cache_size() == 1
 
 
 def seq2seq_model(**kw):

@@ -18,6 +18,7 @@ from jaxlm.nn.adapters import project
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
+from jaxlm.ops.cache import write_rows
 from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
           positions: (B, T) int, for RoPE.
           mask: (B, T, S) bool; S = T without cache, S = cache length with it.
           cache: {"k", "v"}: (B, S, K, H), or None.
-          cache_index: int scalar, slot where x's first token is written.
+          cache_index: (B,) int (or a scalar for all rows), the slot where each row's first token is written.
           bias: additive (B, N, T, S) attention bias (ALiBi), or None.
           dropout_keys: (B, 2) row keys for attention-weight dropout (training), or None.
           layer: with it, `cache` holds every layer, {"k", "v"}: (L, B, S, K, H), and this layer's slots
@@ -112,19 +113,14 @@ class Attention(nnx.Module):
                 local_freq, local_scale = self._rope_frequencies(self.local_rope, positions)
                 inv_freq, scale = jnp.where(local, local_freq, inv_freq), jnp.where(local, local_scale, scale)
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
-        if cache is not None and layer is not None:  # the whole stack's cache: write this layer's slots in place
-            start = (layer, 0, jnp.asarray(cache_index, jnp.int32), 0, 0)
-            cache = {
-                n: jax.lax.dynamic_update_slice(cache[n], a[None].astype(cache[n].dtype), start)
-                for n, a in (("k", k), ("v", v))
-            }
-            k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
-        elif cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if cache is not None:  # each row writes at its own slot; with `layer`, the whole stack's cache in place
+            cache = {n: write_rows(cache[n], a, cache_index, layer) for n, a in (("k", k), ("v", v))}
+            k, v = (
+                (cache[n] if layer is None else jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False)).astype(
+                    self.dtype
+                )
+                for n in "kv"
+            )
         return self._attend(q, k, v, mask, bias, dropout_keys), cache
 
     def _rope_frequencies(self, rope: dict, positions: jax.Array):

@@ -26,6 +26,7 @@ from jaxlm.nn.embed import LearnedPositions
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.cache import write_rows
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions, t5_bias
 
@@ -141,7 +142,8 @@ class Stack(nnx.Module):
         Args:
           x: (B, T, D) token embeddings.
           positions: (B, T) int; valid: (B, T) bool, False for padding (never attended to).
-          cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
+          cache: from `init_cache`; each row b writes slots [cache_index[b], cache_index[b] + T) (writes past the
+            end are dropped); cache_index: (B,) int, or a scalar for all rows.
           memory: cross-attention K/V from `memory_kv` (a decoder with `cross`); memory_valid: (B, S) bool.
           dropout_keys: (B, 2) row keys (training), or None: no dropout.
           segments: (B, T) int ids of packed examples (attention stays inside each; without a cache), or None.
@@ -166,13 +168,13 @@ class Stack(nnx.Module):
         if prefix is not None:
             kv_prefix = prefix
             if cache is not None:  # only the new tokens' prefix matters: earlier slots precede them anyway
-                kv_prefix = jax.lax.dynamic_update_slice(jnp.zeros(cache["pos"].shape, bool), prefix, (0, cache_index))
+                kv_prefix = write_rows(jnp.zeros(cache["pos"].shape, bool), prefix, cache_index)
             flags.update(q_prefix=prefix, kv_prefix=kv_prefix)
         if cache is None:
             kv_pos, kv_valid, kv = positions, valid, None
         else:
             slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
-            kv_pos = jax.lax.dynamic_update_slice(cache["pos"], slot_pos, (0, cache_index))
+            kv_pos = write_rows(cache["pos"], slot_pos, cache_index)
             kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
         memory_mask = None
         if memory is not None:

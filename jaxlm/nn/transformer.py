@@ -79,8 +79,8 @@ class TransformerLM(LanguageModel):
           positions: (B, T) int; defaults to 0..T-1.
           valid: (B, T) bool, False for padding tokens (never attended to).
           token_types: (B, T) int segment ids (models with `type_vocab_size`); default 0.
-          cache: from `init_cache`; its slots [cache_index, cache_index + T) are written.
-          cache_index: int scalar (may be traced).
+          cache: from `init_cache`; each row b writes slots [cache_index[b], cache_index[b] + T) (writes past the
+            end are dropped); cache_index: (B,) int, or a scalar for all rows.
           dropout_keys: (B, 2) uint32, one PRNG key per row (`jaxlm.ops.dropout.row_keys`): applies
             `cfg.dropout` / `cfg.attention_dropout` / `cfg.mlp_dropout` (training). None: no dropout.
           layer_runner: runs the layers (the pipeline schedule, see `Stack`), or None.

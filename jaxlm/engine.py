@@ -1,0 +1,322 @@
+"""Continuous batching: a fixed number of cache slots that requests join and leave between decode steps.
+
+Every slot (cache row) is one sequence with its own length and positions: a row's tokens are written at its
+own cache index (`jaxlm.ops.cache.write_rows`), so no row ever loses context because of another, and a
+batch generates exactly what each prompt would generate alone. Two compiled steps serve every mix of
+requests, with no recompilation as they come and go:
+
+- prefill (N, C): the next chunk of C prompt tokens of every slot that is filling (the other rows write
+  past the end of the cache, which is dropped), so a long prompt is prefilled in chunks and decoding rows
+  wait at most one chunk;
+- decode (N, 1): one token for every decoding slot.
+
+A request leaves on a stop token, at its token limit, or when cancelled; its slot is free at the next step.
+Sampling settings and seeds are per request: the i-th token of a request is drawn with
+`fold_in(fold_in(PRNGKey(seed), stream), i)`, whatever else is in the batch.
+
+When a row's cache is full (max_seq_len slots), its last `max_seq_len - window_shift` tokens are prefilled
+again as a fresh context (positions restart at 0), so generation never fails for length and learned
+position tables are never indexed out of range; the other rows are not affected.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.errors import ConfigError
+from jaxlm.ops.sampling import sample
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence to continue. The engine fills `tokens` (generated, stop token excluded) and, when the
+    request leaves, `finish_reason`: "stop" (a stop token, kept in `stop_token`), "length" or "cancelled"."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: int = 0  # a second seed: the rows of one call, the choices of one HTTP request
+    stop_ids: frozenset[int] = frozenset()
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_token: int | None = None
+    prompt_tokens: int = 0  # the prompt tokens kept (a prompt longer than the window keeps its end)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the bad sampling setting, before anything is traced."""
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+class DecodeSteps:
+    """The compiled prefill and decode steps of one model, shared by every engine over it.
+
+    `params` may be replaced by new weights of the same model (RL rollouts) without recompiling.
+    """
+
+    def __init__(self, model, *, prefix_lm: bool = False):
+        """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`.
+
+        prefix_lm: the prompt attends to itself bidirectionally (a model trained with train.objective=prefix_lm).
+        """
+        if not model.cfg.causal:
+            raise ConfigError(
+                "a bidirectional model (model.causal=false, e.g. BERT) cannot generate text left to right"
+            )
+        self.seq2seq = bool(model.cfg.decoder_layers)
+        if prefix_lm and self.seq2seq:
+            raise ConfigError("prefix_lm generation is for decoder-only models")
+        self.prefix_lm = prefix_lm
+        self.graphdef, self.params = nnx.split(model)
+        self.max_len = model.cfg.max_seq_len
+        self.virtual = 0 if self.seq2seq else model.virtual_tokens  # prompt/prefix tuning's leading slots
+        self.init_cache = jax.jit(self._init_cache_fn, static_argnums=1)
+        self.prefill = jax.jit(self._step_fn, donate_argnums=1)
+        self.decode = jax.jit(self._step_fn, donate_argnums=1)  # the same function at T = 1, compiled apart
+
+    def _init_cache_fn(self, params, batch: int, context: dict):
+        return nnx.merge(self.graphdef, params).init_cache(batch, self.max_len, **context)
+
+    def _step_fn(self, params, cache, tokens, positions, valid, index, last, fresh, prefix, sampling):
+        """Writes each row's T tokens at its `index` and samples after its token `last`.
+
+        tokens, positions, valid, prefix: (N, T); index, last: (N,) int; fresh: (N,) bool, rows whose old
+        context is dropped first; sampling: (N,) arrays temperature, top_k, top_p, seed, stream, count.
+        Returns the (N,) sampled tokens and the cache.
+        """
+        model = nnx.merge(self.graphdef, params)
+        slots = jnp.arange(cache["pos"].shape[1])
+        cache = {**cache, "pos": jnp.where(fresh[:, None] & (slots >= self.virtual), -1, cache["pos"])}
+        if self.prefix_lm:
+            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=index, prefix=prefix)
+        else:
+            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index)
+        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        keys = jax.vmap(_request_key)(sampling["seed"], sampling["stream"], sampling["count"])
+        token = sample(
+            keys, logits, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"]
+        )
+        return token, cache
+
+
+def _request_key(seed, stream, count):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), count)
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    request: Request
+    hist: list[int]  # the tokens of the current context window and those generated after it
+    pending: list[int]  # tokens still to prefill
+    next_pos: int  # position of the next token written
+    index: int = 0  # cache slot of the next token written
+    fresh: bool = True  # drop the old context at the next prefill
+    feed: int | None = None  # the token to decode next
+
+
+class Engine:
+    """Requests in, tokens out, over `slots` cache rows; `step()` advances every active request.
+
+    Thread-safe in this sense: `submit` and `cancel` may be called from other threads while one thread
+    runs `step()`.
+    """
+
+    def __init__(
+        self,
+        steps: DecodeSteps,
+        *,
+        slots: int,
+        chunk: int = 64,
+        window_shift: int | None = None,
+        context: dict | None = None,
+    ):
+        """steps: the model's compiled steps.
+        slots: N, the number of sequences decoded together.
+        chunk: C, prompt tokens prefilled per row per prefill step (a prefix LM prefills its prompt at once).
+        window_shift: tokens dropped when a row's cache is full (default max_seq_len // 4).
+        context: `init_cache` keyword arguments (an encoder-decoder's source, one row per slot); slots are then
+          not reused.
+        """
+        S = steps.max_len
+        self.steps, self.N, self.S = steps, slots, S
+        self.window_shift = window_shift or max(1, S // 4)
+        if not 1 <= self.window_shift < S:
+            raise ValueError(f"window_shift must be in [1, {S}), got {self.window_shift}")
+        self.W = S - self.window_shift  # the tokens a refill keeps
+        self.C = self.W if steps.prefix_lm else max(1, min(chunk, self.W))
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if steps.seq2seq and context is None:
+            raise ConfigError("an encoder-decoder engine needs its sources (context) up front")
+        self.single_use = context is not None
+        self.cache = steps.init_cache(steps.params, slots, context or {})
+        self.slots: list[_Slot | None] = [None] * slots
+        self.used = [False] * slots
+        self.queue: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (checked here: a bad one raises ValueError and is not queued)."""
+        if not request.prompt:
+            raise ValueError("a prompt needs at least one token (use the end-of-text id to start from nothing)")
+        if int(request.max_new_tokens) != request.max_new_tokens or request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens}")
+        check_sampling(request.temperature, request.top_k, request.top_p)
+        with self._lock:
+            self.queue.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request at the next step (finish_reason "cancelled"); its slot is freed."""
+        with self._lock:
+            self._cancelled.add(id(request))
+
+    @property
+    def active(self) -> int:
+        """Requests in slots or queued."""
+        return sum(s is not None for s in self.slots) + len(self.queue)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None and not (self.single_use and u) for s, u in zip(self.slots, self.used))
+
+    # ------------------------------------------------------------------------------------------ stepping
+
+    def step(self) -> list[Request]:
+        """Admits queued requests into free slots, runs one prefill chunk (if any slot is filling) and one
+        decode step (if any slot is decoding). Returns the requests that got tokens or finished."""
+        touched: dict[int, Request] = {}
+        self._apply_cancels(touched)
+        self._admit()
+        if any(s is not None and s.pending for s in self.slots):
+            self._run(prefill=True, touched=touched)
+        if any(s is not None and not s.pending and s.feed is not None for s in self.slots):
+            self._run(prefill=False, touched=touched)
+        return list(touched.values())
+
+    def run(self) -> None:
+        """Steps until every submitted request is done."""
+        while self.active:
+            self.step()
+
+    def _apply_cancels(self, touched):
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return
+            for r in [r for r in self.queue if id(r) in cancelled]:
+                self.queue.remove(r)
+                r.finish_reason = "cancelled"
+                touched[id(r)] = r
+        for b, s in enumerate(self.slots):
+            if s is not None and id(s.request) in cancelled:
+                s.request.finish_reason = "cancelled"
+                touched[id(s.request)] = s.request
+                self.slots[b] = None
+
+    def _admit(self):
+        with self._lock:
+            for b in range(self.N):
+                if not self.queue:
+                    return
+                if self.slots[b] is None and not (self.single_use and self.used[b]):
+                    r = self.queue.popleft()
+                    prompt = list(r.prompt)[-self.W :]  # a longer prompt keeps its most recent tokens
+                    r.prompt_tokens = len(prompt)
+                    self.slots[b] = _Slot(r, hist=list(prompt), pending=list(prompt), next_pos=0)
+                    self.used[b] = True
+
+    def _run(self, *, prefill: bool, touched):
+        N, T = self.N, self.C if prefill else 1
+        tokens, positions = np.zeros((N, T), np.int32), np.zeros((N, T), np.int32)
+        valid, prefix = np.zeros((N, T), bool), np.zeros((N, T), bool)
+        index = np.full(N, self.S, np.int32)  # rows not in this step write past the end: nothing
+        last, fresh = np.zeros(N, np.int32), np.zeros(N, bool)
+        sampling = {k: np.zeros(N, t) for k, t in _SAMPLING.items()}
+        rows = []  # (b, the slot's tokens written, whether its token is sampled here)
+        for b, s in enumerate(self.slots):
+            if s is None:
+                continue
+            if prefill and s.pending:
+                chunk = s.pending[:T]
+                n, done = len(chunk), len(chunk) == len(s.pending)
+                prefix[b, :n] = self.steps.prefix_lm and s.fresh and s.next_pos == 0
+            elif not prefill and not s.pending and s.feed is not None:
+                chunk, n, done = [s.feed], 1, True
+            else:
+                continue
+            tokens[b, :n], valid[b, :n] = chunk, True
+            positions[b, :n] = np.arange(s.next_pos, s.next_pos + n)
+            index[b], last[b], fresh[b] = s.index, n - 1, s.fresh
+            r = s.request
+            sampling["temperature"][b], sampling["top_k"][b], sampling["top_p"][b] = r.temperature, r.top_k, r.top_p
+            sampling["seed"][b], sampling["stream"][b] = r.seed % 2**32, r.stream % 2**32
+            sampling["count"][b] = len(r.tokens)
+            rows.append((b, n, done))
+        fn = self.steps.prefill if prefill else self.steps.decode
+        out, self.cache = fn(
+            self.steps.params, self.cache, tokens, positions, valid, index, last, fresh, prefix, sampling
+        )
+        out = np.asarray(out)
+        for b, n, done in rows:
+            s = self.slots[b]
+            s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
+            if prefill:
+                s.pending = s.pending[n:]
+            s.feed = None
+            if done:
+                self._emit(b, int(out[b]), touched)
+
+    def _emit(self, b: int, token: int, touched):
+        s = self.slots[b]
+        r = s.request
+        touched[id(r)] = r
+        if token in r.stop_ids:
+            r.finish_reason, r.stop_token = "stop", token
+        else:
+            r.tokens.append(token)
+            if len(r.tokens) >= r.max_new_tokens:
+                r.finish_reason = "length"
+        if r.done:
+            self.slots[b] = None
+            return
+        s.hist.append(token)
+        if s.index == self.S:  # cache full: keep the last W tokens as a fresh context
+            s.hist = s.hist[-self.W :]
+            s.pending, s.index, s.next_pos, s.fresh = list(s.hist), 0, 0, True
+        else:
+            s.feed = token
+
+
+_SAMPLING = {
+    "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
+    "seed": np.uint32,
+    "stream": np.uint32,
+    "count": np.int32,
+}
