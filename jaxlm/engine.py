@@ -52,6 +52,7 @@ class Request:
     finish_reason: str | None = None
     stop_token: int | None = None
     prompt_tokens: int = 0  # the prompt tokens kept (a prompt longer than the window keeps its end)
+    admitted: bool = False  # has had a slot
 
     @property
     def done(self) -> bool:
@@ -169,7 +170,8 @@ class Engine:
         if steps.seq2seq and context is None:
             raise ConfigError("an encoder-decoder engine needs its sources (context) up front")
         self.single_use = context is not None
-        self.cache = steps.init_cache(steps.params, slots, context or {})
+        self._context = context or {}
+        self.cache = steps.init_cache(steps.params, slots, self._context)
         self.slots: list[_Slot | None] = [None] * slots
         self.used = [False] * slots
         self.queue: collections.deque[Request] = collections.deque()
@@ -195,6 +197,18 @@ class Engine:
         with self._lock:
             self._cancelled.add(id(request))
 
+    def abort(self, reason: str = "cancelled") -> list[Request]:
+        """Ends every queued and running request now with `reason` (shutdown, or a failed step); returns them."""
+        with self._lock:
+            ended = list(self.queue) + [s.request for s in self.slots if s is not None]
+            self.queue.clear()
+            self.slots = [None] * self.N
+            self._cancelled.clear()
+        self.cache = self.steps.init_cache(self.steps.params, self.N, self._context)  # a failed step may have eaten it
+        for r in ended:
+            r.finish_reason = reason
+        return ended
+
     @property
     def active(self) -> int:
         """Requests in slots or queued."""
@@ -208,10 +222,11 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Admits queued requests into free slots, runs one prefill chunk (if any slot is filling) and one
-        decode step (if any slot is decoding). Returns the requests that got tokens or finished."""
+        decode step (if any slot is decoding). Returns the requests admitted, cancelled, finished or with new
+        tokens."""
         touched: dict[int, Request] = {}
         self._apply_cancels(touched)
-        self._admit()
+        self._admit(touched)
         if any(s is not None and s.pending for s in self.slots):
             self._run(prefill=True, touched=touched)
         if any(s is not None and not s.pending and s.feed is not None for s in self.slots):
@@ -238,7 +253,7 @@ class Engine:
                 touched[id(s.request)] = s.request
                 self.slots[b] = None
 
-    def _admit(self):
+    def _admit(self, touched):
         with self._lock:
             for b in range(self.N):
                 if not self.queue:
@@ -246,7 +261,8 @@ class Engine:
                 if self.slots[b] is None and not (self.single_use and self.used[b]):
                     r = self.queue.popleft()
                     prompt = list(r.prompt)[-self.W :]  # a longer prompt keeps its most recent tokens
-                    r.prompt_tokens = len(prompt)
+                    r.prompt_tokens, r.admitted = len(prompt), True
+                    touched[id(r)] = r
                     self.slots[b] = _Slot(r, hist=list(prompt), pending=list(prompt), next_pos=0)
                     self.used[b] = True
 

@@ -1,0 +1,335 @@
+"""An OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI/Starlette; SSE for streams).
+
+GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions. Each of the `n`
+choices of a request is one engine request (stream j of the request's seed). Errors are OpenAI's JSON
+({"error": {"message", "type", "param", "code"}}) with 400 (bad request), 404 (unknown model or path),
+503 (busy: no slot within `queue_timeout`, or the queue is full) and 500 (a failed decode step).
+
+Length: the context is the model's max_seq_len. A prompt that does not leave room for one token, or
+prompt + max_tokens beyond the context, is a 400 (`context_length_exceeded`); without max_tokens a chat
+completion may use the rest of the context, a text completion 16 tokens (OpenAI's defaults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from jaxlm.engine import Request
+from jaxlm.errors import DataError
+from jaxlm.serve.model import Served
+from jaxlm.serve.protocol import APIError, ChatRequest, CompletionRequest, describe
+from jaxlm.serve.worker import Busy, EngineWorker
+
+
+class TextStream:
+    """Token ids -> text deltas: incremental UTF-8 (a character split over tokens waits for its last byte) and
+    stop sequences (text that could still become one is held back; a stop ends the choice, excluded)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent, self.stopped = "", 0, False
+        self._hold = max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, ids: list[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.text += self._utf8.decode(self.tokenizer.decode_bytes(ids), final=final)
+        start = max(0, self.sent - self._hold)
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+
+class Choice:
+    """One engine request and what the client has been sent of it."""
+
+    def __init__(self, request: Request, text: TextStream):
+        self.request, self.text, self.seen = request, text, 0
+        self.finish_reason: str | None = None
+
+    def advance(self) -> str:
+        """The text of the tokens not yet seen; sets finish_reason when the choice is over."""
+        r = self.request
+        n = len(r.tokens)
+        done = r.done or self.text.stopped
+        delta = self.text.feed(r.tokens[self.seen : n], final=r.done)
+        self.seen = n
+        if self.text.stopped or (done and r.finish_reason == "stop"):
+            self.finish_reason = "stop"
+        elif r.done:
+            self.finish_reason = {"length": "length", "error": "error"}.get(r.finish_reason, "cancelled")
+        return delta
+
+
+class Service:
+    """The app's state: the served model, its engine worker, and the rules of admission."""
+
+    def __init__(self, served: Served, worker: EngineWorker, *, queue_timeout: float):
+        self.served, self.worker, self.queue_timeout = served, worker, queue_timeout
+        self.created = int(time.time())
+
+    def model_card(self) -> dict:
+        return {"id": self.served.name, "object": "model", "created": self.created, "owned_by": "jaxlm"}
+
+    def check_model(self, name: str) -> None:
+        if name != self.served.name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves '{self.served.name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def requests(self, body, prompt: list[int], default_max: int | None) -> list[Request]:
+        """The n engine requests of one prompt, after the length checks."""
+        context, used = self.served.context, len(prompt)
+        if not prompt:
+            raise APIError(400, "the prompt encodes to no tokens", param="prompt")
+        if used >= context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; the prompt has {used}, leaving no room "
+                "for a completion",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        limit = body.token_limit if isinstance(body, ChatRequest) else body.max_tokens
+        limit = limit if limit is not None else (default_max or context - used)
+        if used + limit > context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; you requested {used + limit} "
+                f"({used} in the prompt, {limit} for the completion)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if body.n > self.worker.engine.N:
+            raise APIError(400, f"n must be at most {self.worker.engine.N} (the server's slots)", param="n")
+        seed = secrets.randbits(32) if body.seed is None else body.seed
+        return [
+            Request(
+                prompt,
+                limit,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                seed=seed,
+                stream=j,
+                stop_ids=self.served.stop_ids,
+            )
+            for j in range(body.n)
+        ]
+
+    async def start(self, requests: list[Request]) -> asyncio.Queue:
+        """Submits and waits (bounded) until every request has a slot; 503 if not. Returns the event queue."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            self.worker.submit(requests, lambda r: loop.call_soon_threadsafe(events.put_nowait, r))
+        except Busy as e:
+            raise APIError(503, f"server busy: {e}; retry later", type="server_error", code="busy") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        deadline = loop.time() + self.queue_timeout
+        while not all(r.admitted or r.done for r in requests):
+            try:
+                await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self.worker.cancel(requests)
+                raise APIError(
+                    503,
+                    f"server busy: no free slot within {self.queue_timeout:g} s; retry later",
+                    type="server_error",
+                    code="busy",
+                ) from None
+        events.put_nowait(None)  # look at the requests again at once: tokens may have come with admission
+        return events
+
+
+def create_app(service: Service):
+    app = FastAPI(title="jaxlm", docs_url=None, redoc_url=None, openapi_url=None)
+    served = service.served
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e):
+        return JSONResponse(APIError(400, describe(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), status_code=500
+        )
+
+    async def parse(http: HTTPRequest, kind):
+        raw = await http.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            body = kind.model_validate(data)
+        except ValidationError as e:
+            raise APIError(400, describe(e)) from None
+        service.check_model(body.model)
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, **service.worker.load}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        service.check_model(name)
+        return service.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        body = await parse(http, CompletionRequest)
+        try:
+            prompts = body.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "stream takes one prompt", param="prompt")
+        encoded = [p if isinstance(p, list) else served.tokenizer.encode(p) for p in prompts]
+        if any(not all(0 <= t < served.model.cfg.vocab_size for t in p) for p in encoded):
+            raise APIError(400, f"token ids must be in [0, {served.model.cfg.vocab_size})", param="prompt")
+        groups = [service.requests(body, p, body.max_tokens) for p in encoded]
+        return await respond(http, body, groups, encoded, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest):
+        body = await parse(http, ChatRequest)
+        try:
+            prompt = served.chat_prompt(body.chat())
+        except DataError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return await respond(http, body, [service.requests(body, prompt, None)], [prompt], chat=True)
+
+    async def respond(http, body, groups: list[list[Request]], prompts: list[list[int]], *, chat: bool):
+        requests = [r for g in groups for r in g]
+        events = await service.start(requests)
+        choices = [Choice(r, TextStream(served.tokenizer, body.stops)) for r in requests]
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            "created": int(time.time()),
+            "model": served.name,
+        }
+        prompt_tokens = sum(len(p) for p in prompts)  # n choices of one prompt count it once, as OpenAI does
+
+        def usage():
+            done = sum(c.seen for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+        if body.stream:
+            return StreamingResponse(
+                stream(http, body, events, choices, head, usage, chat, prompts),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        texts = ["" for _ in choices]
+        try:
+            async for i, delta in progress(http, events, choices):
+                texts[i] += delta
+        finally:
+            service.worker.cancel(requests)
+        if any(c.finish_reason == "error" for c in choices):
+            raise APIError(500, "the decode step failed", type="server_error")
+        if chat:
+            out = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, (t, c) in enumerate(zip(texts, choices))
+            ]
+            return {**head, "object": "chat.completion", "choices": out, "usage": usage()}
+        echo = [served.tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
+        out = [
+            {"index": i, "text": e + t, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, (e, t, c) in enumerate(zip(echo, texts, choices))
+        ]
+        return {**head, "object": "text_completion", "choices": out, "usage": usage()}
+
+    async def progress(http, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
+        """(choice index, text delta) until every choice is over; cancels them if the client goes away."""
+        while any(c.finish_reason is None for c in choices):
+            try:
+                await asyncio.wait_for(events.get(), 0.5)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    return
+                continue
+            for i, c in enumerate(choices):
+                if c.finish_reason is None:
+                    delta = c.advance()
+                    if c.finish_reason is not None and not c.request.done:
+                        service.worker.cancel([c.request])  # a stop sequence ended it
+                    if delta or c.finish_reason is not None:
+                        yield i, delta
+
+    async def stream(http, body, events, choices, head, usage, chat, prompts) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(i, delta=None, finish=None, text=""):
+            if chat:
+                choice = {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
+
+        try:
+            for i in range(len(choices)):
+                if chat:
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                elif body.echo:
+                    yield chunk(i, text=served.tokenizer.decode(prompts[0]))
+            async for i, delta in progress(http, events, choices):
+                finish = choices[i].finish_reason
+                if finish == "error":
+                    err = APIError(500, "the decode step failed", type="server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+                if delta:
+                    yield chunk(i, {"content": delta}, text=delta)
+                if finish is not None:
+                    yield chunk(i, finish=finish)
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            service.worker.cancel([c.request for c in choices])
+
+    return app

@@ -1,0 +1,64 @@
+"""What `jaxlm serve` serves: a jaxlm run (PEFT runs with their adapters) or a Hugging Face directory, with
+its tokenizer, chat template and stop tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template, render
+from jaxlm.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass
+class Served:
+    name: str
+    model: object  # a causal TransformerLM
+    tokenizer: object
+    template: str  # the chat template
+    prefix_lm: bool = False
+
+    @property
+    def context(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """End of text, and ChatML's end of turn where the tokenizer has it."""
+        ids = {self.tokenizer.eos_id}
+        end_turn = getattr(self.tokenizer, "token_id", lambda _: None)(CHATML_TOKENS[1])
+        return frozenset(ids | ({end_turn} if end_turn is not None else set()))
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        special = getattr(self.tokenizer, "special_tokens", {})
+        return self.tokenizer.encode(render(self.template, messages, add_generation_prompt=True, **special))
+
+
+def load_served(path: str | Path, name: str | None = None) -> Served:
+    """A run directory (config.yaml) or a Hugging Face model directory (config.json + safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"model directory not found: {path}")
+    if (path / "config.yaml").is_file():
+        from jaxlm.train.run_dir import load_run
+
+        cfg, tokenizer, model, _ = load_run(path)
+        template = read_template(cfg.data.chat_template, tokenizer)
+        prefix_lm = cfg.train.objective == "prefix_lm"
+    elif (path / "config.json").is_file():
+        from jaxlm.hf.io import from_hf
+
+        model, tokenizer, _ = from_hf(path)
+        if tokenizer is None:
+            raise DataError(f"{path} has no tokenizer.json: a served model needs its tokenizer")
+        template, prefix_lm = getattr(tokenizer, "chat_template", None) or CHATML, False
+    else:
+        raise DataError(f"{path} is neither a jaxlm run (config.yaml) nor a Hugging Face model (config.json)")
+    cfg = model.cfg
+    if cfg.decoder_layers:
+        raise ConfigError("jaxlm serve takes decoder-only models; use `jaxlm generate` for encoder-decoders")
+    if not cfg.causal:
+        raise ConfigError("a bidirectional model (e.g. BERT) cannot generate text")
+    if cfg.head != "lm":
+        raise ConfigError(f"this model has a {cfg.head!r} head (a reward model scores text, it does not generate)")
+    return Served(name or path.resolve().name, model, tokenizer, template, prefix_lm)

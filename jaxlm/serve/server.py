@@ -1,0 +1,94 @@
+"""`jaxlm serve`: the engine, its thread and the HTTP app under uvicorn.
+
+SIGTERM (or Ctrl-C): uvicorn stops accepting connections, lets requests in flight finish for up to
+`grace` seconds, then cancels the rest (each frees its slot); the engine thread stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+
+from jaxlm.engine import DecodeSteps, Engine, Request
+from jaxlm.serve.app import Service, create_app
+from jaxlm.serve.model import Served
+from jaxlm.serve.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+def build_service(
+    served: Served, *, slots: int = 8, chunk: int = 64, max_queue: int | None = None, queue_timeout: float = 30.0
+) -> Service:
+    """The engine over `slots` cache rows, compiled (one warm-up request) and running on its thread."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    engine = Engine(DecodeSteps(served.model, prefix_lm=served.prefix_lm), slots=slots, chunk=chunk)
+    t = time.perf_counter()
+    engine.submit(Request([served.tokenizer.eos_id], 2, temperature=0.0))  # compiles prefill and decode
+    engine.run()
+    log.info("compiled the prefill and decode steps in %.1f s", time.perf_counter() - t)
+    worker = EngineWorker(engine, max_queue=4 * slots if max_queue is None else max_queue).start()
+    return Service(served, worker, queue_timeout=queue_timeout)
+
+
+def _config(service: Service, host: str, port: int, grace: float, log_level: str):
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(service),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace,
+        lifespan="off",
+        access_log=False,
+    )
+
+
+def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
+    """Serves until SIGTERM / SIGINT (see the module docstring)."""
+    import uvicorn
+
+    server = uvicorn.Server(_config(service, host, port, grace, "info"))
+    # uvicorn re-raises the signal it shut down for, to the handler in place before it: make that one a no-op
+    # so that a graceful stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        service.worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(service: Service, *, port: int | None = None, grace: float = 2.0):
+    """The server on 127.0.0.1 in a thread of this process (tests, benchmarks); yields its base URL and
+    always stops it (and the engine thread)."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(_config(service, "127.0.0.1", port, grace, "warning"))
+    thread = threading.Thread(target=server.run, name="jaxlm-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on 127.0.0.1:{port}")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        service.worker.stop()
