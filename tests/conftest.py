@@ -49,3 +49,14 @@ def tiny_config(tmp_path, corpus_file):
         return load_config(f"configs/{base}.yaml", TINY + extra + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, corpus_file):
+    """A tiny pretrained run (BPE tokenizer) to fine-tune, align and serve."""
+    from jaxlm.cli import main
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    args = ["train", "configs/llama_tiny.yaml", *TINY, f"data.source={corpus_file}", f"train.run_dir={run}"]
+    assert main([*args, "data.tokenizer=bpe", "--no-progress"]) == 0
+    return run
