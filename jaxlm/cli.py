@@ -1,4 +1,4 @@
-"""Command line: `jaxlm train | generate | eval | plan | convert`. Run `jaxlm COMMAND --help`."""
+"""Command line: `jaxlm train | generate | serve | eval | plan | convert`. Run `jaxlm COMMAND --help`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   jaxlm train configs/llama_tiny.yaml
   jaxlm train configs/gpt_tiny.yaml model.num_layers=2 train.steps=100 train.run_dir=runs/quick
   jaxlm generate runs/llama_tiny --prompt "ROMEO." --max-new-tokens 200 --temperature 0.8
+  jaxlm serve runs/sft_lora --port 8000 --slots 16     (OpenAI-compatible: /v1/chat/completions)
   jaxlm eval runs/llama_tiny
   jaxlm convert --from-hf ~/models/Qwen2-0.5B --out runs/qwen2   (then generate / eval / train)
   jaxlm convert --to-hf runs/llama_tiny --out hf/llama_tiny
@@ -121,6 +122,20 @@ def cmd_generate(args) -> int:
         if len(outs) > 1:
             print(f"--- sample {i + 1} ---")
         print(tokenizer.decode(out) if seq2seq else text + tokenizer.decode(out))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from jaxlm.serve.model import load_served
+    from jaxlm.serve.server import build_service, check_address, serve
+
+    check_address(args.host, args.port)
+    served = load_served(args.model_dir, args.name)
+    service = build_service(
+        served, slots=args.slots, chunk=args.chunk, max_queue=args.max_queue, queue_timeout=args.queue_timeout
+    )
+    print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
+    serve(service, host=args.host, port=args.port, grace=args.grace)
     return 0
 
 
@@ -261,6 +276,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="sampling PRNG seed")
     g.set_defaults(fn=cmd_generate)
+
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (continuous batching, SSE streaming)",
+        description="Serves the latest checkpoint of RUN_DIR (a PEFT run with its adapters) or a Hugging Face "
+        "model directory: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the run's chat "
+        "template; stream=true for server-sent events), GET /health. SIGTERM stops accepting, lets requests in "
+        "flight finish for --grace seconds, cancels the rest and exits.",
+    )
+    sv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR", help="a jaxlm run directory or a Hugging Face directory")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port (default 8000)")
+    sv.add_argument("--slots", type=_number(int, 1), default=8, help="sequences decoded together (default 8)")
+    sv.add_argument(
+        "--chunk", type=_number(int, 1), default=64, help="prompt tokens prefilled per slot per step (default 64)"
+    )
+    sv.add_argument(
+        "--max-queue", type=_number(int, 0), default=None, help="requests waiting for a slot (default 4 x slots)"
+    )
+    sv.add_argument(
+        "--queue-timeout",
+        type=_number(float, 0.0),
+        default=30.0,
+        metavar="S",
+        help="longest wait for a slot before a 503 (default 30)",
+    )
+    sv.add_argument(
+        "--grace", type=_number(float, 0.0), default=10.0, metavar="S", help="shutdown: time for requests to finish"
+    )
+    sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
+    sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser(
         "eval",

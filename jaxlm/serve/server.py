@@ -65,6 +65,18 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, grace:
         service.worker.stop()
 
 
+def check_address(host: str, port: int) -> None:
+    """ConfigError if host:port cannot be bound (in use, or not an address of this machine): before compiling."""
+    from jaxlm.errors import ConfigError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
