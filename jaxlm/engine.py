@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import threading
 
 import jax
@@ -32,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError
-from jaxlm.ops.sampling import sample
+from jaxlm.ops.sampling import distribution, sample
+from jaxlm.ops.speculative import speculative_accept
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,15 +70,19 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 
 
 class DecodeSteps:
-    """The compiled prefill and decode steps of one model, shared by every engine over it.
+    """The compiled prefill, decode and speculative steps of one model, shared by every engine over it.
 
-    `params` may be replaced by new weights of the same model (RL rollouts) without recompiling.
+    `params` may be replaced by new weights of the same model (RL rollouts) without recompiling. The cache
+    an engine holds is a pair (the model's, the draft model's or None).
     """
 
-    def __init__(self, model, *, prefix_lm: bool = False):
+    def __init__(self, model, *, prefix_lm: bool = False, draft=None, draft_tokens: int = 4):
         """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`.
 
         prefix_lm: the prompt attends to itself bidirectionally (a model trained with train.objective=prefix_lm).
+        draft: speculative decoding: a smaller causal model over the same vocabulary, "ngram" (prompt lookup:
+          drafts copied from where the context's last tokens occurred before), or None.
+        draft_tokens: K, tokens drafted per step.
         """
         if not model.cfg.causal:
             raise ConfigError(
@@ -91,33 +95,117 @@ class DecodeSteps:
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
         self.virtual = 0 if self.seq2seq else model.virtual_tokens  # prompt/prefix tuning's leading slots
-        self.init_cache = jax.jit(self._init_cache_fn, static_argnums=1)
-        self.prefill = jax.jit(self._step_fn, donate_argnums=1)
-        self.decode = jax.jit(self._step_fn, donate_argnums=1)  # the same function at T = 1, compiled apart
+        self.draft, self.K = draft, int(draft_tokens)
+        self.draft_graphdef = self.draft_params = None
+        if draft is not None:
+            if self.seq2seq or prefix_lm:
+                raise ConfigError("speculative decoding is for decoder-only models (not prefix LMs)")
+            if not 1 <= self.K < self.max_len // 2:
+                raise ConfigError(f"draft_tokens must be in [1, {self.max_len // 2}), got {draft_tokens}")
+            if draft != "ngram":
+                d = draft.cfg
+                if d.decoder_layers or not d.causal or d.head != "lm":
+                    raise ConfigError("a draft model must be a causal language model (decoder-only)")
+                if d.vocab_size != model.cfg.vocab_size:
+                    raise ConfigError(
+                        f"the draft's vocabulary ({d.vocab_size}) differs from the model's ({model.cfg.vocab_size})"
+                    )
+                if d.max_seq_len < self.max_len:
+                    raise ConfigError(
+                        f"the draft's max_seq_len ({d.max_seq_len}) is below the model's ({self.max_len})"
+                    )
+                self.draft_graphdef, self.draft_params = nnx.split(draft)
+        self.init_cache = jax.jit(self._init_cache_fn, static_argnums=2)
+        self.prefill = jax.jit(self._step_fn, donate_argnums=2)
+        self.decode = jax.jit(self._step_fn, donate_argnums=2)  # the same function at T = 1, compiled apart
+        self.speculate = jax.jit(self._speculate_fn, donate_argnums=2)
 
-    def _init_cache_fn(self, params, batch: int, context: dict):
-        return nnx.merge(self.graphdef, params).init_cache(batch, self.max_len, **context)
+    def _init_cache_fn(self, params, draft_params, batch: int, context: dict):
+        cache = nnx.merge(self.graphdef, params).init_cache(batch, self.max_len, **context)
+        if self.draft_graphdef is None:
+            return cache, None
+        return cache, nnx.merge(self.draft_graphdef, draft_params).init_cache(batch, self.max_len)
 
-    def _step_fn(self, params, cache, tokens, positions, valid, index, last, fresh, prefix, sampling):
-        """Writes each row's T tokens at its `index` and samples after its token `last`.
+    def _step_fn(self, params, draft_params, caches, tokens, positions, valid, index, last, fresh, prefix, sampling):
+        """Writes each row's T tokens at its `index` (into the draft's cache too) and samples after its token
+        `last`.
 
         tokens, positions, valid, prefix: (N, T); index, last: (N,) int; fresh: (N,) bool, rows whose old
         context is dropped first; sampling: (N,) arrays temperature, top_k, top_p, seed, stream, count.
-        Returns the (N,) sampled tokens and the cache.
+        Returns the (N,) sampled tokens and the caches.
         """
+        cache, draft_cache = caches
         model = nnx.merge(self.graphdef, params)
-        slots = jnp.arange(cache["pos"].shape[1])
-        cache = {**cache, "pos": jnp.where(fresh[:, None] & (slots >= self.virtual), -1, cache["pos"])}
+        cache = _forget(cache, fresh, self.virtual)
         if self.prefix_lm:
             logits, cache = model(tokens, positions, valid, cache=cache, cache_index=index, prefix=prefix)
         else:
             logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index)
+        if draft_cache is not None:
+            draft = nnx.merge(self.draft_graphdef, draft_params)
+            draft_cache = _forget(draft_cache, fresh, draft.virtual_tokens)
+            _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index)
         logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         keys = jax.vmap(_request_key)(sampling["seed"], sampling["stream"], sampling["count"])
         token = sample(
             keys, logits, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"]
         )
-        return token, cache
+        return token, (cache, draft_cache)
+
+    def _speculate_fn(self, params, draft_params, caches, feed, position, index, limit, drafts, sampling):
+        """One speculative step per row: K drafts (from the draft model, or `drafts` (N, K) given), verified by
+        the model in one pass over K + 1 tokens; see `speculative_accept`.
+
+        feed, position, index: (N,) the token to write next, its position and slot; limit: (N,) drafts that may
+        be kept (0 for rows not decoding, whose index is past the end). Returns (N, K + 1) tokens (the kept
+        drafts, then the next token), (N,) kept counts and the caches, in which the rejected drafts are
+        forgotten.
+        """
+        cache, draft_cache = caches
+        K, N = self.K, feed.shape[0]
+        keys = jax.vmap(_request_key)(sampling["seed"], sampling["stream"], sampling["count"])
+        settings = {k: sampling[k] for k in ("temperature", "top_k", "top_p")}
+        valid = jnp.ones((N, 1), bool)
+        if draft_cache is not None:  # K + 1 draft steps: the last writes the K-th draft (kept, it is the context)
+            draft = nnx.merge(self.draft_graphdef, draft_params)
+
+            def draft_step(carry, j):
+                tok, dcache = carry
+                logits, dcache = draft.decode(
+                    tok[:, None], (position + j)[:, None], valid, cache=dcache, cache_index=index + j
+                )
+                q = distribution(logits[:, 0], **settings)
+                step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2 + j))(keys)
+                nxt = jax.vmap(lambda k, d: jax.random.categorical(k, jnp.log(d)))(step_keys, q).astype(jnp.int32)
+                return (nxt, dcache), (nxt, q)
+
+            (_, draft_cache), (drafts, q) = jax.lax.scan(draft_step, (feed, draft_cache), jnp.arange(K + 1))
+            drafts, q = drafts[:K].T, q[:K].transpose(1, 0, 2)  # (N, K), (N, K, V)
+        tokens = jnp.concatenate([feed[:, None], drafts], axis=1)
+        positions = position[:, None] + jnp.arange(K + 1)[None]
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.decode(tokens, positions, jnp.ones_like(tokens, bool), cache=cache, cache_index=index)
+        V = logits.shape[-1]
+        flat = {k: jnp.repeat(v, K + 1) for k, v in settings.items()}
+        p = distribution(logits.reshape(N * (K + 1), V), **flat).reshape(N, K + 1, V)
+        if draft_cache is None:
+            q = jax.nn.one_hot(drafts, V, dtype=jnp.float32)
+        kept, nxt = speculative_accept(keys, drafts, q, p, limit)
+        out = jnp.concatenate([drafts, jnp.zeros((N, 1), jnp.int32)], axis=1)
+        out = jnp.where(jnp.arange(K + 1)[None] == kept[:, None], nxt[:, None], out)
+        # Slots index + kept + 1 .. index + K hold rejected drafts: forget them in both caches.
+        slots = jnp.arange(cache["pos"].shape[1])[None]
+        rejected = (slots >= (index + kept + 1)[:, None]) & (slots < (index + K + 1)[:, None])
+        cache = {**cache, "pos": jnp.where(rejected, -1, cache["pos"])}
+        if draft_cache is not None:
+            draft_cache = {**draft_cache, "pos": jnp.where(rejected, -1, draft_cache["pos"])}
+        return out, kept, (cache, draft_cache)
+
+
+def _forget(cache: dict, rows: jax.Array, virtual: int) -> dict:
+    """The cache with the slots of `rows` (N,) bool marked empty (prompt/prefix tuning's first slots kept)."""
+    slots = jnp.arange(cache["pos"].shape[1])
+    return {**cache, "pos": jnp.where(rows[:, None] & (slots >= virtual), -1, cache["pos"])}
 
 
 def _request_key(seed, stream, count):
@@ -171,13 +259,13 @@ class Engine:
             raise ConfigError("an encoder-decoder engine needs its sources (context) up front")
         self.single_use = context is not None
         self._context = context or {}
-        self.cache = steps.init_cache(steps.params, slots, self._context)
+        self.cache = steps.init_cache(steps.params, steps.draft_params, slots, self._context)
         self.slots: list[_Slot | None] = [None] * slots
         self.used = [False] * slots
         self.queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
-        self._ids = itertools.count()
+        self.stats = {"steps": 0, "drafted": 0, "kept": 0}  # speculative decoding: drafts proposed and kept
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -204,7 +292,9 @@ class Engine:
             self.queue.clear()
             self.slots = [None] * self.N
             self._cancelled.clear()
-        self.cache = self.steps.init_cache(self.steps.params, self.N, self._context)  # a failed step may have eaten it
+        self.cache = self.steps.init_cache(
+            self.steps.params, self.steps.draft_params, self.N, self._context
+        )  # a failed step may have eaten it
         for r in ended:
             r.finish_reason = reason
         return ended
@@ -230,7 +320,10 @@ class Engine:
         if any(s is not None and s.pending for s in self.slots):
             self._run(prefill=True, touched=touched)
         if any(s is not None and not s.pending and s.feed is not None for s in self.slots):
-            self._run(prefill=False, touched=touched)
+            if self.steps.draft is None:
+                self._run(prefill=False, touched=touched)
+            else:
+                self._speculate(touched)
         return list(touched.values())
 
     def run(self) -> None:
@@ -288,14 +381,21 @@ class Engine:
             tokens[b, :n], valid[b, :n] = chunk, True
             positions[b, :n] = np.arange(s.next_pos, s.next_pos + n)
             index[b], last[b], fresh[b] = s.index, n - 1, s.fresh
-            r = s.request
-            sampling["temperature"][b], sampling["top_k"][b], sampling["top_p"][b] = r.temperature, r.top_k, r.top_p
-            sampling["seed"][b], sampling["stream"][b] = r.seed % 2**32, r.stream % 2**32
-            sampling["count"][b] = len(r.tokens)
+            _fill(sampling, b, s.request)
             rows.append((b, n, done))
         fn = self.steps.prefill if prefill else self.steps.decode
         out, self.cache = fn(
-            self.steps.params, self.cache, tokens, positions, valid, index, last, fresh, prefix, sampling
+            self.steps.params,
+            self.steps.draft_params,
+            self.cache,
+            tokens,
+            positions,
+            valid,
+            index,
+            last,
+            fresh,
+            prefix,
+            sampling,
         )
         out = np.asarray(out)
         for b, n, done in rows:
@@ -306,6 +406,41 @@ class Engine:
             s.feed = None
             if done:
                 self._emit(b, int(out[b]), touched)
+
+    def _speculate(self, touched):
+        N, K, S = self.N, self.steps.K, self.S
+        feed, position, limit = np.zeros(N, np.int32), np.zeros(N, np.int32), np.zeros(N, np.int32)
+        index = np.full(N, S, np.int32)  # rows not decoding write past the end: nothing
+        drafts = np.zeros((N, K), np.int32)
+        sampling = {k: np.zeros(N, t) for k, t in _SAMPLING.items()}
+        rows = []
+        for b, s in enumerate(self.slots):
+            if s is None or s.pending or s.feed is None:
+                continue
+            r = s.request
+            # Never past the cache's end (the row refills there, as without a draft) or the token budget.
+            limit[b] = max(0, min(K, S - 1 - s.index, r.max_new_tokens - len(r.tokens) - 1))
+            if self.steps.draft == "ngram":
+                proposal = prompt_lookup(s.hist, K)
+                drafts[b, : len(proposal)] = proposal
+                limit[b] = min(limit[b], len(proposal))
+            feed[b], position[b], index[b] = s.feed, s.next_pos, s.index
+            _fill(sampling, b, r)
+            rows.append(b)
+        out, kept, self.cache = self.steps.speculate(
+            self.steps.params, self.steps.draft_params, self.cache, feed, position, index, limit, drafts, sampling
+        )
+        out, kept = np.asarray(out), np.asarray(kept)
+        self.stats["steps"] += 1
+        for b in rows:
+            s = self.slots[b]
+            self.stats["drafted"] += int(limit[b])
+            self.stats["kept"] += int(kept[b])
+            for i in range(int(kept[b]) + 1):  # written: the fed token, then the kept drafts
+                s.index, s.next_pos, s.feed = s.index + 1, s.next_pos + 1, None
+                self._emit(b, int(out[b, i]), touched)
+                if self.slots[b] is None or s.pending:  # finished, or refilled at the cache's end
+                    break
 
     def _emit(self, b: int, token: int, touched):
         s = self.slots[b]
@@ -336,3 +471,20 @@ _SAMPLING = {
     "stream": np.uint32,
     "count": np.int32,
 }
+
+
+def _fill(sampling: dict, b: int, r: Request) -> None:
+    sampling["temperature"][b], sampling["top_k"][b], sampling["top_p"][b] = r.temperature, r.top_k, r.top_p
+    sampling["seed"][b], sampling["stream"][b] = r.seed % 2**32, r.stream % 2**32
+    sampling["count"][b] = len(r.tokens)
+
+
+def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup drafting (Saxena 2023): the up to k tokens that followed the latest earlier occurrence of
+    the context's last n tokens (n = max_ngram down to 1); [] when there is none."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + k]
+    return []

@@ -21,14 +21,26 @@ __all__ = ["Generator", "check_sampling", "generate_uncached"]
 
 
 class Generator:
-    def __init__(self, model, *, window_shift: int | None = None, prefix_lm: bool = False, chunk: int = 128):
+    def __init__(
+        self,
+        model,
+        *,
+        window_shift: int | None = None,
+        prefix_lm: bool = False,
+        chunk: int = 128,
+        draft=None,
+        draft_tokens: int = 4,
+    ):
         """model: a `TransformerLM` (causal) or an `EncoderDecoderLM`.
 
         window_shift: tokens dropped when a row's cache is full (default max_seq_len // 4).
         prefix_lm: the prompt attends to itself bidirectionally (a model trained with train.objective=prefix_lm).
         chunk: prompt tokens prefilled per step (prompts up to this length take one prefill).
+        draft, draft_tokens: speculative decoding with a draft model or "ngram" (see `DecodeSteps`): the same
+          greedy output, the same distribution when sampling, fewer model steps.
         """
-        self.steps = DecodeSteps(model, prefix_lm=prefix_lm)
+        self.steps = DecodeSteps(model, prefix_lm=prefix_lm, draft=draft, draft_tokens=draft_tokens)
+        self.stats = {}
         self.window_shift, self.chunk = window_shift, chunk
         self.max_len = self.steps.max_len
         ws = window_shift or max(1, self.max_len // 4)
@@ -92,6 +104,7 @@ class Generator:
             for b, p in enumerate(prompts)
         ]
         engine.run()
+        self.stats = engine.stats
         return [r.tokens for r in requests]
 
     def _context(self, sources, rows: int) -> dict:

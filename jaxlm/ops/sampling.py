@@ -47,6 +47,21 @@ def sample(
     return jnp.where(t > 0, drawn, greedy)
 
 
+def distribution(
+    logits: jax.Array, *, temperature: jax.Array | float, top_k: jax.Array | int, top_p: jax.Array | float
+) -> jax.Array:
+    """The distribution `sample` draws from: (B, V) logits -> (B, V) probabilities (one-hot argmax where
+    temperature == 0). Settings are scalars or (B,)."""
+    logits = logits.astype(jnp.float32)
+    B, V = logits.shape
+    t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
+    k, p = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,)), jnp.broadcast_to(jnp.asarray(top_p), (B,))
+    scaled = logits / jnp.where(t > 0, t, 1.0)[:, None]
+    probs = jax.nn.softmax(_filter(scaled, k, p), axis=-1)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    return jnp.where((t > 0)[:, None], probs, greedy)
+
+
 def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """(B, V) logits with the tokens outside each row's top-k, then outside its top-p nucleus, at -inf-ish."""
     V = logits.shape[-1]

@@ -47,7 +47,9 @@ def test_serve_a_run_then_sigterm_exits_cleanly(pretrained):
         got = client.completions.create(model="run", prompt="ROMEO.", max_tokens=12, temperature=0)
         _, tokenizer, model, _ = load_run(pretrained)
         ids = Generator(model).generate([tokenizer.encode("ROMEO.")], max_new_tokens=12, temperature=0.0)[0]
-        assert got.choices[0].text == tokenizer.decode(ids[: ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids)
+        assert got.choices[0].text == tokenizer.decode(
+            ids[: ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+        )
 
         lines = []
 
@@ -87,8 +89,9 @@ def test_serve_errors_come_before_compiling(tmp_path, capsys):
 
 
 def test_a_lora_run_is_served_with_its_adapter(pretrained, tmp_path):
-    from jaxlm.nn.adapters import Adapter
     from flax import nnx
+
+    from jaxlm.nn.adapters import Adapter
 
     run = tmp_path / "lora"
     config = tmp_path / "ft.yaml"
