@@ -115,9 +115,22 @@ def cmd_generate(args) -> int:
     if seq2seq:  # the prompt is the source; the output is the decoder's text, from its start token
         start = tokenizer.eos_id if cfg.model.decoder_start_id < 0 else cfg.model.decoder_start_id
         sources, prompts = prompts, [[start]] * len(prompts)
-    outs = Generator(model, prefix_lm=cfg.train.objective == "prefix_lm").generate(
+    draft = None
+    if args.draft:
+        from jaxlm.serve.model import load_draft
+
+        draft = load_draft(args.draft, tokenizer)
+    gen = Generator(model, prefix_lm=cfg.train.objective == "prefix_lm", draft=draft, draft_tokens=args.draft_tokens)
+    outs = gen.generate(
         prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sources=sources, **sampling
     )
+    if draft is not None and gen.stats["drafted"]:
+        s = gen.stats
+        print(
+            f"speculative: {s['kept']} of {s['drafted']} drafted tokens kept ({s['kept'] / s['drafted']:.0%}), "
+            f"{s['steps']} model steps",
+            file=sys.stderr,
+        )
     for i, (text, out) in enumerate(zip(args.prompt, outs)):
         if len(outs) > 1:
             print(f"--- sample {i + 1} ---")
@@ -126,13 +139,19 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxlm.serve.model import load_served
+    from jaxlm.serve.model import load_draft, load_served
     from jaxlm.serve.server import build_service, check_address, serve
 
     check_address(args.host, args.port)
     served = load_served(args.model_dir, args.name)
     service = build_service(
-        served, slots=args.slots, chunk=args.chunk, max_queue=args.max_queue, queue_timeout=args.queue_timeout
+        served,
+        slots=args.slots,
+        chunk=args.chunk,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        draft=load_draft(args.draft, served.tokenizer) if args.draft else None,
+        draft_tokens=args.draft_tokens,
     )
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
     serve(service, host=args.host, port=args.port, grace=args.grace)
@@ -219,6 +238,16 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _draft_options(p) -> None:
+    p.add_argument(
+        "--draft",
+        metavar="RUN_DIR|HF_DIR|ngram",
+        help="speculative decoding: a smaller model with the same tokenizer drafts tokens the model verifies "
+        "(the same greedy output, the same sampling distribution), or ngram: prompt lookup",
+    )
+    p.add_argument("--draft-tokens", type=_number(int, 1, 16), default=4, help="tokens drafted per step (4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jaxlm",
@@ -275,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=_number(float, 0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling mass (1.0 = off)"
     )
     g.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="sampling PRNG seed")
+    _draft_options(g)
     g.set_defaults(fn=cmd_generate)
 
     sv = sub.add_parser(
@@ -306,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=_number(float, 0.0), default=10.0, metavar="S", help="shutdown: time for requests to finish"
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
+    _draft_options(sv)
     sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser(

@@ -207,6 +207,16 @@ def _piece_bytes(piece: str) -> bytes:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same ids to the same tokens (a draft or reward model reads the ids)."""
+
+    def vocab(t):
+        raw = getattr(t, "_tok", None)
+        return (t.kind, raw.get_vocab(with_added_tokens=True) if raw is not None else t.vocab_size)
+
+    return vocab(a) == vocab(b)
+
+
 def build_tokenizer(kind: str, train_texts: list[str], vocab_size: int, mask: bool = False) -> Tokenizer:
     """`mask`: include a mask token (masked-language-model training)."""
     if kind == "byte":

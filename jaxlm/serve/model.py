@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template, render
+from jaxlm.data.tokenizer import same_vocabulary
 from jaxlm.errors import ConfigError, DataError
 
 
@@ -37,6 +38,26 @@ class Served:
 def load_served(path: str | Path, name: str | None = None) -> Served:
     """A run directory (config.yaml) or a Hugging Face model directory (config.json + safetensors)."""
     path = Path(path)
+    model, tokenizer, template, prefix_lm = _load(path)
+    return Served(name or path.resolve().name, model, tokenizer, template, prefix_lm)
+
+
+def load_draft(spec: str, tokenizer):
+    """`--draft`: "ngram" (prompt lookup), or a run / Hugging Face directory of a smaller model that reads
+    the same tokenizer."""
+    if spec == "ngram":
+        return "ngram"
+    model, draft_tokenizer, _, _ = _load(Path(spec))
+    if not same_vocabulary(draft_tokenizer, tokenizer):
+        raise ConfigError(
+            f"the draft {spec} reads another tokenizer than the model: train it with the model's tokenizer "
+            "(the same data.tokenizer settings on the same corpus, or a copy of the model's tokenizer)"
+        )
+    return model
+
+
+def _load(path: Path):
+    """(model, tokenizer, chat template, prefix_lm) of a run or Hugging Face directory, checked for serving."""
     if not path.is_dir():
         raise DataError(f"model directory not found: {path}")
     if (path / "config.yaml").is_file():
@@ -61,4 +82,4 @@ def load_served(path: str | Path, name: str | None = None) -> Served:
         raise ConfigError("a bidirectional model (e.g. BERT) cannot generate text")
     if cfg.head != "lm":
         raise ConfigError(f"this model has a {cfg.head!r} head (a reward model scores text, it does not generate)")
-    return Served(name or path.resolve().name, model, tokenizer, template, prefix_lm)
+    return model, tokenizer, template, prefix_lm

@@ -22,14 +22,24 @@ log = logging.getLogger(__name__)
 
 
 def build_service(
-    served: Served, *, slots: int = 8, chunk: int = 64, max_queue: int | None = None, queue_timeout: float = 30.0
+    served: Served,
+    *,
+    slots: int = 8,
+    chunk: int = 64,
+    max_queue: int | None = None,
+    queue_timeout: float = 30.0,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> Service:
-    """The engine over `slots` cache rows, compiled (one warm-up request) and running on its thread."""
+    """The engine over `slots` cache rows, compiled (one warm-up request) and running on its thread.
+
+    draft: speculative decoding with a draft model or "ngram" (see `jaxlm.engine.DecodeSteps`)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
-    engine = Engine(DecodeSteps(served.model, prefix_lm=served.prefix_lm), slots=slots, chunk=chunk)
+    steps = DecodeSteps(served.model, prefix_lm=served.prefix_lm, draft=draft, draft_tokens=draft_tokens)
+    engine = Engine(steps, slots=slots, chunk=chunk)
     t = time.perf_counter()
-    engine.submit(Request([served.tokenizer.eos_id], 2, temperature=0.0))  # compiles prefill and decode
+    engine.submit(Request([served.tokenizer.eos_id], 3, temperature=0.0))  # compiles prefill and decode
     engine.run()
     log.info("compiled the prefill and decode steps in %.1f s", time.perf_counter() - t)
     worker = EngineWorker(engine, max_queue=4 * slots if max_queue is None else max_queue).start()

@@ -65,7 +65,10 @@ class EngineWorker:
     @property
     def load(self) -> dict:
         e = self.engine
-        return {"slots": e.N, "running": sum(s is not None for s in e.slots), "queued": len(e.queue)}
+        load = {"slots": e.N, "running": sum(s is not None for s in e.slots), "queued": len(e.queue)}
+        if e.steps.draft is not None:
+            load["speculative"] = dict(e.stats)
+        return load
 
     def _loop(self) -> None:
         while True:

@@ -36,6 +36,7 @@ from jaxlm.config import RL_OBJECTIVES, Config, ConfigError, load_config, save_c
 from jaxlm.data.chat import CHATML_TOKENS, read_template
 from jaxlm.data.instructions import RowLoader
 from jaxlm.data.prompts import encode_prompt, prompt_messages, reward_fields
+from jaxlm.data.tokenizer import same_vocabulary
 from jaxlm.errors import DataError
 from jaxlm.generate import Generator
 from jaxlm.ops.rl import group_advantages
@@ -93,7 +94,7 @@ class Reward:
         cfg, rm_tokenizer, model, _ = load_run(path)
         if cfg.model.head != "score":
             raise ConfigError(f"align.reward {path} is not a reward model (its model.head is {cfg.model.head})")
-        if _vocab(rm_tokenizer) != _vocab(tokenizer):
+        if not same_vocabulary(rm_tokenizer, tokenizer):
             raise ConfigError(
                 f"align.reward {path} reads another tokenizer ({rm_tokenizer.vocab_size} tokens; the policy's has "
                 f"{tokenizer.vocab_size}, or the same number with other ids): train the reward model from the "
@@ -114,11 +115,6 @@ class Reward:
                 f"returned {out.shape[0] if out.ndim else 'a scalar'} values for {len(completions)} completions"
             )
         return out
-
-
-def _vocab(tokenizer) -> dict | int:
-    raw = getattr(tokenizer, "_tok", None)
-    return raw.get_vocab(with_added_tokens=True) if raw is not None else tokenizer.vocab_size
 
 
 # --------------------------------------------------------------------------------------------------- rollouts

@@ -124,3 +124,22 @@ def test_max_tokens_above_context_is_a_clear_400(server, stream):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
         client.completions.create(model="tiny", prompt="x", max_tokens=500, stream=stream)
+
+
+def test_speculative_serving_gives_the_same_greedy_text():
+    """`jaxlm serve --draft ngram`: the same greedy completions, fewer model steps, stats in /health."""
+    import httpx
+
+    from jaxlm.serve.server import build_service, running
+    from tests.serve.conftest import tiny_served
+
+    served = tiny_served()
+    service = build_service(served, slots=2, chunk=16, draft="ngram", draft_tokens=3)
+    prompts = ["abcabcabcabc", "To be or not to be"]
+    with running(service) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        got = [client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0) for p in prompts]
+        health = httpx.get(url + "/health").json()
+    for p, g in zip(prompts, got):
+        assert g.choices[0].text == greedy(service, list(p.encode()), 40)
+    assert health["speculative"]["drafted"] > 0
