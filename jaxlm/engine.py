@@ -126,45 +126,47 @@ class DecodeSteps:
             return cache, None
         return cache, nnx.merge(self.draft_graphdef, draft_params).init_cache(batch, self.max_len)
 
-    def _step_fn(self, params, draft_params, caches, tokens, positions, valid, index, last, fresh, prefix, sampling):
+    def _step_fn(self, params, draft_params, caches, prev, cols, rows, floats):
         """Writes each row's T tokens at its `index` (into the draft's cache too) and samples after its token
-        `last`.
-
-        tokens, positions, valid, prefix: (N, T); index, last: (N,) int; fresh: (N,) bool, rows whose old
-        context is dropped first; sampling: (N,) arrays temperature, top_k, top_p, seed, stream, count.
+        `last`; the inputs are packed by `_Inputs` (tokens, positions, valid, prefix: (N, T); index, last:
+        (N,); fresh: rows whose old context is dropped first; sampling settings). prev: (N,) the tokens of
+        the step before, still on the device, which replace tokens[:, 0] where `from_prev`.
         Returns the (N,) sampled tokens and the caches.
         """
+        x = _Inputs.unpack(cols, rows, floats)
+        tokens, positions, valid, index = x["tokens"], x["positions"], x["valid"], x["index"]
+        tokens = tokens.at[:, 0].set(jnp.where(x["from_prev"], prev, tokens[:, 0]))
         cache, draft_cache = caches
         model = nnx.merge(self.graphdef, params)
-        cache = _forget(cache, fresh, self.virtual)
+        cache = _forget(cache, x["fresh"], self.virtual)
         if self.prefix_lm:
-            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=index, prefix=prefix)
+            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=index, prefix=x["prefix"])
         else:
             logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index)
         if draft_cache is not None:
             draft = nnx.merge(self.draft_graphdef, draft_params)
-            draft_cache = _forget(draft_cache, fresh, draft.virtual_tokens)
+            draft_cache = _forget(draft_cache, x["fresh"], draft.virtual_tokens)
             _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index)
-        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        keys = jax.vmap(_request_key)(sampling["seed"], sampling["stream"], sampling["count"])
-        token = sample(
-            keys, logits, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"]
-        )
+        logits = jnp.take_along_axis(logits, x["last"][:, None, None], axis=1)[:, 0]
+        keys = jax.vmap(_request_key)(x["seed"], x["stream"], x["count"])
+        token = sample(keys, logits, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
         return token, (cache, draft_cache)
 
-    def _speculate_fn(self, params, draft_params, caches, feed, position, index, limit, drafts, sampling):
+    def _speculate_fn(self, params, draft_params, caches, drafts, rows, floats):
         """One speculative step per row: K drafts (from the draft model, or `drafts` (N, K) given), verified by
         the model in one pass over K + 1 tokens; see `speculative_accept`.
 
-        feed, position, index: (N,) the token to write next, its position and slot; limit: (N,) drafts that may
-        be kept (0 for rows not decoding, whose index is past the end). Returns (N, K + 1) tokens (the kept
-        drafts, then the next token), (N,) kept counts and the caches, in which the rejected drafts are
-        forgotten.
+        Packed by `_Inputs`: feed, position, index: (N,) the token to write next, its position and slot;
+        limit: (N,) drafts that may be kept (0 for rows not decoding, whose index is past the end); sampling
+        settings. Returns (N, K + 1) tokens (the kept drafts, then the next token), (N,) kept counts and the
+        caches, in which the rejected drafts are forgotten.
         """
+        x = _Inputs.unpack(None, rows, floats)
+        feed, position, index, limit = x["feed"], x["position"], x["index"], x["limit"]
         cache, draft_cache = caches
         K, N = self.K, feed.shape[0]
-        keys = jax.vmap(_request_key)(sampling["seed"], sampling["stream"], sampling["count"])
-        settings = {k: sampling[k] for k in ("temperature", "top_k", "top_p")}
+        keys = jax.vmap(_request_key)(x["seed"], x["stream"], x["count"])
+        settings = {k: x[k] for k in ("temperature", "top_k", "top_p")}
         valid = jnp.ones((N, 1), bool)
         if draft_cache is not None:  # K + 1 draft steps: the last writes the K-th draft (kept, it is the context)
             draft = nnx.merge(self.draft_graphdef, draft_params)
@@ -220,7 +222,8 @@ class _Slot:
     next_pos: int  # position of the next token written
     index: int = 0  # cache slot of the next token written
     fresh: bool = True  # drop the old context at the next prefill
-    feed: int | None = None  # the token to decode next
+    feed: int | None = None  # the token to decode next, when the host has it
+    inflight: int = 0  # decode steps dispatched whose token the host has not seen (the next feeds on the device)
 
 
 class Engine:
@@ -265,6 +268,8 @@ class Engine:
         self.queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
+        self._inflight = None  # (the last decode step's tokens on the device, its rows)
+        self._no_prev = jnp.zeros(slots, jnp.int32)
         self.stats = {"steps": 0, "drafted": 0, "kept": 0}  # speculative decoding: drafts proposed and kept
 
     # ------------------------------------------------------------------------------------------ requests
@@ -292,6 +297,7 @@ class Engine:
             self.queue.clear()
             self.slots = [None] * self.N
             self._cancelled.clear()
+            self._inflight = None
         self.cache = self.steps.init_cache(
             self.steps.params, self.steps.draft_params, self.N, self._context
         )  # a failed step may have eaten it
@@ -318,12 +324,11 @@ class Engine:
         self._apply_cancels(touched)
         self._admit(touched)
         if any(s is not None and s.pending for s in self.slots):
-            self._run(prefill=True, touched=touched)
-        if any(s is not None and not s.pending and s.feed is not None for s in self.slots):
-            if self.steps.draft is None:
-                self._run(prefill=False, touched=touched)
-            else:
-                self._speculate(touched)
+            self._prefill(touched)
+        if self.steps.draft is None:
+            self._decode(touched)
+        elif any(s is not None and not s.pending and s.feed is not None for s in self.slots):
+            self._speculate(touched)
         return list(touched.values())
 
     def run(self) -> None:
@@ -359,82 +364,87 @@ class Engine:
                     self.slots[b] = _Slot(r, hist=list(prompt), pending=list(prompt), next_pos=0)
                     self.used[b] = True
 
-    def _run(self, *, prefill: bool, touched):
-        N, T = self.N, self.C if prefill else 1
-        tokens, positions = np.zeros((N, T), np.int32), np.zeros((N, T), np.int32)
-        valid, prefix = np.zeros((N, T), bool), np.zeros((N, T), bool)
-        index = np.full(N, self.S, np.int32)  # rows not in this step write past the end: nothing
-        last, fresh = np.zeros(N, np.int32), np.zeros(N, bool)
-        sampling = {k: np.zeros(N, t) for k, t in _SAMPLING.items()}
+    def _prefill(self, touched):
+        x = _Inputs(self.N, self.C, self.S)
         rows = []  # (b, the slot's tokens written, whether its token is sampled here)
         for b, s in enumerate(self.slots):
-            if s is None:
+            if s is None or not s.pending:
                 continue
-            if prefill and s.pending:
-                chunk = s.pending[:T]
-                n, done = len(chunk), len(chunk) == len(s.pending)
-                prefix[b, :n] = self.steps.prefix_lm and s.fresh and s.next_pos == 0
-            elif not prefill and not s.pending and s.feed is not None:
-                chunk, n, done = [s.feed], 1, True
-            else:
-                continue
-            tokens[b, :n], valid[b, :n] = chunk, True
-            positions[b, :n] = np.arange(s.next_pos, s.next_pos + n)
-            index[b], last[b], fresh[b] = s.index, n - 1, s.fresh
-            _fill(sampling, b, s.request)
+            chunk = s.pending[: self.C]
+            n, done = len(chunk), len(chunk) == len(s.pending)
+            x.tokens(b, chunk, s.next_pos, prefix=self.steps.prefix_lm and s.fresh and s.next_pos == 0)
+            x.row(b, s.request, index=s.index, last=n - 1, fresh=s.fresh)
             rows.append((b, n, done))
-        fn = self.steps.prefill if prefill else self.steps.decode
-        out, self.cache = fn(
-            self.steps.params,
-            self.steps.draft_params,
-            self.cache,
-            tokens,
-            positions,
-            valid,
-            index,
-            last,
-            fresh,
-            prefix,
-            sampling,
+        out, self.cache = self.steps.prefill(
+            self.steps.params, self.steps.draft_params, self.cache, self._no_prev, *x.arrays()
         )
         out = np.asarray(out)
         for b, n, done in rows:
             s = self.slots[b]
             s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
-            if prefill:
-                s.pending = s.pending[n:]
-            s.feed = None
+            s.pending = s.pending[n:]
             if done:
+                self._emit(b, int(out[b]), touched)
+
+    def _decode(self, touched):
+        """One decode step for every decoding row, dispatched before the previous step's tokens are read
+        (so the host's bookkeeping overlaps the device's work): a row whose next input is still on the
+        device takes it from there. A row that the previous tokens finish was decoded one token too far:
+        that token is dropped, and its slot is reset when it is next filled."""
+        x = _Inputs(self.N, 1, self.S)
+        rows = []
+        for b, s in enumerate(self.slots):
+            if s is None or s.pending or (s.feed is None and not s.inflight) or s.index >= self.S:
+                continue
+            r = s.request
+            if len(r.tokens) + s.inflight >= r.max_new_tokens:
+                continue  # the tokens in flight end it
+            x.tokens(b, [s.feed or 0], s.next_pos)
+            x.row(b, r, index=s.index, from_prev=s.inflight > 0, count=len(r.tokens) + s.inflight)
+            s.index, s.next_pos, s.feed, s.inflight = s.index + 1, s.next_pos + 1, None, s.inflight + 1
+            rows.append((b, r))
+        previous, self._inflight = self._inflight, None
+        if rows:
+            prev = previous[0] if previous is not None else self._no_prev  # a device array either way: one compile
+            out, self.cache = self.steps.decode(
+                self.steps.params, self.steps.draft_params, self.cache, prev, *x.arrays()
+            )
+            self._inflight = (out, rows)
+        if previous is not None:
+            out = np.asarray(previous[0])
+            for b, r in previous[1]:
+                s = self.slots[b]
+                if s is None or s.request is not r:
+                    continue  # finished or cancelled meanwhile
+                s.inflight -= 1
                 self._emit(b, int(out[b]), touched)
 
     def _speculate(self, touched):
         N, K, S = self.N, self.steps.K, self.S
-        feed, position, limit = np.zeros(N, np.int32), np.zeros(N, np.int32), np.zeros(N, np.int32)
-        index = np.full(N, S, np.int32)  # rows not decoding write past the end: nothing
+        x = _Inputs(N, 1, S)
         drafts = np.zeros((N, K), np.int32)
-        sampling = {k: np.zeros(N, t) for k, t in _SAMPLING.items()}
-        rows = []
+        rows, limits = [], {}
         for b, s in enumerate(self.slots):
             if s is None or s.pending or s.feed is None:
                 continue
             r = s.request
             # Never past the cache's end (the row refills there, as without a draft) or the token budget.
-            limit[b] = max(0, min(K, S - 1 - s.index, r.max_new_tokens - len(r.tokens) - 1))
+            limit = max(0, min(K, S - 1 - s.index, r.max_new_tokens - len(r.tokens) - 1))
             if self.steps.draft == "ngram":
                 proposal = prompt_lookup(s.hist, K)
                 drafts[b, : len(proposal)] = proposal
-                limit[b] = min(limit[b], len(proposal))
-            feed[b], position[b], index[b] = s.feed, s.next_pos, s.index
-            _fill(sampling, b, r)
+                limit = min(limit, len(proposal))
+            x.row(b, r, index=s.index, feed=s.feed, position=s.next_pos, limit=limit)
+            limits[b] = limit
             rows.append(b)
         out, kept, self.cache = self.steps.speculate(
-            self.steps.params, self.steps.draft_params, self.cache, feed, position, index, limit, drafts, sampling
+            self.steps.params, self.steps.draft_params, self.cache, drafts, x.rows, x.floats
         )
         out, kept = np.asarray(out), np.asarray(kept)
         self.stats["steps"] += 1
         for b in rows:
             s = self.slots[b]
-            self.stats["drafted"] += int(limit[b])
+            self.stats["drafted"] += limits[b]
             self.stats["kept"] += int(kept[b])
             for i in range(int(kept[b]) + 1):  # written: the fed token, then the kept drafts
                 s.index, s.next_pos, s.feed = s.index + 1, s.next_pos + 1, None
@@ -456,6 +466,8 @@ class Engine:
             self.slots[b] = None
             return
         s.hist.append(token)
+        if s.inflight:  # a decode step in flight already took this token from the device
+            return
         if s.index == self.S:  # cache full: keep the last W tokens as a fresh context
             s.hist = s.hist[-self.W :]
             s.pending, s.index, s.next_pos, s.fresh = list(s.hist), 0, 0, True
@@ -463,20 +475,51 @@ class Engine:
             s.feed = token
 
 
-_SAMPLING = {
-    "temperature": np.float32,
-    "top_k": np.int32,
-    "top_p": np.float32,
-    "seed": np.uint32,
-    "stream": np.uint32,
-    "count": np.int32,
-}
+class _Inputs:
+    """A step's host inputs packed into three arrays (per token, per row, per row floats), so that a step
+    costs three host-to-device transfers instead of a dozen."""
 
+    COLS = ("tokens", "positions", "valid", "prefix")
+    ROWS = ("index", "last", "fresh", "from_prev", "limit", "feed", "position", "top_k", "seed", "stream", "count")
+    FLOATS = ("temperature", "top_p")
+    BOOL = ("valid", "prefix", "fresh", "from_prev")
 
-def _fill(sampling: dict, b: int, r: Request) -> None:
-    sampling["temperature"][b], sampling["top_k"][b], sampling["top_p"][b] = r.temperature, r.top_k, r.top_p
-    sampling["seed"][b], sampling["stream"][b] = r.seed % 2**32, r.stream % 2**32
-    sampling["count"][b] = len(r.tokens)
+    def __init__(self, N: int, T: int, S: int):
+        self.cols = np.zeros((N, T, len(self.COLS)), np.int32)
+        self.rows = np.zeros((N, len(self.ROWS)), np.int32)
+        self.rows[:, self.ROWS.index("index")] = S  # rows not in this step write past the end: nothing
+        self.floats = np.zeros((N, len(self.FLOATS)), np.float32)
+        self.floats[:, 1] = 1.0  # top_p off
+
+    def tokens(self, b: int, ids: list[int], position: int, prefix: bool = False) -> None:
+        n = len(ids)
+        self.cols[b, :n, 0], self.cols[b, :n, 1] = ids, np.arange(position, position + n)
+        self.cols[b, :n, 2], self.cols[b, :n, 3] = 1, int(prefix)
+
+    def row(self, b: int, r: Request, **values) -> None:
+        """Row b's sampling settings from its request (count: tokens it has), and `values` by name."""
+        values = {
+            "top_k": r.top_k,
+            "seed": r.seed % 2**32,
+            "stream": r.stream % 2**32,
+            "count": len(r.tokens),
+            **values,
+        }
+        for name, v in values.items():
+            self.rows.view(np.uint32)[b, self.ROWS.index(name)] = int(v) % 2**32
+        self.floats[b] = r.temperature, r.top_p
+
+    def arrays(self):
+        return self.cols, self.rows, self.floats
+
+    @classmethod
+    def unpack(cls, cols, rows, floats) -> dict:
+        out = {} if cols is None else {n: cols[..., i] for i, n in enumerate(cls.COLS)}
+        out.update({n: rows[:, i] for i, n in enumerate(cls.ROWS)})
+        out.update({n: floats[:, i] for i, n in enumerate(cls.FLOATS)})
+        out["seed"] = jax.lax.bitcast_convert_type(out["seed"], jnp.uint32)
+        out["stream"] = jax.lax.bitcast_convert_type(out["stream"], jnp.uint32)
+        return {n: v.astype(bool) if n in cls.BOOL else v for n, v in out.items()}
 
 
 def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
