@@ -57,7 +57,9 @@ def distribution(
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
     k, p = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,)), jnp.broadcast_to(jnp.asarray(top_p), (B,))
     scaled = logits / jnp.where(t > 0, t, 1.0)[:, None]
-    probs = jax.nn.softmax(_filter(scaled, k, p), axis=-1)
+    # Sort the vocabulary only when some row filters.
+    scaled = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), lambda x: _filter(x, k, p), lambda x: x, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
     return jnp.where((t > 0)[:, None], probs, greedy)
 
