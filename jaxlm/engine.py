@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 
 import jax
@@ -116,9 +117,12 @@ class DecodeSteps:
                     )
                 self.draft_graphdef, self.draft_params = nnx.split(draft)
         self.init_cache = jax.jit(self._init_cache_fn, static_argnums=2)
-        self.prefill = jax.jit(self._step_fn, donate_argnums=2)
-        self.decode = jax.jit(self._step_fn, donate_argnums=2)  # the same function at T = 1, compiled apart
-        self.speculate = jax.jit(self._speculate_fn, donate_argnums=2)
+        # Each runs on the first n cache rows (n static: a few powers of two), so that a server with many
+        # slots and few requests computes few rows.
+        on_rows = lambda fn: jax.jit(functools.partial(_first_rows, fn), static_argnames="n", donate_argnums=2)  # noqa: E731
+        self.prefill = on_rows(self._step_fn)
+        self.decode = on_rows(self._step_fn)  # the same function at T = 1, compiled apart
+        self.speculate = on_rows(self._speculate_fn)
 
     def _init_cache_fn(self, params, draft_params, batch: int, context: dict):
         cache = nnx.merge(self.graphdef, params).init_cache(batch, self.max_len, **context)
@@ -135,7 +139,7 @@ class DecodeSteps:
         """
         x = _Inputs.unpack(cols, rows, floats)
         tokens, positions, valid, index = x["tokens"], x["positions"], x["valid"], x["index"]
-        tokens = tokens.at[:, 0].set(jnp.where(x["from_prev"], prev, tokens[:, 0]))
+        tokens = tokens.at[:, 0].set(jnp.where(x["from_prev"], prev[: tokens.shape[0]], tokens[:, 0]))
         cache, draft_cache = caches
         model = nnx.merge(self.graphdef, params)
         cache = _forget(cache, x["fresh"], self.virtual)
@@ -204,6 +208,19 @@ class DecodeSteps:
         return out, kept, (cache, draft_cache)
 
 
+def _first_rows(fn, params, draft_params, caches, *args, n: int):
+    """fn(params, draft_params, caches, *args) -> (*outputs, caches) on the first n rows of the caches (args
+    have n rows already); outputs are padded back to the caches' N rows. Cache leaves hold their rows on
+    axis 1 when they are per-layer (L, N, S, ...), else on axis 0."""
+    axis = lambda c: 1 if c.ndim == 5 else 0  # noqa: E731
+    N = caches[0]["pos"].shape[0]
+    first = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, n, axis=axis(c)), caches)
+    *outputs, first = fn(params, draft_params, first, *args)
+    caches = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, 0, axis(c)), caches, first)
+    pad = lambda o: jnp.zeros((N, *o.shape[1:]), o.dtype).at[:n].set(o)  # noqa: E731
+    return (*(pad(o) for o in outputs), caches)
+
+
 def _forget(cache: dict, rows: jax.Array, virtual: int) -> dict:
     """The cache with the slots of `rows` (N,) bool marked empty (prompt/prefix tuning's first slots kept)."""
     slots = jnp.arange(cache["pos"].shape[1])
@@ -241,6 +258,7 @@ class Engine:
         chunk: int = 64,
         window_shift: int | None = None,
         context: dict | None = None,
+        shrink: bool = True,
     ):
         """steps: the model's compiled steps.
         slots: N, the number of sequences decoded together.
@@ -248,6 +266,8 @@ class Engine:
         window_shift: tokens dropped when a row's cache is full (default max_seq_len // 4).
         context: `init_cache` keyword arguments (an encoder-decoder's source, one row per slot); slots are then
           not reused.
+        shrink: a step runs on the first 1, 2, 4, ... N cache rows, as few as hold its rows (requests take the
+          lowest free slot): fewer rows computed for a few requests, at one compilation per row count.
         """
         S = steps.max_len
         self.steps, self.N, self.S = steps, slots, S
@@ -260,7 +280,7 @@ class Engine:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps.seq2seq and context is None:
             raise ConfigError("an encoder-decoder engine needs its sources (context) up front")
-        self.single_use = context is not None
+        self.single_use, self.shrink = context is not None, shrink
         self._context = context or {}
         self.cache = steps.init_cache(steps.params, steps.draft_params, slots, self._context)
         self.slots: list[_Slot | None] = [None] * slots
@@ -375,8 +395,9 @@ class Engine:
             x.tokens(b, chunk, s.next_pos, prefix=self.steps.prefix_lm and s.fresh and s.next_pos == 0)
             x.row(b, s.request, index=s.index, last=n - 1, fresh=s.fresh)
             rows.append((b, n, done))
+        n = self._rows(max(b for b, _, _ in rows) + 1)
         out, self.cache = self.steps.prefill(
-            self.steps.params, self.steps.draft_params, self.cache, self._no_prev, *x.arrays()
+            self.steps.params, self.steps.draft_params, self.cache, self._no_prev, *x.arrays(n), n=n
         )
         out = np.asarray(out)
         for b, n, done in rows:
@@ -406,8 +427,9 @@ class Engine:
         previous, self._inflight = self._inflight, None
         if rows:
             prev = previous[0] if previous is not None else self._no_prev  # a device array either way: one compile
+            n = self._rows(rows[-1][0] + 1)
             out, self.cache = self.steps.decode(
-                self.steps.params, self.steps.draft_params, self.cache, prev, *x.arrays()
+                self.steps.params, self.steps.draft_params, self.cache, prev, *x.arrays(n), n=n
             )
             self._inflight = (out, rows)
         if previous is not None:
@@ -418,6 +440,29 @@ class Engine:
                     continue  # finished or cancelled meanwhile
                 s.inflight -= 1
                 self._emit(b, int(out[b]), touched)
+
+    def _rows(self, m: int) -> int:
+        """How many cache rows a step over slots 0..m-1 runs on: N, or with `shrink` the next power of two."""
+        return min(self.N, 1 << (m - 1).bit_length()) if self.shrink else self.N
+
+    def warm_up(self) -> None:
+        """Compiles every step at every row count it may run on (a server does this before it listens): the
+        rows are idle (they write past the cache's end), so nothing changes."""
+        counts = sorted({self._rows(m) for m in range(1, self.N + 1)})
+        p, d = self.steps.params, self.steps.draft_params
+        for n in counts:
+            self.cache = self.steps.prefill(
+                p, d, self.cache, self._no_prev, *_Inputs(self.N, self.C, self.S).arrays(n), n=n
+            )[1]
+            if self.steps.draft is None:
+                self.cache = self.steps.decode(
+                    p, d, self.cache, self._no_prev, *_Inputs(self.N, 1, self.S).arrays(n), n=n
+                )[1]
+            else:
+                x = _Inputs(self.N, 1, self.S)
+                drafts = np.zeros((n, self.steps.K), np.int32)
+                self.cache = self.steps.speculate(p, d, self.cache, drafts, x.rows[:n], x.floats[:n], n=n)[2]
+        jax.block_until_ready(self.cache)
 
     def _speculate(self, touched):
         N, K, S = self.N, self.steps.K, self.S
@@ -437,8 +482,9 @@ class Engine:
             x.row(b, r, index=s.index, feed=s.feed, position=s.next_pos, limit=limit)
             limits[b] = limit
             rows.append(b)
+        n = self._rows(rows[-1] + 1)
         out, kept, self.cache = self.steps.speculate(
-            self.steps.params, self.steps.draft_params, self.cache, drafts, x.rows, x.floats
+            self.steps.params, self.steps.draft_params, self.cache, drafts[:n], x.rows[:n], x.floats[:n], n=n
         )
         out, kept = np.asarray(out), np.asarray(kept)
         self.stats["steps"] += 1
@@ -509,8 +555,9 @@ class _Inputs:
             self.rows.view(np.uint32)[b, self.ROWS.index(name)] = int(v) % 2**32
         self.floats[b] = r.temperature, r.top_p
 
-    def arrays(self):
-        return self.cols, self.rows, self.floats
+    def arrays(self, n: int):
+        """The first n rows of each."""
+        return self.cols[:n], self.rows[:n], self.floats[:n]
 
     @classmethod
     def unpack(cls, cols, rows, floats) -> dict:

@@ -85,7 +85,12 @@ class Generator:
         longest = max(len(p) for p in prompts)
         chunk = min(self.chunk, 1 << max(3, (longest - 1).bit_length()))  # few shapes, little padding
         engine = Engine(
-            self.steps, slots=len(prompts), chunk=chunk, window_shift=self.window_shift, context=context or None
+            self.steps,
+            slots=len(prompts),
+            chunk=chunk,
+            window_shift=self.window_shift,
+            context=context or None,
+            shrink=False,  # one batch: compile one row count
         )
         stops = frozenset() if eos_id is None else frozenset({int(eos_id)})
         requests = [

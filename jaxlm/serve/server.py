@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from jaxlm.engine import DecodeSteps, Engine, Request
+from jaxlm.engine import DecodeSteps, Engine
 from jaxlm.serve.app import Service, create_app
 from jaxlm.serve.model import Served
 from jaxlm.serve.worker import EngineWorker
@@ -39,9 +39,8 @@ def build_service(
     steps = DecodeSteps(served.model, prefix_lm=served.prefix_lm, draft=draft, draft_tokens=draft_tokens)
     engine = Engine(steps, slots=slots, chunk=chunk)
     t = time.perf_counter()
-    engine.submit(Request([served.tokenizer.eos_id], 3, temperature=0.0))  # compiles prefill and decode
-    engine.run()
-    log.info("compiled the prefill and decode steps in %.1f s", time.perf_counter() - t)
+    engine.warm_up()
+    log.info("compiled the steps for up to %d slots in %.1f s", slots, time.perf_counter() - t)
     worker = EngineWorker(engine, max_queue=4 * slots if max_queue is None else max_queue).start()
     return Service(served, worker, queue_timeout=queue_timeout)
 
