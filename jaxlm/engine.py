@@ -5,10 +5,12 @@ own cache index (`jaxlm.ops.cache.write_rows`), so no row ever loses context bec
 batch generates exactly what each prompt would generate alone. Two compiled steps serve every mix of
 requests, with no recompilation as they come and go:
 
-- prefill (N, C): the next chunk of C prompt tokens of every slot that is filling (the other rows write
-  past the end of the cache, which is dropped), so a long prompt is prefilled in chunks and decoding rows
-  wait at most one chunk;
-- decode (N, 1): one token for every decoding slot.
+- prefill (P, C): the next chunk of C prompt tokens of the P slots that are filling, gathered from the
+  cache and written back, so a long prompt is prefilled in chunks and decoding rows wait at most one chunk;
+- decode (n, 1): one token for every decoding slot, on the first n cache rows (those that hold requests:
+  a request takes the lowest free slot).
+
+P and n are powers of two up to N (`shrink`), each compiled once (`Engine.warm_up` compiles them all).
 
 A request leaves on a stop token, at its token limit, or when cancelled; its slot is free at the next step.
 Sampling settings and seeds are per request: the i-th token of a request is drawn with
@@ -116,13 +118,25 @@ class DecodeSteps:
                         f"the draft's max_seq_len ({d.max_seq_len}) is below the model's ({self.max_len})"
                     )
                 self.draft_graphdef, self.draft_params = nnx.split(draft)
-        self.init_cache = jax.jit(self._init_cache_fn, static_argnums=2)
+        init_cache = jax.jit(self._init_cache_fn, static_argnums=2)
+        # Caches and token arrays live where the parameters do (a restored run's are committed to a mesh), so
+        # that the first step sees the same kinds of arrays as every later one: one compilation each.
+        leaf = jax.tree.leaves(self.params)[0]
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())  # any rank
+        self.placement = sharding if leaf.sharding.is_fully_replicated else None
+        self.init_cache = lambda *a: self.place(init_cache(*a))
         # Each runs on the first n cache rows (n static: a few powers of two), so that a server with many
         # slots and few requests computes few rows.
         on_rows = lambda fn: jax.jit(functools.partial(_first_rows, fn), static_argnames="n", donate_argnums=2)  # noqa: E731
-        self.prefill = on_rows(self._step_fn)
+        # A prefill runs on the rows it fills, gathered (few, while many others decode).
+        self.prefill = jax.jit(functools.partial(_gathered_rows, self._step_fn), donate_argnums=2)
         self.decode = on_rows(self._step_fn)  # the same function at T = 1, compiled apart
         self.speculate = on_rows(self._speculate_fn)
+
+    def place(self, tree):
+        return tree if self.placement is None else jax.device_put(tree, self.placement)
 
     def _init_cache_fn(self, params, draft_params, batch: int, context: dict):
         cache = nnx.merge(self.graphdef, params).init_cache(batch, self.max_len, **context)
@@ -221,6 +235,20 @@ def _first_rows(fn, params, draft_params, caches, *args, n: int):
     return (*(pad(o) for o in outputs), caches)
 
 
+def _gathered_rows(fn, params, draft_params, caches, rows, *args):
+    """fn(params, draft_params, caches, *args) -> (*outputs, caches) on the cache rows `rows` (P,) (args have
+    P rows); an index N (padding) reads an idle row of zeros and writes nothing."""
+    axis = lambda c: 1 if c.ndim == 5 else 0  # noqa: E731
+    some = jax.tree.map(lambda c: jnp.take(c, rows, axis=axis(c), mode="fill", fill_value=0), caches)
+    *outputs, some = fn(params, draft_params, some, *args)
+
+    def put(c, x):
+        at = (slice(None), rows) if axis(c) == 1 else (rows,)
+        return c.at[at].set(x, mode="drop")
+
+    return (*outputs, jax.tree.map(put, caches, some))
+
+
 def _forget(cache: dict, rows: jax.Array, virtual: int) -> dict:
     """The cache with the slots of `rows` (N,) bool marked empty (prompt/prefix tuning's first slots kept)."""
     slots = jnp.arange(cache["pos"].shape[1])
@@ -289,7 +317,7 @@ class Engine:
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
         self._inflight = None  # (the last decode step's tokens on the device, its rows)
-        self._no_prev = jnp.zeros(slots, jnp.int32)
+        self._no_prev = steps.place(jnp.zeros(slots, jnp.int32))
         self.stats = {"steps": 0, "drafted": 0, "kept": 0}  # speculative decoding: drafts proposed and kept
 
     # ------------------------------------------------------------------------------------------ requests
@@ -385,27 +413,29 @@ class Engine:
                     self.used[b] = True
 
     def _prefill(self, touched):
-        x = _Inputs(self.N, self.C, self.S)
-        rows = []  # (b, the slot's tokens written, whether its token is sampled here)
-        for b, s in enumerate(self.slots):
-            if s is None or not s.pending:
-                continue
+        """One chunk of every filling row's pending tokens, on those rows alone."""
+        rows = [b for b, s in enumerate(self.slots) if s is not None and s.pending]
+        P = self._rows(len(rows))
+        x = _Inputs(P, self.C, self.S)
+        index = np.full(P, self.N, np.int32)  # padding rows: none
+        written = []
+        for i, b in enumerate(rows):
+            s = self.slots[b]
             chunk = s.pending[: self.C]
-            n, done = len(chunk), len(chunk) == len(s.pending)
-            x.tokens(b, chunk, s.next_pos, prefix=self.steps.prefix_lm and s.fresh and s.next_pos == 0)
-            x.row(b, s.request, index=s.index, last=n - 1, fresh=s.fresh)
-            rows.append((b, n, done))
-        n = self._rows(max(b for b, _, _ in rows) + 1)
+            written.append(len(chunk))
+            x.tokens(i, chunk, s.next_pos, prefix=self.steps.prefix_lm and s.fresh and s.next_pos == 0)
+            x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh)
+            index[i] = b
         out, self.cache = self.steps.prefill(
-            self.steps.params, self.steps.draft_params, self.cache, self._no_prev, *x.arrays(n), n=n
+            self.steps.params, self.steps.draft_params, self.cache, index, self._no_prev, *x.arrays(P)
         )
         out = np.asarray(out)
-        for b, n, done in rows:
+        for i, (b, n) in enumerate(zip(rows, written)):
             s = self.slots[b]
             s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
             s.pending = s.pending[n:]
-            if done:
-                self._emit(b, int(out[b]), touched)
+            if not s.pending:  # the prompt (or refill) is in: its next token
+                self._emit(b, int(out[i]), touched)
 
     def _decode(self, touched):
         """One decode step for every decoding row, dispatched before the previous step's tokens are read
@@ -442,7 +472,8 @@ class Engine:
                 self._emit(b, int(out[b]), touched)
 
     def _rows(self, m: int) -> int:
-        """How many cache rows a step over slots 0..m-1 runs on: N, or with `shrink` the next power of two."""
+        """How many cache rows a step over m rows (slots 0..m-1, or m gathered) runs on: N, or with `shrink` the
+        next power of two."""
         return min(self.N, 1 << (m - 1).bit_length()) if self.shrink else self.N
 
     def warm_up(self) -> None:
@@ -451,8 +482,9 @@ class Engine:
         counts = sorted({self._rows(m) for m in range(1, self.N + 1)})
         p, d = self.steps.params, self.steps.draft_params
         for n in counts:
+            rows = np.full(n, self.N, np.int32)  # padding only: no row is read or written
             self.cache = self.steps.prefill(
-                p, d, self.cache, self._no_prev, *_Inputs(self.N, self.C, self.S).arrays(n), n=n
+                p, d, self.cache, rows, self._no_prev, *_Inputs(n, self.C, self.S).arrays(n)
             )[1]
             if self.steps.draft is None:
                 self.cache = self.steps.decode(
