@@ -216,21 +216,17 @@ class DecodeSteps:
         # Slots index + kept + 1 .. index + K hold rejected drafts: forget them in both caches.
         slots = jnp.arange(cache["pos"].shape[1])[None]
         rejected = (slots >= (index + kept + 1)[:, None]) & (slots < (index + K + 1)[:, None])
-        cache = {**cache, "pos": jnp.where(rejected, -1, cache["pos"])}
+        cache = _forget(cache, rejected, 0)
         if draft_cache is not None:
-            draft_cache = {**draft_cache, "pos": jnp.where(rejected, -1, draft_cache["pos"])}
+            draft_cache = _forget(draft_cache, rejected, 0)
         return out, kept, (cache, draft_cache)
 
 
 def _first_rows(fn, params, draft_params, caches, *args, n: int):
-    """fn(params, draft_params, caches, *args) -> (*outputs, caches) on the first n rows of the caches (args
-    have n rows already); outputs are padded back to the caches' N rows. Cache leaves hold their rows on
-    axis 1 when they are per-layer (L, N, S, ...), else on axis 0."""
-    axis = lambda c: 1 if c.ndim == 5 else 0  # noqa: E731
+    """fn(params, draft_params, caches, *args) -> (*outputs, caches) for the first n rows of the caches (args
+    have n rows; the model uses the first n cache rows in place); outputs are padded to the caches' N rows."""
     N = caches[0]["pos"].shape[0]
-    first = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, n, axis=axis(c)), caches)
-    *outputs, first = fn(params, draft_params, first, *args)
-    caches = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, 0, axis(c)), caches, first)
+    *outputs, caches = fn(params, draft_params, caches, *args)
     pad = lambda o: jnp.zeros((N, *o.shape[1:]), o.dtype).at[:n].set(o)  # noqa: E731
     return (*(pad(o) for o in outputs), caches)
 
@@ -250,9 +246,14 @@ def _gathered_rows(fn, params, draft_params, caches, rows, *args):
 
 
 def _forget(cache: dict, rows: jax.Array, virtual: int) -> dict:
-    """The cache with the slots of `rows` (N,) bool marked empty (prompt/prefix tuning's first slots kept)."""
-    slots = jnp.arange(cache["pos"].shape[1])
-    return {**cache, "pos": jnp.where(rows[:, None] & (slots >= virtual), -1, cache["pos"])}
+    """The cache with the slots of `rows` marked empty (prompt/prefix tuning's first slots kept).
+
+    rows: (n,) bool for the first n cache rows, or (n, S) bool, per slot."""
+    N, S = cache["pos"].shape
+    if rows.ndim == 1:
+        rows = rows[:, None] & (jnp.arange(S) >= virtual)[None]
+    rows = jnp.zeros((N, S), bool).at[: rows.shape[0]].set(rows)
+    return {**cache, "pos": jnp.where(rows, -1, cache["pos"])}
 
 
 def _request_key(seed, stream, count):

@@ -115,10 +115,11 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
         if cache is not None:  # each row writes at its own slot; with `layer`, the whole stack's cache in place
             cache = {n: write_rows(cache[n], a, cache_index, layer) for n, a in (("k", k), ("v", v))}
+            B = x.shape[0]  # a cache may hold more rows than the batch: it uses the first B
             k, v = (
-                (cache[n] if layer is None else jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False)).astype(
-                    self.dtype
-                )
+                (cache[n] if layer is None else jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False))[
+                    :B
+                ].astype(self.dtype)
                 for n in "kv"
             )
         return self._attend(q, k, v, mask, bias, dropout_keys), cache

@@ -143,7 +143,8 @@ class Stack(nnx.Module):
           x: (B, T, D) token embeddings.
           positions: (B, T) int; valid: (B, T) bool, False for padding (never attended to).
           cache: from `init_cache`; each row b writes slots [cache_index[b], cache_index[b] + T) (writes past the
-            end are dropped); cache_index: (B,) int, or a scalar for all rows.
+            end are dropped); cache_index: (B,) int, or a scalar for all rows. A cache of more rows than B
+            serves the batch with its first B rows (the others are kept as they are).
           memory: cross-attention K/V from `memory_kv` (a decoder with `cross`); memory_valid: (B, S) bool.
           dropout_keys: (B, 2) row keys (training), or None: no dropout.
           segments: (B, T) int ids of packed examples (attention stays inside each; without a cache), or None.
@@ -168,13 +169,14 @@ class Stack(nnx.Module):
         if prefix is not None:
             kv_prefix = prefix
             if cache is not None:  # only the new tokens' prefix matters: earlier slots precede them anyway
-                kv_prefix = write_rows(jnp.zeros(cache["pos"].shape, bool), prefix, cache_index)
+                kv_prefix = write_rows(jnp.zeros(cache["pos"].shape, bool), prefix, cache_index)[: x.shape[0]]
             flags.update(q_prefix=prefix, kv_prefix=kv_prefix)
         if cache is None:
             kv_pos, kv_valid, kv = positions, valid, None
         else:
             slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
-            kv_pos = write_rows(cache["pos"], slot_pos, cache_index)
+            cache_pos = write_rows(cache["pos"], slot_pos, cache_index)
+            kv_pos = cache_pos[: x.shape[0]]  # a cache may hold more rows than the batch: it uses the first
             kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
         memory_mask = None
         if memory is not None:
@@ -205,7 +207,7 @@ class Stack(nnx.Module):
             x = self.final_norm(x)
             if self.final_dropout:
                 x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 2))
-        return x, None if cache is None else {"pos": kv_pos, **kv}
+        return x, None if cache is None else {"pos": cache_pos, **kv}
 
     def _attention_inputs(self, q_pos, kv_pos, kv_valid, flags):
         """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them.
