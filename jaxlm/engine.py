@@ -121,11 +121,13 @@ class DecodeSteps:
         init_cache = jax.jit(self._init_cache_fn, static_argnums=2)
         # Caches and token arrays live where the parameters do (a restored run's are committed to a mesh), so
         # that the first step sees the same kinds of arrays as every later one: one compilation each.
-        leaf = jax.tree.leaves(self.params)[0]
-        sharding = leaf.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())  # any rank
-        self.placement = sharding if leaf.sharding.is_fully_replicated else None
+        self.placement = None
+        leaf = next((x for x in jax.tree.leaves(self.params) if isinstance(x, jax.Array)), None)
+        if leaf is not None and leaf.sharding.is_fully_replicated:
+            sharding = leaf.sharding
+            if isinstance(sharding, jax.sharding.NamedSharding):
+                sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())  # any rank
+            self.placement = sharding
         self.init_cache = lambda *a: self.place(init_cache(*a))
         # Each runs on the first n cache rows (n static: a few powers of two), so that a server with many
         # slots and few requests computes few rows.
