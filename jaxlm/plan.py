@@ -102,6 +102,32 @@ def compiled_memory(cfg: Config) -> dict[str, int]:
     return out
 
 
+def _per_device(params, sizes: dict[str, int], zero: int, opt_copies: int):
+    """Per-device bytes of parameters, gradients and optimizer state (totals), and per parameter
+    (name, variable, logical axes, {kind: spec}, {kind: bytes})."""
+    totals, table = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}, []
+    for path, v in nnx.to_flat_state(params):
+        name = ".".join(str(p) for p in path)
+        axes = v.get_metadata()["out_sharding"]
+        nbytes = math.prod(v.shape) * jax.numpy.dtype(v.dtype).itemsize
+        specs = {k: logical_to_spec(axes, v.shape, rules_for(k, zero), sizes, where=name) for k in totals}
+        per = {k: nbytes / _shards(specs[k], sizes) for k in totals}
+        per["opt_state"] *= opt_copies
+        for k in totals:
+            totals[k] += per[k]
+        table.append((name, v, axes, specs, per))
+    return totals, table
+
+
+def memory_per_device(cfg: Config, num_devices: int) -> dict[str, float]:
+    """`jaxlm plan`'s per-device estimate in bytes: params, grads, opt_state (AdamW), activations."""
+    sizes = cfg.mesh.resolve(num_devices)
+    microbatches = check_layout(cfg, sizes)
+    model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
+    totals, _ = _per_device(nnx.state(model, nnx.Param), sizes, cfg.mesh.zero_stage, 2)
+    return {**totals, "activations": activation_bytes(cfg, sizes, microbatches)}
+
+
 def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False) -> str:
     """A report of every parameter's sharding and the per-device memory of training `cfg`.
 
@@ -132,17 +158,9 @@ def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False)
     )
     lines.append("")
     rows = [("parameter", "shape", "logical axes", "parameters on", "optimizer state on", "params/device")]
-    totals = {"params": 0.0, "grads": 0.0, "opt_state": 0.0}
     show = lambda s: "replicated" if all(e is None for e in s) else "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
-    for path, v in nnx.to_flat_state(params):
-        name = ".".join(str(p) for p in path)
-        axes = v.get_metadata()["out_sharding"]
-        nbytes = math.prod(v.shape) * jax.numpy.dtype(v.dtype).itemsize
-        specs = {k: logical_to_spec(axes, v.shape, rules_for(k, zero), sizes, where=name) for k in totals}
-        per = {k: nbytes / _shards(specs[k], sizes) for k in totals}
-        per["opt_state"] *= opt_copies
-        for k in totals:
-            totals[k] += per[k]
+    totals, table = _per_device(params, sizes, zero, opt_copies)
+    for name, v, axes, specs, per in table:
         shape = "(" + ", ".join(map(str, v.shape)) + ")"
         rows.append(
             (
