@@ -5,7 +5,7 @@
 Each experiment runs in its own process (its memory and devices are its own) and writes DIR/NAME.json and
 .png (default experiments/results/; --quick results are smoke tests, write them elsewhere). The table
 between the `<!-- results -->` markers of the README gets one line per experiment: its one-line result,
-wall time and commit, and the total wall time.
+wall time and commit, and their total (`--table-only`: rebuild it from the results without running).
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ EXPERIMENTS = {
 START, END = "<!-- results -->", "<!-- /results -->"
 
 
-def table(out_dir: Path, names: list[str], total_s: float) -> str:
+def table(out_dir: Path, names: list[str]) -> str:
     lines = [START, "", "| experiment | result | wall time | commit |", "|---|---|---|---|"]
+    total = 0.0
     for name in names:
         path = out_dir / f"{name}.json"
         if not path.is_file():
             continue
         r = json.loads(path.read_text())
+        total += r["wall_s"]
         lines.append(f"| `{name}.py`: {EXPERIMENTS[name]} | {r['summary']} | {r['wall_s']:.0f} s | {r['commit']} |")
-    lines += ["", f"Total wall time of the last `run_all.py`: {total_s / 60:.1f} min.", "", END]
+    lines += ["", f"Total wall time of these runs on this machine: {total / 60:.1f} min.", "", END]
     return "\n".join(lines)
 
 
@@ -45,6 +47,7 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated names")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--readme", default=str(HERE / "README.md"))
+    p.add_argument("--table-only", action="store_true", help="rebuild the table from the results, run nothing")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(EXPERIMENTS))
@@ -52,7 +55,7 @@ def main(argv=None):
         raise SystemExit(f"unknown experiments {unknown}; known: {sorted(EXPERIMENTS)}")
     out_dir = Path(args.out_dir)
     started, failed = time.perf_counter(), []
-    for name in names:
+    for name in [] if args.table_only else names:
         cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out_dir / name)]
         cmd += ["--quick"] if args.quick else []
         print(f"== {name}: {' '.join(cmd)}", flush=True)
@@ -62,11 +65,12 @@ def main(argv=None):
     readme = Path(args.readme)
     text = readme.read_text(encoding="utf-8")
     if START in text and END in text:
-        block = table(out_dir, list(EXPERIMENTS), total)
+        block = table(out_dir, list(EXPERIMENTS))
         text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
         readme.write_text(text, encoding="utf-8")
         print(f"updated the results table of {readme}")
-    print(f"{len(names) - len(failed)} of {len(names)} experiments ran in {total / 60:.1f} min")
+    if not args.table_only:
+        print(f"{len(names) - len(failed)} of {len(names)} experiments ran in {total / 60:.1f} min")
     if failed:
         raise SystemExit(f"failed: {failed}")
 
