@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gallery import RESULTS, commit  # noqa: E402
 
 
 def start_server(run_dir: str, port: int, slots: int, extra: list[str]) -> subprocess.Popen:
@@ -178,9 +179,7 @@ def main():
         "levels": rows,
         "lost_or_failed": sum(r["failed"] for r in rows),
         "command": " ".join(["python", *sys.argv]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
     }
     print(f"{'C':>3} {'req':>4} {'tok/s':>8} {'x1':>6} {'TTFT p50/p99 ms':>18} {'ITL p50/p99 ms':>16}")
     for r in rows:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gallery import RESULTS, commit  # noqa: E402
 
 
 def main():
@@ -85,9 +85,7 @@ def main():
         "greedy_identical": identical,
         "rows": rows,
         "command": " ".join(["python", *sys.argv]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
     }
     print(f"{'method':>12} {'temp':>5} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'tok/step':>9}")
     for r in rows:
