@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save  # noqa: E402
+from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
 
 # kv heads -> MLP width that keeps the parameter count of the default (8 heads of 32, d_model 256,
 # 2 kv heads, mlp 704): each kv head adds 2 x 256 x 32 parameters per layer, each MLP unit 3 x 256.
 VARIANTS = {"MHA": (8, 576), "GQA": (2, 704), "MQA": (1, 725)}
-QUICK = ["model.d_model=32", "model.num_layers=1", "model.num_heads=8", "model.vocab_size=257"]
-QUICK += ["data.tokenizer=byte", "data.seq_len=32", "train.batch_size=4", "model.max_seq_len=64"]
 
 
 def decode_rate(model, batch: int, new: int) -> float:
@@ -51,41 +49,31 @@ def main(argv=None):
     import jax
     from flax import nnx
 
-    from jaxlm.config import load_config
     from jaxlm.train.run_dir import load_run
-    from jaxlm.train.trainer import read_metrics, train
 
     steps = 2 if args.quick else args.steps
     new = 16 if args.quick else 128
     rows = []
     for name, (kv, mlp) in VARIANTS.items():
         run = Path(args.root) / name
-        overrides = [f"model.num_kv_heads={kv}", f"model.mlp_dim={mlp}", f"train.run_dir={run}"]
-        overrides += [f"train.steps={steps}", f"train.eval_every={max(1, steps // 4)}", f"train.ckpt_every={steps}"]
-        overrides += [f"train.eval_batches={2 if args.quick else 8}", "mesh.data=1"]
-        if args.quick:
-            overrides += [f"model.mlp_dim={mlp // 8}", "train.warmup_steps=1"] + QUICK
-        cfg = load_config("configs/llama_tiny.yaml", overrides)
-        t = time.perf_counter()
-        result = train(cfg, progress=False)
-        wall = time.perf_counter() - t
+        overrides = [f"model.num_kv_heads={kv}", f"model.mlp_dim={mlp // 8 if args.quick else mlp}"]
+        trained = train_variant(run, overrides, steps=steps, quick=args.quick, small=False)
         cfg, _, model, _ = load_run(run)
         m = cfg.model
         params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         kv_bytes = 2 * m.num_layers * m.kv_heads * m.dim_per_head * 4  # K and V, float32, per token
-        curve = [(r["step"], r["val_loss"]) for r in read_metrics(run) if "val_loss" in r]
         rows.append(
             {
                 "variant": name,
                 "kv_heads": m.kv_heads,
                 "mlp_dim": m.mlp_dim,
                 "parameters": params,
-                "val_loss": round(result["val_loss"], 4),
-                "val_curve": curve,
+                "val_loss": trained["val_loss"],
+                "val_curve": trained["val_curve"],
                 "kv_cache_bytes_per_token": kv_bytes,
                 "decode_tokens_per_s_batch1": round(decode_rate(model, 1, new), 1),
                 "decode_tokens_per_s_batch16": round(decode_rate(model, 16, new), 1),
-                "train_wall_s": round(wall, 1),
+                "train_wall_s": trained["train_wall_s"],
             }
         )
         print(rows[-1], flush=True)

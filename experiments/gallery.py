@@ -40,3 +40,64 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# --quick: a model and batch small enough that a training run takes seconds (later overrides win).
+QUICK = ["model.d_model=32", "model.num_layers=1", "model.num_heads=8", "model.vocab_size=257"]
+QUICK += [
+    "data.tokenizer=byte",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "model.max_seq_len=64",
+    "train.warmup_steps=1",
+]
+# The full runs' common shape: llama_tiny at half width and batch (about 1.3M parameters, 6 steps/s here),
+# so that a five-way comparison trains in minutes.
+SMALL = ["model.d_model=128", "model.num_heads=4", "model.num_kv_heads=4", "model.mlp_dim=384", "train.batch_size=16"]
+
+
+def quick_corpus(root: Path) -> Path:
+    """Six works' first 40 KB from the embedded corpus, as files under root (the last one validates): --quick runs
+    would otherwise spend most of their seconds tokenizing the whole corpus and training BPE on it."""
+    from jaxlm.data.corpus import embedded_works
+
+    path = root / "quick_corpus"
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in list(embedded_works().items())[:6]:
+        (path / name).write_text(text[:40_000], encoding="utf-8")
+    return path
+
+
+def train_variant(
+    run: Path, overrides: list[str], *, steps: int, quick: bool, evals: int = 4, small: bool = True
+) -> dict:
+    """Trains configs/llama_tiny.yaml in the SMALL shape (small=False: its own; QUICK's with --quick), then
+    `overrides`, from scratch in `run` for
+    `steps` steps; returns its final evaluation, curves (val_curve: held-out loss every steps / evals steps,
+    train_curve: logged training loss), median training tokens/s, wall time and config."""
+    import shutil
+
+    from jaxlm.config import load_config
+    from jaxlm.train.trainer import read_metrics, train
+
+    shutil.rmtree(run, ignore_errors=True)  # a previous run of another config must not be resumed
+    every = max(1, steps // evals)
+    base = [f"train.run_dir={run}", f"train.steps={steps}", f"train.eval_every={every}", f"train.ckpt_every={steps}"]
+    base += [f"train.eval_batches={2 if quick else 8}", "mesh.data=1", f"train.log_every={max(1, steps // 40)}"]
+    shape = QUICK + [f"data.source={quick_corpus(run.parent)}"] if quick else SMALL if small else []
+    cfg = load_config("configs/llama_tiny.yaml", base + shape + overrides)
+    started = time.perf_counter()
+    result = train(cfg, progress=False)
+    wall = time.perf_counter() - started
+    metrics = read_metrics(run)
+    speeds = sorted(r["tokens_per_s"] for r in metrics if "tokens_per_s" in r)[1:]  # the first holds compilation
+    return {
+        "val_loss": round(result["val_loss"], 4),
+        "val_bpb": round(result["val_bpb"], 4),
+        "val_curve": [(r["step"], round(r["val_loss"], 4)) for r in metrics if "val_loss" in r],
+        "val_bpb_curve": [(r["step"], round(r["val_bpb"], 4)) for r in metrics if "val_bpb" in r],
+        "train_curve": [(r["step"], round(r["loss"], 4)) for r in metrics if "loss" in r],
+        "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
+        "train_wall_s": round(wall, 1),
+        "config": cfg,
+    }

@@ -20,11 +20,45 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # name: the question it answers (the gallery's order)
 EXPERIMENTS = {
+    "positions": "position encodings and length extrapolation",
     "attention_heads": "MHA vs GQA vs MQA at matched parameters",
+    "norms_mlp": "pre- vs post-norm, LayerNorm vs RMSNorm, GELU MLP vs SwiGLU",
     "kv_cache": "KV cache: time per token vs context length",
+    "precision": "fp32 vs bf16 vs fp16 with loss scaling",
     "memory_parallelism": "memory per device by ZeRO stage, tensor and pipeline layout",
+    "tokenization": "bytes vs BPE 512 / 2048 / 8192",
+    "scaling": "loss vs parameters at fixed data",
+}
+# Measured by the fine-tuning and alignment issues' scripts, which start from the pretrained runs/llama_tiny and
+# its fine-tuned runs (see the main README): run_all does not rerun them, the table shows their results.
+EARLIER = {
+    "peft_compare": "full fine-tuning vs LoRA, QLoRA, prompt and prefix tuning",
+    "align_curves": "reward model, DPO, PPO and GRPO on the pretrained model",
 }
 START, END = "<!-- results -->", "<!-- /results -->"
+
+
+def earlier_summary(name: str, r) -> tuple[str, float]:
+    """One-line result and wall time of an earlier experiment's JSON (written before the gallery's format)."""
+    if name == "peft_compare":
+        rows = {m["method"]: m for m in r if "val_loss" in m}
+        full = rows["full"]
+        parts = [f"{m} {x['val_loss']:.3f} ({x['trainable_fraction']:.1%} trainable)" for m, x in rows.items()]
+        wall = sum(x["train_wall_s"] for x in rows.values())
+        return f"held-out loss after {full['steps']} steps of SFT: {'; '.join(parts)}", wall
+    parts = []
+    for s in r["stages"]:
+        b, a = s["before"], s["after"]
+        if s["stage"] == "reward":
+            parts.append(f"reward model accuracy {b['val_accuracy']:.2f} -> {a['val_accuracy']:.2f}")
+        elif s["stage"] == "dpo":
+            won = a["val_rewards/accuracies"]
+            parts.append(f"DPO loss {b['val_loss']:.3f} -> {a['val_loss']:.3f} (chosen preferred {won:.0%})")
+        else:
+            parts.append(
+                f"{s['stage'].upper()} reward {b['val_reward']:.2f} -> {a['val_reward']:.2f} (KL {a['val_kl']:.2f})"
+            )
+    return "held-out, before -> after: " + "; ".join(parts), sum(s["wall_s"] or 0 for s in r["stages"])
 
 
 def table(out_dir: Path, names: list[str]) -> str:
@@ -37,7 +71,19 @@ def table(out_dir: Path, names: list[str]) -> str:
         r = json.loads(path.read_text())
         total += r["wall_s"]
         lines.append(f"| `{name}.py`: {EXPERIMENTS[name]} | {r['summary']} | {r['wall_s']:.0f} s | {r['commit']} |")
-    lines += ["", f"Total wall time of these runs on this machine: {total / 60:.1f} min.", "", END]
+    ran = total
+    for name, question in EARLIER.items():
+        path = out_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        summary, wall = earlier_summary(name, r)
+        total += wall
+        commit = r.get("commit", "before the gallery") if isinstance(r, dict) else "before the gallery"
+        lines.append(f"| `{name}.py`: {question} | {summary} | {wall:.0f} s | {commit} |")
+    lines += ["", f"Total wall time of the gallery's runs on this machine: {ran / 60:.1f} min", ""]
+    lines[-2] += f" ({total / 60:.1f} min with the fine-tuning and alignment runs)." if total > ran else "."
+    lines += [END]
     return "\n".join(lines)
 
 
