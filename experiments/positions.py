@@ -74,6 +74,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.perf_counter()
 
+    import numpy as np
+
     from jaxlm.data.corpus import load_corpus
     from jaxlm.data.loader import pack_documents
     from jaxlm.train.run_dir import load_run
@@ -94,6 +96,11 @@ def main(argv=None):
         ppl = {n: round(perplexity(model, tokens, n), 3) for n in lengths}
         trained.pop("config")
         rows.append({"position": position, "perplexity": ppl, **trained})
+        if position == "learned":  # the rows past the training length never get a gradient, only weight decay
+            table = np.asarray(model.stack.positions.embedding[...])
+            rms = lambda rows: float(np.sqrt(np.mean(rows**2)))  # noqa: E731
+            rows[-1]["position_rms_trained"] = round(rms(table[:context]), 5)
+            rows[-1]["position_rms_untrained"] = round(rms(table[context:]), 5)
         print(position, ppl, flush=True)
         if position == "rope":
             for scaling in SCALINGS:
