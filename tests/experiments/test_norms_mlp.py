@@ -14,5 +14,5 @@ def test_quick_run_compares_norms_and_mlps(quick):
     assert rows["GELU MLP"]["parameters"] == rows["pre-norm"]["parameters"]
     assert rows["LayerNorm"]["parameters"] > rows["pre-norm"]["parameters"]  # its biases
     for r in rows.values():
-        assert len(r["train_curve"]) == result["steps"] and r["val_loss"] > 0 and r["spikes"] >= 0
+        assert len(r["train_curve"]) == result["steps"] and r["val_loss"] > 0 and r["final_train_loss"] > 0
     assert set(result["norm_op_seconds"]) == {"layernorm", "rmsnorm"}
