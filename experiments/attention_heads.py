@@ -13,13 +13,12 @@ and .png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import pyplot, save, train_variant, training_args  # noqa: E402
 
 # kv heads -> MLP width that keeps the parameter count of the default (8 heads of 32, d_model 256,
 # 2 kv heads, mlp 704): each kv head adds 2 x 256 x 32 parameters per layer, each MLP unit 3 x 256.
@@ -38,17 +37,10 @@ def decode_rate(model, batch: int, new: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--root", default="runs/gallery/attention_heads")
-    p.add_argument("--out", default=str(RESULTS / "attention_heads"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "attention_heads", steps=200, argv=argv)
     started = time.perf_counter()
 
-    import jax
-    from flax import nnx
-
+    from jaxlm.nn.models import count_params
     from jaxlm.train.run_dir import load_run
 
     steps = 2 if args.quick else args.steps
@@ -60,7 +52,7 @@ def main(argv=None):
         trained = train_variant(run, overrides, steps=steps, quick=args.quick, small=False)
         cfg, _, model, _ = load_run(run)
         m = cfg.model
-        params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        params = count_params(m)
         kv_bytes = 2 * m.num_layers * m.kv_heads * m.dim_per_head * 4  # K and V, float32, per token
         rows.append(
             {

@@ -3,6 +3,7 @@ and wall time beside the raw numbers (so a committed plot can be traced to the r
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,17 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def training_args(doc: str, name: str, *, steps: int, argv=None, quick_help: str = "a tiny model, a few steps"):
+    """The command line every training experiment takes: --quick, --steps, --root (its runs) and --out (its
+    results, without suffix)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"{quick_help}: under a minute")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--root", default=f"runs/gallery/{name}")
+    p.add_argument("--out", default=str(RESULTS / name))
+    return p.parse_args(argv)
 
 
 def commit() -> str:
@@ -51,9 +63,17 @@ QUICK += [
     "model.max_seq_len=64",
     "train.warmup_steps=1",
 ]
-# The full runs' common shape: llama_tiny at half width and batch (about 1.3M parameters, 6 steps/s here),
+# The full runs' common shape: llama_tiny at half width and batch (1.38M parameters, 6 steps/s here),
 # so that a five-way comparison trains in minutes.
 SMALL = ["model.d_model=128", "model.num_heads=4", "model.num_kv_heads=4", "model.mlp_dim=384", "train.batch_size=16"]
+
+
+def non_embedding_parameters(model_cfg) -> int:
+    """Parameters outside the embedding and read-out tables (Kaplan et al.'s N): the layers and norms."""
+    from jaxlm.flops import matmul_params
+
+    # matmul_params leaves out the lookup table; the read-out (tied or not) is the other vocab x d_model table
+    return matmul_params(model_cfg) - model_cfg.vocab_size * model_cfg.d_model
 
 
 def quick_corpus(root: Path) -> Path:
@@ -72,9 +92,9 @@ def train_variant(
     run: Path, overrides: list[str], *, steps: int, quick: bool, evals: int = 4, small: bool = True
 ) -> dict:
     """Trains configs/llama_tiny.yaml in the SMALL shape (small=False: its own; QUICK's with --quick), then
-    `overrides`, from scratch in `run` for
-    `steps` steps; returns its final evaluation, curves (val_curve: held-out loss every steps / evals steps,
-    train_curve: logged training loss), median training tokens/s, wall time and config."""
+    `overrides`, from scratch in `run` for `steps` steps. Returns its final evaluation, curves (val_curve and
+    val_bpb_curve: held-out figures every steps / evals steps; train_curve: the training loss of every step),
+    median training tokens/s, wall time and config."""
     import shutil
 
     from jaxlm.config import load_config

@@ -15,14 +15,13 @@ Runs go under runs/gallery/norms_mlp/ (not committed). Writes experiments/result
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import pyplot, save, train_variant, training_args  # noqa: E402
 
 
 def variants(mlp: int) -> dict[str, list[str]]:
@@ -65,18 +64,10 @@ def norm_op_time(name: str, shape, repeats: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--root", default="runs/gallery/norms_mlp")
-    p.add_argument("--out", default=str(RESULTS / "norms_mlp"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "norms_mlp", steps=400, argv=argv)
     started = time.perf_counter()
 
-    import jax
-    from flax import nnx
-
-    from jaxlm.train.run_dir import load_run
+    from jaxlm.nn.models import count_params
 
     steps = 3 if args.quick else args.steps
     rows = []
@@ -85,8 +76,7 @@ def main(argv=None):
         run = Path(args.root) / name.replace(", ", "_").replace(" ", "_")
         trained = train_variant(run, overrides, steps=steps, quick=args.quick)
         cfg = trained.pop("config")
-        _, _, model, _ = load_run(run)
-        params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        params = count_params(cfg.model)
         curve = trained["train_curve"]
         warm = cfg.train.warmup_steps
         row = {"variant": name, "overrides": overrides, "parameters": params, "lr": cfg.train.lr, "warmup": warm}

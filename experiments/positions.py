@@ -13,14 +13,13 @@ Runs go under runs/gallery/positions/ (not committed). Writes experiments/result
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import pyplot, save, train_variant, training_args  # noqa: E402
 
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "relative"]
 # Sinusoids of amplitude 1 would drown token embeddings initialised at std 0.02: like Vaswani et al., the
@@ -66,12 +65,7 @@ def with_model_config(model, **changes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--root", default="runs/gallery/positions")
-    p.add_argument("--out", default=str(RESULTS / "positions"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "positions", steps=400, argv=argv)
     started = time.perf_counter()
 
     import numpy as np

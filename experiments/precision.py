@@ -12,24 +12,18 @@ Runs go under runs/gallery/precision/ (not committed). Writes experiments/result
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import pyplot, save, train_variant, training_args  # noqa: E402
 
 PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--root", default="runs/gallery/precision")
-    p.add_argument("--out", default=str(RESULTS / "precision"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "precision", steps=400, argv=argv)
     started = time.perf_counter()
 
     import jax

@@ -12,14 +12,13 @@ Runs go under runs/gallery/scaling/ (not committed). Writes experiments/results/
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import non_embedding_parameters, pyplot, save, train_variant, training_args  # noqa: E402
 
 SIZES = [(32, 2), (64, 2), (96, 3), (128, 4), (192, 4), (256, 4)]  # (d_model, layers)
 QUICK_SIZES = [(16, 1), (32, 1)]
@@ -34,15 +33,8 @@ def power_law(xs, ys) -> tuple[float, float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two tiny models, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--root", default="runs/gallery/scaling")
-    p.add_argument("--out", default=str(RESULTS / "scaling"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "scaling", steps=400, argv=argv, quick_help="two tiny models, a few steps")
     started = time.perf_counter()
-
-    from jaxlm.flops import matmul_params
 
     steps = 3 if args.quick else args.steps
     rows = []
@@ -53,7 +45,7 @@ def main(argv=None):
         trained = train_variant(Path(args.root) / f"d{width}_l{layers}", shape, steps=steps, quick=args.quick)
         cfg = trained.pop("config")
         m = cfg.model
-        non_embedding = matmul_params(m) - m.vocab_size * m.d_model  # the read-out is the other vocabulary table
+        non_embedding = non_embedding_parameters(m)
         tokens = steps * cfg.train.batch_size * cfg.data.seq_len
         row = {"d_model": width, "layers": layers, "heads": heads, "non_embedding_parameters": non_embedding}
         row.update(train_tokens=tokens, train_flops=6 * non_embedding * tokens, **trained)

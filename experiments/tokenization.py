@@ -14,33 +14,26 @@ Runs go under runs/gallery/tokenization/ (not committed). Writes experiments/res
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save, train_variant  # noqa: E402
+from gallery import non_embedding_parameters, pyplot, save, train_variant, training_args  # noqa: E402
 
 VOCABS = {"byte": 257, "bpe 512": 512, "bpe 2048": 2048, "bpe 8192": 8192}
 QUICK_VOCABS = {"byte": 257, "bpe 320": 320, "bpe 384": 384, "bpe 512": 512}  # BPE trains in a second or two
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: seconds")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--root", default="runs/gallery/tokenization")
-    p.add_argument("--out", default=str(RESULTS / "tokenization"))
-    args = p.parse_args(argv)
+    args = training_args(__doc__, "tokenization", steps=400, argv=argv)
     started = time.perf_counter()
 
-    import jax
-    from flax import nnx
-
     from jaxlm.data.corpus import load_corpus
-    from jaxlm.flops import matmul_params, train_flops_per_token
-    from jaxlm.train.run_dir import load_run
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.flops import train_flops_per_token
+    from jaxlm.nn.models import count_params
+    from jaxlm.train.run_dir import RunDir
 
     steps = 3 if args.quick else args.steps
     rows = []
@@ -50,13 +43,12 @@ def main(argv=None):
         overrides = [f"data.tokenizer={kind}", f"model.vocab_size={vocab}"]
         trained = train_variant(run, overrides, steps=steps, quick=args.quick)
         cfg = trained.pop("config")
-        _, tokenizer, model, _ = load_run(run)
+        tokenizer = load_tokenizer(RunDir(run).tokenizer)
         _, val = load_corpus(cfg.data.source, cfg.data.val_fraction)
         tokens = sum(len(ids) for ids in tokenizer.encode_batch(val))
         tokens_per_byte = tokens / sum(len(text.encode("utf-8")) for text in val)
-        params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         row = {"tokenizer": name, "vocab_size": tokenizer.vocab_size, "tokens_per_byte": round(tokens_per_byte, 4)}
-        row.update(parameters=params, non_embedding_parameters=matmul_params(cfg.model) - vocab * cfg.model.d_model)
+        row.update(parameters=count_params(cfg.model), non_embedding_parameters=non_embedding_parameters(cfg.model))
         row["train_flops_per_token"] = train_flops_per_token(cfg.model, cfg.data.seq_len)
         row.update(trained, bytes_per_s=round(trained["tokens_per_s"] / tokens_per_byte, 1))
         row["train_bytes_seen"] = round(steps * cfg.train.batch_size * cfg.data.seq_len / tokens_per_byte)
