@@ -30,16 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gallery import RESULTS, commit  # noqa: E402
 
 
+def peak_rss_gb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def start_server(run_dir: str, port: int, slots: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jaxlm", "serve", run_dir, "--port", str(port), "--slots", str(slots), *extra]
     proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # a real model compiles its steps for a while
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit("the server did not come up in 300 s")
+            raise SystemExit("the server did not come up in 1200 s")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -148,6 +156,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
+    p.add_argument("--warm-up-tokens", type=int, default=None, help="passed to jaxlm serve")
     p.add_argument("--out", default=str(RESULTS / "bench_serve"))
     args = p.parse_args()
 
@@ -157,7 +166,8 @@ def main():
     lines = [x.strip() for x in embedded_works()["hamlet.txt"].splitlines() if len(x.strip()) > 20]
     prompts = lines[:: max(1, len(lines) // 512)]
     port = free_port()
-    proc = start_server(args.run_dir, port, args.slots, [])
+    extra = [] if args.warm_up_tokens is None else ["--warm-up-tokens", str(args.warm_up_tokens)]
+    proc = start_server(args.run_dir, port, args.slots, extra)
     url = f"http://127.0.0.1:{port}"
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -169,6 +179,8 @@ def main():
             row["vs_one_at_a_time"] = round(row["tokens_per_s"] / (rows[0] if rows else row)["tokens_per_s"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        health = httpx.get(url + "/health").json()
+        server_rss = peak_rss_gb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -178,6 +190,8 @@ def main():
         "max_tokens": args.max_tokens,
         "levels": rows,
         "lost_or_failed": sum(r["failed"] for r in rows),
+        "server_peak_rss_gb": round(server_rss, 2),
+        "kv": {k: v for k, v in health.items() if k.startswith("kv_")},
         "command": " ".join(["python", *sys.argv]),
         "commit": commit(),
     }
@@ -187,6 +201,7 @@ def main():
             f"{r['concurrency']:>3} {r['requests']:>4} {r['tokens_per_s']:>8} {r['vs_one_at_a_time']:>6} "
             f"{r['ttft_ms_p50']:>8}/{r['ttft_ms_p99']:<9} {r['itl_ms_p50']:>7}/{r['itl_ms_p99']:<8}"
         )
+    print(f"server peak RSS {server_rss:.2f} GB; KV pool {health['kv_bytes'] / 2**20:.0f} MB")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1))

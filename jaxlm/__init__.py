@@ -1,7 +1,7 @@
 """jaxlm: the language-model stack as readable, fast, tested JAX."""
 
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config
-from jaxlm.hf import from_hf, to_hf
+from jaxlm.hf import from_gguf, from_hf, to_hf
 from jaxlm.nn.models import build_model
 from jaxlm.nn.seq2seq import EncoderDecoderLM
 from jaxlm.nn.transformer import TransformerLM
@@ -20,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "TransformerLM",
     "build_model",
+    "from_gguf",
     "from_hf",
     "get_preset",
     "load_config",

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   jaxlm serve runs/sft_lora --port 8000 --slots 16     (OpenAI-compatible: /v1/chat/completions)
   jaxlm eval runs/llama_tiny
   jaxlm convert --from-hf ~/models/Qwen2-0.5B --out runs/qwen2   (then generate / eval / train)
+  jaxlm convert --from-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2   (llama.cpp's files, dequantized)
   jaxlm convert --to-hf runs/llama_tiny --out hf/llama_tiny
   jaxlm convert --to-hf runs/sft_lora --out hf/sft_lora_adapter      (a peft adapter; --merge: full weights)
   jaxlm plan configs/llama_tiny.yaml model.preset=llama2_7b mesh.fsdp=4 mesh.tensor=2 --devices 8
@@ -152,6 +153,8 @@ def cmd_serve(args) -> int:
         queue_timeout=args.queue_timeout,
         draft=load_draft(args.draft, served.tokenizer) if args.draft else None,
         draft_tokens=args.draft_tokens,
+        kv_tokens=args.kv_tokens,
+        warm_up_tokens=args.warm_up_tokens,
     )
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
     serve(service, host=args.host, port=args.port, grace=args.grace)
@@ -221,7 +224,14 @@ def cmd_plan(args) -> int:
 def cmd_convert(args) -> int:
     from jaxlm.config import ConfigError
 
-    if args.from_hf:
+    if args.from_gguf:
+        from jaxlm.hf.convert import gguf_to_run
+
+        if args.merge or args.base:
+            raise ConfigError("--merge and --base are not for --from-gguf")
+        arch = gguf_to_run(args.from_gguf, args.out)
+        print(f"{args.from_gguf} ({arch}) -> run directory {args.out} (checkpoint 0)")
+    elif args.from_hf:
         from jaxlm.hf.convert import hf_to_run
 
         if args.merge:
@@ -315,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         "template; stream=true for server-sent events), GET /health. SIGTERM stops accepting, lets requests in "
         "flight finish for --grace seconds, cancels the rest and exits.",
     )
-    sv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR", help="a jaxlm run directory or a Hugging Face directory")
+    sv.add_argument(
+        "model_dir",
+        metavar="RUN_DIR|HF_DIR|GGUF",
+        help="a jaxlm run directory, a Hugging Face directory or a GGUF file",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port (default 8000)")
     sv.add_argument("--slots", type=_number(int, 1), default=8, help="sequences decoded together (default 8)")
@@ -334,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--grace", type=_number(float, 0.0), default=10.0, metavar="S", help="shutdown: time for requests to finish"
+    )
+    sv.add_argument(
+        "--kv-tokens",
+        type=_number(int, 1),
+        default=None,
+        metavar="N",
+        help="KV cache budget in tokens, over all slots (default: every slot's full context); the cache grows "
+        "as it is used, and a request whose tokens do not fit waits for a slot",
+    )
+    sv.add_argument(
+        "--warm-up-tokens",
+        type=_number(int, 1),
+        default=256,
+        metavar="N",
+        help="compile the steps for rows of up to N tokens before listening (default 256; longer rows compile "
+        "their shapes when they first occur)",
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
     _draft_options(sv)
@@ -358,17 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "convert",
-        help="Hugging Face model / peft adapter directory <-> jaxlm run directory",
+        help="Hugging Face model / peft adapter directory <-> jaxlm run directory; GGUF file -> run directory",
         description="--from-hf DIR: config.json, model.safetensors (or shards) and tokenizer.json become a run "
         "directory that `jaxlm generate`, `eval` and `train` (continued training) use; a peft adapter directory "
         "(adapter_config.json + adapter_model.safetensors: LoRA, prompt or prefix tuning) becomes a PEFT run on "
         "its base (--base, default the adapter's base_model_name_or_path). --to-hf RUN_DIR: the latest "
         "checkpoint becomes a directory transformers loads; a PEFT run's becomes a peft adapter directory "
         "(`PeftModel.from_pretrained(base, DIR)`), or with --merge its LoRA merged into full weights. "
-        "Families: LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-2, BERT, T5.",
+        "Families: LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-2, BERT, T5. --from-gguf FILE: a llama.cpp "
+        "GGUF file (LLaMA, Qwen2, Qwen3; every tensor type the gguf package dequantizes) becomes a float32 run "
+        "directory, its tokenizer and chat template rebuilt from the file.",
     )
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="a local Hugging Face model directory")
+    way.add_argument("--from-gguf", metavar="FILE", help="a GGUF file (llama.cpp)")
     way.add_argument("--to-hf", metavar="RUN_DIR", help="a jaxlm run directory")
     c.add_argument("--out", required=True, help="directory to create")
     c.add_argument("--base", metavar="DIR", help="--from-hf ADAPTER_DIR: the base model (HF or jaxlm run directory)")

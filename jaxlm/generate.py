@@ -91,6 +91,7 @@ class Generator:
             window_shift=self.window_shift,
             context=context or None,
             shrink=False,  # one batch: compile one row count
+            kv_blocks=self._blocks(prompts, max_new_tokens),
         )
         stops = frozenset() if eos_id is None else frozenset({int(eos_id)})
         requests = [
@@ -111,6 +112,13 @@ class Generator:
         engine.run()
         self.stats = engine.stats
         return [r.tokens for r in requests]
+
+    def _blocks(self, prompts, max_new_tokens: int) -> int:
+        """The KV pool of one batch: the blocks its rows may hold, rounded up to a power of two (few shapes)."""
+        st, S = self.steps, self.max_len
+        W = S - (self.window_shift or max(1, S // 4))
+        need = sum(min(st.row_blocks, -(-(min(len(p[-W:]) + max_new_tokens, S) + st.virtual) // st.Z)) for p in prompts)
+        return min(len(prompts) * st.row_blocks, max(st.row_blocks, 1 << (need - 1).bit_length()))
 
     def _context(self, sources, rows: int) -> dict:
         """init_cache's keyword arguments: the right-padded sources and their mask (encoder-decoders)."""

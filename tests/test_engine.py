@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxlm.engine import DecodeSteps, Engine, Request
+from jaxlm.errors import ConfigError
 from jaxlm.generate import Generator, generate_uncached
 from tests.test_generate import model_for
 
@@ -96,3 +97,63 @@ def test_bad_requests_are_refused_before_queueing(request_, message):
     with pytest.raises(ValueError, match=message):
         engine.submit(request_)
     assert engine.active == 0
+
+
+def _recorded_tables(steps):
+    """Wraps the steps so that the block-table shape of every decode step is recorded."""
+    shapes, decode = [], steps.decode
+
+    def recording(params, draft_params, caches, prev, table, *rest):
+        shapes.append(table.shape)
+        return decode(params, draft_params, caches, prev, table, *rest)
+
+    steps.decode = recording
+    return shapes
+
+
+def test_a_step_reads_the_blocks_in_use_not_the_context():
+    """The same request on a 4,096- and a 256-token context: the same blocks read per step (64 slots), the same
+    tokens, and a KV pool sized by the slots' use, not by slots x max_seq_len."""
+    outs, tables = [], []
+    for context in (4096, 256):
+        model = model_for("llama_tiny", max_seq_len=context)
+        steps = DecodeSteps(model)
+        tables.append(_recorded_tables(steps))
+        engine = Engine(steps, slots=4)
+        r = engine.submit(Request(list(range(1, 11)), 20, temperature=0.0))
+        engine.run()
+        outs.append(r.tokens)
+        full = 4 * context * engine.kv["kv_block_bytes"] // steps.Z
+        assert engine.kv["kv_bytes"] <= min(full, 4 * 256 * engine.kv["kv_block_bytes"] // steps.Z)
+        assert engine.kv["kv_blocks_used"] == 0 and engine.kv["kv_blocks_reserved"] == 0  # all returned
+    assert outs[0] == outs[1]
+    assert set(tables[0]) == set(tables[1]) == {(1, 64 // 16)}
+
+
+def test_kv_budget_queues_requests_and_the_pool_grows():
+    """A budget of one full context plus a block for four slots: requests wait for blocks instead of failing,
+    the pool starts at one block and doubles as rows take blocks (recycled blocks hold old entries), and every
+    request gets what it would alone."""
+    model = model_for("llama_tiny", max_seq_len=48)
+    steps = DecodeSteps(model, block_size=8)
+    engine = Engine(steps, slots=4, chunk=8, window_shift=8, kv_blocks=steps.row_blocks + 1, initial_blocks=1)
+    rng = np.random.default_rng(1)
+    requests = [
+        engine.submit(Request(rng.integers(1, 128, n).tolist(), m, temperature=0.0))
+        for n, m in [(5, 9), (20, 30), (3, 60), (12, 4), (30, 25), (2, 2)]
+    ]
+    grew, waited = set(), False
+    while engine.active:
+        engine.step()
+        grew.add(engine.pool_blocks)
+        waited |= bool(engine.queue) and engine.free_slots > 0
+        assert engine.reserved <= engine.budget and engine.pool_blocks <= engine.budget
+    assert waited and len(grew) > 1 and max(grew) == engine.budget
+    for r in requests:
+        assert r.tokens == generate_uncached(model, r.prompt, max_new_tokens=r.max_new_tokens, window_shift=8)
+
+
+def test_a_budget_below_one_context_is_refused():
+    steps = DecodeSteps(model_for("llama_tiny", max_seq_len=64), block_size=16)
+    with pytest.raises(ConfigError, match="less than one full context"):
+        Engine(steps, slots=2, kv_blocks=3)

@@ -33,7 +33,12 @@ def test_greedy_is_identical_for_256_tokens(kind):
     assert stats["drafted"] > 0 and stats["kept"] <= stats["drafted"]
     if kind == "self":  # a draft that is the model itself is always right
         assert stats["kept"] == stats["drafted"]
-    assert gen.steps.speculate._cache_size() == 1
+    # One shape per power of two of blocks read (64 and 96 slots here), and nothing new on a second run.
+    compiled = gen.steps.speculate._cache_size()
+    assert compiled <= 2
+    if kind == "ngram":
+        assert gen.generate(prompts, max_new_tokens=256, temperature=0.0) == plain
+        assert gen.steps.speculate._cache_size() == compiled
 
 
 def test_sampling_keeps_the_models_distribution():

@@ -7,9 +7,13 @@ q (D, N, H), k/v (D, K, H), o (N, H, D). GPT-2's `Conv1D` already stores (in, ou
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from jaxlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Keys of any config.json that do not change the network's function: identity and bookkeeping, token ids,
 # generation defaults (transformers < 5 wrote them into config.json), runtime switches that keep the math
@@ -53,13 +57,20 @@ HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu
 
 
 class Reader:
-    """Takes keys out of a config.json dict, so that whatever is left over can be reported.
+    """Takes keys out of a config.json dict, so that whatever is left over can be judged.
 
-    `keys` are the keys the family declares it maps or checks: reading any other is a bug in the family.
+    `keys` are the keys the family declares it maps or checks (the attributes of its transformers config
+    classes that change the function): reading any other is a bug in the family.
+
+    The key policy: a key is refused only when transformers' config class reads it (it is one of `keys` or
+    `CHECKED`) and jaxlm does not implement its value. A key that is no attribute of the class is stored by
+    transformers but never read by its modeling code (metadata such as `_name_or_path`, token ids such as
+    `unk_token_id`, tokenizer hints): it is accepted and mentioned at debug level.
     """
 
     def __init__(self, hf: dict, where: str, keys: frozenset, neutral: frozenset):
         self.hf, self.where, self.keys, self.neutral, self.used = hf, where, keys, neutral, set()
+        self.ignored: list[str] = []  # keys no config class of the family reads
 
     def get(self, key, default=...):
         assert key in self.keys, f"{self.where}: reads {key!r}, which the family does not declare"
@@ -83,10 +94,17 @@ class Reader:
         for key, allowed in CHECKED.items():
             if key in self.hf and key not in self.used and self.hf[key] not in allowed:
                 raise ConfigError(f"{self.where}: {key}={self.hf[key]!r} is not supported (jaxlm implements {allowed})")
-        left = sorted(set(self.hf) - self.used - NEUTRAL - self.neutral - set(CHECKED))
-        if left:
+        left = set(self.hf) - self.used - NEUTRAL - self.neutral - set(CHECKED)
+        # An attribute of the config class that the family left unread may change the function: refused.
+        unread = sorted(left & self.keys)
+        if unread:
             raise ConfigError(
-                f"{self.where}: unsupported config.json keys {left}; jaxlm would not compute the same model"
+                f"{self.where}: unsupported config.json keys {unread}; jaxlm would not compute the same model"
+            )
+        self.ignored = sorted(left)
+        if self.ignored:
+            log.debug(
+                "%s: config.json keys that no config class of the family reads, ignored: %s", self.where, self.ignored
             )
 
 

@@ -53,14 +53,29 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, base: str | Path | None = 
     model, tokenizer, arch = from_hf(hf_dir)
     if tokenizer is None:
         raise DataError(f"{hf_dir} has no tokenizer.json; a run directory needs the model's tokenizer")
+    _model_run(run, model, tokenizer, arch)
+    return arch, 0
+
+
+def gguf_to_run(path: str | Path, out: str | Path) -> str:
+    """A GGUF file as a run directory (float32); returns its architecture. The file is read in full before
+    anything is written."""
+    from jaxlm.hf.gguf import from_gguf
+
+    run = _new_run(out)
+    model, tokenizer, arch = from_gguf(path)
+    _model_run(run, model, tokenizer, f"{arch} (GGUF {Path(path).name})")
+    return arch
+
+
+def _model_run(run: RunDir, model, tokenizer, source: str) -> None:
     m = model.cfg
     cfg = Config(
         model=m,
         data=DataConfig(tokenizer="bpe", seq_len=min(1024, m.max_seq_len)),
-        train=TrainConfig(run_dir=str(out), batch_size=8, lr=1e-5, warmup_steps=10, objective=_objective(m)),
+        train=TrainConfig(run_dir=str(run.path), batch_size=8, lr=1e-5, warmup_steps=10, objective=_objective(m)),
     )
-    _write_run(run, cfg, tokenizer, nnx.state(model, nnx.Param), arch)
-    return arch, 0
+    _write_run(run, cfg, tokenizer, nnx.state(model, nnx.Param), source)
 
 
 def _adapter_to_run(adapter: Path, run: RunDir, base) -> str:
@@ -138,4 +153,4 @@ def _run_adapter_to_hf(cfg: Config, model, out) -> str:
     return what
 
 
-__all__ = ["hf_to_run", "run_to_hf"]
+__all__ = ["gguf_to_run", "hf_to_run", "run_to_hf"]

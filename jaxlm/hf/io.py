@@ -113,17 +113,7 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     if not directory.is_dir():
         raise DataError(f"Hugging Face model directory not found: {directory}")
     hf = _read_json(directory / "config.json")
-    tensors = read_safetensors(directory)
-    cfg, arch = config_from_hf(hf, tensors)
-    cfg = ModelConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype})
-    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    expected = {p: tuple(v.shape) for p, v in flat.items()}
-    params = hf_to_params(tensors, cfg, arch, expected)
-    for p, v in flat.items():
-        v.set_value(jnp.asarray(params[p], v.dtype))
-    model = nnx.merge(graphdef, state)
+    model, arch = model_from_tensors(hf, read_safetensors(directory), dtype=dtype, param_dtype=param_dtype)
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -135,6 +125,21 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
         log.warning("%s has no tokenizer.json; returning the model alone", directory)
     log.info("loaded %s from %s in %.1f s", arch, directory, time.perf_counter() - t)
     return model, tokenizer, arch
+
+
+def model_from_tensors(hf: dict, tensors: dict, *, dtype: str = "float32", param_dtype: str = "float32"):
+    """(model, architecture) from a config.json dict and {Hugging Face tensor name: array}; ConfigError or
+    DataError names any key or tensor that cannot be mapped."""
+    cfg, arch = config_from_hf(hf, tensors)
+    cfg = ModelConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": param_dtype})
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    expected = {p: tuple(v.shape) for p, v in flat.items()}
+    params = hf_to_params(tensors, cfg, arch, expected)
+    for p, v in flat.items():
+        v.set_value(jnp.asarray(params[p], v.dtype))
+    return nnx.merge(graphdef, state), arch
 
 
 def model_params(model: nnx.Module) -> dict:

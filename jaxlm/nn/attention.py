@@ -3,9 +3,10 @@
 Projections are stored per head: q (D, N, H), k and v (D, K, H), o (N, H, D), so
 tensor parallelism can split `heads` / `kv_heads` without reshapes.
 
-The KV cache of a layer is a dict {"k": (B, S, K, H), "v": (B, S, K, H)} that
-the model lays out (`TransformerLM.init_cache`, stacked over layers) and this module updates; the model passes it in and
-gets the updated one back, so decoding stays a pure jit-compiled function.
+The KV cache is a pool of blocks (`jaxlm.ops.cache`): {"k", "v": (NB, Z, K, H), "table": (B, nb)}, the
+table listing each row's blocks, laid out by the model (`TransformerLM.init_cache`, stacked over layers) and
+updated here; the model passes it in and gets the updated one back, so decoding stays a pure jit-compiled
+function.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jaxlm.nn.adapters import project
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import dot_product_attention
-from jaxlm.ops.cache import write_rows
+from jaxlm.ops.cache import paged_read, paged_write
 from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
@@ -86,13 +87,13 @@ class Attention(nnx.Module):
         Args:
           x: (B, T, D).
           positions: (B, T) int, for RoPE.
-          mask: (B, T, S) bool; S = T without cache, S = cache length with it.
-          cache: {"k", "v"}: (B, S, K, H), or None.
-          cache_index: (B,) int (or a scalar for all rows), the slot where each row's first token is written.
+          mask: (B, T, S) bool; S = T without cache, S = nb * Z (the slots of the rows' blocks) with it.
+          cache: {"k", "v"}: (NB, Z, K, H) blocks, "table": (B, nb) each row's blocks; or None.
+          cache_index: (B,) int (or a scalar for all rows), the logical slot of each row's first token.
           bias: additive (B, N, T, S) attention bias (ALiBi), or None.
           dropout_keys: (B, 2) row keys for attention-weight dropout (training), or None.
-          layer: with it, `cache` holds every layer, {"k", "v"}: (L, B, S, K, H), and this layer's slots
-            are written in place (decoding writes T tokens, not a copy of the layer's cache).
+          layer: with it, `cache` holds every layer, {"k", "v"}: (L, NB, Z, K, H), and this layer's slots
+            are written in place and its rows' blocks read (no copy of the layer's whole cache).
           local: bool scalar (may be traced): a sliding-window layer, which rotates with `local_rope`.
 
         Returns:
@@ -113,15 +114,13 @@ class Attention(nnx.Module):
                 local_freq, local_scale = self._rope_frequencies(self.local_rope, positions)
                 inv_freq, scale = jnp.where(local, local_freq, inv_freq), jnp.where(local, local_scale, scale)
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
-        if cache is not None:  # each row writes at its own slot; with `layer`, the whole stack's cache in place
-            cache = {n: write_rows(cache[n], a, cache_index, layer) for n, a in (("k", k), ("v", v))}
-            B = x.shape[0]  # a cache may hold more rows than the batch: it uses the first B
-            k, v = (
-                (cache[n] if layer is None else jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False))[
-                    :B
-                ].astype(self.dtype)
-                for n in "kv"
-            )
+        if cache is not None:  # each row writes at its own slots and reads its own blocks, nothing else
+            table = cache["table"]
+            cache = {
+                **cache,
+                **{n: paged_write(cache[n], a, table, cache_index, layer) for n, a in (("k", k), ("v", v))},
+            }
+            k, v = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
         return self._attend(q, k, v, mask, bias, dropout_keys), cache
 
     def _rope_frequencies(self, rope: dict, positions: jax.Array):

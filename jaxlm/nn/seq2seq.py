@@ -52,9 +52,23 @@ class EncoderDecoderLM(LanguageModel):
     def init_cache(self, batch: int, length: int, *, source: jax.Array, source_valid: jax.Array | None = None):
         """Decoding cache: self-attention slots for `length` target tokens, and the cross-attention K/V of the
         encoded `source` (B, S) (computed once here)."""
+        return {**self.decoder.init_cache(batch, length), **self._memory(source, source_valid)}
+
+    def paged_cache(self, blocks: int, block_size: int, *, source: jax.Array, source_valid: jax.Array | None = None):
+        """A paged engine's cache: a pool of `blocks` self-attention blocks of `block_size` slots (the engine
+        sets each step's block table, and its rows' indices into `source`, "rows"), and the cross-attention
+        K/V of every row of `source` (R, S)."""
+        cache = self.decoder.init_cache(blocks, block_size)
+        del cache["table"]
+        return {**cache, **self._memory(source, source_valid)}
+
+    def start_rows(self, cache: dict, fresh: jax.Array) -> dict:
+        return cache  # no virtual tokens
+
+    def _memory(self, source, source_valid):
         valid = jnp.ones(source.shape, bool) if source_valid is None else source_valid
         cross = self.decoder.memory_kv(self.encode(source, valid))
-        return {**self.decoder.init_cache(batch, length), "ck": cross["k"], "cv": cross["v"], "src_valid": valid}
+        return {"ck": cross["k"], "cv": cross["v"], "src_valid": valid}
 
     def decode(
         self,
@@ -81,7 +95,10 @@ class EncoderDecoderLM(LanguageModel):
             src_valid = jnp.ones(memory.shape[:2], bool) if src_valid is None else src_valid
         else:
             cross, src_valid = {"k": cache["ck"], "v": cache["cv"]}, cache["src_valid"]
-            self_cache = {k: cache[k] for k in ("pos", "k", "v")}
+            if "rows" in cache:  # a paged engine's step: the memory of the rows it serves
+                cross = {n: jnp.take(c, cache["rows"], axis=1, mode="clip") for n, c in cross.items()}
+                src_valid = jnp.take(src_valid, cache["rows"], axis=0, mode="clip")
+            self_cache = {k: cache[k] for k in ("pos", "k", "v", "table", "layers") if k in cache}
         x, self_cache = self.decoder(
             self.embed_tokens(tokens),
             positions,

@@ -26,7 +26,7 @@ from jaxlm.nn.embed import LearnedPositions
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
-from jaxlm.ops.cache import write_rows
+from jaxlm.ops.cache import contiguous_table, paged_read, paged_write, write_rows
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions, t5_bias
 
@@ -108,13 +108,17 @@ class Stack(nnx.Module):
         self.local_layers = tuple(cfg.is_local(i) for i in range(num_layers))  # sliding-window layers
 
     def init_cache(self, batch: int, length: int) -> dict:
-        """Empty self-attention cache: the position of each slot (-1 = empty), K and V of every layer."""
+        """Empty self-attention cache of `batch` rows of `length` slots: a pool of `batch` blocks of `length`
+        slots (`jaxlm.ops.cache`) with the contiguous table (row b is block b). The position of each slot
+        (-1 = empty), K and V of every layer. A paged cache (the engine's) is the same pool of more, smaller
+        blocks, with the table of each step's rows set by its caller."""
         cfg = self.cfg
         shape = (self.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
         return {
-            "pos": jnp.full((batch, length), -1, jnp.int32),
-            "k": jnp.zeros(shape, self.dtype),  # (L, B, S, K, H)
+            "pos": jnp.full((batch, length), -1, jnp.int32),  # (NB, Z)
+            "k": jnp.zeros(shape, self.dtype),  # (L, NB, Z, K, H)
             "v": jnp.zeros(shape, self.dtype),
+            "table": contiguous_table(batch),  # (B, nb)
         }
 
     def memory_kv(self, memory: jax.Array) -> dict:
@@ -142,9 +146,10 @@ class Stack(nnx.Module):
         Args:
           x: (B, T, D) token embeddings.
           positions: (B, T) int; valid: (B, T) bool, False for padding (never attended to).
-          cache: from `init_cache`; each row b writes slots [cache_index[b], cache_index[b] + T) (writes past the
-            end are dropped); cache_index: (B,) int, or a scalar for all rows. A cache of more rows than B
-            serves the batch with its first B rows (the others are kept as they are).
+          cache: from `init_cache` (or a paged pool with the table of these B rows, and optionally "layers": the
+            layers' parameters unstacked, a tuple of L trees, run as an unrolled loop); each row b writes its
+            logical slots [cache_index[b], cache_index[b] + T) (writes past its blocks are dropped) and attends
+            to its slots below cache_index[b] + T; cache_index: (B,) int, or a scalar for all rows.
           memory: cross-attention K/V from `memory_kv` (a decoder with `cross`); memory_valid: (B, S) bool.
           dropout_keys: (B, 2) row keys (training), or None: no dropout.
           segments: (B, T) int ids of packed examples (attention stays inside each; without a cache), or None.
@@ -166,18 +171,24 @@ class Stack(nnx.Module):
             if cache is not None:
                 raise ValueError("segment ids (packed examples) are for training, not decoding with a cache")
             flags.update(q_segments=segments, kv_segments=segments)
+        if cache is not None:
+            B, T = x.shape[:2]
+            table = cache["table"]
+            slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
+            pos_pool = paged_write(cache["pos"], slot_pos, table, cache_index)
+            kv_pos = paged_read(pos_pool, table, fill=-1)  # (B, nb * Z): the rows' own slots
+            # A row's cache is its slots below its end: blocks it took over may hold an earlier owner's entries.
+            end = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,)) + T
+            kv_valid = (kv_pos >= 0) & (jnp.arange(kv_pos.shape[1])[None] < end[:, None])
+            kv = {"k": cache["k"], "v": cache["v"], "table": table}
+            unstacked = cache.get("layers")
         if prefix is not None:
             kv_prefix = prefix
             if cache is not None:  # only the new tokens' prefix matters: earlier slots precede them anyway
-                kv_prefix = write_rows(jnp.zeros(cache["pos"].shape, bool), prefix, cache_index)[: x.shape[0]]
+                kv_prefix = write_rows(jnp.zeros(kv_pos.shape, bool), prefix, cache_index)
             flags.update(q_prefix=prefix, kv_prefix=kv_prefix)
         if cache is None:
             kv_pos, kv_valid, kv = positions, valid, None
-        else:
-            slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
-            cache_pos = write_rows(cache["pos"], slot_pos, cache_index)
-            kv_pos = cache_pos[: x.shape[0]]  # a cache may hold more rows than the batch: it uses the first
-            kv_valid, kv = kv_pos >= 0, {"k": cache["k"], "v": cache["v"]}
         memory_mask = None
         if memory is not None:
             B, T = positions.shape
@@ -200,6 +211,8 @@ class Stack(nnx.Module):
             x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, per_row)
         else:
             inputs = self._attention_inputs(positions, kv_pos, kv_valid, flags)
+            if kv is not None and unstacked is not None:
+                params = unstacked
             x, kv = self._layers(
                 x, params, layer_ids(self.num_layers), positions, inputs, kv, cache_index, (memory, memory_mask), keys
             )
@@ -207,7 +220,7 @@ class Stack(nnx.Module):
             x = self.final_norm(x)
             if self.final_dropout:
                 x = dropout(x, cfg.dropout, fold_rows(dropout_keys, 2))
-        return x, None if cache is None else {"pos": cache_pos, **kv}
+        return x, None if cache is None else {**cache, "pos": pos_pool, "k": kv["k"], "v": kv["v"]}
 
     def _attention_inputs(self, q_pos, kv_pos, kv_valid, flags):
         """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them.
@@ -233,7 +246,8 @@ class Stack(nnx.Module):
         return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window, **flags)
 
     def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys):
-        """x through the stacked blocks; kv: {"k", "v"} (L, B, S, K, H) or None; memory: (K/V, mask) or None."""
+        """x through the stacked blocks; kv: {"k", "v": (L, NB, Z, K, H), "table"} or None; memory: (K/V, mask)
+        or None."""
         cfg = self.cfg
         graphdef = nnx.graphdef(self.layers)
         full, local_mask, bias = attn_inputs
@@ -268,8 +282,15 @@ class Stack(nnx.Module):
 
             return run_stack(layer, params, x, (ids, memory), remat=cfg.remat, scan=cfg.scans)
 
-        # Decoding: the stacked cache is the scan's carry and each layer writes its new K/V into it in place, so
-        # a step moves T tokens' keys, not the whole cache (as per-layer slices would).
+        # Decoding: each layer writes its new K/V into the stacked cache in place, so a step moves T tokens' keys,
+        # not the whole cache. Unstacked parameters (a tuple, one tree a layer) run as an unrolled loop: a scan
+        # slices each layer's weights out of the stack, a copy that triples a decode step's weight traffic on CPU.
+        if isinstance(params, (tuple, list)):
+            for i, p in enumerate(params):
+                layer_memory = None if memory is None else jax.tree.map(lambda m, i=i: m[i], memory)
+                x, kv = run(x, p, ids[i], layer_memory, cache=kv, cache_index=cache_index, layer=i)
+            return x, kv
+
         def cached(carry, per_layer):
             (x, kv), (p, i, layer_memory) = carry, per_layer
             x, kv = run(x, p, i, layer_memory, cache=kv, cache_index=cache_index, layer=i.astype(jnp.int32))

@@ -13,6 +13,9 @@ from flax import nnx
 from jaxlm.config import ModelConfig
 from jaxlm.nn.lm import LanguageModel
 from jaxlm.nn.stack import Stack
+from jaxlm.ops.cache import paged_write
+
+NOWHERE = 2**30  # a cache index past every block table: the write is dropped
 
 
 class TransformerLM(LanguageModel):
@@ -21,7 +24,7 @@ class TransformerLM(LanguageModel):
     Training: `logits, _ = model(tokens)`.
     Decoding: `cache = model.init_cache(B, S)`, then
     `logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=i)`
-    writes the T new tokens at cache slots [i, i + T).
+    writes the T new tokens at cache slots [i, i + T). A paged engine uses `paged_cache` and `start_rows`.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -53,9 +56,39 @@ class TransformerLM(LanguageModel):
         kv = self.stack.prefix(cache["k"].dtype)  # (L, P, K, H): the learned keys and values themselves
         fill = lambda c, x: c.at[:, :, :P].set(jnp.broadcast_to(x[:, None], (x.shape[0], batch, *x.shape[1:])))  # noqa: E731
         return {
+            **cache,
             "pos": cache["pos"].at[:, :P].set(positions),
             "k": fill(cache["k"], kv["k"]),
             "v": fill(cache["v"], kv["v"]),
+        }
+
+    def paged_cache(self, blocks: int, block_size: int) -> dict:
+        """A pool of `blocks` KV blocks of `block_size` slots for a paged engine, which sets the block table of
+        each step's rows. Prompt and prefix tuning's P virtual slots are kept apart ("virtual") and written
+        into the first P slots of each new row by `start_rows`."""
+        cache = self.stack.init_cache(blocks, block_size)
+        del cache["table"]
+        P = self.virtual_tokens
+        if P:
+            v = self.init_cache(1, 1)
+            cache["virtual"] = {"pos": v["pos"][0, :P], "k": v["k"][:, 0, :P], "v": v["v"][:, 0, :P]}
+        return cache
+
+    def start_rows(self, cache: dict, fresh: jax.Array) -> dict:
+        """A paged cache with the virtual slots written at slots [0, P) of the rows (of its table) where
+        `fresh` (B,) is set: rows that start a new context. Without virtual tokens: the cache unchanged."""
+        if "virtual" not in cache:
+            return cache
+        v, table = cache["virtual"], cache["table"]
+        B = table.shape[0]
+        index = jnp.where(fresh, 0, NOWHERE)
+        rows = lambda a: jnp.broadcast_to(a, (B, *a.shape))  # noqa: E731
+        write = lambda pool, new: paged_write(pool, rows(new), table, index)  # noqa: E731
+        return {
+            **cache,
+            "pos": write(cache["pos"], v["pos"]),
+            "k": jax.vmap(write)(cache["k"], v["k"]),  # every layer's pool (L, NB, Z, K, H)
+            "v": jax.vmap(write)(cache["v"], v["v"]),
         }
 
     def __call__(

@@ -36,10 +36,10 @@ class Served:
 
 
 def load_served(path: str | Path, name: str | None = None) -> Served:
-    """A run directory (config.yaml) or a Hugging Face model directory (config.json + safetensors)."""
+    """A run directory (config.yaml), a Hugging Face model directory (config.json + safetensors) or a GGUF file."""
     path = Path(path)
     model, tokenizer, template, prefix_lm = _load(path)
-    return Served(name or path.resolve().name, model, tokenizer, template, prefix_lm)
+    return Served(name or (path.stem if path.is_file() else path.resolve().name), model, tokenizer, template, prefix_lm)
 
 
 def load_draft(spec: str, tokenizer):
@@ -57,10 +57,16 @@ def load_draft(spec: str, tokenizer):
 
 
 def _load(path: Path):
-    """(model, tokenizer, chat template, prefix_lm) of a run or Hugging Face directory, checked for serving."""
-    if not path.is_dir():
+    """(model, tokenizer, chat template, prefix_lm) of a run or Hugging Face directory or a GGUF file, checked
+    for serving."""
+    if path.is_file() and path.suffix == ".gguf":
+        from jaxlm.hf.gguf import from_gguf
+
+        model, tokenizer, _ = from_gguf(path)
+        template, prefix_lm = tokenizer.chat_template or CHATML, False
+    elif not path.is_dir():
         raise DataError(f"model directory not found: {path}")
-    if (path / "config.yaml").is_file():
+    elif (path / "config.yaml").is_file():
         from jaxlm.train.run_dir import load_run
 
         cfg, tokenizer, model, _ = load_run(path)

@@ -30,17 +30,27 @@ def build_service(
     queue_timeout: float = 30.0,
     draft=None,
     draft_tokens: int = 4,
+    kv_tokens: int | None = None,
+    warm_up_tokens: int = 256,
 ) -> Service:
-    """The engine over `slots` cache rows, compiled (one warm-up request) and running on its thread.
+    """The engine over `slots` rows, compiled and running on its thread.
 
-    draft: speculative decoding with a draft model or "ngram" (see `jaxlm.engine.DecodeSteps`)."""
+    draft: speculative decoding with a draft model or "ngram" (see `jaxlm.engine.DecodeSteps`).
+    kv_tokens: the KV budget in tokens (default: every slot's full context); the pool grows as it is used.
+    warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
+      compile their shapes when they first occur)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     steps = DecodeSteps(served.model, prefix_lm=served.prefix_lm, draft=draft, draft_tokens=draft_tokens)
-    engine = Engine(steps, slots=slots, chunk=chunk)
+    kv_blocks = None if kv_tokens is None else -(-int(kv_tokens) // steps.Z)
+    engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks)
     t = time.perf_counter()
-    engine.warm_up()
-    log.info("compiled the steps for up to %d slots in %.1f s", slots, time.perf_counter() - t)
+    engine.warm_up(warm_up_tokens)
+    log.info(
+        "compiled the steps for up to %d slots and %d tokens in %.1f s; KV pool %.0f MB of a %.0f MB budget",
+        slots, warm_up_tokens, time.perf_counter() - t, engine.kv["kv_bytes"] / 2**20,
+        engine.kv["kv_block_bytes"] * engine.budget / 2**20,
+    )  # fmt: skip
     worker = EngineWorker(engine, max_queue=4 * slots if max_queue is None else max_queue).start()
     return Service(served, worker, queue_timeout=queue_timeout)
 

@@ -65,7 +65,7 @@ class EngineWorker:
     @property
     def load(self) -> dict:
         e = self.engine
-        load = {"slots": e.N, "running": sum(s is not None for s in e.slots), "queued": len(e.queue)}
+        load = {"slots": e.N, "running": sum(s is not None for s in e.slots), "queued": len(e.queue), **e.kv}
         if e.steps.draft is not None:
             load["speculative"] = dict(e.stats)
         return load

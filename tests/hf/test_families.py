@@ -185,7 +185,7 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
     "name, change, message",
     [
         ("llama2", {"rope_scaling": {"type": "ntk-by-parts", "factor": 2.0}}, "rope type 'ntk-by-parts'"),
-        ("llama2", {"attn_logit_softcapping": 30.0}, r"unsupported config.json keys \['attn_logit_softcapping'\]"),
+        ("llama2", {"pretraining_tp": 2}, "pretraining_tp=2 is not supported"),
         ("qwen2", {"use_sliding_window": True}, "use_sliding_window=True is not supported"),
         ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
         ("gemma3", {"attn_logit_softcapping": 50.0}, "does not apply it"),
@@ -200,3 +200,39 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
 def test_keys_that_change_the_math_are_refused(name, change, message):
     with pytest.raises(ConfigError, match=message):
         config_from_hf({**PUBLISHED[name], **change})
+
+
+# Keys published checkpoints carry that are no attribute of their config class (transformers stores them and
+# its modeling code never reads them); the first two were refused before the key policy (SmolLM2-135M-Instruct
+# as transformers converts it from GGUF, a re-saved fine-tune).
+NON_ATTRIBUTE_KEYS = {
+    "unk_token_id": 0,
+    "_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "attn_logit_softcapping": 30.0,  # Gemma's key on a LLaMA: LlamaForCausalLM does not soft-cap
+    "max_new_tokens": 64,
+    "chat_template": "{{ messages }}",
+    "tokenizer_hints": {"padding_side": "left"},
+}
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen2", "gemma2", "phi3", "gpt2", "t5_v1_1"])
+def test_keys_no_config_class_reads_are_accepted_with_identical_logits(name, tmp_path, caplog):
+    published = PUBLISHED[name]
+    arch = published["architectures"][0]
+    cls = getattr(transformers, arch)
+    assert not set(NON_ATTRIBUTE_KEYS) & attributes(cls.config_class), "the generated keys must be no attributes"
+    torch.manual_seed(0)
+    ref = cls(cls.config_class.from_dict(copy.deepcopy(published))).eval()
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    plain, _, _ = from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**published, **NON_ATTRIBUTE_KEYS}))
+    with caplog.at_level("DEBUG", logger="jaxlm.hf.common"):
+        extra, _, _ = from_hf(tmp_path)
+    assert "unk_token_id" in caplog.text and "_model_name_or_path" in caplog.text
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 12)))
+    if plain.cfg.decoder_layers:
+        got, want = extra(tokens, tokens[:, :5]), plain(tokens, tokens[:, :5])
+    else:
+        got, want = extra(tokens)[0], plain(tokens)[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
