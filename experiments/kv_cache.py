@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import load_config
-from jaxlm.engine import DecodeSteps, Engine, Request, _Inputs
+from jaxlm.engine import NO_BLOCK, DecodeSteps, Engine, Request, _Inputs
 from jaxlm.nn.transformer import TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,13 +48,18 @@ def time_length(base, L: int, repeats: int) -> dict:
     x = _Inputs(1, 1, L)
     x.tokens(0, [int(tokens[L - 1])], L - 1)
     x.row(0, Request([1], 1, temperature=0.0), index=L - 1)
-    args = (steps.params, None, engine.cache, engine._no_prev, *x.arrays(1))
-    out, cache = steps.decode(*args, n=1)
+    # The finished request's blocks went back to the pool, lowest ids first: blocks 0.. hold its L - 1 tokens.
+    used = -(-L // steps.Z)
+    table = np.full((1, min(steps.row_blocks, 1 << (used - 1).bit_length())), NO_BLOCK, np.int32)
+    table[0, :used] = np.arange(used)
+    x.row(0, Request([1], 1, temperature=0.0), index=L - 1, slot=0)
+    args = (steps.weights, None, engine.cache, engine._no_prev, table, *x.arrays(1))
+    out, cache = steps.decode(*args)
     jax.block_until_ready(out)
 
     def one_step(cache):
         # The same slot each time: the cache holds L - 1 tokens before every step.
-        return steps.decode(steps.params, None, cache, engine._no_prev, *x.arrays(1), n=1)
+        return steps.decode(steps.weights, None, cache, engine._no_prev, table, *x.arrays(1))
 
     t = time.perf_counter()
     for _ in range(repeats):
