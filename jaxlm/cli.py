@@ -105,10 +105,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from jaxlm.config import ConfigError
     from jaxlm.generate import Generator
     from jaxlm.train.run_dir import load_run
 
     cfg, tokenizer, model, step = load_run(args.run_dir)
+    if cfg.model.head != "lm":
+        raise ConfigError(
+            f"{args.run_dir} holds a model with head={cfg.model.head} (it scores text, it does not write it): "
+            "generate from a language model (model.head=lm)"
+        )
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     seq2seq = bool(cfg.model.decoder_layers)
@@ -444,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written (permissions, a file where a directory should be)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -534,6 +534,11 @@ class Config:
                 "encoder-decoders (model.decoder_layers > 0)"
             )
         objective = self.train.objective
+        if objective in ALIGNMENT_OBJECTIVES and self.train.z_loss:
+            raise ConfigError(
+                f"train.z_loss regularizes the softmax of next-token cross-entropy (clm, sft, prefix_lm, mlm, "
+                f"span, seq2seq); train.objective={objective} has no such loss, so the setting would do nothing"
+            )
         if (objective == "reward") != (self.model.head == "score"):
             raise ConfigError(
                 "train.objective=reward trains a reward model (model.head=score), and a model.head=score model "

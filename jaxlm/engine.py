@@ -380,7 +380,7 @@ class Engine:
         self.used = [False] * slots
         self.queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
-        self._cancelled: set[int] = set()
+        self._cancelled: set[Request] = set()  # by identity (eq=False)
         self._inflight = None  # (the last decode step's tokens on the device, {slot: row in them}, its rows)
         self._no_prev = steps.place(jnp.zeros(slots, jnp.int32))
         self.stats = {"steps": 0, "drafted": 0, "kept": 0}  # speculative decoding: drafts proposed and kept
@@ -401,7 +401,7 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Stops a request at the next step (finish_reason "cancelled"); its slot is freed."""
         with self._lock:
-            self._cancelled.add(id(request))
+            self._cancelled.add(request)
 
     def abort(self, reason: str = "cancelled") -> list[Request]:
         """Ends every queued and running request now with `reason` (shutdown, or a failed step); returns them."""
@@ -448,7 +448,7 @@ class Engine:
         """Admits queued requests into free slots, runs one prefill chunk (if any slot is filling) and one
         decode step (if any slot is decoding). Returns the requests admitted, cancelled, finished or with new
         tokens."""
-        touched: dict[int, Request] = {}
+        touched: dict[Request, Request] = {}  # ordered, by identity
         self._apply_cancels(touched)
         self._admit(touched)
         if any(s is not None and s.pending for s in self.slots):
@@ -476,14 +476,14 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
             if not cancelled:
                 return
-            for r in [r for r in self.queue if id(r) in cancelled]:
+            for r in [r for r in self.queue if r in cancelled]:
                 self.queue.remove(r)
                 r.finish_reason = "cancelled"
-                touched[id(r)] = r
+                touched[r] = r
         for b, s in enumerate(self.slots):
-            if s is not None and id(s.request) in cancelled:
+            if s is not None and s.request in cancelled:
                 s.request.finish_reason = "cancelled"
-                touched[id(s.request)] = s.request
+                touched[s.request] = s.request
                 self._release(b)
 
     def _need(self, r: Request, prompt_tokens: int) -> int:
@@ -503,7 +503,7 @@ class Engine:
                         return  # waits (in order) until running requests return blocks
                     self.queue.popleft()
                     r.prompt_tokens, r.admitted = len(prompt), True
-                    touched[id(r)] = r
+                    touched[r] = r
                     self.slots[b] = _Slot(r, hist=list(prompt), pending=list(prompt), next_pos=0, reserve=need)
                     self.reserved += need
                     self.used[b] = True
@@ -675,7 +675,7 @@ class Engine:
     def _emit(self, b: int, token: int, touched):
         s = self.slots[b]
         r = s.request
-        touched[id(r)] = r
+        touched[r] = r
         if token in r.stop_ids:
             r.finish_reason, r.stop_token = "stop", token
         else:

@@ -4,6 +4,16 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The suite is bound by XLA compiles (~50 ms for one eager op on this CPU), and its tests, workers and the
+# subprocesses they start (inheriting the environment) compile the same tiny programs again and again: one
+# persistent compilation cache, shared by all, compiles each once. JAXLM_TEST_COMPILE_CACHE= (empty) turns it off.
+_cache = os.environ.setdefault(
+    "JAXLM_TEST_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxlm-tests", "jax-compile")
+)
+if _cache:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 

@@ -66,13 +66,15 @@ class Choice:
     def advance(self) -> str:
         """The text of the tokens not yet seen; sets finish_reason when the choice is over."""
         r = self.request
+        # done before the tokens: the engine appends a request's last token, then ends it, on its own thread.
+        # Read the other way round, the end could be seen without the token that came just before it.
+        done = r.done
         n = len(r.tokens)
-        done = r.done or self.text.stopped
-        delta = self.text.feed(r.tokens[self.seen : n], final=r.done)
+        delta = self.text.feed(r.tokens[self.seen : n], final=done)
         self.seen = n
         if self.text.stopped or (done and r.finish_reason == "stop"):
             self.finish_reason = "stop"
-        elif r.done:
+        elif done:
             self.finish_reason = {"length": "length", "error": "error"}.get(r.finish_reason, "cancelled")
         return delta
 
@@ -201,7 +203,11 @@ def create_app(service: Service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, **service.worker.load}
+        load = service.worker.load
+        body = {"model": served.name, **load}
+        if service.worker.failed is not None:
+            body["error"] = service.worker.failed
+        return JSONResponse(body, status_code=200 if load["status"] == "ok" else 503)
 
     @app.get("/v1/models")
     async def models():

@@ -9,7 +9,10 @@ A finished step directory also gets `jaxlm_files.json`, the size of every file
 in it. Restoring checks those sizes first (a truncated or missing file, as after
 a full disk or a partial copy, is found without reading any array), then lets
 orbax read; a checkpoint that fails either way is reported in one line and the
-next older one is used. Only when none is readable is it an error.
+next older one is used. Only when none is readable is it an error. A checkpoint
+whose parameter tree differs from the model's (another configuration, or a
+code change) is not corruption: it is an error naming the first differing
+path, and nothing is skipped or moved.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.data.tokenizer import DataError
+from jaxlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MANIFEST = "jaxlm_files.json"
@@ -104,6 +108,8 @@ class Checkpointer:
         for s in steps:
             problem = self.check(s, tuple(items))
             if problem is None:
+                problem = self._refuse_other_trees(s, abstract_params)
+            if problem is None:
                 _silence_abandoned_reads()  # before the read: abandoned sibling reads may report at any time
                 try:
                     out = self._mngr.restore(s, args=ocp.args.Composite(**items))
@@ -121,6 +127,21 @@ class Checkpointer:
             params, meta = out["params"], out["meta"]
             return params, out.get("opt_state") if abstract_opt_state is not None else None, meta
         raise DataError(f"no readable checkpoint in {self.directory}: " + "; ".join(problems))
+
+    def _refuse_other_trees(self, step: int, abstract_params) -> str | None:
+        """ConfigError if checkpoint `step` holds another parameter tree than `abstract_params`; the problem if
+        its tree cannot even be read (then it is unreadable: the caller falls back); None if it fits."""
+        try:
+            stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "params")
+        except Exception as e:  # no or corrupt metadata: a damaged checkpoint
+            return f"{type(e).__name__}: {_first_line(e)}"
+        difference = tree_difference(getattr(stored, "item_metadata", stored), abstract_params)
+        if difference:
+            raise ConfigError(
+                f"checkpoint {self.directory / str(step)} holds other parameters than this model: {difference}. "
+                "It was written for another model configuration or jaxlm version; nothing was moved"
+            )
+        return None
 
     def set_aside_after(self, step: int) -> list[Path]:
         """Moves the step directories newer than `step` (unreadable ones a resume skipped) to
@@ -145,6 +166,24 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def _names(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def tree_difference(stored, wanted) -> str | None:
+    """The first path (sorted) present in only one of two parameter trees, or whose shapes differ; or None."""
+    have = {_names(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    want = {_names(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
+    for path in sorted(have.keys() | want.keys()):
+        if path not in want:
+            return f"{path} is in the checkpoint, not in the model"
+        if path not in have:
+            return f"{path} is in the model, not in the checkpoint"
+        if have[path] != want[path]:
+            return f"{path} has shape {have[path]} in the checkpoint, {want[path]} in the model"
+    return None
 
 
 def _silence_abandoned_reads() -> None:

@@ -65,6 +65,11 @@ def step_config(cfg: Config) -> Config:
 # ---------------------------------------------------------------------------------------------------- rewards
 
 
+class RewardFailed(Exception):
+    """align.reward raised or returned something unusable: the one failure a step is skipped for (sampling,
+    scoring and updates are jaxlm's own code, and their errors stop the run)."""
+
+
 class Reward:
     """score(prompts, completions, fields, tokens) -> (B,) float64: a Python function or a reward-model run."""
 
@@ -107,13 +112,18 @@ class Reward:
 
     def __call__(self, prompts, completions, fields, tokens, valid) -> np.ndarray:
         if self.model is not None:
-            return np.asarray(jax.device_get(self._score(self._params, tokens, valid)), np.float64)
-        out = self.fn(prompts=prompts, completions=completions, **fields)
-        out = np.asarray(list(out), np.float64)
-        if out.shape != (len(completions),):
-            raise ValueError(
-                f"returned {out.shape[0] if out.ndim else 'a scalar'} values for {len(completions)} completions"
-            )
+            out = np.asarray(jax.device_get(self._score(self._params, tokens, valid)), np.float64)
+        else:
+            try:  # the user's function: whatever it raises or returns wrong is its failure (RewardFailed)
+                out = np.asarray(list(self.fn(prompts=prompts, completions=completions, **fields)), np.float64)
+            except Exception as e:
+                raise RewardFailed(f"{type(e).__name__}: {e}") from e
+            if out.shape != (len(completions),):
+                raise RewardFailed(
+                    f"returned {out.shape[0] if out.ndim else 'a scalar'} values for {len(completions)} completions"
+                )
+        if not np.all(np.isfinite(out)):
+            raise RewardFailed(f"returned a non-finite reward ({int(np.sum(~np.isfinite(out)))} of {len(out)})")
         return out
 
 
@@ -253,8 +263,6 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
         prompts = [prompt_messages(e) for e in examples for _ in range(group)]
         fields = {k: [x for x in v for _ in range(group)] for k, v in reward_fields(examples).items()}
         scores = reward(prompts, completions, fields, rows["tokens"], rows["reward_valid"])
-        if not np.all(np.isfinite(scores)):
-            raise ValueError(f"returned a non-finite reward ({int(np.sum(~np.isfinite(scores)))} of {len(scores)})")
         return rows, scores, completions
 
     def pad_rows(rows: dict, n: int) -> dict:
@@ -278,11 +286,9 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
             idx = list(range(lo, min(n, lo + tc.batch_size)))
             try:
                 rows, scores, _ = rollout([val_prompts[i] for i in idx], [val_split[i] for i in idx], 10**6 + lo, 1)
-            except Exception as e:  # the reward's failure: no held-out figures this time
-                log.warning(
-                    "step %d: held-out evaluation skipped: align.reward raised %s: %s", step, type(e).__name__, e
-                )
-                write({"step": step, "val_skipped": 1, "reason": f"{type(e).__name__}: {e}"})
+            except RewardFailed as e:  # no held-out figures this time
+                log.warning("step %d: held-out evaluation skipped: align.reward %s", step, e)
+                write({"step": step, "val_skipped": 1, "reason": str(e)})
                 return {}
             logp, ref_logp, _ = score_rows(rows)
             m = rows["response"]
@@ -321,10 +327,10 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
                 rows, scores, completions = rollout(
                     [train_prompts[i] for i in idx], examples, tc.seed * 100003 + step, ac.group
                 )
-            except Exception as e:  # the reward's failure: this step's rollouts are discarded, nothing else
+            except RewardFailed as e:  # this step's rollouts are discarded, nothing else
                 failures += 1
-                log.warning("step %d skipped: align.reward %s raised %s: %s", step, ac.reward, type(e).__name__, e)
-                write({"step": step, "skipped": 1, "reason": f"{type(e).__name__}: {e}"})
+                log.warning("step %d skipped: align.reward %s: %s", step, ac.reward, e)
+                write({"step": step, "skipped": 1, "reason": str(e)})
                 if failures == step - start and failures >= FAILED_STARTS:
                     raise DataError(f"align.reward {ac.reward} failed on the first {failures} steps: {e}") from e
                 bar.update(1)

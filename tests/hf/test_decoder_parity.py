@@ -14,6 +14,7 @@ import pytest
 from jaxlm.config import ConfigError
 from jaxlm.generate import Generator
 from jaxlm.hf import from_hf, to_hf
+from jaxlm.hf.families import llama
 from tests.parity import require
 
 torch = require("torch")
@@ -213,12 +214,15 @@ def test_sharded_checkpoint_index(tmp_path):
     )
 
 
-def test_unsupported_keys_and_architectures_are_named(tmp_path):
+def test_unsupported_keys_and_architectures_are_named(tmp_path, monkeypatch):
     hf_model("llama_gqa", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 30.0}))
-    with pytest.raises(ConfigError, match=r"unsupported config.json keys \['attn_logit_softcapping'\]"):
+    # An attribute of the config class (a future transformers key, say) that the family does not map: refused.
+    monkeypatch.setattr(llama, "KEYS", llama.KEYS | {"new_math_key"})
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "new_math_key": 30.0}))
+    with pytest.raises(ConfigError, match=r"unsupported config.json keys \['new_math_key'\]"):
         from_hf(tmp_path)
+    monkeypatch.undo()
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "tanh"}))
     with pytest.raises(ConfigError, match="hidden_act='tanh' is not supported"):
         from_hf(tmp_path)

@@ -51,17 +51,21 @@ def test_serve_a_run_then_sigterm_exits_cleanly(pretrained):
             ids[: ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
         )
 
-        lines = []
+        lines, streaming = [], threading.Event()
 
         def stream():  # in flight when SIGTERM comes: it finishes (within the grace time) or ends cleanly
             with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
                 "model": "run", "prompt": "JULIET.", "max_tokens": 40, "stream": True, "temperature": 1.0,
             }) as r:  # fmt: skip
-                lines.extend(line for line in r.iter_lines() if line.startswith("data:"))
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        lines.append(line)
+                        streaming.set()
+            streaming.set()
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.05)
+        assert streaming.wait(60)  # the request is in flight (SIGTERM before it connected would refuse it)
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         assert proc.wait(timeout=60) == 0

@@ -109,6 +109,18 @@ def test_alignment_config_errors():
         load_config("configs/llama_tiny.yaml", base + ["finetune.init_from=x", "align.label_smoothing=0.5"])
     with pytest.raises(ConfigError, match="align.dpo_loss"):
         load_config("configs/llama_tiny.yaml", base + ["finetune.init_from=x", "align.dpo_loss=kto"])
+    for objective in ("dpo", "reward", "ppo", "grpo"):  # z_loss is cross-entropy's; it would do nothing here
+        extra = {"reward": ["model.head=score"], "ppo": ["align.reward=a:b"], "grpo": ["align.reward=a:b"]}
+        with pytest.raises(ConfigError, match=f"train.z_loss .* train.objective={objective} has no such loss"):
+            load_config(
+                "configs/llama_tiny.yaml",
+                [
+                    f"train.objective={objective}",
+                    "finetune.init_from=x",
+                    "train.z_loss=1e-4",
+                    *extra.get(objective, []),
+                ],
+            )
 
 
 def _pairs_files(tmp_path):
@@ -137,6 +149,8 @@ def test_reward_model_cli_and_export(pretrained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     assert "preference accuracy" in capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", "ROMEO."]) == 2  # a score head writes no text
+    assert "head=score" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "adapter")]) != 0
     assert "--merge" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf"), "--merge"]) == 0

@@ -86,7 +86,7 @@ def test_resume_continues_from_the_good_checkpoint(good_run, tmp_path, capsys):
     assert load_run(run)[3] == 8
 
 
-def test_cli_eval_and_convert_say_one_line(good_run, tmp_path):
+def test_cli_eval_and_convert_say_one_line(good_run, tmp_path, capsys):
     _, run = _copy(good_run, tmp_path, _truncate_without_manifest)  # orbax itself meets the truncated file
     cmd = [sys.executable, "-m", "jaxlm", "eval", str(run), "--batches", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -97,6 +97,11 @@ def test_cli_eval_and_convert_say_one_line(good_run, tmp_path):
     assert out.stdout.startswith("step 4: val loss")
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "4"]) == 0
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "a_file" / "hf")]) == 2  # an OS error
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Not a directory" in err and "Traceback" not in err, err
 
 
 def test_no_readable_checkpoint_is_an_error(good_run, tmp_path, capsys):
@@ -108,3 +113,23 @@ def test_no_readable_checkpoint_is_an_error(good_run, tmp_path, capsys):
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: no readable checkpoint")
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_a_fallback(good_run, tmp_path):
+    """A parameter tree that differs (another config, a code change) names its first differing path; no
+    checkpoint is skipped or moved."""
+    import yaml
+
+    from jaxlm.config import ConfigError
+
+    _, run = good_run
+    dest = tmp_path / "run"
+    shutil.copytree(run, dest)
+    config = dest / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["model"]["mlp_dim"] = 96
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"mlp.* has shape \(2, 32, 64\) in the checkpoint, \(2, 32, 96\)"):
+        load_run(dest)
+    assert sorted(int(p.name) for p in (dest / "checkpoints").iterdir()) == [2, 4, 6]
+    assert not (dest / "checkpoints.unreadable").exists()

@@ -15,7 +15,7 @@ from jaxlm.config import ConfigError, load_config
 from jaxlm.data.shakespeare_instructions import instruction_splits
 from jaxlm.errors import DataError
 from jaxlm.train.policy_gradient import make_scorer
-from jaxlm.train.rl import step_config
+from jaxlm.train.rl import Rollouts, step_config
 from jaxlm.train.sharded import ShardedTraining, on_mesh
 from jaxlm.train.step import reference_model
 from jaxlm.train.trainer import read_metrics, train
@@ -189,6 +189,21 @@ def test_failing_rewards_skip_steps_or_stop(pretrained, tmp_path, caplog):
             + ["align.group=2", "train.eval_batches=1", "train.eval_every=0", f"train.run_dir={tmp_path / name}"],
         )
         with pytest.raises((DataError, ValueError), match=message):
+            train(cfg, progress=False)
+
+    # Only the reward's failures skip a step: a failure of jaxlm's own sampling stops the run at once.
+    def broken_sampler(*_):
+        raise RuntimeError("a sampler bug")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Rollouts, "sample", broken_sampler)
+        cfg = load_config(
+            "configs/grpo.yaml",
+            [*_prompts(tmp_path), f"finetune.init_from={pretrained}", "align.reward=tests.train.toy_rewards:vowels"]
+            + ["data.seq_len=64", "align.response_len=4", "train.batch_size=4", "mesh.data=1", "train.steps=3"]
+            + ["align.group=2", "train.eval_batches=1", "train.eval_every=0", f"train.run_dir={tmp_path / 'bug'}"],
+        )
+        with pytest.raises(RuntimeError, match="a sampler bug"):
             train(cfg, progress=False)
     overrides = [*_prompts(tmp_path), f"finetune.init_from={pretrained}", "data.seq_len=64"]
     with pytest.raises(ConfigError, match="neither a run directory nor module:function"):
