@@ -70,3 +70,30 @@ def pretrained(tmp_path_factory, corpus_file):
     args = ["train", "configs/llama_tiny.yaml", *TINY, f"data.source={corpus_file}", f"train.run_dir={run}"]
     assert main([*args, "data.tokenizer=bpe", "--no-progress"]) == 0
     return run
+
+
+# The modules that take longest, first: pytest-xdist (--dist loadscope) hands out modules in collection order,
+# and a long module handed out last would run alone at the end while the other workers idle.
+LONGEST_FIRST = [
+    "tests/parallel/test_layouts.py",
+    "tests/train/test_trainer.py",
+    "tests/train/test_rl.py",
+    "tests/train/test_align.py",
+    "tests/experiments/test_positions.py",
+    "tests/experiments/test_norms_mlp.py",
+    "tests/experiments/test_attention_heads.py",
+    "tests/parallel/test_multiprocess.py",
+    "tests/hf/test_real_model.py",
+    "tests/hf/test_convert.py",
+    "tests/test_speculative.py",
+    "tests/test_engine.py",
+    "tests/test_generate.py",
+    "tests/train/test_finetune.py",
+    "tests/test_peft.py",
+    "tests/hf/test_peft_parity.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep order
