@@ -449,10 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path that cannot be read or written (permissions, a file where a directory should be)
+    # OSError: a path that cannot be read or written (permissions, a file where a directory should be).
+    except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

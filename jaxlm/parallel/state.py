@@ -23,7 +23,8 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """A pytree key path as slash-joined names (`stack/layers/attn/wq/value`)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -37,7 +38,7 @@ def tree_shardings(tree, mesh: Mesh, kind: str, zero_stage: int):
     def one(path, leaf):
         if _is_variable(leaf):
             axes = leaf.get_metadata()["out_sharding"]
-            return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, rules, shape, where=_path_name(path)))
+            return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, rules, shape, where=path_name(path)))
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm.data.tokenizer import DataError
 from jaxlm.errors import ConfigError
+from jaxlm.parallel.state import path_name
 
 log = logging.getLogger(__name__)
 MANIFEST = "jaxlm_files.json"
@@ -168,14 +169,10 @@ class Checkpointer:
         self._mngr.close()
 
 
-def _names(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def tree_difference(stored, wanted) -> str | None:
     """The first path (sorted) present in only one of two parameter trees, or whose shapes differ; or None."""
-    have = {_names(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(stored)}
-    want = {_names(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
+    have = {path_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    want = {path_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
     for path in sorted(have.keys() | want.keys()):
         if path not in want:
             return f"{path} is in the checkpoint, not in the model"
