@@ -291,13 +291,17 @@ def create_app(service: Service):
 
     async def progress(http, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
         """(choice index, text delta) until every choice is over; cancels them if the client goes away."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while any(c.finish_reason is None for c in choices):
             try:
                 await asyncio.wait_for(events.get(), 0.5)
             except TimeoutError:
+                pass
+            if loop.time() - checked >= 0.5:  # also while tokens flow: a client that gave up frees its slot
                 if await http.is_disconnected():
                     return
-                continue
+                checked = loop.time()
             for i, c in enumerate(choices):
                 if c.finish_reason is None:
                     delta = c.advance()

@@ -1,6 +1,7 @@
 """Bad requests get OpenAI-style JSON errors and the server keeps serving; floods get 503; a client that
 goes away frees its slot."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from jaxlm.serve.model import Served
 from jaxlm.serve.server import build_service, running
 from tests.serve.conftest import tiny_served
 
@@ -112,23 +114,42 @@ def _wait(predicate, timeout=30.0):
         time.sleep(0.05)
 
 
-def slow(service, seconds=0.05):
-    """A model this slow per step: a long request holds its slot for seconds, whatever the machine."""
-    engine = service.worker.engine
+class Endless(Served):
+    """A served model without stop tokens: a long request runs to its max_tokens, whatever this machine's
+    numerics make of the random model's greedy path."""
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset()
+
+
+def endless() -> Endless:
+    return Endless(**{f.name: getattr(tiny_served(), f.name) for f in dataclasses.fields(Served)})
+
+
+def held(service, at=100):
+    """Engine steps wait (up to 60 s) for `release` once a request in a slot has `at` tokens: a long request
+    holds its slot until the test lets it go, however fast or loaded the machine. Returns (release, ended):
+    ended lists the requests that finished, in order."""
+    engine, release, ended = service.worker.engine, threading.Event(), []
     step = engine.step
 
-    def slow_step():
-        time.sleep(seconds)
-        return step()
+    def held_step():
+        if any(s is not None and len(s.request.tokens) >= at for s in engine.slots):
+            release.wait(60)
+        changed = step()
+        ended.extend(r for r in changed if r.finish_reason is not None)
+        return changed
 
-    engine.step = slow_step
-    return service
+    engine.step = held_step
+    return release, ended
 
 
 def test_flood_beyond_the_slots_gets_503_then_serving_goes_on():
     """One slot, one queue place, a short admission wait: a long request holds the slot; of the flood, the
     queued one waits its bounded time (503) and the others are refused at once (503)."""
-    service = slow(build_service(tiny_served(), slots=1, chunk=16, max_queue=1, queue_timeout=1.0))
+    service = build_service(endless(), slots=1, chunk=16, max_queue=1, queue_timeout=1.0)
+    release, _ = held(service)
     with running(service) as url:
         long = {**COMPLETION, "max_tokens": 120, "prompt": "x", "stream": True}
         with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/v1/completions", json=long) as s:
@@ -144,6 +165,7 @@ def test_flood_beyond_the_slots_gets_503_then_serving_goes_on():
                 t.start()
             for t in threads:
                 t.join()
+            release.set()
             assert sorted(r.status_code for r in results) == [503] * 4
             assert all("busy" in error_of(r, 503)["message"] for r in results)
             rest = [line for line in lines if line.startswith("data:")]
@@ -153,19 +175,26 @@ def test_flood_beyond_the_slots_gets_503_then_serving_goes_on():
 
 
 def test_a_client_that_disconnects_frees_its_slot():
-    service = slow(build_service(tiny_served(), slots=2, chunk=16))
+    service = build_service(endless(), slots=2, chunk=16)
+    release, ended = held(service)
+    cancel = service.worker.cancel
+
+    def cancel_and_release(requests):  # the long request goes on once the server has cancelled it
+        cancel(requests)
+        release.set()
+
+    service.worker.cancel = cancel_and_release
     with running(service) as url:
-        _disconnects(url, service)
-
-
-def _disconnects(url, service):
-    body = {**COMPLETION, "prompt": "x", "max_tokens": 120, "stream": True}  # greedy "x" runs 120 tokens
-    with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json=body) as s:
-            next(line for line in s.iter_lines() if line.startswith("data:"))
-            assert service.worker.load["running"] == 1
-        # Leaving the block closes the connection mid-stream.
-    _wait(lambda: service.worker.load["running"] == 0)
-    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
-    _wait(lambda: service.worker.load["running"] == 0)
+        body = {**COMPLETION, "prompt": "x", "max_tokens": 120, "stream": True}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json=body) as s:
+                next(line for line in s.iter_lines() if line.startswith("data:"))
+                assert service.worker.load["running"] == 1
+            # Leaving the block closes the connection mid-stream.
+        _wait(lambda: service.worker.load["running"] == 0)
+        assert [r.finish_reason for r in ended] == ["cancelled"]
+        release.clear()
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        _wait(lambda: service.worker.load["running"] == 0)
+        assert [r.finish_reason for r in ended] == ["cancelled"] * 2
