@@ -11,7 +11,7 @@ from flax import nnx
 from jaxlm.config import Config, ConfigError, DataConfig, FinetuneConfig, TrainConfig, save_config
 from jaxlm.data.tokenizer import DataError
 from jaxlm.hf.io import from_hf, to_hf
-from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.checkpoint import Checkpointer, CheckpointMeta
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.run_dir import RunDir, load_run
 
@@ -29,7 +29,7 @@ def _write_run(run: RunDir, cfg: Config, tokenizer, params: nnx.State, source: s
     save_config(cfg, run.config)
     tokenizer.save(run.tokenizer)
     opt_state = make_optimizer(cfg.train).init(params)
-    meta = {"step": 0, "rng": np.asarray(jax.random.PRNGKey(cfg.train.seed)).tolist(), "data": None, "from": source}
+    meta = CheckpointMeta(step=0, rng=np.asarray(jax.random.PRNGKey(cfg.train.seed)).tolist(), source=source)
     ckpt = Checkpointer(run.checkpoints, keep=cfg.train.keep_checkpoints)
     ckpt.save(0, params, opt_state, meta, force=True)
     ckpt.close()

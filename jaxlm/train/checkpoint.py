@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: parameters, optimizer state and metadata as separate items.
 
 `generate` and `eval` restore the parameters alone; training restores all.
-Metadata (JSON) holds the step, the PRNG key, the data loader's position and the
-fp16 loss scale. Writes are atomic (orbax finalises a step directory only when
+Metadata (JSON, one layout for every writer: `CheckpointMeta`) holds the step,
+the optimizer updates, the PRNG key, the data loader's position and the fp16
+loss scale. Writes are atomic (orbax finalises a step directory only when
 complete), so a crash mid-save never destroys the previous checkpoint.
 
 A finished step directory also gets `jaxlm_files.json`, the size of every file
@@ -17,6 +18,7 @@ path, and nothing is skipped or moved.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -35,6 +37,40 @@ log = logging.getLogger(__name__)
 MANIFEST = "jaxlm_files.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint holds besides the arrays: everything an exact resume needs, for every loop."""
+
+    step: int  # loop steps done: batches, or RL's rollout batches
+    rng: list[int]  # the train state's PRNG key
+    data: dict | None = None  # the data loader's position; None: imported weights, no data seen yet
+    updates: int | None = None  # optimizer updates done, where a step is several (RL); None: one per step
+    loss_scale: dict | None = None  # fp16's dynamic loss scale {"scale", "good_steps", "skipped"}; None: fresh
+    base: str | None = None  # the model a PEFT checkpoint's adapters belong to (finetune.init_from)
+    source: str | None = None  # imported weights: what they were converted from
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.step if self.updates is None else self.updates
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, meta: dict, where: object = "checkpoint") -> CheckpointMeta:
+        """Reads every layout jaxlm has written (convert's `from` is `source` now); DataError naming a field
+        this version does not know (a newer jaxlm wrote it) or a missing one."""
+        meta = dict(meta)
+        if "from" in meta:
+            meta["source"] = meta.pop("from")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(meta) - known):
+            raise DataError(f"{where}: metadata fields {unknown} are unknown to this jaxlm (written by a newer one?)")
+        if missing := [k for k in ("step", "rng") if k not in meta]:
+            raise DataError(f"{where}: metadata lacks {missing}")
+        return cls(**meta)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
@@ -49,13 +85,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
-    def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> None:
+    def save(self, step: int, params, opt_state, meta: CheckpointMeta, *, force: bool = False) -> None:
         self._mngr.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
+                meta=ocp.args.JsonSave(meta.to_json()),
             ),
             force=force,
         )
@@ -94,7 +130,7 @@ class Checkpointer:
         return None
 
     def restore(self, abstract_params, abstract_opt_state=None, step: int | None = None):
-        """Returns (params, opt_state or None, meta) of `step`, by default of the newest readable checkpoint.
+        """Returns (params, opt_state or None, CheckpointMeta) of `step`, by default of the newest readable one.
 
         An unreadable or incomplete checkpoint is skipped with one warning line (older ones are tried);
         DataError when none can be read.
@@ -125,8 +161,8 @@ class Checkpointer:
                     problem,
                 )
                 continue
-            params, meta = out["params"], out["meta"]
-            return params, out.get("opt_state") if abstract_opt_state is not None else None, meta
+            meta = CheckpointMeta.from_json(out["meta"], self.directory / str(s))
+            return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
         raise DataError(f"no readable checkpoint in {self.directory}: " + "; ".join(problems))
 
     def _refuse_other_trees(self, step: int, abstract_params) -> str | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import RL_OBJECTIVES, Config, ConfigError, load_config, save_config
+from jaxlm.config import RL_OBJECTIVES, Config, ConfigError
 from jaxlm.data.chat import CHATML_TOKENS, read_template
 from jaxlm.data.instructions import RowLoader
 from jaxlm.data.prompts import encode_prompt, prompt_messages, reward_fields
@@ -40,13 +39,9 @@ from jaxlm.data.tokenizer import same_vocabulary
 from jaxlm.errors import DataError
 from jaxlm.generate import Generator
 from jaxlm.ops.rl import group_advantages
-from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
-from jaxlm.train.checkpoint import Checkpointer, abstract
-from jaxlm.train.data import load_splits
-from jaxlm.train.finetune import fit_head, grow_vocab, load_base, resolve
 from jaxlm.train.policy_gradient import explained_variance, make_scorer, ppo_advantages
-from jaxlm.train.run_dir import RunDir, check_resumable
+from jaxlm.train.session import Session
 from jaxlm.train.sharded import ShardedTraining, on_mesh
 
 log = logging.getLogger(__name__)
@@ -202,193 +197,141 @@ def _prompts(cfg: Config, tokenizer, examples: list[dict]) -> list[list[int]]:
 
 def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) a ppo or grpo run in `cfg.train.run_dir` (see the module docstring)."""
-    from jaxlm.train.trainer import _prepare_tokenizer, _progress, _StopOnSignal
-
     if cfg.train.objective not in RL_OBJECTIVES:
         raise ConfigError(f"train_rl trains {RL_OBJECTIVES}, not {cfg.train.objective}")
     if jax.process_count() > 1:
         raise ConfigError("ppo and grpo run in one process (over any mesh of its devices)")
-    tc, ac, objective = cfg.train, cfg.align, cfg.train.objective
-    run = RunDir(tc.run_dir)
-    resuming = run.has_checkpoint()
-    base = load_base(cfg.finetune.init_from)
-    cfg = resolve(cfg, base.model)
-    log.info("%s from %s", objective, base.source)
-    check_layout(step_config(cfg), dict(make_mesh(cfg.mesh).shape))
-    train_split, val_split = load_splits(cfg)
-    run.path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _prepare_tokenizer(cfg, run, resuming, train_split, base)
-    cfg, base_params = grow_vocab(cfg, base.params, tokenizer.vocab_size)
-    base_params = fit_head(cfg, base_params, base.model)
-    if resuming and run.config.is_file():
-        check_resumable(load_config(run.config), cfg, ("model", "data", "peft"))
-    save_config(cfg, run.config)
-    reward = Reward(ac.reward, tokenizer)  # a missing or mismatched reward fails before anything compiles
-    train_prompts, val_prompts = _prompts(cfg, tokenizer, train_split), _prompts(cfg, tokenizer, val_split)
-    sharded = ShardedTraining(step_config(cfg))
-    log.info("%s", sharded.describe())
-    loader = RowLoader({"index": np.arange(len(train_prompts))}, batch_size=tc.batch_size, seed=cfg.data.seed)
-    state = sharded.init_state(base_params)
-    del base_params
-    ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
-    start = 0
-    if resuming:
-        params, opt_state, meta = ckpt.restore(abstract(state.params), abstract(state.opt_state))
-        state = sharded.restore_state(state, params, opt_state, meta["updates"], meta["rng"])
-        loader.restore(meta["data"])
-        start = int(meta["step"])
-        log.info("resumed %s from step %d", run.path, start)
+    with Session(cfg, require_base=True, step_config=step_config, progress=progress) as session:
+        cfg, tokenizer = session.cfg, session.tokenizer
+        tc, ac = cfg.train, cfg.align
+        reward = Reward(ac.reward, tokenizer)  # a missing or mismatched reward fails before anything compiles
+        train_split, val_split = session.train_split, session.val_split
+        train_prompts, val_prompts = _prompts(cfg, tokenizer, train_split), _prompts(cfg, tokenizer, val_split)
+        update = Update(cfg, session.build())
+        loader = RowLoader({"index": np.arange(len(train_prompts))}, batch_size=tc.batch_size, seed=cfg.data.seed)
+        start = session.restore(loader)
+        rollouts = Rollouts(cfg, tokenizer, session.sharded)
 
-    rollouts = Rollouts(cfg, tokenizer, sharded)
-    mesh = sharded.mesh
-    sh = sharded.shardings
-    scorer = jax.jit(
-        on_mesh(make_scorer(sharded.graphdef, sharded.reference, ac.temperature, objective == "ppo"), mesh),
-        in_shardings=(sh.params, sh.frozen, sh.ref, sharded.batch_sharding, sharded.batch_sharding),
-    )
-    advantages_fn = jax.jit(lambda *a: ppo_advantages(*a, ac))
-    explained = jax.jit(explained_variance)
-    rows_per_update = sharded.cfg.train.batch_size
+        def rollout(prompt_ids, examples, seed, group):
+            """Samples, scores and lays out one batch: (host rows, rewards), or the reward's RewardFailed."""
+            asked = [p for p in prompt_ids for _ in range(group)]
+            responses = rollouts.sample(session.state, asked, seed)
+            rows = rollouts.rows(asked, responses)
+            prompts = [prompt_messages(e) for e in examples for _ in range(group)]
+            fields = {k: [x for x in v for _ in range(group)] for k, v in reward_fields(examples).items()}
+            completions = [rollouts.text(r) for r in responses]
+            return rows, reward(prompts, completions, fields, rows["tokens"], rows["reward_valid"])
 
-    def put(rows: dict) -> dict:
-        """Host rows -> arrays sharded like a batch (the batch sharding splits their leading axis)."""
-        return {k: jax.device_put(v, sharded.batch_sharding) for k, v in rows.items()}
+        failures = 0
 
-    def rollout(prompt_ids, examples, seed, group):
-        """Samples, scores and lays out one batch; returns (host rows, rewards, texts) or raises the reward's error."""
-        asked = [p for p in prompt_ids for _ in range(group)]
-        responses = rollouts.sample(state, asked, seed)
-        rows = rollouts.rows(asked, responses)
-        completions = [rollouts.text(r) for r in responses]
-        prompts = [prompt_messages(e) for e in examples for _ in range(group)]
-        fields = {k: [x for x in v for _ in range(group)] for k, v in reward_fields(examples).items()}
-        scores = reward(prompts, completions, fields, rows["tokens"], rows["reward_valid"])
-        return rows, scores, completions
-
-    def pad_rows(rows: dict, n: int) -> dict:
-        """Rows repeated up to a multiple of n (the scorer's batch sharding), and how many were real."""
-        extra = (-len(rows["tokens"])) % n
-        return {k: np.concatenate([v, v[:extra]]) if extra else v for k, v in rows.items()}
-
-    def score_rows(rows):
-        n = len(rows["tokens"])
-        padded = put(pad_rows({k: rows[k] for k in ("tokens", "valid")}, sharded.sizes["data"] * sharded.sizes["fsdp"]))
-        logp, ref_logp, values = jax.device_get(
-            scorer(state.params, state.frozen, state.ref, padded["tokens"], padded["valid"])
-        )
-        return logp[:n], ref_logp[:n], None if values is None else values[:n]
-
-    def evaluate(step: int) -> dict:
-        """Held-out prompts, sampled as in training with a fixed seed: mean reward, KL and response length."""
-        n = len(val_prompts) if not tc.eval_batches else min(len(val_prompts), tc.eval_batches * tc.batch_size)
-        rewards, kls, lengths = [], [], []
-        for lo in range(0, n, tc.batch_size):
-            idx = list(range(lo, min(n, lo + tc.batch_size)))
-            try:
-                rows, scores, _ = rollout([val_prompts[i] for i in idx], [val_split[i] for i in idx], 10**6 + lo, 1)
-            except RewardFailed as e:  # no held-out figures this time
-                log.warning("step %d: held-out evaluation skipped: align.reward %s", step, e)
-                write({"step": step, "val_skipped": 1, "reason": str(e)})
-                return {}
-            logp, ref_logp, _ = score_rows(rows)
-            m = rows["response"]
-            rewards += scores.tolist()
-            kls += np.sum((logp - ref_logp) * m, axis=1).tolist()
-            lengths += m.sum(1).tolist()
-        out = {"step": step, "val_reward": float(np.mean(rewards)), "val_kl": float(np.mean(kls))}
-        out.update(val_response_len=float(np.mean(lengths)), val_prompts=n)
-        write(out)
-        return out
-
-    metrics_file = open(run.metrics, "a", encoding="utf-8")
-
-    def write(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    def save(step: int):
-        meta = {"step": step, "updates": int(state.step), "base": cfg.finetune.init_from, "data": loader.state()}
-        meta["rng"] = to_host(state.rng).tolist()
-        meta["loss_scale"] = {"scale": 1.0, "good_steps": 0, "skipped": 0}
-        ckpt.save(step, state.params, state.opt_state, meta, force=True)
-
-    first = start == 0
-    if first and (evaluation := evaluate(0)):
-        log.info("before training: held-out reward %.4f, KL %.4f", evaluation["val_reward"], evaluation["val_kl"])
-    end = min(tc.steps, stop_after) if stop_after is not None else tc.steps
-    bar = _progress(progress, total=tc.steps, initial=start)
-    failures, interrupted, evaluation, t0, step = 0, None, {}, time.perf_counter(), start
-    with _StopOnSignal() as stopper:
-        for step in range(start + 1, end + 1):
+        def step(s: int) -> dict:
+            nonlocal failures
             idx = next(loader)["index"]
-            examples = [train_split[i] for i in idx]
             t_roll = time.perf_counter()
             try:
-                rows, scores, completions = rollout(
-                    [train_prompts[i] for i in idx], examples, tc.seed * 100003 + step, ac.group
+                rows, scores = rollout(
+                    [train_prompts[i] for i in idx], [train_split[i] for i in idx], tc.seed * 100003 + s, ac.group
                 )
             except RewardFailed as e:  # this step's rollouts are discarded, nothing else
                 failures += 1
-                log.warning("step %d skipped: align.reward %s: %s", step, ac.reward, e)
-                write({"step": step, "skipped": 1, "reason": str(e)})
-                if failures == step - start and failures >= FAILED_STARTS:
+                log.warning("step %d skipped: align.reward %s: %s", s, ac.reward, e)
+                if failures == s - start and failures >= FAILED_STARTS:
                     raise DataError(f"align.reward {ac.reward} failed on the first {failures} steps: {e}") from e
-                bar.update(1)
-                continue
-            logp, ref_logp, values = score_rows(rows)
+                return {"skipped": 1, "reason": str(e)}
             t_train = time.perf_counter()
-            m = rows["response"]
-            batch = {k: rows[k] for k in ("tokens", "valid", "response")}
-            batch["old_logp"] = logp
-            record = {"step": step, "reward": float(np.mean(scores)), "reward_std": float(np.std(scores))}
-            kl_tokens = (logp - ref_logp) * m
-            record.update(kl=float(np.mean(kl_tokens.sum(1))), response_len=float(np.mean(m.sum(1))))
-            if objective == "ppo":
-                adv, _ = jax.device_get(advantages_fn(jnp.asarray(scores, jnp.float32), logp, ref_logp, values, m))
-                batch.update(old_values=values, advantages=adv["advantages"], returns=adv["returns"])
-                record["explained_variance"] = float(explained(values, adv["returns"], m))
-                record["non_score_reward"] = float(np.mean(np.sum(adv["rewards"] * m, 1) - scores))
-            else:
-                batch["ref_logp"] = ref_logp
-                batch["advantages"] = np.asarray(group_advantages(jnp.asarray(scores), ac.group))
-                record["zero_std_groups"] = float(np.mean(scores.reshape(-1, ac.group).std(1) == 0))
-            sums, n = {}, 0
-            for epoch in range(ac.epochs):
-                order = np.random.default_rng([tc.seed, step, epoch]).permutation(len(m))
-                for lo in range(0, len(order), rows_per_update):
-                    mb = {k: v[order[lo : lo + rows_per_update]] for k, v in batch.items()}
-                    state, metrics = sharded.train_step(state, put(mb))
-                    metrics = to_host(metrics)
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n += 1
-            record.update({f"train/{k}": v / n for k, v in sums.items() if k not in ("tokens",)})
-            now = time.perf_counter()
-            tokens = int(rows["valid"].sum())
-            record.update(
+            session.state, record = update(session.state, rows, scores, s)
+            now, m = time.perf_counter(), rows["response"]
+            return record | dict(
                 rollout_s=t_train - t_roll,
                 train_s=now - t_train,
                 rollout_tokens_per_s=float(m.sum()) / max(t_train - t_roll, 1e-9),
-                train_tokens_per_s=tokens * ac.epochs / max(now - t_train, 1e-9),
+                train_tokens_per_s=int(rows["valid"].sum()) * ac.epochs / max(now - t_train, 1e-9),
             )
-            write(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                if evaluation := evaluate(step):
-                    bar.write(
-                        f"step {step}: held-out reward {evaluation['val_reward']:.4f}, KL {evaluation['val_kl']:.4f}"
-                    )
-            if tc.ckpt_every and step % tc.ckpt_every == 0:
-                save(step)
-            if stopper.signum is not None:
-                interrupted = stopper.signum
-                break
-    bar.close()
-    if ckpt.latest_step() != step:
-        save(step)
-    if step >= tc.steps and interrupted is None:
-        evaluation = evaluate(step)
-    ckpt.close()
-    metrics_file.close()
-    return {"step": step, "elapsed_s": time.perf_counter() - t0, "interrupted": interrupted, **evaluation}
+
+        def evaluate(s: int, whole: bool) -> dict:
+            """Held-out prompts, sampled as in training with a fixed seed: mean reward, KL and response length."""
+            n = len(val_prompts) if not tc.eval_batches else min(len(val_prompts), tc.eval_batches * tc.batch_size)
+            rewards, kls, lengths = [], [], []
+            for lo in range(0, n, tc.batch_size):
+                idx = list(range(lo, min(n, lo + tc.batch_size)))
+                try:
+                    rows, scores = rollout([val_prompts[i] for i in idx], [val_split[i] for i in idx], 10**6 + lo, 1)
+                except RewardFailed as e:  # no held-out figures this time
+                    log.warning("step %d: held-out evaluation skipped: align.reward %s", s, e)
+                    session.write({"step": s, "val_skipped": 1, "reason": str(e)})
+                    return {}
+                logp, ref_logp, _ = update.score(session.state, rows)
+                m = rows["response"]
+                rewards += scores.tolist()
+                kls += np.sum((logp - ref_logp) * m, axis=1).tolist()
+                lengths += m.sum(1).tolist()
+            out = {"val_reward": float(np.mean(rewards)), "val_kl": float(np.mean(kls))}
+            return out | {"val_response_len": float(np.mean(lengths)), "val_prompts": n}
+
+        return session.run(
+            step,
+            evaluate,
+            stop_after=stop_after,
+            evaluate_first=True,
+            show=("reward", "kl"),
+            describe=lambda e: f"held-out reward {e['val_reward']:.4f}, KL {e['val_kl']:.4f}",
+        )
+
+
+class Update:
+    """One RL step's learning from its rollouts: the policy's (and PPO's critic's) scores, advantages, and
+    `align.epochs` x `align.minibatches` optimizer updates through the compiled, sharded train step."""
+
+    def __init__(self, cfg: Config, sharded: ShardedTraining):
+        self.cfg, self.sharded, ac = cfg, sharded, cfg.align
+        sh, bs = sharded.shardings, sharded.batch_sharding
+        ppo = cfg.train.objective == "ppo"
+        self.scorer = jax.jit(
+            on_mesh(make_scorer(sharded.graphdef, sharded.reference, ac.temperature, ppo), sharded.mesh),
+            in_shardings=(sh.params, sh.frozen, sh.ref, bs, bs),
+        )
+        self.advantages = jax.jit(lambda *a: ppo_advantages(*a, ac))
+        self.explained = jax.jit(explained_variance)
+
+    def put(self, rows: dict) -> dict:
+        """Host rows -> arrays sharded like a batch (the batch sharding splits their leading axis)."""
+        return {k: jax.device_put(v, self.sharded.batch_sharding) for k, v in rows.items()}
+
+    def score(self, state, rows: dict):
+        """(logp, ref_logp, values or None) of the rows' targets, on the host."""
+        n, sizes = len(rows["tokens"]), self.sharded.sizes
+        extra = (-n) % (sizes["data"] * sizes["fsdp"])  # rows repeated up to the batch sharding's multiple
+        padded = self.put({k: np.concatenate([rows[k], rows[k][:extra]]) for k in ("tokens", "valid")})
+        logp, ref_logp, values = jax.device_get(
+            self.scorer(state.params, state.frozen, state.ref, padded["tokens"], padded["valid"])
+        )
+        return logp[:n], ref_logp[:n], None if values is None else values[:n]
+
+    def __call__(self, state, rows: dict, scores: np.ndarray, step: int):
+        """(new state, the step's record: rewards, KL, response length, the objective's figures and the mean
+        of each update's metrics as train/...)."""
+        tc, ac = self.cfg.train, self.cfg.align
+        logp, ref_logp, values = self.score(state, rows)
+        m = rows["response"]
+        batch = {k: rows[k] for k in ("tokens", "valid", "response")} | {"old_logp": logp}
+        record = {"reward": float(np.mean(scores)), "reward_std": float(np.std(scores))}
+        record.update(kl=float(np.mean(((logp - ref_logp) * m).sum(1))), response_len=float(np.mean(m.sum(1))))
+        if tc.objective == "ppo":
+            adv, _ = jax.device_get(self.advantages(jnp.asarray(scores, jnp.float32), logp, ref_logp, values, m))
+            batch.update(old_values=values, advantages=adv["advantages"], returns=adv["returns"])
+            record["explained_variance"] = float(self.explained(values, adv["returns"], m))
+            record["non_score_reward"] = float(np.mean(np.sum(adv["rewards"] * m, 1) - scores))
+        else:
+            batch["ref_logp"] = ref_logp
+            batch["advantages"] = np.asarray(group_advantages(jnp.asarray(scores), ac.group))
+            record["zero_std_groups"] = float(np.mean(scores.reshape(-1, ac.group).std(1) == 0))
+        sums, n, rows_per_update = {}, 0, self.sharded.cfg.train.batch_size
+        for epoch in range(ac.epochs):
+            order = np.random.default_rng([tc.seed, step, epoch]).permutation(len(m))
+            for lo in range(0, len(order), rows_per_update):
+                mb = {k: v[order[lo : lo + rows_per_update]] for k, v in batch.items()}
+                state, metrics = self.sharded.train_step(state, self.put(mb))
+                for k, v in to_host(metrics).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        return state, record | {f"train/{k}": v / n for k, v in sums.items() if k != "tokens"}

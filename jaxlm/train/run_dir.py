@@ -73,7 +73,7 @@ def load_run(path: str | Path) -> tuple[Config, Tokenizer, nnx.Module, int]:
     params, _, meta = ckpt.restore(abstract(params))
     ckpt.close()
     model = nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
-    return cfg, tokenizer, model, int(meta["step"])
+    return cfg, tokenizer, model, meta.step
 
 
 def peft_model(cfg: Config, tokenizer) -> nnx.Module:
