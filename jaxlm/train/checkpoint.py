@@ -14,6 +14,11 @@ next older one is used. Only when none is readable is it an error. A checkpoint
 whose parameter tree differs from the model's (another configuration, or a
 code change) is not corruption: it is an error naming the first differing
 path, and nothing is skipped or moved.
+
+Parameter paths change with the code (`LAYOUT`, recorded in every checkpoint's
+metadata). A checkpoint of an older layout is read through `RENAMES`, so runs
+written before a rename still generate, serve and resume; one of a newer
+layout is refused with the version that reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import gc
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +42,26 @@ from jaxlm.parallel.state import path_name
 log = logging.getLogger(__name__)
 MANIFEST = "jaxlm_files.json"
 
+LAYOUT = 2  # the parameter paths this jaxlm writes
+# From each older layout to the next: (regex, replacement) on slash-joined paths, applied in order to every
+# item (parameters, adapters, optimizer moments), wherever the model's tree sits in it.
+RENAMES = {
+    1: (  # one layer stack for every model class (jaxlm before its model families, Nov 2026)
+        (r"(^|/)(layers|final_norm|positions|embed_norm)/", r"\1stack/\2/"),
+        (r"(^|/)(encoder|decoder)/(attn|attn_norm|mlp|mlp_norm|cross|cross_norm)/", r"\1\2/layers/\3/"),
+        (r"(^|/)(encoder|decoder)_norm/", r"\1\2/final_norm/"),
+        (r"(^|/)(encoder|decoder)_bias(/|$)", r"\1\2/relative_bias\3"),
+    ),
+}
+
+
+def migrate_path(path: str, layout: int) -> str:
+    """A parameter path written by `layout`, as this jaxlm names it."""
+    for version in range(layout, LAYOUT):
+        for pattern, replacement in RENAMES[version]:
+            path = re.sub(pattern, replacement, path)
+    return path
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointMeta:
@@ -48,6 +74,7 @@ class CheckpointMeta:
     loss_scale: dict | None = None  # fp16's dynamic loss scale {"scale", "good_steps", "skipped"}; None: fresh
     base: str | None = None  # the model a PEFT checkpoint's adapters belong to (finetune.init_from)
     source: str | None = None  # imported weights: what they were converted from
+    layout: int | None = LAYOUT  # the parameter paths' layout; None: written before layouts were recorded
 
     @property
     def optimizer_steps(self) -> int:
@@ -68,7 +95,7 @@ class CheckpointMeta:
             raise DataError(f"{where}: metadata fields {unknown} are unknown to this jaxlm (written by a newer one?)")
         if missing := [k for k in ("step", "rng") if k not in meta]:
             raise DataError(f"{where}: metadata lacks {missing}")
-        return cls(**meta)
+        return cls(**{"layout": None, **meta})
 
 
 class Checkpointer:
@@ -144,12 +171,18 @@ class Checkpointer:
         problems = []
         for s in steps:
             problem = self.check(s, tuple(items))
+            layout = None
             if problem is None:
-                problem = self._refuse_other_trees(s, abstract_params)
+                problem, layout = self._layout(s, abstract_params)
             if problem is None:
                 _silence_abandoned_reads()  # before the read: abandoned sibling reads may report at any time
                 try:
-                    out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+                    if layout == LAYOUT:
+                        out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+                    else:
+                        out = self._restore_older(s, layout, abstract_params, abstract_opt_state)
+                except ConfigError:
+                    raise
                 except Exception as e:  # orbax raises several types for missing/corrupt/mismatched files
                     problem = f"{type(e).__name__}: {_first_line(e)}"
                     gc.collect()  # most abandoned coroutines go now, under the hook
@@ -165,20 +198,74 @@ class Checkpointer:
             return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, meta
         raise DataError(f"no readable checkpoint in {self.directory}: " + "; ".join(problems))
 
-    def _refuse_other_trees(self, step: int, abstract_params) -> str | None:
-        """ConfigError if checkpoint `step` holds another parameter tree than `abstract_params`; the problem if
-        its tree cannot even be read (then it is unreadable: the caller falls back); None if it fits."""
+    def _stored_tree(self, step: int, item: str):
+        """The tree (shapes, dtypes) item `item` of checkpoint `step` holds, read from its metadata alone."""
+        logging.getLogger("absl").addFilter(_drop_item_metadata_notice)  # idempotent
+        stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / item)
+        return getattr(stored, "item_metadata", stored)
+
+    def _layout(self, step: int, abstract_params) -> tuple[str | None, int | None]:
+        """(None, the layout to read checkpoint `step` as) if its parameters fit the model, directly or
+        through RENAMES; (the problem, None) if its files cannot even be read (the caller falls back).
+        ConfigError if it holds another model's parameters or a newer layout: nothing is skipped or moved."""
+        where = self.directory / str(step)
         try:
-            stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "params")
+            stored = self._stored_tree(step, "params")
+            written = json.loads((where / "meta" / "metadata").read_text()).get("layout")
         except Exception as e:  # no or corrupt metadata: a damaged checkpoint
-            return f"{type(e).__name__}: {_first_line(e)}"
-        difference = tree_difference(getattr(stored, "item_metadata", stored), abstract_params)
-        if difference:
+            return f"{type(e).__name__}: {_first_line(e)}", None
+        if written is not None and written > LAYOUT:
             raise ConfigError(
-                f"checkpoint {self.directory / str(step)} holds other parameters than this model: {difference}. "
-                "It was written for another model configuration or jaxlm version; nothing was moved"
+                f"checkpoint {where} has parameter layout {written}, written by a newer jaxlm; this one reads "
+                f"layouts 1 to {LAYOUT}: upgrade jaxlm (pip install -U jaxlm) to read it"
             )
-        return None
+        have, want = _shapes(stored), _shapes(abstract_params)
+        difference = _difference(have, want)
+        if difference is None:
+            return None, LAYOUT
+        for older in range(written or 1, LAYOUT):  # unrecorded: written before layout 2 or by it
+            if _difference({migrate_path(p, older): v for p, v in have.items()}, want) is None:
+                log.warning(
+                    "checkpoint %s has parameter layout %d: its paths are renamed as it is read (new checkpoints "
+                    "are written in layout %d)",
+                    where,
+                    older,
+                    LAYOUT,
+                )
+                return None, older
+        raise ConfigError(
+            f"checkpoint {where} holds other parameters than this model: {difference}. It was written for "
+            f"another model configuration (parameter layout {written or 'unrecorded'}; this jaxlm writes layout "
+            f"{LAYOUT}); nothing was moved"
+        )
+
+    def _restore_older(self, step: int, layout: int, abstract_params, abstract_opt_state) -> dict:
+        """Checkpoint `step` of an older layout: each item read as stored (onto this process's first device),
+        its paths renamed, then placed as the model's abstract tree says (shardings included)."""
+        device = jax.local_devices()[0]
+        wanted = {"params": abstract_params}
+        if abstract_opt_state is not None:
+            wanted["opt_state"] = abstract_opt_state
+        items = {"meta": ocp.args.JsonRestore()}
+        for item in wanted:
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                self._stored_tree(step, item),
+            )
+            items[item] = ocp.args.StandardRestore(target)
+        out = dict(self._mngr.restore(step, args=ocp.args.Composite(**items)))
+        for item, abstract_tree in wanted.items():
+            stored = {migrate_path(path_name(p), layout): x for p, x in jax.tree_util.tree_leaves_with_path(out[item])}
+
+            def place(path, leaf, item=item, stored=stored):
+                name = path_name(path)
+                if name not in stored:
+                    raise ConfigError(f"checkpoint {self.directory / str(step)}: {item} lacks {name} (layout {layout})")
+                x = stored[name]
+                return jax.device_put(x.astype(leaf.dtype), getattr(leaf, "sharding", None))
+
+            out[item] = jax.tree_util.tree_map_with_path(place, abstract_tree)
+        return out
 
     def set_aside_after(self, step: int) -> list[Path]:
         """Moves the step directories newer than `step` (unreadable ones a resume skipped) to
@@ -205,10 +292,11 @@ class Checkpointer:
         self._mngr.close()
 
 
-def tree_difference(stored, wanted) -> str | None:
-    """The first path (sorted) present in only one of two parameter trees, or whose shapes differ; or None."""
-    have = {path_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(stored)}
-    want = {path_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(wanted)}
+def _shapes(tree) -> dict[str, tuple]:
+    return {path_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _difference(have: dict, want: dict) -> str | None:
     for path in sorted(have.keys() | want.keys()):
         if path not in want:
             return f"{path} is in the checkpoint, not in the model"
@@ -239,6 +327,12 @@ def _silence_abandoned_reads() -> None:
     hook._jaxlm = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_drop_abandoned_read_futures)  # "... exception was never retrieved"
+
+
+def _drop_item_metadata_notice(record: logging.LogRecord) -> bool:
+    """orbax looks for a step's _CHECKPOINT_METADATA in an item's directory too, and says it is not there."""
+    message = record.getMessage()
+    return not (message.startswith("Metadata file does not exist") and message.endswith("_CHECKPOINT_METADATA"))
 
 
 def _drop_abandoned_read_futures(record: logging.LogRecord) -> bool:
