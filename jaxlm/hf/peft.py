@@ -314,6 +314,11 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
         if name not in modules.named:
             raise ConfigError(f"{where}: the adapter adapts {name!r}, which this {arch} base does not have")
         module, layers, paths, i = modules.named[name]
+        if not all(_role(p) for p in paths):
+            raise ConfigError(
+                f"{where}: the adapter adapts {name!r}, which jaxlm's LoRA does not target (it adapts the token "
+                f"table, the read-out and the layers' projections: peft.targets from {', '.join(LORA_TARGETS)})"
+            )
         A, B = ab["lora_A"], ab["lora_B"]
         rank = A.shape[0]
         scale = lora_scale(_pattern(conf.get("alpha_pattern"), name, alpha), rank, rslora)
@@ -364,9 +369,7 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
                 b = np.zeros((R, *b0.shape[1:]), np.float32)
             rows.append((a, b))
         values[path] = (np.stack([a for a, _ in rows]), np.stack([b for _, b in rows])) if layers else rows[0]
-    roles = {
-        "embed" if p == ("embed", "embedding") else "lm_head" if p == ("lm_head",) else ROLES[p[-1]] for p in per_path
-    }
+    roles = {_role(p) for p in per_path}
     targets = tuple(t for t in LORA_TARGETS if t in roles)
     pc = PeftConfig(
         method="lora",
@@ -377,6 +380,13 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
         targets=targets,
     )
     return pc, values  # weights of a targeted role the adapter leaves alone keep B = 0 (no update)
+
+
+def _role(path: tuple) -> str | None:
+    """The peft.targets entry that adapts the weight at `path`, or None if jaxlm's LoRA cannot adapt it."""
+    if path == ("embed", "embedding"):
+        return "embed"
+    return "lm_head" if path == ("lm_head",) else ROLES.get(path[-1]) if len(path) > 1 else None
 
 
 def _in_dims(path: tuple) -> int:

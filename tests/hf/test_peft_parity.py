@@ -204,3 +204,20 @@ def test_unsupported_adapter_settings_are_named(base, tmp_path):
     conf_path.write_text(json.dumps({**conf, "use_dora": False, "peft_type": "IA3"}))
     with pytest.raises(ConfigError, match="IA3"):
         load_adapter(model, tmp_path / "a", arch=arch)
+
+
+def test_a_lora_on_a_module_jaxlm_cannot_adapt_is_named(tmp_path):
+    """BERT's MLM transform (cls.predictions.transform.dense) is a linear outside the layers, neither the token
+    table nor the read-out: a ConfigError naming it, not a KeyError."""
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+        )
+    ).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["transform.dense", "query"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(bert), lora).save_pretrained(tmp_path / "a")
+    model, arch = ours(tmp_path / "bert")
+    with pytest.raises(ConfigError, match=r"adapts 'cls\.predictions\.transform\.dense', which jaxlm's LoRA"):
+        load_adapter(model, tmp_path / "a", arch=arch)
