@@ -106,6 +106,7 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxlm.config import ConfigError
+    from jaxlm.data.chat import stop_ids
     from jaxlm.generate import Generator
     from jaxlm.train.run_dir import load_run
 
@@ -129,7 +130,7 @@ def cmd_generate(args) -> int:
         draft = load_draft(args.draft, tokenizer)
     gen = Generator(model, prefix_lm=cfg.train.objective == "prefix_lm", draft=draft, draft_tokens=args.draft_tokens)
     outs = gen.generate(
-        prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, sources=sources, **sampling
+        prompts, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tokenizer), sources=sources, **sampling
     )
     if draft is not None and gen.stats["drafted"]:
         s = gen.stats

@@ -9,6 +9,7 @@ its `source` there, once) and `decode(tokens, positions, valid, cache=, cache_in
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +65,12 @@ class Generator:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-        eos_id: int | None = None,
+        stop_ids: Iterable[int] = (),
         sources: list[list[int]] | None = None,
+        with_stop: bool = False,
     ) -> list[list[int]]:
-        """New tokens for each prompt, stopping at `eos_id` (excluded) or `max_new_tokens`.
+        """New tokens for each prompt, up to a token of `stop_ids` (`jaxlm.data.chat.stop_ids(tokenizer)`; the
+        stop token is left out, or ends the row with `with_stop`) or `max_new_tokens` (stop token included).
 
         Row b samples with seed `seed` and stream b (`jaxlm.engine`), whatever the other rows are.
 
@@ -93,7 +96,7 @@ class Generator:
             shrink=False,  # one batch: compile one row count
             kv_blocks=self._blocks(prompts, max_new_tokens),
         )
-        stops = frozenset() if eos_id is None else frozenset({int(eos_id)})
+        stops = frozenset(int(i) for i in stop_ids)
         requests = [
             engine.submit(
                 Request(
@@ -111,7 +114,7 @@ class Generator:
         ]
         engine.run()
         self.stats = engine.stats
-        return [r.tokens for r in requests]
+        return [r.tokens + [r.stop_token] if with_stop and r.stop_token is not None else r.tokens for r in requests]
 
     def _blocks(self, prompts, max_new_tokens: int) -> int:
         """The KV pool of one batch: the blocks its rows may hold, rounded up to a power of two (few shapes)."""

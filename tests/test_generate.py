@@ -59,14 +59,28 @@ def test_full_context_slides_instead_of_failing(base):
     assert out == generate_uncached(model, prompt, max_new_tokens=50, window_shift=5)
 
 
-def test_eos_stops_each_row():
+def test_stop_tokens_stop_each_row():
+    """Any of the stop tokens ends a row (left out, or kept with with_stop), each row at its own."""
     model = model_for("llama_tiny", max_seq_len=64)
     gen = Generator(model)
     free = gen.generate([[1, 2], [5]], max_new_tokens=40, temperature=0.0)
-    eos = free[0][3]
-    out = gen.generate([[1, 2], [5]], max_new_tokens=40, temperature=0.0, eos_id=eos)
-    assert out[0] == free[0][:3]
-    assert out[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
+    first, second = free[0][3], free[1][5]
+    stops = {first, second}
+    out = gen.generate([[1, 2], [5]], max_new_tokens=40, temperature=0.0, stop_ids=stops)
+    cut = [next(k for k, t in enumerate(row) if t in stops) for row in free]
+    assert out == [free[0][: cut[0]], free[1][: cut[1]]] and cut[0] <= 3 and cut[1] <= 5
+    kept = gen.generate([[1, 2], [5]], max_new_tokens=40, temperature=0.0, stop_ids=stops, with_stop=True)
+    assert kept == [free[0][: cut[0] + 1], free[1][: cut[1] + 1]]
+
+
+def test_stop_ids_are_end_of_text_and_chatml_turns():
+    from jaxlm.data.chat import CHATML_TOKENS, stop_ids
+    from jaxlm.data.tokenizer import ByteTokenizer, build_tokenizer
+
+    assert stop_ids(ByteTokenizer()) == {ByteTokenizer().eos_id}
+    bpe = build_tokenizer("bpe", ["To be, or not to be"] * 20, 300)
+    bpe.add_special_tokens(list(CHATML_TOKENS))
+    assert stop_ids(bpe) == {bpe.eos_id, *(bpe.token_id(t) for t in CHATML_TOKENS)}
 
 
 def test_sampling_is_seeded():

@@ -23,6 +23,13 @@ CHATML = (
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
+def stop_ids(tokenizer) -> frozenset[int]:
+    """The tokens that end an answer: end of text, and ChatML's turn tokens where the tokenizer has them (a
+    turn's end, or the start of another). Serving, generation, RL rollouts and exact match all stop on these."""
+    token_id = getattr(tokenizer, "token_id", lambda _: None)
+    return frozenset({tokenizer.eos_id} | {i for t in CHATML_TOKENS if (i := token_id(t)) is not None})
+
+
 @functools.cache
 def _compile(template: str):
     import jinja2

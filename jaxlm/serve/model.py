@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template, render
+from jaxlm.data.chat import CHATML, read_template, render
+from jaxlm.data.chat import stop_ids as answer_stops
 from jaxlm.data.tokenizer import same_vocabulary
 from jaxlm.errors import ConfigError, DataError
 
@@ -25,10 +26,7 @@ class Served:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """End of text, and ChatML's end of turn where the tokenizer has it."""
-        ids = {self.tokenizer.eos_id}
-        end_turn = getattr(self.tokenizer, "token_id", lambda _: None)(CHATML_TOKENS[1])
-        return frozenset(ids | ({end_turn} if end_turn is not None else set()))
+        return answer_stops(self.tokenizer)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         special = getattr(self.tokenizer, "special_tokens", {})

@@ -8,7 +8,7 @@ Generation stops at the end-of-text token or the template's end-of-turn token.
 
 from __future__ import annotations
 
-from jaxlm.data.chat import CHATML_TOKENS, read_template, render
+from jaxlm.data.chat import read_template, render, stop_ids
 from jaxlm.generate import Generator
 
 
@@ -46,19 +46,16 @@ def exact_match(
         raise ValueError("exact match needs at least one example")
     template = read_template(chat_template, tokenizer) if any("messages" in e for e in examples) else None
     asked = [prompt_and_answer(e, tokenizer, template) for e in examples]
-    stops = {tokenizer.eos_id} | {
-        i for t in CHATML_TOKENS if (i := getattr(tokenizer, "token_id", lambda _: None)(t)) is not None
-    }
     generator = Generator(model, prefix_lm=prefix_lm)
     hits, rows = [], []
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]))  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         budget = max(len(tokenizer.encode(asked[i][1])) for i in chunk) + extra_tokens
-        outs = generator.generate([asked[i][0] for i in chunk], max_new_tokens=budget, temperature=0.0)
+        prompts = [asked[i][0] for i in chunk]
+        outs = generator.generate(prompts, max_new_tokens=budget, temperature=0.0, stop_ids=stop_ids(tokenizer))
         for i, out in zip(chunk, outs):
-            cut = next((k for k, t in enumerate(out) if t in stops), len(out))
-            answer = tokenizer.decode(out[:cut])
+            answer = tokenizer.decode(out)
             hits.append((i, _same(answer, asked[i][1])))
             rows.append((i, answer))
     by_index, answers = dict(hits), dict(rows)

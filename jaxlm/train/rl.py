@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import RL_OBJECTIVES, Config, ConfigError
-from jaxlm.data.chat import CHATML_TOKENS, read_template
+from jaxlm.data.chat import read_template, stop_ids
 from jaxlm.data.instructions import RowLoader
 from jaxlm.data.prompts import encode_prompt, prompt_messages, reward_fields
 from jaxlm.data.tokenizer import same_vocabulary
@@ -132,8 +132,7 @@ class Rollouts:
         self.cfg, self.tokenizer, self.sharded = cfg, tokenizer, sharded
         ac = cfg.align
         self.T, self.R = cfg.data.seq_len, ac.response_len
-        ids = getattr(tokenizer, "token_id", lambda _: None)
-        self.stops = {tokenizer.eos_id} | ({i} if (i := ids(CHATML_TOKENS[1])) is not None else set())  # end of turn
+        self.stops = stop_ids(tokenizer)
         self.generator = None
         self.sampling = dict(temperature=ac.temperature, top_k=ac.top_k, top_p=ac.top_p)
 
@@ -144,18 +143,9 @@ class Rollouts:
             self.generator = Generator(model)
         else:  # the same model with new weights: no recompilation
             self.generator.params = nnx.state(model)
-        outs = self.generator.generate(
-            prompts, max_new_tokens=self.R, seed=seed, eos_id=self.tokenizer.eos_id, **self.sampling
+        return self.generator.generate(
+            prompts, max_new_tokens=self.R, seed=seed, stop_ids=self.stops, with_stop=True, **self.sampling
         )
-        responses = []
-        for out in outs:
-            cut = next((k for k, t in enumerate(out) if t in self.stops), None)
-            if cut is not None:
-                out = out[: cut + 1]
-            elif len(out) < self.R:  # the generator stopped at end-of-text, which it leaves out
-                out = [*out, self.tokenizer.eos_id]
-            responses.append(out[: self.R])
-        return responses
 
     def rows(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, np.ndarray]:
         """tokens, valid (B, T); response (B, T-1): targets that are response tokens; reward_valid (B, T): the

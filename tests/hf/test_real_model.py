@@ -70,7 +70,7 @@ def test_greedy_chat_answers_equal_transformers_generate(ours, reference):
     assert prompts[0] == ref_tok.apply_chat_template(
         [{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    got = Generator(model).generate(prompts, max_new_tokens=40, temperature=0.0, eos_id=tok.eos_id)
+    got = Generator(model).generate(prompts, max_new_tokens=40, temperature=0.0, stop_ids=[tok.eos_id])
     for p, answer in zip(prompts, got):
         with torch.no_grad():
             out = ref.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False)[0, len(p) :].tolist()

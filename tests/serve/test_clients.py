@@ -11,7 +11,7 @@ from jaxlm.generate import Generator
 
 def greedy(service, prompt_ids, n):
     served = service.served
-    out = Generator(served.model).generate([prompt_ids], max_new_tokens=n, temperature=0.0, eos_id=256)[0]
+    out = Generator(served.model).generate([prompt_ids], max_new_tokens=n, temperature=0.0, stop_ids=[256])[0]
     return served.tokenizer.decode(out)
 
 

@@ -14,7 +14,7 @@ def test_prompt_and_answer_for_both_formats(corpus_file):
     assert tok.decode(ids) == "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n" and ref == "ROMEO"
 
 
-def test_exact_match_cuts_at_stops_and_ignores_surrounding_space(monkeypatch, corpus_file):
+def test_exact_match_stops_at_the_stop_tokens_and_ignores_surrounding_space(monkeypatch, corpus_file):
     tok = BPETokenizer.train([corpus_file.read_text(encoding="utf-8")], 300)
     tok.add_special_tokens(["<|im_end|>"])
     end = tok.token_id("<|im_end|>")
@@ -27,10 +27,11 @@ def test_exact_match_cuts_at_stops_and_ignores_surrounding_space(monkeypatch, co
             assert prefix_lm is False
             pass
 
-        def generate(self, prompts, *, max_new_tokens, temperature):
-            assert temperature == 0.0
+        def generate(self, prompts, *, max_new_tokens, temperature, stop_ids):
+            assert temperature == 0.0 and stop_ids == {tok.eos_id, end}  # end of text and of turn
             asked.append(max_new_tokens)
-            return [said[tok.decode(p)] for p in prompts]
+            rows = [said[tok.decode(p)] for p in prompts]
+            return [row[: next((k for k, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
     monkeypatch.setattr("jaxlm.train.exact_match.Generator", Answers)
     examples = [
