@@ -1,28 +1,40 @@
-"""jaxlm: the language-model stack as readable, fast, tested JAX."""
+"""jaxlm: the language-model stack as readable, fast, tested JAX.
 
-from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig, load_config
-from jaxlm.hf import from_gguf, from_hf, to_hf
-from jaxlm.nn.models import build_model
-from jaxlm.nn.seq2seq import EncoderDecoderLM
-from jaxlm.nn.transformer import TransformerLM
-from jaxlm.presets import PRESETS, get_preset
+The names below load on first use (PEP 562), so `import jaxlm.ops` stays as light as the ops themselves.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "EncoderDecoderLM",
-    "MeshConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "TransformerLM",
-    "build_model",
-    "from_gguf",
-    "from_hf",
-    "get_preset",
-    "load_config",
-    "to_hf",
-]
+_WHERE = {
+    "Config": "jaxlm.config",
+    "ConfigError": "jaxlm.config",
+    "DataConfig": "jaxlm.config",
+    "MeshConfig": "jaxlm.config",
+    "ModelConfig": "jaxlm.config",
+    "TrainConfig": "jaxlm.config",
+    "load_config": "jaxlm.config",
+    "from_gguf": "jaxlm.hf",
+    "from_hf": "jaxlm.hf",
+    "to_hf": "jaxlm.hf",
+    "build_model": "jaxlm.nn.models",
+    "EncoderDecoderLM": "jaxlm.nn.seq2seq",
+    "TransformerLM": "jaxlm.nn.transformer",
+    "PRESETS": "jaxlm.config",
+    "get_preset": "jaxlm.config",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])

@@ -177,8 +177,7 @@ def cmd_eval(args) -> int:
 
     from jaxlm.config import RL_OBJECTIVES, ConfigError, MeshConfig
     from jaxlm.train.data import load_splits, make_batches
-    from jaxlm.train.finetune import base_params_for
-    from jaxlm.train.run_dir import load_run
+    from jaxlm.train.run_dir import base_params_for, load_run
     from jaxlm.train.sharded import ShardedTraining
     from jaxlm.train.step import split_model
     from jaxlm.train.trainer import describe_eval, evaluate

@@ -28,6 +28,7 @@ from jaxlm.choices import (
     ROPE_SCALINGS,
 )
 from jaxlm.errors import ConfigError
+from jaxlm.presets import PRESET_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -626,8 +627,6 @@ def from_dict(cls, data: Any, prefix: str = ""):
     data = dict(data)
     base = None
     if cls is ModelConfig and "preset" in data:
-        from jaxlm.presets import get_preset
-
         base = get_preset(data.pop("preset"))
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -734,3 +733,14 @@ def to_dict(config) -> dict:
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+# After every check ModelConfig runs is defined.
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**fields) for name, fields in PRESET_FIELDS.items()}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A published architecture (`jaxlm.presets`), as `model: {preset: NAME}` in YAML reads it."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset {name!r} is unknown; available: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,14 +1,13 @@
-"""Model presets: published architectures as `ModelConfig` values (data, not subclasses).
+"""Model presets: published architectures as `ModelConfig` field values (data, not subclasses).
+
+This module is data alone (no jaxlm imports): `jaxlm.config` builds `PRESETS` (ModelConfig values) from it
+and reads the `preset` key with `get_preset`.
 
 Use one in YAML with `model: {preset: llama2_7b}`; further keys override it.
 The tiny trainable configs live in `configs/*.yaml`.
 """
 
 from __future__ import annotations
-
-import dataclasses
-
-from jaxlm.config import ConfigError, ModelConfig
 
 _GPT2 = dict(
     position="learned",
@@ -24,9 +23,9 @@ _LLAMA = dict(position="rope", norm="rmsnorm", mlp="gated", activation="silu")
 _GEMMA = dict(_LLAMA, activation="gelu_tanh", norm_eps=1e-6, norm_offset=1.0, post_norms=True, embed_scale=True)
 _GEMMA.update(tie_embeddings=True)
 
-PRESETS: dict[str, ModelConfig] = {
+PRESET_FIELDS: dict[str, dict] = {
     # Radford et al. 2019; 124,439,808 parameters.
-    "gpt2_124m": ModelConfig(
+    "gpt2_124m": dict(
         vocab_size=50257,
         d_model=768,
         num_layers=12,
@@ -37,7 +36,7 @@ PRESETS: dict[str, ModelConfig] = {
         **_GPT2,
     ),
     # Touvron et al. 2023; 6,738,415,616 parameters.
-    "llama2_7b": ModelConfig(
+    "llama2_7b": dict(
         vocab_size=32000,
         d_model=4096,
         num_layers=32,
@@ -48,7 +47,7 @@ PRESETS: dict[str, ModelConfig] = {
         **_LLAMA,
     ),
     # Meta 2024; 8,030,261,248 parameters.
-    "llama3_8b": ModelConfig(
+    "llama3_8b": dict(
         vocab_size=128256,
         d_model=4096,
         num_layers=32,
@@ -61,7 +60,7 @@ PRESETS: dict[str, ModelConfig] = {
         **_LLAMA,
     ),
     # Gemma Team 2024 (google/gemma-2-2b); 2,614,341,888 parameters.
-    "gemma2_2b": ModelConfig(
+    "gemma2_2b": dict(
         vocab_size=256000,
         d_model=2304,
         num_layers=26,
@@ -78,7 +77,7 @@ PRESETS: dict[str, ModelConfig] = {
         **_GEMMA,
     ),
     # Qwen Team 2025 (Qwen/Qwen3-0.6B); 596,049,920 parameters (tied embeddings).
-    "qwen3_0_6b": ModelConfig(
+    "qwen3_0_6b": dict(
         vocab_size=151936,
         d_model=1024,
         num_layers=28,
@@ -94,7 +93,7 @@ PRESETS: dict[str, ModelConfig] = {
         **_LLAMA,
     ),
     # Abdin et al. 2024 (microsoft/Phi-3-mini-4k-instruct); 3,821,079,552 parameters.
-    "phi3_mini": ModelConfig(
+    "phi3_mini": dict(
         vocab_size=32064,
         d_model=3072,
         num_layers=32,
@@ -106,9 +105,3 @@ PRESETS: dict[str, ModelConfig] = {
         **_LLAMA,
     ),
 }
-
-
-def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"model.preset {name!r} is unknown; available: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])

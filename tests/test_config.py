@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.config import PRESETS, Config, ConfigError, load_config, save_config
 from jaxlm.nn.models import build_model, count_params
-from jaxlm.presets import PRESETS
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 

@@ -84,7 +84,7 @@ def _adapter_to_run(adapter: Path, run: RunDir, base) -> str:
     from jaxlm.hf.peft import load_adapter, read_adapter_config
     from jaxlm.nn.adapters import Adapter
     from jaxlm.nn.models import build_model
-    from jaxlm.train.finetune import load_base
+    from jaxlm.train.run_dir import load_base
 
     named = read_adapter_config(adapter).get("base_model_name_or_path")
     base = base or named
@@ -135,7 +135,7 @@ def run_to_hf(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> s
 def _run_adapter_to_hf(cfg: Config, model, out) -> str:
     from jaxlm.hf.families import architecture_for
     from jaxlm.hf.peft import save_adapter
-    from jaxlm.train.finetune import load_base
+    from jaxlm.train.run_dir import load_base
 
     arch = architecture_for(cfg.model)
     base = Path(cfg.finetune.init_from).expanduser()

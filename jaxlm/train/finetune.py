@@ -1,6 +1,6 @@
 """Fine-tuning starts from weights: `finetune.init_from` names a jaxlm run directory or a Hugging Face directory.
 
-`load_base(path)` reads its model config, tokenizer and parameters; `resolve(cfg, base)` takes the model's
+`jaxlm.train.run_dir.load_base(path)` reads its model config, tokenizer and parameters; `resolve(cfg, base)` takes the model's
 shape from the base (the run's own `model` section may only change how it runs: dropout, remat, scan,
 attention implementation) so the resolved config written to the new run names one consistent model.
 """
@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config, ConfigError, ModelConfig
-from jaxlm.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -32,59 +29,6 @@ RUNTIME_FIELDS = (
     "dtype",
     "param_dtype",
 )
-
-
-class Base(NamedTuple):
-    model: ModelConfig
-    tokenizer: object
-    params: nnx.State  # the model's Params (host arrays)
-    source: str  # what it was read from, for messages and the run's metadata
-
-
-def load_base(path: str) -> Base:
-    """Model config, tokenizer and parameters of a jaxlm run directory or a Hugging Face model directory."""
-    directory = Path(path).expanduser()
-    hint = (
-        "a jaxlm run directory (make the default one with `jaxlm train configs/llama_tiny.yaml`) or a Hugging Face "
-        "model directory (config.json + model.safetensors)"
-    )
-    if not directory.is_dir():
-        raise DataError(f"finetune.init_from {path!r} does not exist; it should be {hint}")
-    if (directory / "config.yaml").is_file():
-        from jaxlm.peft import loras, merge
-        from jaxlm.train.run_dir import load_run
-
-        cfg, tokenizer, model, step = load_run(directory)
-        if cfg.peft.method in ("prompt", "prefix", "qlora"):
-            raise ConfigError(
-                f"finetune.init_from {path}: a {cfg.peft.method} run is adapters on another base; start from that "
-                "base, or from a merged export (`jaxlm convert --to-hf RUN --merge`)"
-            )
-        if loras(model):  # a LoRA run: its adapters merged into its base
-            merge(model)
-        return Base(cfg.model, tokenizer, _host(_base_params(model)), f"{directory} (step {step})")
-    if (directory / "config.json").is_file():
-        from jaxlm.hf import from_hf
-
-        model, tokenizer, arch = from_hf(directory)
-        if tokenizer is None:
-            raise DataError(f"finetune.init_from {path}: the Hugging Face directory has no tokenizer.json")
-        return Base(model.cfg, tokenizer, _host(nnx.state(model, nnx.Param)), f"{directory} ({arch})")
-    raise DataError(f"finetune.init_from {path!r} has neither config.yaml nor config.json; it should be {hint}")
-
-
-def _base_params(model) -> nnx.State:
-    """The Params of the unadapted model (a merged LoRA run's weights without its adapters)."""
-    from jaxlm.nn.models import build_model
-
-    abstract = nnx.eval_shape(lambda: build_model(model.cfg, rngs=nnx.Rngs(0)))
-    wanted = {p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-    flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p in wanted]
-    return nnx.from_flat_state(flat)
-
-
-def _host(state: nnx.State) -> nnx.State:
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
 
 
 def resolve(cfg: Config, base: ModelConfig) -> Config:
@@ -153,12 +97,3 @@ def fit_head(cfg: Config, params: nnx.State, base: ModelConfig) -> nnx.State:
         flat += [(("value_head",), param(np.zeros((m.d_model, 1)), ("embed", None)))]
         flat += [(("value_bias",), param(np.zeros(1), (None,)))]
     return nnx.from_flat_state(flat)
-
-
-def base_params_for(cfg: Config) -> nnx.State:
-    """The parameters of cfg's finetune.init_from as cfg's model takes them: vocabulary grown to cfg's (a chat
-    template's tokens), head fitted (a reward model's)."""
-    base = load_base(cfg.finetune.init_from)
-    as_base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=base.model.vocab_size))
-    _, params = grow_vocab(as_base, base.params, cfg.model.vocab_size)
-    return fit_head(cfg, params, base.model)

@@ -4,20 +4,29 @@ RUN_DIR/config.yaml      the resolved Config (every field)
 RUN_DIR/tokenizer.json   BPE (Hugging Face `tokenizers` format) or a byte marker
 RUN_DIR/metrics.jsonl    one JSON object per logged step / evaluation
 RUN_DIR/checkpoints/N/   orbax: params, opt_state, meta
+
+and its loaders: `load_run` (a run, a PEFT run with its base) and `load_base` (what fine-tuning starts from: a
+run or a Hugging Face directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
+import numpy as np
 from flax import nnx
 
-from jaxlm.config import Config, ConfigError, load_config
+from jaxlm.config import Config, ConfigError, ModelConfig, load_config
 from jaxlm.data.tokenizer import DataError, Tokenizer, load_tokenizer
+from jaxlm.hf import from_hf
 from jaxlm.nn.adapters import Adapter
 from jaxlm.nn.models import build_model
+from jaxlm.peft import apply_peft, loras, merge
 from jaxlm.train.checkpoint import Checkpointer, abstract
+from jaxlm.train.finetune import fit_head, grow_vocab
 
 
 class RunDir:
@@ -78,9 +87,6 @@ def load_run(path: str | Path) -> tuple[Config, Tokenizer, nnx.Module, int]:
 
 def peft_model(cfg: Config, tokenizer) -> nnx.Module:
     """The base of finetune.init_from with cfg's (freshly initialised) adapters."""
-    from jaxlm.peft import apply_peft
-    from jaxlm.train.finetune import base_params_for
-
     if not cfg.finetune.init_from:
         raise DataError(f"a peft.method={cfg.peft.method} run needs its base, but finetune.init_from is empty")
     try:
@@ -93,3 +99,58 @@ def peft_model(cfg: Config, tokenizer) -> nnx.Module:
     except (ValueError, KeyError) as e:
         raise DataError(f"the base at {cfg.finetune.init_from} does not fit this run's model: {e}") from None
     return apply_peft(model, cfg.peft, seed=cfg.train.seed)
+
+
+class Base(NamedTuple):
+    model: ModelConfig
+    tokenizer: object
+    params: nnx.State  # the model's Params (host arrays)
+    source: str  # what it was read from, for messages and the run's metadata
+
+
+def load_base(path: str) -> Base:
+    """Model config, tokenizer and parameters of a jaxlm run directory or a Hugging Face model directory."""
+    directory = Path(path).expanduser()
+    hint = (
+        "a jaxlm run directory (make the default one with `jaxlm train configs/llama_tiny.yaml`) or a Hugging Face "
+        "model directory (config.json + model.safetensors)"
+    )
+    if not directory.is_dir():
+        raise DataError(f"finetune.init_from {path!r} does not exist; it should be {hint}")
+    if (directory / "config.yaml").is_file():
+        cfg, tokenizer, model, step = load_run(directory)
+        if cfg.peft.method in ("prompt", "prefix", "qlora"):
+            raise ConfigError(
+                f"finetune.init_from {path}: a {cfg.peft.method} run is adapters on another base; start from that "
+                "base, or from a merged export (`jaxlm convert --to-hf RUN --merge`)"
+            )
+        if loras(model):  # a LoRA run: its adapters merged into its base
+            merge(model)
+        return Base(cfg.model, tokenizer, _host(_base_params(model)), f"{directory} (step {step})")
+    if (directory / "config.json").is_file():
+        model, tokenizer, arch = from_hf(directory)
+        if tokenizer is None:
+            raise DataError(f"finetune.init_from {path}: the Hugging Face directory has no tokenizer.json")
+        return Base(model.cfg, tokenizer, _host(nnx.state(model, nnx.Param)), f"{directory} ({arch})")
+    raise DataError(f"finetune.init_from {path!r} has neither config.yaml nor config.json; it should be {hint}")
+
+
+def _base_params(model) -> nnx.State:
+    """The Params of the unadapted model (a merged LoRA run's weights without its adapters)."""
+    abstract = nnx.eval_shape(lambda: build_model(model.cfg, rngs=nnx.Rngs(0)))
+    wanted = {p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p in wanted]
+    return nnx.from_flat_state(flat)
+
+
+def _host(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+
+
+def base_params_for(cfg: Config) -> nnx.State:
+    """The parameters of cfg's finetune.init_from as cfg's model takes them: vocabulary grown to cfg's (a chat
+    template's tokens), head fitted (a reward model's)."""
+    base = load_base(cfg.finetune.init_from)
+    as_base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=base.model.vocab_size))
+    _, params = grow_vocab(as_base, base.params, cfg.model.vocab_size)
+    return fit_head(cfg, params, base.model)

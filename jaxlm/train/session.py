@@ -34,8 +34,8 @@ from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, CheckpointMeta, abstract
 from jaxlm.train.data import load_splits, reserved_ids, tokenizer_texts
-from jaxlm.train.finetune import fit_head, grow_vocab, load_base, resolve
-from jaxlm.train.run_dir import RunDir, check_resumable
+from jaxlm.train.finetune import fit_head, grow_vocab, resolve
+from jaxlm.train.run_dir import RunDir, check_resumable, load_base
 from jaxlm.train.sharded import ShardedTraining
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.config import load_config
+from jaxlm.config import PRESETS, load_config
 from jaxlm.nn.transformer import TransformerLM
-from jaxlm.presets import PRESETS
 
 AXES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", None, "layers"}
 
