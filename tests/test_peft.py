@@ -128,7 +128,8 @@ def test_prefix_reparameterization_folds_to_the_same_model():
 
 def test_init_from_errors_and_shape_conflicts(tmp_path, tiny_config):
     from jaxlm.errors import DataError
-    from jaxlm.train.finetune import grow_vocab, load_base, resolve
+    from jaxlm.train.finetune import grow_vocab, resolve
+    from jaxlm.train.run_dir import load_base
 
     with pytest.raises(DataError, match="does not exist.*jaxlm train configs/llama_tiny.yaml"):
         load_base(str(tmp_path / "missing"))
