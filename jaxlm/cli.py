@@ -105,30 +105,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxlm.config import ConfigError
     from jaxlm.data.chat import stop_ids
     from jaxlm.generate import Generator
-    from jaxlm.train.run_dir import load_run
+    from jaxlm.train.run_dir import load_model_dir
 
-    cfg, tokenizer, model, step = load_run(args.run_dir)
-    if cfg.model.head != "lm":
-        raise ConfigError(
-            f"{args.run_dir} holds a model with head={cfg.model.head} (it scores text, it does not write it): "
-            "generate from a language model (model.head=lm)"
-        )
+    loaded = load_model_dir(args.run_dir, what="jaxlm generate", generates=True)
+    tokenizer, model, m = loaded.tokenizer, loaded.model, loaded.model.cfg
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    seq2seq = bool(cfg.model.decoder_layers)
+    seq2seq = bool(m.decoder_layers)
     sources = None
     if seq2seq:  # the prompt is the source; the output is the decoder's text, from its start token
-        start = tokenizer.eos_id if cfg.model.decoder_start_id < 0 else cfg.model.decoder_start_id
+        start = tokenizer.eos_id if m.decoder_start_id < 0 else m.decoder_start_id
         sources, prompts = prompts, [[start]] * len(prompts)
     draft = None
     if args.draft:
         from jaxlm.serve.model import load_draft
 
         draft = load_draft(args.draft, tokenizer)
-    gen = Generator(model, prefix_lm=cfg.train.objective == "prefix_lm", draft=draft, draft_tokens=args.draft_tokens)
+    gen = Generator(model, prefix_lm=loaded.prefix_lm, draft=draft, draft_tokens=args.draft_tokens)
     outs = gen.generate(
         prompts, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tokenizer), sources=sources, **sampling
     )
@@ -311,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a trained run",
         description="Continue each prompt with the latest checkpoint of RUN_DIR (prompts are batched).",
     )
-    g.add_argument("run_dir", help="a run directory written by `jaxlm train`")
+    g.add_argument(
+        "run_dir", help="a run directory written by `jaxlm train`, a Hugging Face model directory or a GGUF file"
+    )
     g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     g.add_argument("--max-new-tokens", type=_number(int, 1), default=200, help="tokens to generate (default 200)")
     g.add_argument("--temperature", type=_number(float, 0.0), default=0.8, help="0 = greedy (default 0.8)")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxlm.data.chat import CHATML, read_template, render
+from jaxlm.data.chat import render
 from jaxlm.data.chat import stop_ids as answer_stops
 from jaxlm.data.tokenizer import same_vocabulary
-from jaxlm.errors import ConfigError, DataError
+from jaxlm.errors import ConfigError
+from jaxlm.train.run_dir import load_model_dir
 
 
 @dataclasses.dataclass
@@ -45,7 +46,8 @@ def load_draft(spec: str, tokenizer):
     the same tokenizer."""
     if spec == "ngram":
         return "ngram"
-    model, draft_tokenizer, _, _ = _load(Path(spec))
+    draft = load_model_dir(spec, what="the draft model (--draft)", generates=True)
+    model, draft_tokenizer = draft.model, draft.tokenizer
     if not same_vocabulary(draft_tokenizer, tokenizer):
         raise ConfigError(
             f"the draft {spec} reads another tokenizer than the model: train it with the model's tokenizer "
@@ -57,33 +59,7 @@ def load_draft(spec: str, tokenizer):
 def _load(path: Path):
     """(model, tokenizer, chat template, prefix_lm) of a run or Hugging Face directory or a GGUF file, checked
     for serving."""
-    if path.is_file() and path.suffix == ".gguf":
-        from jaxlm.hf.gguf import from_gguf
-
-        model, tokenizer, _ = from_gguf(path)
-        template, prefix_lm = tokenizer.chat_template or CHATML, False
-    elif not path.is_dir():
-        raise DataError(f"model directory not found: {path}")
-    elif (path / "config.yaml").is_file():
-        from jaxlm.train.run_dir import load_run
-
-        cfg, tokenizer, model, _ = load_run(path)
-        template = read_template(cfg.data.chat_template, tokenizer)
-        prefix_lm = cfg.train.objective == "prefix_lm"
-    elif (path / "config.json").is_file():
-        from jaxlm.hf.io import from_hf
-
-        model, tokenizer, _ = from_hf(path)
-        if tokenizer is None:
-            raise DataError(f"{path} has no tokenizer.json: a served model needs its tokenizer")
-        template, prefix_lm = getattr(tokenizer, "chat_template", None) or CHATML, False
-    else:
-        raise DataError(f"{path} is neither a jaxlm run (config.yaml) nor a Hugging Face model (config.json)")
-    cfg = model.cfg
-    if cfg.decoder_layers:
+    loaded = load_model_dir(path, what="jaxlm serve", generates=True)
+    if loaded.model.cfg.decoder_layers:
         raise ConfigError("jaxlm serve takes decoder-only models; use `jaxlm generate` for encoder-decoders")
-    if not cfg.causal:
-        raise ConfigError("a bidirectional model (e.g. BERT) cannot generate text")
-    if cfg.head != "lm":
-        raise ConfigError(f"this model has a {cfg.head!r} head (a reward model scores text, it does not generate)")
-    return model, tokenizer, template, prefix_lm
+    return loaded.model, loaded.tokenizer, loaded.template, loaded.prefix_lm

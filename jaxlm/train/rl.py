@@ -41,6 +41,8 @@ from jaxlm.generate import Generator
 from jaxlm.ops.rl import group_advantages
 from jaxlm.parallel.state import to_host
 from jaxlm.train.policy_gradient import explained_variance, make_scorer, ppo_advantages
+from jaxlm.train.preference import reward_scores
+from jaxlm.train.run_dir import load_model_dir
 from jaxlm.train.session import Session
 from jaxlm.train.sharded import ShardedTraining, on_mesh
 
@@ -88,12 +90,8 @@ class Reward:
             )
 
     def _model_init(self, path: Path, tokenizer):
-        from jaxlm.train.preference import reward_scores
-        from jaxlm.train.run_dir import load_run
-
-        cfg, rm_tokenizer, model, _ = load_run(path)
-        if cfg.model.head != "score":
-            raise ConfigError(f"align.reward {path} is not a reward model (its model.head is {cfg.model.head})")
+        loaded = load_model_dir(path, what="align.reward", head="score")
+        model, rm_tokenizer = loaded.model, loaded.tokenizer
         if not same_vocabulary(rm_tokenizer, tokenizer):
             raise ConfigError(
                 f"align.reward {path} reads another tokenizer ({rm_tokenizer.vocab_size} tokens; the policy's has "

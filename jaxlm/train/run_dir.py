@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config, ConfigError, ModelConfig, load_config
+from jaxlm.data.chat import CHATML, read_template
 from jaxlm.data.tokenizer import DataError, Tokenizer, load_tokenizer
-from jaxlm.hf import from_hf
+from jaxlm.hf import from_gguf, from_hf
 from jaxlm.nn.adapters import Adapter
 from jaxlm.nn.models import build_model
 from jaxlm.peft import apply_peft, loras, merge
@@ -101,6 +102,56 @@ def peft_model(cfg: Config, tokenizer) -> nnx.Module:
     return apply_peft(model, cfg.peft, seed=cfg.train.seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A model ready to use, with what it reads and how it was trained."""
+
+    model: nnx.Module
+    tokenizer: Tokenizer
+    template: str  # the chat template (the run's data.chat_template, the tokenizer's own, or ChatML)
+    prefix_lm: bool  # trained with train.objective=prefix_lm: prompts attend bidirectionally
+    source: str  # what was read, for messages and metadata: "DIR (step N)", "DIR (Arch)", "FILE (GGUF arch)"
+    cfg: Config | None = None  # a jaxlm run's whole config; None for Hugging Face directories and GGUF files
+
+
+def load_model_dir(path: str | Path, *, what: str, head: str | None = None, generates: bool = False) -> Loaded:
+    """The one loader of a jaxlm run directory (a PEFT run with its base), a Hugging Face model directory or a
+    GGUF file, checked against what the caller (`what`, named in every error) needs.
+
+    head: the head it must have ("lm" writes text, "score" scores it). generates: a causal model that
+    writes text (a language-model head, not bidirectional)."""
+    path = Path(path).expanduser()
+    hint = (
+        "a jaxlm run directory (config.yaml; make the default one with `jaxlm train configs/llama_tiny.yaml`), "
+        "a Hugging Face model directory (config.json + model.safetensors) or a GGUF file"
+    )
+    if path.is_file() and path.suffix == ".gguf":
+        model, tokenizer, arch = from_gguf(path)
+        loaded = Loaded(model, tokenizer, tokenizer.chat_template or CHATML, False, f"{path} (GGUF {arch})")
+    elif not path.is_dir():
+        raise DataError(f"{what}: {path} does not exist; it should be {hint}")
+    elif (path / "config.yaml").is_file():
+        cfg, tokenizer, model, step = load_run(path)
+        template = read_template(cfg.data.chat_template, tokenizer)
+        loaded = Loaded(model, tokenizer, template, cfg.train.objective == "prefix_lm", f"{path} (step {step})", cfg)
+    elif (path / "config.json").is_file():
+        model, tokenizer, arch = from_hf(path)
+        if tokenizer is None:
+            raise DataError(f"{what}: {path} has no tokenizer.json; jaxlm needs the model's tokenizer")
+        template = getattr(tokenizer, "chat_template", None) or CHATML
+        loaded = Loaded(model, tokenizer, template, False, f"{path} ({arch})")
+    else:
+        raise DataError(f"{what}: {path} has neither config.yaml nor config.json; it should be {hint}")
+    m = loaded.model.cfg
+    want = "lm" if generates else head
+    if want is not None and m.head != want:
+        does = "scores text, it does not write it" if m.head == "score" else "writes text, it does not score it"
+        raise ConfigError(f"{what}: {path} has a model.head={m.head} model (it {does}); {what} needs model.head={want}")
+    if generates and not m.causal:
+        raise ConfigError(f"{what}: {path} is a bidirectional model (e.g. BERT); it cannot generate text")
+    return loaded
+
+
 class Base(NamedTuple):
     model: ModelConfig
     tokenizer: object
@@ -109,30 +160,22 @@ class Base(NamedTuple):
 
 
 def load_base(path: str) -> Base:
-    """Model config, tokenizer and parameters of a jaxlm run directory or a Hugging Face model directory."""
-    directory = Path(path).expanduser()
-    hint = (
-        "a jaxlm run directory (make the default one with `jaxlm train configs/llama_tiny.yaml`) or a Hugging Face "
-        "model directory (config.json + model.safetensors)"
-    )
-    if not directory.is_dir():
-        raise DataError(f"finetune.init_from {path!r} does not exist; it should be {hint}")
-    if (directory / "config.yaml").is_file():
-        cfg, tokenizer, model, step = load_run(directory)
-        if cfg.peft.method in ("prompt", "prefix", "qlora"):
-            raise ConfigError(
-                f"finetune.init_from {path}: a {cfg.peft.method} run is adapters on another base; start from that "
-                "base, or from a merged export (`jaxlm convert --to-hf RUN --merge`)"
-            )
-        if loras(model):  # a LoRA run: its adapters merged into its base
-            merge(model)
-        return Base(cfg.model, tokenizer, _host(_base_params(model)), f"{directory} (step {step})")
-    if (directory / "config.json").is_file():
-        model, tokenizer, arch = from_hf(directory)
-        if tokenizer is None:
-            raise DataError(f"finetune.init_from {path}: the Hugging Face directory has no tokenizer.json")
-        return Base(model.cfg, tokenizer, _host(nnx.state(model, nnx.Param)), f"{directory} ({arch})")
-    raise DataError(f"finetune.init_from {path!r} has neither config.yaml nor config.json; it should be {hint}")
+    """Model config, tokenizer and parameters of what finetune.init_from names (see `load_model_dir`)."""
+    if not path:
+        raise DataError(
+            "finetune.init_from is empty: name a jaxlm run directory (make the default one with `jaxlm train "
+            "configs/llama_tiny.yaml`), a Hugging Face model directory or a GGUF file"
+        )
+    loaded = load_model_dir(path, what="finetune.init_from")
+    if loaded.cfg is not None and loaded.cfg.peft.method in ("prompt", "prefix", "qlora"):
+        raise ConfigError(
+            f"finetune.init_from {path}: a {loaded.cfg.peft.method} run is adapters on another base; start from "
+            "that base, or from a merged export (`jaxlm convert --to-hf RUN --merge`)"
+        )
+    model = loaded.model
+    if loras(model):  # a LoRA run: its adapters merged into its base
+        merge(model)
+    return Base(model.cfg, loaded.tokenizer, _host(_base_params(model)), loaded.source)
 
 
 def _base_params(model) -> nnx.State:

@@ -81,10 +81,10 @@ def test_serve_a_run_then_sigterm_exits_cleanly(pretrained):
 
 def test_serve_errors_come_before_compiling(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
-    assert "model directory not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2
-    assert "neither a jaxlm run" in capsys.readouterr().err
+    assert "neither config.yaml nor config.json" in capsys.readouterr().err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
