@@ -72,7 +72,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
-    assert "config.yaml is missing" in capsys.readouterr().err
+    assert "jaxlm generate: " in (err := capsys.readouterr().err) and "neither config.yaml nor config.json" in err
     run = tmp_path / "run"
     assert main(["train", "configs/llama_tiny.yaml", "data.source=/no/such/file.txt", f"train.run_dir={run}"]) == 2
     assert "/no/such/file.txt" in capsys.readouterr().err
