@@ -514,12 +514,16 @@ class Config:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    # The "section.key"s the YAML and overrides set (empty when built in code): an explicit value always wins
+    # or is refused with its name; what is left out is derived (dtype from train.precision, a fine-tune's
+    # model from its base). Not a config key, not saved.
+    given: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self):
         # train.precision is the one training knob for the compute dtype; model.dtype records it.
         want = PRECISION_DTYPES[self.train.precision]
         if self.model.dtype != want:
-            if self.model.dtype != "float32":
+            if self.model.dtype != "float32" or "model.dtype" in self.given:
                 raise ConfigError(
                     f"model.dtype={self.model.dtype} conflicts with train.precision={self.train.precision}; "
                     f"set the training precision with train.precision (fp32 | bf16 | fp16) alone"
@@ -548,6 +552,10 @@ class Config:
         if objective == "reward" and self.model.num_labels != 1:
             raise ConfigError(f"a reward model scores with one value: model.num_labels=1, got {self.model.num_labels}")
         if objective == "ppo" and not self.model.value_head:  # PPO's critic
+            if "model.value_head" in self.given:
+                raise ConfigError(
+                    "train.objective=ppo trains a critic (model.value_head=true); got model.value_head=false"
+                )
             object.__setattr__(self, "model", dataclasses.replace(self.model, value_head=True))
         if self.model.value_head and (self.model.head != "lm" or kind != "decoder"):
             raise ConfigError("model.value_head adds a critic to a causal language model (head=lm, a decoder)")
@@ -622,7 +630,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name == "given")}
     hints = typing.get_type_hints(cls)
     data = dict(data)
     base = None
@@ -640,6 +648,11 @@ def from_dict(cls, data: Any, prefix: str = ""):
             values[name] = from_dict(hint, value, key)
         else:
             values[name] = _coerce(key, value, hint)
+    if cls is Config:  # what the config sets itself (a preset: the fields it names)
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        keys = [f"{s}.{k}" for s, sub in data.items() if isinstance(sub, dict) for k in sub if k != "preset"]
+        keys += [f"model.{k}" for k in PRESET_FIELDS.get(model.get("preset"), ())]  # what the preset names
+        values["given"] = frozenset(keys)
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except TypeError as e:  # pragma: no cover - guarded by the key check above
@@ -725,10 +738,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def to_dict(config) -> dict:
-    """Nested plain dict (tuples as lists, as YAML writes them)."""
-    return dataclasses.asdict(
+    """Nested plain dict (tuples as lists, as YAML writes them); `Config.given` is not part of it."""
+    out = dataclasses.asdict(
         config, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
     )
+    if isinstance(config, Config):
+        del out["given"]
+    return out
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -741,6 +757,6 @@ PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**fields) for name, fields 
 
 def get_preset(name: str) -> ModelConfig:
     """A published architecture (`jaxlm.presets`), as `model: {preset: NAME}` in YAML reads it."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset {name!r} is unknown; available: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name])

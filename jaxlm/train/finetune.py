@@ -32,25 +32,32 @@ RUNTIME_FIELDS = (
 
 
 def resolve(cfg: Config, base: ModelConfig) -> Config:
-    """cfg with the base's model shape and cfg's runtime fields; ConfigError where cfg.model asks another shape."""
+    """cfg with the base's model shape and cfg's runtime fields; ConfigError where cfg.model asks another shape.
+
+    A model key the config sets (`cfg.given`) always counts, even at its default value: `model.dropout: 0.0` on
+    a base with dropout 0.1 trains without dropout, and `model.d_model: 512` on a base of 576 is refused. A key
+    it leaves out is the base's."""
     default, own = ModelConfig(), cfg.model
+    given = {k.split(".", 1)[1] for k in cfg.given if k.startswith("model.")}
+
+    def chosen(name: str) -> bool:  # the run's config set it (in code, with no record of keys: not the default)
+        return name in given if cfg.given else getattr(own, name) != getattr(default, name)
+
     # A language model may become a reward model: its trunk under a new score head (the read-out is dropped).
     heads = ("head", "num_labels") if own.head == "score" and base.head == "lm" else ()
     heads += ("value_head",) if own.value_head and not base.value_head else ()  # PPO adds a critic
     conflicts = [
         f"model.{f.name}={getattr(own, f.name)!r} (the base has {getattr(base, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
-        if f.name not in RUNTIME_FIELDS + heads
-        and getattr(own, f.name) != getattr(default, f.name)
-        and getattr(own, f.name) != getattr(base, f.name)
+        if f.name not in RUNTIME_FIELDS + heads and chosen(f.name) and getattr(own, f.name) != getattr(base, f.name)
     ]
     if conflicts:
         raise ConfigError(
             "finetune.init_from sets the model's shape; remove these model keys or use another base: "
             + "; ".join(conflicts)
         )
-    runtime = {k: getattr(own, k) for k in RUNTIME_FIELDS + heads if getattr(own, k) != getattr(default, k)}
-    model = dataclasses.replace(base, **{**runtime, "dtype": "float32"})
+    runtime = {k: getattr(own, k) for k in RUNTIME_FIELDS + heads if chosen(k)}
+    model = dataclasses.replace(base, **{**runtime, "dtype": own.dtype})  # own.dtype: train.precision's
     try:
         return dataclasses.replace(cfg, model=model)  # re-checks everything, sets dtype from train.precision
     except ConfigError as e:

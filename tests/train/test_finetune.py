@@ -39,3 +39,32 @@ def test_finetune_eval_generate(pretrained, tmp_path, method, capsys):
     out = capsys.readouterr().out
     assert "val loss" in out and "exact match" in out and "of 24 held-out examples (who " in out
     assert main(["generate", str(run), "--prompt", "ROMEO.", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+
+
+def test_a_set_key_counts_even_at_its_default_and_a_left_out_key_is_the_bases():
+    """Fine-tuning inherits what the config leaves out; what it sets wins (runtime fields) or is refused with
+    its name (shape), also when the value it sets is the default."""
+    from jaxlm.config import ConfigError, ModelConfig, load_config
+    from jaxlm.train.finetune import resolve
+
+    base = ModelConfig(vocab_size=300, d_model=48, num_layers=2, num_heads=4, mlp_dim=96, dropout=0.1)
+    tuned = resolve(load_config(None, ["finetune.init_from=base", "model.dropout=0.0"]), base)
+    assert tuned.model.dropout == 0.0 and tuned.model.d_model == 48  # set wins, left out is inherited
+    assert resolve(load_config(None, ["finetune.init_from=base"]), base).model.dropout == 0.1
+    default_width = ModelConfig().d_model
+    with pytest.raises(ConfigError, match=f"model.d_model={default_width} \\(the base has 48\\)"):
+        resolve(load_config(None, ["finetune.init_from=base", f"model.d_model={default_width}"]), base)
+
+
+def test_derived_model_fields_refuse_an_explicit_contrary_value():
+    from jaxlm.config import ConfigError, load_config
+
+    assert load_config(None, ["train.precision=bf16"]).model.dtype == "bfloat16"  # derived when left out
+    with pytest.raises(ConfigError, match="model.dtype=float32 conflicts with train.precision=bf16"):
+        load_config(None, ["train.precision=bf16", "model.dtype=float32"])
+    ppo = ["train.objective=ppo", "align.reward=jaxlm.rewards:verse_line", "align.group=1", "finetune.init_from=b"]
+    assert load_config(None, ppo).model.value_head  # PPO's critic, added when left out
+    with pytest.raises(ConfigError, match="ppo trains a critic.*model.value_head=false"):
+        load_config(None, [*ppo, "model.value_head=false"])
+    cfg = load_config(None, ["model.dropout=0.0"])
+    assert cfg.given >= {"model.dropout"} and "given" not in __import__("jaxlm.config").config.to_dict(cfg)
