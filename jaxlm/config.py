@@ -585,7 +585,7 @@ class Config:
             if not self.finetune.init_from:
                 raise ConfigError(
                     f"train.objective={objective} starts from a trained model: set finetune.init_from to a jaxlm "
-                    "run directory or a Hugging Face model directory"
+                    "run directory, a Hugging Face model directory or a GGUF file"
                 )
             if self.peft.method in ("prompt", "prefix"):
                 raise ConfigError(

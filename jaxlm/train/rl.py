@@ -189,7 +189,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
         raise ConfigError(f"train_rl trains {RL_OBJECTIVES}, not {cfg.train.objective}")
     if jax.process_count() > 1:
         raise ConfigError("ppo and grpo run in one process (over any mesh of its devices)")
-    with Session(cfg, require_base=True, step_config=step_config, progress=progress) as session:
+    with Session(cfg, step_config=step_config, progress=progress) as session:
         cfg, tokenizer = session.cfg, session.tokenizer
         tc, ac = cfg.train, cfg.align
         reward = Reward(ac.reward, tokenizer)  # a missing or mismatched reward fails before anything compiles

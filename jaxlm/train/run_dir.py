@@ -5,8 +5,9 @@ RUN_DIR/tokenizer.json   BPE (Hugging Face `tokenizers` format) or a byte marker
 RUN_DIR/metrics.jsonl    one JSON object per logged step / evaluation
 RUN_DIR/checkpoints/N/   orbax: params, opt_state, meta
 
-and its loaders: `load_run` (a run, a PEFT run with its base) and `load_base` (what fine-tuning starts from: a
-run or a Hugging Face directory).
+and the loaders: `load_model_dir` (the one loader of a run, a PEFT run with its base, a Hugging Face directory
+or a GGUF file, checked against what its caller needs), `load_run` (a run directory's config, tokenizer and
+model) and `load_base` (what fine-tuning starts from).
 """
 
 from __future__ import annotations
@@ -161,11 +162,6 @@ class Base(NamedTuple):
 
 def load_base(path: str) -> Base:
     """Model config, tokenizer and parameters of what finetune.init_from names (see `load_model_dir`)."""
-    if not path:
-        raise DataError(
-            "finetune.init_from is empty: name a jaxlm run directory (make the default one with `jaxlm train "
-            "configs/llama_tiny.yaml`), a Hugging Face model directory or a GGUF file"
-        )
     loaded = load_model_dir(path, what="finetune.init_from")
     if loaded.cfg is not None and loaded.cfg.peft.method in ("prompt", "prefix", "qlora"):
         raise ConfigError(

@@ -45,14 +45,13 @@ class Session:
     """A run directory being trained: its config, base, tokenizer, data splits, sharded state and checkpoints.
 
     cfg: the run's config; the base's model shape and the tokenizer's vocabulary are resolved into
-    `session.cfg`. require_base: a base is loaded even when finetune.init_from is empty, for its error (RL
-    trains a policy from one). step_config: the config of the compiled update, when a step is several (RL)."""
+    `session.cfg` (Config checks that the alignment objectives name a base). step_config: the config of the
+    compiled update, when a step is several (RL)."""
 
     def __init__(
         self,
         cfg: Config,
         *,
-        require_base: bool = False,
         step_config: Callable[[Config], Config] | None = None,
         progress: bool = True,
     ):
@@ -62,7 +61,7 @@ class Session:
         self.progress = progress and self.lead
         self.resuming = run.has_checkpoint()
         base = None
-        if cfg.finetune.init_from or require_base:  # the base's weights, tokenizer and model shape
+        if cfg.finetune.init_from:  # the base's weights, tokenizer and model shape
             base = load_base(cfg.finetune.init_from)
             cfg = resolve(cfg, base.model)
             log.info("%s from %s", tc.objective, base.source)
