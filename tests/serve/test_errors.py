@@ -154,7 +154,9 @@ def test_flood_beyond_the_slots_gets_503_then_serving_goes_on():
         long = {**COMPLETION, "max_tokens": 120, "prompt": "x", "stream": True}
         with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/v1/completions", json=long) as s:
             lines = s.iter_lines()
-            next(line for line in lines if line.startswith("data:"))  # the slot is taken
+            # The slot is taken (headers come after admission). Not "a data line has come": the random model's
+            # greedy path may emit tokens that decode to no text (special tokens) until it ends.
+            _wait(lambda: service.worker.load["running"] == 1)
             results = []
 
             def call():
@@ -187,9 +189,8 @@ def test_a_client_that_disconnects_frees_its_slot():
     with running(service) as url:
         body = {**COMPLETION, "prompt": "x", "max_tokens": 120, "stream": True}
         with httpx.Client(base_url=url, timeout=30) as client:
-            with client.stream("POST", "/v1/completions", json=body) as s:
-                next(line for line in s.iter_lines() if line.startswith("data:"))
-                assert service.worker.load["running"] == 1
+            with client.stream("POST", "/v1/completions", json=body):
+                _wait(lambda: service.worker.load["running"] == 1 and len(ended) == 0)
             # Leaving the block closes the connection mid-stream.
         _wait(lambda: service.worker.load["running"] == 0)
         assert [r.finish_reason for r in ended] == ["cancelled"]
