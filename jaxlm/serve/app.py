@@ -51,9 +51,14 @@ class TextStream:
         hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True
-        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._hold)
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._held())
         delta, self.sent = self.text[self.sent : end], end
         return delta
+
+    def _held(self) -> int:
+        """Characters at the end that could still become a stop: the longest end that begins one."""
+        tail = self.text[-self._hold :] if self._hold else ""
+        return next((k for k in range(len(tail), 0, -1) if any(s.startswith(tail[-k:]) for s in self.stops)), 0)
 
 
 class Choice:
