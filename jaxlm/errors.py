@@ -7,3 +7,9 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Missing, unreadable or malformed data, tokenizer, checkpoint or model files; the message names the file."""
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError naming `key` and the valid values unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
