@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import load_config
-from jaxlm.engine import NO_BLOCK, DecodeSteps, Engine, Request, _Inputs
+from jaxlm.engine import NO_BLOCK, DecodeSteps, Engine, Inputs, Request
 from jaxlm.nn.transformer import TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +45,7 @@ def time_length(base, L: int, repeats: int) -> dict:
     engine = Engine(steps, slots=1, chunk=L, window_shift=1)
     engine.submit(Request(tokens[: L - 1].tolist(), 1, temperature=0.0))
     engine.run()
-    x = _Inputs(1, 1, L)
+    x = Inputs(1, 1, L)
     x.tokens(0, [int(tokens[L - 1])], L - 1)
     x.row(0, Request([1], 1, temperature=0.0), index=L - 1)
     # The finished request's blocks went back to the pool, lowest ids first: blocks 0.. hold its L - 1 tokens.

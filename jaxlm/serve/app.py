@@ -13,7 +13,6 @@ completion may use the rest of the context, a text completion 16 tokens (OpenAI'
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import secrets
 import time
@@ -28,60 +27,10 @@ from starlette.exceptions import HTTPException
 
 from jaxlm.engine import Request
 from jaxlm.errors import DataError
+from jaxlm.serve.choices import Choice, TextStream
 from jaxlm.serve.model import Served
 from jaxlm.serve.protocol import APIError, ChatRequest, CompletionRequest, describe
 from jaxlm.serve.worker import Busy, EngineWorker
-
-
-class TextStream:
-    """Token ids -> text deltas: incremental UTF-8 (a character split over tokens waits for its last byte) and
-    stop sequences (text that could still become one is held back; a stop ends the choice, excluded)."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.stopped = "", 0, False
-        self._hold = max((len(s) for s in stops), default=1) - 1
-
-    def feed(self, ids: list[int], final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        self.text += self._utf8.decode(self.tokenizer.decode_bytes(ids), final=final)
-        start = max(0, self.sent - self._hold)
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._held())
-        delta, self.sent = self.text[self.sent : end], end
-        return delta
-
-    def _held(self) -> int:
-        """Characters at the end that could still become a stop: the longest end that begins one."""
-        tail = self.text[-self._hold :] if self._hold else ""
-        return next((k for k in range(len(tail), 0, -1) if any(s.startswith(tail[-k:]) for s in self.stops)), 0)
-
-
-class Choice:
-    """One engine request and what the client has been sent of it."""
-
-    def __init__(self, request: Request, text: TextStream):
-        self.request, self.text, self.seen = request, text, 0
-        self.finish_reason: str | None = None
-
-    def advance(self) -> str:
-        """The text of the tokens not yet seen; sets finish_reason when the choice is over."""
-        r = self.request
-        # done before the tokens: the engine appends a request's last token, then ends it, on its own thread.
-        # Read the other way round, the end could be seen without the token that came just before it.
-        done = r.done
-        n = len(r.tokens)
-        delta = self.text.feed(r.tokens[self.seen : n], final=done)
-        self.seen = n
-        if self.text.stopped or (done and r.finish_reason == "stop"):
-            self.finish_reason = "stop"
-        elif done:
-            self.finish_reason = {"length": "length", "error": "error"}.get(r.finish_reason, "cancelled")
-        return delta
 
 
 class Service:
@@ -168,183 +117,221 @@ class Service:
         return events
 
 
-def create_app(service: Service):
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app of `service` (kept in `app.state.service`, where the handlers below find it)."""
     app = FastAPI(title="jaxlm", docs_url=None, redoc_url=None, openapi_url=None)
-    served = service.served
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_, e: HTTPException):
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, e):
-        return JSONResponse(APIError(400, describe(e)).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        return JSONResponse(
-            APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), status_code=500
-        )
-
-    async def parse(http: HTTPRequest, kind):
-        raw = await http.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the body must be a JSON object")
-        try:
-            body = kind.model_validate(data)
-        except ValidationError as e:
-            raise APIError(400, describe(e)) from None
-        service.check_model(body.model)
-        return body
-
-    @app.get("/health")
-    async def health():
-        load = service.worker.load
-        body = {"model": served.name, **load}
-        if service.worker.failed is not None:
-            body["error"] = service.worker.failed
-        return JSONResponse(body, status_code=200 if load["status"] == "ok" else 503)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [service.model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        service.check_model(name)
-        return service.model_card()
-
-    @app.post("/v1/completions")
-    async def completions(http: HTTPRequest):
-        body = await parse(http, CompletionRequest)
-        try:
-            prompts = body.prompts()
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "stream takes one prompt", param="prompt")
-        encoded = [p if isinstance(p, list) else served.tokenizer.encode(p) for p in prompts]
-        if any(not all(0 <= t < served.model.cfg.vocab_size for t in p) for p in encoded):
-            raise APIError(400, f"token ids must be in [0, {served.model.cfg.vocab_size})", param="prompt")
-        groups = [service.requests(body, p, body.max_tokens) for p in encoded]
-        return await respond(http, body, groups, encoded, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HTTPRequest):
-        body = await parse(http, ChatRequest)
-        try:
-            prompt = served.chat_prompt(body.chat())
-        except DataError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return await respond(http, body, [service.requests(body, prompt, None)], [prompt], chat=True)
-
-    async def respond(http, body, groups: list[list[Request]], prompts: list[list[int]], *, chat: bool):
-        requests = [r for g in groups for r in g]
-        events = await service.start(requests)
-        choices = [Choice(r, TextStream(served.tokenizer, body.stops)) for r in requests]
-        head = {
-            "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
-            "created": int(time.time()),
-            "model": served.name,
-        }
-        prompt_tokens = sum(len(p) for p in prompts)  # n choices of one prompt count it once, as OpenAI does
-
-        def usage():
-            done = sum(c.seen for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
-
-        if body.stream:
-            return StreamingResponse(
-                stream(http, body, events, choices, head, usage, chat, prompts),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        texts = ["" for _ in choices]
-        try:
-            async for i, delta in progress(http, events, choices):
-                texts[i] += delta
-        finally:
-            service.worker.cancel(requests)
-        if any(c.finish_reason == "error" for c in choices):
-            raise APIError(500, "the decode step failed", type="server_error")
-        if chat:
-            out = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": t},
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, (t, c) in enumerate(zip(texts, choices))
-            ]
-            return {**head, "object": "chat.completion", "choices": out, "usage": usage()}
-        echo = [served.tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
-        out = [
-            {"index": i, "text": e + t, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, (e, t, c) in enumerate(zip(echo, texts, choices))
-        ]
-        return {**head, "object": "text_completion", "choices": out, "usage": usage()}
-
-    async def progress(http, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
-        """(choice index, text delta) until every choice is over; cancels them if the client goes away."""
-        loop = asyncio.get_running_loop()
-        checked = loop.time()
-        while any(c.finish_reason is None for c in choices):
-            try:
-                await asyncio.wait_for(events.get(), 0.5)
-            except TimeoutError:
-                pass
-            if loop.time() - checked >= 0.5:  # also while tokens flow: a client that gave up frees its slot
-                if await http.is_disconnected():
-                    return
-                checked = loop.time()
-            for i, c in enumerate(choices):
-                if c.finish_reason is None:
-                    delta = c.advance()
-                    if c.finish_reason is not None and not c.request.done:
-                        service.worker.cancel([c.request])  # a stop sequence ended it
-                    if delta or c.finish_reason is not None:
-                        yield i, delta
-
-    async def stream(http, body, events, choices, head, usage, chat, prompts) -> AsyncIterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(i, delta=None, finish=None, text=""):
-            if chat:
-                choice = {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
-
-        try:
-            for i in range(len(choices)):
-                if chat:
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                elif body.echo:
-                    yield chunk(i, text=served.tokenizer.decode(prompts[0]))
-            async for i, delta in progress(http, events, choices):
-                finish = choices[i].finish_reason
-                if finish == "error":
-                    err = APIError(500, "the decode step failed", type="server_error").body()
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
-                if delta:
-                    yield chunk(i, {"content": delta}, text=delta)
-                if finish is not None:
-                    yield chunk(i, finish=finish)
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            service.worker.cancel([c.request for c in choices])
-
+    app.state.service = service
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", model, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+def _service(http: HTTPRequest) -> Service:
+    return http.app.state.service
+
+
+# Errors, as OpenAI's JSON.
+
+
+async def api_error(_, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def http_error(_, e: HTTPException):
+    kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+
+async def validation_error(_, e):
+    return JSONResponse(APIError(400, describe(e)).body(), status_code=400)
+
+
+async def internal_error(_, e: Exception):
+    return JSONResponse(
+        APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), status_code=500
+    )
+
+
+# Routes.
+
+
+async def health(http: HTTPRequest):
+    service = _service(http)
+    load = service.worker.load
+    body = {"model": service.served.name, **load}
+    if service.worker.failed is not None:
+        body["error"] = service.worker.failed
+    return JSONResponse(body, status_code=200 if load["status"] == "ok" else 503)
+
+
+async def models(http: HTTPRequest):
+    return {"object": "list", "data": [_service(http).model_card()]}
+
+
+async def model(http: HTTPRequest, name: str):
+    service = _service(http)
+    service.check_model(name)
+    return service.model_card()
+
+
+async def completions(http: HTTPRequest):
+    service = _service(http)
+    served = service.served
+    body = await parse(http, CompletionRequest)
+    try:
+        prompts = body.prompts()
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "stream takes one prompt", param="prompt")
+    encoded = [p if isinstance(p, list) else served.tokenizer.encode(p) for p in prompts]
+    if any(not all(0 <= t < served.model.cfg.vocab_size for t in p) for p in encoded):
+        raise APIError(400, f"token ids must be in [0, {served.model.cfg.vocab_size})", param="prompt")
+    groups = [service.requests(body, p, body.max_tokens) for p in encoded]
+    return await respond(http, body, groups, encoded, chat=False)
+
+
+async def chat_completions(http: HTTPRequest):
+    service = _service(http)
+    body = await parse(http, ChatRequest)
+    try:
+        prompt = service.served.chat_prompt(body.chat())
+    except DataError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return await respond(http, body, [service.requests(body, prompt, None)], [prompt], chat=True)
+
+
+# What the routes share.
+
+
+async def parse(http: HTTPRequest, kind):
+    """The request body as `kind` (a pydantic model), for the served model; 400 or 404 otherwise."""
+    raw = await http.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        body = kind.model_validate(data)
+    except ValidationError as e:
+        raise APIError(400, describe(e)) from None
+    _service(http).check_model(body.model)
+    return body
+
+
+async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts: list[list[int]], *, chat: bool):
+    """Runs the requests (n per prompt) and answers: one JSON body, or a stream of server-sent events."""
+    service = _service(http)
+    served = service.served
+    requests = [r for g in groups for r in g]
+    events = await service.start(requests)
+    choices = [Choice(r, TextStream(served.tokenizer, body.stops)) for r in requests]
+    head = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+        "created": int(time.time()),
+        "model": served.name,
+    }
+    prompt_tokens = sum(len(p) for p in prompts)  # n choices of one prompt count it once, as OpenAI does
+
+    def usage():
+        done = sum(c.seen for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+    if body.stream:
+        return StreamingResponse(
+            stream(http, body, events, choices, head, usage, chat, prompts),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    texts = ["" for _ in choices]
+    try:
+        async for i, delta in progress(http, events, choices):
+            texts[i] += delta
+    finally:
+        service.worker.cancel(requests)
+    if any(c.finish_reason == "error" for c in choices):
+        raise APIError(500, "the decode step failed", type="server_error")
+    if chat:
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": t},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, (t, c) in enumerate(zip(texts, choices))
+        ]
+        return {**head, "object": "chat.completion", "choices": out, "usage": usage()}
+    echo = [served.tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
+    out = [
+        {"index": i, "text": e + t, "logprobs": None, "finish_reason": c.finish_reason}
+        for i, (e, t, c) in enumerate(zip(echo, texts, choices))
+    ]
+    return {**head, "object": "text_completion", "choices": out, "usage": usage()}
+
+
+async def progress(http: HTTPRequest, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
+    """(choice index, text delta) until every choice is over; cancels them if the client goes away."""
+    worker = _service(http).worker
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
+    while any(c.finish_reason is None for c in choices):
+        try:
+            await asyncio.wait_for(events.get(), 0.5)
+        except TimeoutError:
+            pass
+        if loop.time() - checked >= 0.5:  # also while tokens flow: a client that gave up frees its slot
+            if await http.is_disconnected():
+                return
+            checked = loop.time()
+        for i, c in enumerate(choices):
+            if c.finish_reason is None:
+                delta = c.advance()
+                if c.finish_reason is not None and not c.request.done:
+                    worker.cancel([c.request])  # a stop sequence ended it
+                if delta or c.finish_reason is not None:
+                    yield i, delta
+
+
+async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, prompts) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request, ending with [DONE]."""
+    service = _service(http)
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i, delta=None, finish=None, text=""):
+        if chat:
+            choice = {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
+
+    try:
+        for i in range(len(choices)):
+            if chat:
+                yield chunk(i, {"role": "assistant", "content": ""})
+            elif body.echo:
+                yield chunk(i, text=service.served.tokenizer.decode(prompts[0]))
+        async for i, delta in progress(http, events, choices):
+            finish = choices[i].finish_reason
+            if finish == "error":
+                err = APIError(500, "the decode step failed", type="server_error").body()
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            if delta:
+                yield chunk(i, {"content": delta}, text=delta)
+            if finish is not None:
+                yield chunk(i, finish=finish)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        service.worker.cancel([c.request for c in choices])

@@ -169,6 +169,14 @@ class ShardedTraining:
             state.ref,
         )
 
+    def place_weights(self, model, ref=None) -> tuple:
+        """A trained model's weights as `eval_step` takes them, sharded: (params, frozen, ref).
+
+        ref: the reference parameters when `reference == "copy"` (DPO's starting model), else None."""
+        _, params, frozen = split_model(model, self.trainable)
+        ref = nnx.State({}) if ref is None else ref
+        return jax.device_put((params, frozen, ref), (self.shardings.params, self.shardings.frozen, self.shardings.ref))
+
     def eval_step(self, token_bytes: np.ndarray):
         # Ids above the tokenizer's vocabulary (T5 sentinels) stand for no text: 0 bytes.
         token_bytes = np.pad(token_bytes, (0, max(0, self.cfg.model.vocab_size - len(token_bytes))))

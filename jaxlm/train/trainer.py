@@ -8,51 +8,17 @@ and return; running the same command again resumes bit-for-bit (same data order,
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from jaxlm.config import ALIGNMENT_OBJECTIVES, RL_OBJECTIVES, Config
-from jaxlm.parallel.state import to_host
 from jaxlm.train.data import make_batches
+from jaxlm.train.evaluation import describe_eval, evaluate
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.rl import train_rl
 from jaxlm.train.run_dir import RunDir
 from jaxlm.train.session import Session
 
 STEP_KEYS = ("loss", "grad_norm", "tokens", "loss_scale", "skipped", "finite")  # what every step reports
-
-
-def evaluate(eval_step, weights, batches, *, put=None) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte over validation `batches`; for a loss with metric sums
-    (preference objectives), the mean loss and each metric's mean per pair.
-
-    weights: eval_step's leading arguments, (params, frozen, ref). put: host batch -> device batch (default: as is).
-    """
-    totals = None
-    for batch in batches:
-        out = eval_step(*weights, batch if put is None else put(batch))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = to_host(totals)
-    count = max(float(totals.pop("count")), 1.0)
-    if "bytes" not in totals:
-        loss = {"val_loss": float(totals.pop("loss_sum")) / count}
-        return {**loss, **{f"val_{k}": float(v) / count for k, v in totals.items()}, "val_pairs": int(count)}
-    totals["count"] = count
-    loss = float(totals["loss_sum"] / totals["count"])
-    bpb = float(totals["loss_sum"] / (math.log(2) * max(float(totals["bytes"]), 1.0)))
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": int(totals["count"])}
-
-
-def describe_eval(ev: dict) -> str:
-    """One line of an evaluation's figures."""
-    if "val_bpb" in ev:
-        return f"val loss {ev['val_loss']:.4f}, bits/byte {ev['val_bpb']:.4f}"
-    accuracy = ev.get("val_accuracy", ev.get("val_rewards/accuracies"))
-    margin = ev.get("val_margin", ev.get("val_rewards/margins"))
-    return f"val loss {ev['val_loss']:.4f}, preference accuracy {accuracy:.1%}, margin {margin:.3f}"
 
 
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:

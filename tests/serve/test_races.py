@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.engine import Request
-from jaxlm.serve.app import Choice, Service, TextStream, create_app
+from jaxlm.serve.app import Service, create_app
+from jaxlm.serve.choices import Choice, TextStream
 from jaxlm.serve.server import build_service, running
 from jaxlm.serve.worker import Busy, EngineWorker
 from tests.serve.conftest import tiny_served

@@ -1,7 +1,7 @@
 """TextStream: token ids -> the text deltas a client is sent (incremental UTF-8, stop sequences held back)."""
 
 from jaxlm.data.tokenizer import ByteTokenizer
-from jaxlm.serve.app import TextStream
+from jaxlm.serve.choices import TextStream
 
 TOK = ByteTokenizer()
 

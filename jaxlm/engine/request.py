@@ -1,0 +1,46 @@
+"""A request to the engine, the check of its sampling settings, and its own PRNG stream."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence to continue. The engine fills `tokens` (generated, stop token excluded) and, when the
+    request leaves, `finish_reason`: "stop" (a stop token, kept in `stop_token`), "length" or "cancelled"."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: int = 0  # a second seed: the rows of one call, the choices of one HTTP request
+    stop_ids: frozenset[int] = frozenset()
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_token: int | None = None
+    prompt_tokens: int = 0  # the prompt tokens kept (a prompt longer than the window keeps its end)
+    admitted: bool = False  # has had a slot
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the bad sampling setting, before anything is traced."""
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def request_key(seed, stream, count):
+    """The key of the `count`-th token of a request: the same whatever else is in the batch."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), count)
