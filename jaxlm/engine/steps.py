@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxlm.engine.request import Request, request_key
 from jaxlm.errors import ConfigError
-from jaxlm.ops.sampling import distribution, sample
+from jaxlm.ops.sampling import categorical, distribution, sample
 from jaxlm.ops.speculative import speculative_accept
 
 NO_BLOCK = 2**30  # a block-table entry past every pool: reads fill, writes drop
@@ -144,13 +144,16 @@ class DecodeSteps:
         cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"])
         model, draft = self._models(params, draft_params)
         cache = model.start_rows(cache, x["fresh"])
+        last = x["last"]  # the read-out of the one position sampled after, not of all T (a prefill chunk)
         if self.prefix_lm:
-            logits, cache = model(tokens, positions, valid, cache=cache, cache_index=index, prefix=x["prefix"])
+            logits, cache = model(
+                tokens, positions, valid, cache=cache, cache_index=index, prefix=x["prefix"], last=last
+            )
         else:
-            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index)
+            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index, last=last)
         if draft_cache is not None:
-            _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index)
-        logits = jnp.take_along_axis(logits, x["last"][:, None, None], axis=1)[:, 0]
+            _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index, last=last)
+        logits = logits[:, 0]
         keys = jax.vmap(request_key)(x["seed"], x["stream"], x["count"])
         token = sample(keys, logits, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
         token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # (N,): the next step's `prev`, one shape
@@ -182,7 +185,7 @@ class DecodeSteps:
                 )
                 q = distribution(logits[:, 0], **settings)
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2 + j))(keys)
-                nxt = jax.vmap(lambda k, d: jax.random.categorical(k, jnp.log(d)))(step_keys, q).astype(jnp.int32)
+                nxt = categorical(step_keys, jnp.log(q))
                 return (nxt, dcache), (nxt, q)
 
             (_, draft_cache), (drafts, q) = jax.lax.scan(draft_step, (feed, draft_cache), jnp.arange(K + 1))

@@ -93,3 +93,8 @@ class LanguageModel(nnx.Module):
         """BERT's pooler: tanh(dense(first token)). (B, T, D) -> (B, D)."""
         h = dense(x[:, 0], self.pool_dense[...].astype(self.dtype))  # BD,DE->BE
         return jnp.tanh(h + self.pool_bias[...].astype(self.dtype))
+
+
+def at_positions(x: jax.Array, last: jax.Array) -> jax.Array:
+    """(B, T, D) states -> (B, 1, D): each row's state at its position last[b]."""
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)

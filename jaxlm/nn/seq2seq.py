@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.nn.lm import LanguageModel
+from jaxlm.nn.lm import LanguageModel, at_positions
 from jaxlm.nn.stack import Stack
 from jaxlm.ops.dropout import fold_rows
 
@@ -81,10 +81,12 @@ class EncoderDecoderLM(LanguageModel):
         cache: dict | None = None,
         cache_index=None,
         dropout_keys: jax.Array | None = None,
+        last: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Target tokens (B, T) -> float32 logits (B, T, V), attending to `memory` or to the cache's encoder K/V.
 
-        dropout_keys: (B, 2) row keys (training), or None.
+        dropout_keys: (B, 2) row keys (training), or None. last: (B,) int, or None: logits (B, 1, V) at this
+        position of each row only.
         """
         B, T = tokens.shape
         if positions is None:
@@ -109,6 +111,7 @@ class EncoderDecoderLM(LanguageModel):
             memory_valid=src_valid,
             dropout_keys=fold_rows(dropout_keys, 1),
         )
+        x = x if last is None else at_positions(x, last)
         return self.logits(x), None if cache is None else {**cache, **self_cache}
 
     def __call__(self, src, tgt, src_valid=None, tgt_valid=None, dropout_keys=None) -> jax.Array:

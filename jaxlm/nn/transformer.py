@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.nn.lm import LanguageModel
+from jaxlm.nn.lm import LanguageModel, at_positions
 from jaxlm.nn.stack import Stack
 from jaxlm.ops.cache import paged_write
 
@@ -104,6 +104,7 @@ class TransformerLM(LanguageModel):
         layer_runner: Callable | None = None,
         segments: jax.Array | None = None,
         prefix: jax.Array | None = None,
+        last: jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """Forward pass: logits of every position (causal or bidirectional per `cfg.causal`).
 
@@ -119,9 +120,11 @@ class TransformerLM(LanguageModel):
           layer_runner: runs the layers (the pipeline schedule, see `Stack`), or None.
           segments: (B, T) int ids of packed examples: attention stays inside each (positions should restart).
           prefix: (B, T) bool, the bidirectional prefix of a prefix LM (causal models).
+          last: (B,) int, or None: read out only this position of each row (a generator's next token), so the
+            vocabulary projection costs one position a row rather than T.
 
         Returns:
-          logits (B, T, V) in float32, and the updated cache (None without one).
+          logits (B, T, V) in float32 ((B, 1, V) with `last`), and the updated cache (None without one).
         """
         x, cache = self.hidden(
             tokens,
@@ -135,11 +138,11 @@ class TransformerLM(LanguageModel):
             segments=segments,
             prefix=prefix,
         )
-        return self.logits(x), cache
+        return self.logits(x if last is None else at_positions(x, last)), cache
 
-    def decode(self, tokens, positions=None, valid=None, *, cache, cache_index):
+    def decode(self, tokens, positions=None, valid=None, *, cache, cache_index, last=None):
         """The generator's step: logits of `tokens` written into the cache at `cache_index` (see `__call__`)."""
-        return self(tokens, positions, valid, cache=cache, cache_index=cache_index)
+        return self(tokens, positions, valid, cache=cache, cache_index=cache_index, last=last)
 
     def hidden(
         self,

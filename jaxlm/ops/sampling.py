@@ -31,20 +31,77 @@ def sample(
     static = [v for v in (temperature, top_k, top_p) if isinstance(v, (int, float))]
     if len(static) == 3 and (temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0):
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    logits = logits.astype(jnp.float32)
+    logits = _apart(logits)
     B, V = logits.shape
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     if isinstance(temperature, (int, float)) and temperature == 0.0:
         return greedy
     keys = jax.random.split(key, B) if key.ndim == 1 else key
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
-    logits = logits / jnp.where(t > 0, t, 1.0)[:, None]
-    if not (isinstance(top_k, int) and top_k == 0 and isinstance(top_p, (int, float)) and top_p >= 1.0):
-        k, p = jnp.broadcast_to(top_k, (B,)), jnp.broadcast_to(top_p, (B,))
-        # Per-row settings are traced: sort the vocabulary only when some row filters.
-        logits = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), lambda x: _filter(x, k, p), lambda x: x, logits)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, logits).astype(jnp.int32)
-    return jnp.where(t > 0, drawn, greedy)
+
+    def drawn(logits):
+        logits = logits / jnp.where(t > 0, t, 1.0)[:, None]
+        if not (isinstance(top_k, int) and top_k == 0 and isinstance(top_p, (int, float)) and top_p >= 1.0):
+            k, p = jnp.broadcast_to(top_k, (B,)), jnp.broadcast_to(top_p, (B,))
+            # Per-row settings are traced: sort the vocabulary only when some row filters.
+            logits = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), lambda x: _filter(x, k, p), lambda x: x, logits)
+        return jnp.where(t > 0, categorical(keys, logits), greedy)
+
+    # A batch of greedy rows (the usual serving and evaluation case) draws nothing.
+    return jax.lax.cond(jnp.any(t > 0), drawn, lambda _: greedy, logits)
+
+
+def _apart(logits: jax.Array) -> jax.Array:
+    """float32 logits behind an optimization barrier: XLA's CPU backend otherwise fuses the vocabulary
+    reductions below into the read-out GEMM's library call, where a (16, 49,152) max took 3.4 ms, not 0.2."""
+    return jax.lax.optimization_barrier(logits.astype(jnp.float32))
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """(B, V) -> (B,) int32 index of each row's largest logit (the first, on ties): a max and a min reduction,
+    4x faster than `jnp.argmax`'s (value, index) reduction on XLA's CPU (16 x 49,152: 0.5 against 1.8 ms)."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1)  # a row of NaNs: the last index rather than one past the end
+
+
+def categorical(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Array:
+    """One draw per row from softmax(logits), by inverse CDF: one uniform number per row against the
+    cumulative probabilities, searched in two levels (blocks of `block` tokens, then within the block).
+
+    `jax.random.categorical` (Gumbel-max) needs V random numbers a row; this needs one, and no length-V
+    cumsum (16 rows x 49,152 tokens on this CPU: 0.4 ms against 8 ms). Tokens of probability 0 (logits at
+    -inf or the float32 minimum) are never drawn.
+
+    Args:
+      keys: (B, 2) one PRNG key per row.
+      logits: (B, V).
+
+    Returns:
+      (B,) int32 token ids.
+    """
+    B, V = logits.shape
+    nb = -(-V // block)
+    logits = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(B, nb, block)
+    sums = weights.sum(-1)  # (B, nb)
+    ends = jnp.cumsum(sums, axis=-1)
+    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # in (0, 1]: a draw of 0 would pick a token of probability 0
+    target = u * ends[:, -1]
+    # The first block (then token) whose cumulative weight reaches the target; rounding can leave the last
+    # cumulative sum just below it, so never past the last block (token) of non-zero weight.
+    blk = jnp.minimum(jnp.sum(ends < target[:, None], -1), _last_positive(sums))
+    before = jnp.take_along_axis(ends - sums, blk[:, None], 1)[:, 0]
+    within = jnp.take_along_axis(weights, blk[:, None, None], 1)[:, 0]  # (B, block)
+    idx = jnp.minimum(jnp.sum(jnp.cumsum(within, -1) + before[:, None] < target[:, None], -1), _last_positive(within))
+    return (blk * block + idx).astype(jnp.int32)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """(B, n) -> (B,) the index of each row's last positive entry."""
+    n = x.shape[-1]
+    return jnp.max(jnp.where(x > 0, jnp.arange(n), 0), axis=-1)
 
 
 def distribution(
@@ -52,7 +109,7 @@ def distribution(
 ) -> jax.Array:
     """The distribution `sample` draws from: (B, V) logits -> (B, V) probabilities (one-hot argmax where
     temperature == 0). Settings are scalars or (B,)."""
-    logits = logits.astype(jnp.float32)
+    logits = _apart(logits)
     B, V = logits.shape
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
     k, p = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,)), jnp.broadcast_to(jnp.asarray(top_p), (B,))
@@ -60,7 +117,7 @@ def distribution(
     # Sort the vocabulary only when some row filters.
     scaled = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), lambda x: _filter(x, k, p), lambda x: x, scaled)
     probs = jax.nn.softmax(scaled, axis=-1)
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    greedy = jax.nn.one_hot(argmax(logits), V, dtype=jnp.float32)
     return jnp.where((t > 0)[:, None], probs, greedy)
 
 

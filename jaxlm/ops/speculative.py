@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.sampling import categorical
+
 
 def speculative_accept(
     key: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array, limit: jax.Array
@@ -42,5 +44,5 @@ def speculative_accept(
     total = residual.sum(-1, keepdims=True)
     rejected = (kept < limit)[:, None] & (total > 0)
     dist = jnp.where(rejected, residual / jnp.where(total > 0, total, 1.0), p_next)
-    draw = jax.vmap(lambda k, d: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(d)))(keys, dist)
-    return kept, draw.astype(jnp.int32)
+    draw = categorical(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), jnp.log(dist))
+    return kept, draw
