@@ -75,6 +75,7 @@ def run(args) -> int:
         draft_tokens=args.draft_tokens,
         kv_tokens=args.kv_tokens,
         warm_up_tokens=args.warm_up_tokens,
+        release_model=True,  # the engine holds the weights: no second copy while serving
     )
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
     serve(service, host=args.host, port=args.port, grace=args.grace)

@@ -192,8 +192,8 @@ async def completions(http: HTTPRequest):
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream takes one prompt", param="prompt")
     encoded = [p if isinstance(p, list) else served.tokenizer.encode(p) for p in prompts]
-    if any(not all(0 <= t < served.model.cfg.vocab_size for t in p) for p in encoded):
-        raise APIError(400, f"token ids must be in [0, {served.model.cfg.vocab_size})", param="prompt")
+    if any(not all(0 <= t < served.cfg.vocab_size for t in p) for p in encoded):
+        raise APIError(400, f"token ids must be in [0, {served.cfg.vocab_size})", param="prompt")
     groups = [service.requests(body, p, body.max_tokens) for p in encoded]
     return await respond(http, body, groups, encoded, chat=False)
 

@@ -21,9 +21,17 @@ class Served:
     template: str  # the chat template
     prefix_lm: bool = False
 
+    def __post_init__(self):
+        self.cfg = self.model.cfg  # kept when the model is released
+
     @property
     def context(self) -> int:
-        return self.model.cfg.max_seq_len
+        return self.cfg.max_seq_len
+
+    def release_model(self) -> None:
+        """Drops the model once an engine holds its weights (`DecodeSteps` keeps each layer's own buffers):
+        the stacked copy would double the weights' memory (SmolLM2-135M: 0.4 GB). `cfg` stays."""
+        self.model = None
 
     @property
     def stop_ids(self) -> frozenset[int]:

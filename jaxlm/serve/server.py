@@ -32,16 +32,21 @@ def build_service(
     draft_tokens: int = 4,
     kv_tokens: int | None = None,
     warm_up_tokens: int = 256,
+    release_model: bool = False,
 ) -> Service:
     """The engine over `slots` rows, compiled and running on its thread.
 
     draft: speculative decoding with a draft model or "ngram" (see `jaxlm.engine.DecodeSteps`).
     kv_tokens: the KV budget in tokens (default: every slot's full context); the pool grows as it is used.
     warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
-      compile their shapes when they first occur)."""
+      compile their shapes when they first occur).
+    release_model: drop `served.model` once the engine holds its weights (`Served.release_model`), before the
+      warm-up, so the weights are in memory once."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     steps = DecodeSteps(served.model, prefix_lm=served.prefix_lm, draft=draft, draft_tokens=draft_tokens)
+    if release_model:
+        served.release_model()
     kv_blocks = None if kv_tokens is None else -(-int(kv_tokens) // steps.Z)
     engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks)
     t = time.perf_counter()
