@@ -47,6 +47,7 @@ LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+ROPE_FREQS = "rope_freqs.weight"  # per-frequency RoPE divisors (llama.cpp's freq_factors)
 # {arch}.<key> -> config.json key
 CONFIG_KEYS = {
     "context_length": "max_position_embeddings",
@@ -100,6 +101,8 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], BPETokeniz
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (jaxlm reads {sorted(ARCHITECTURES)})")
     hf = _config(path, arch, meta, {t.name for t in reader.tensors})
     tensors = _tensors(path, reader, hf, ARCHITECTURES[arch][2])
+    if ROPE_FREQS in tensors:
+        _rope_freqs(path, hf, tensors.pop(ROPE_FREQS))
     tokenizer = _tokenizer(path, meta)
     return hf, tensors, tokenizer
 
@@ -129,8 +132,6 @@ def _config(path: Path, arch: str, meta: dict, tensor_names: set[str]) -> dict:
         if prefix + "rope.scaling.original_context_length" in meta:
             scaling["original_max_position_embeddings"] = int(meta[prefix + "rope.scaling.original_context_length"])
         hf["rope_scaling"] = scaling
-    if "rope_freqs.weight" in tensor_names:
-        raise ConfigError(f"{path}: RoPE frequency factors stored as a tensor (rope_freqs.weight) are not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
     hf["vocab_size"] = int(meta.get(prefix + "vocab_size") or len(tokens or ()))
     hf["tie_word_embeddings"] = "output.weight" not in tensor_names
@@ -171,7 +172,30 @@ def _tensors(path: Path, reader, hf: dict, permuted: bool) -> dict[str, np.ndarr
     return out
 
 
+def _rope_freqs(path: Path, hf: dict, factors: np.ndarray) -> None:
+    """llama.cpp's `rope_freqs.weight` (Llama 3.1's GGUFs carry the llama3 scaling this way): per-frequency
+    divisors, theta_i / factors[i] at every position. In config.json terms that is LongRoPE with equal short
+    and long factors, no extension factor and no attention scaling."""
+    if "rope_scaling" in hf:
+        raise ConfigError(f"{path}: rope_freqs.weight together with rope.scaling.type is not supported")
+    heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    half = hf.get("head_dim", width // heads) // 2
+    factors = [float(f) for f in np.asarray(factors, np.float64).reshape(-1)]
+    if len(factors) != half or not all(f > 0 for f in factors):
+        raise ConfigError(f"{path}: rope_freqs.weight must hold {half} positive factors (head_dim / 2)")
+    hf["rope_scaling"] = {
+        "rope_type": "longrope",
+        "short_factor": factors,
+        "long_factor": factors,
+        "original_max_position_embeddings": hf["max_position_embeddings"],
+        "factor": 1.0,
+        "attention_factor": 1.0,
+    }
+
+
 def _hf_name(path: Path, name: str) -> str:
+    if name == ROPE_FREQS:
+        return ROPE_FREQS  # not a weight: read into the RoPE settings (`_rope_freqs`)
     if name in TOP_TENSORS:
         return TOP_TENSORS[name]
     parts = name.split(".", 2)

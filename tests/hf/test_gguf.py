@@ -59,8 +59,9 @@ def k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_gguf(path, model, tokens, merges, types, *, arch="llama", chat_template=None):
-    """The model as llama.cpp writes it: metadata, tokenizer, tensors (matrices cycle through `types`)."""
+def write_gguf(path, model, tokens, merges, types, *, arch="llama", chat_template=None, rope_freqs=None):
+    """The model as llama.cpp writes it: metadata, tokenizer, tensors (matrices cycle through `types`);
+    rope_freqs: llama.cpp's per-frequency RoPE divisors tensor (Llama 3.1's files)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -87,6 +88,8 @@ def write_gguf(path, model, tokens, merges, types, *, arch="llama", chat_templat
     layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     rng = np.random.default_rng(0)
     i = 0
     for hf_name, t in model.state_dict().items():
@@ -135,6 +138,42 @@ def test_float32_file_is_the_model_it_was_written_from(tmp_path, tokenizer_parts
         want = ref(torch.tensor(ids)).logits.numpy()
     got = np.asarray(model(jnp.asarray(ids))[0])
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_rope_frequency_factors_divide_each_frequency(tmp_path, tokenizer_parts):
+    """`rope_freqs.weight` (how llama.cpp stores Llama 3.1's llama3 scaling): theta_i / factor_i at every
+    position. The reference is transformers' Llama with the same divisors as LongRoPE factors (short = long,
+    no extension), on the model the file was written from; positions run past the context to show that the
+    factors hold everywhere."""
+    _, tokens, merges = tokenizer_parts
+    ref = hf_llama(len(tokens))
+    half = ref.config.hidden_size // ref.config.num_attention_heads // 2
+    # llama3's shape: high frequencies kept, low ones divided by 8, a smooth band between.
+    factors = np.concatenate([np.ones(half // 2), np.linspace(1.0, 8.0, half - half // 2)]).astype(np.float32)
+    path = tmp_path / "freqs.gguf"
+    write_gguf(path, ref, tokens, merges, [Q.F32], rope_freqs=factors)
+    model, _, _ = from_gguf(path)
+    assert model.cfg.rope_scaling == "longrope" and np.allclose(model.cfg.rope_short_factor, factors)
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors.tolist(),
+              "long_factor": factors.tolist(), "original_max_position_embeddings": 128, "factor": 1.0,
+              "attention_factor": 1.0}  # fmt: skip
+    cfg = ref.config
+    cfg.rope_parameters = params
+    scaled = transformers.LlamaForCausalLM(cfg).eval()
+    scaled.load_state_dict(ref.state_dict())
+    ids = np.random.default_rng(0).integers(0, len(tokens), (2, 40))
+    positions = np.broadcast_to(np.arange(100, 140), (2, 40))
+    with torch.no_grad():
+        want = scaled(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
+        plain = ref(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(positions))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    # The factors changed the function, by more than the tolerance above.
+    assert np.abs(got - plain).max() > 5e-4 * np.abs(plain).max() > 5 * np.abs(got - want).max()
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, ref, tokens, merges, [Q.F32], rope_freqs=factors[:-1])
+    with pytest.raises(ConfigError, match="rope_freqs.weight must hold"):
+        from_gguf(bad)
 
 
 def test_every_tensor_type_matches_transformers_gguf_loading(tmp_path, tokenizer_parts):
