@@ -31,3 +31,15 @@ def test_t5_dropout_sites_and_no_keys_no_dropout():
     logits = drop(src, tgt, dropout_keys=keys)
     assert not np.allclose(logits, plain(src, tgt), atol=1e-3)
     np.testing.assert_array_equal(drop(src[1:], tgt[1:], dropout_keys=keys[1:]), logits[1:])  # per-row masks
+
+
+def test_decode_reads_out_one_position_per_row_with_last():
+    model = EncoderDecoderLM(t5(), rngs=nnx.Rngs(0))
+    src = jax.random.randint(jax.random.PRNGKey(1), (3, 10), 2, 97)
+    tgt = jax.random.randint(jax.random.PRNGKey(2), (3, 6), 2, 97)
+    memory = model.encode(src)
+    full, _ = model.decode(tgt, memory=memory)
+    last = np.asarray([5, 0, 2])
+    one, _ = model.decode(tgt, memory=memory, last=last)
+    assert one.shape == (3, 1, 97)
+    np.testing.assert_allclose(one[:, 0], full[np.arange(3), last], atol=1e-6)

@@ -107,3 +107,14 @@ def test_dropout_only_with_row_keys(name):
     assert not np.allclose(a, want, atol=1e-3) and not np.allclose(a, b[0], atol=1e-3)
     np.testing.assert_array_equal(drop(tokens[1:], dropout_keys=keys[1:])[0], a[1:])  # per-row masks
     np.testing.assert_array_equal(plain(tokens, dropout_keys=keys)[0], want)  # rate 0: keys change nothing
+
+
+def test_read_out_at_one_position_per_row_equals_the_full_logits_there():
+    """`last=` (the engine's prefill reads out only the sampled position) gives row b's logits at last[b]."""
+    model = build("llama")
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 9), 0, 97)
+    last = jnp.asarray([8, 0, 4])
+    full, _ = model(tokens)
+    one, _ = model(tokens, last=last)
+    assert one.shape == (3, 1, 97)
+    np.testing.assert_allclose(one[:, 0], full[jnp.arange(3), last], atol=1e-6)
