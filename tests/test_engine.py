@@ -69,6 +69,29 @@ def test_requests_join_and_leave_without_recompiling():
     assert (steps.prefill._cache_size(), steps.decode._cache_size()) == compiled  # nothing compiled since
 
 
+def test_prefill_takes_its_token_budget_earliest_first():
+    """prefill_tokens=8 at chunk 4: a prefill step runs on at most 2 rows, the earliest admitted first (the
+    rest wait their turn), only 1 and 2 rows compile for prefill, and each row gets what it would alone."""
+    model = model_for("llama_tiny", max_seq_len=32)
+    steps = DecodeSteps(model)
+    engine = Engine(steps, slots=4, chunk=4, prefill_tokens=8)
+    assert engine.prefill_rows == 2 and {n for n, _ in engine.shapes(prefill=True)} == {1, 2}
+    engine.warm_up()
+    compiled = steps.prefill._cache_size()
+    prompts = [list(range(1, 10)), [5, 6], [7, 7, 7, 7, 7], [3]]
+    requests = [engine.submit(Request(p, 6, temperature=0.0)) for p in prompts]
+    engine.step()  # the first two admitted (slots 0 and 1) take the step's two rows
+    assert [len(engine.slots[b].pending) for b in range(4)] == [5, 0, 5, 1]
+    engine.step()  # slot 0 goes on, slot 2 joins; slot 3 (admitted last) still waits
+    assert [len(engine.slots[b].pending) for b in range(4)] == [1, 0, 1, 1]
+    engine.run()
+    assert steps.prefill._cache_size() == compiled
+    for p, r in zip(prompts, requests):
+        assert r.tokens == generate_uncached(model, p, max_new_tokens=6)
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        Engine(steps, slots=2, prefill_tokens=0)
+
+
 def test_stop_tokens_and_sampling_settings_per_request():
     model = model_for("llama_tiny", max_seq_len=64)
     engine = Engine(DecodeSteps(model), slots=2)

@@ -26,6 +26,14 @@ def add(sub) -> None:
         "--chunk", type=number(int, 1), default=64, help="prompt tokens prefilled per slot per step (default 64)"
     )
     sv.add_argument(
+        "--prefill-tokens",
+        type=number(int, 1),
+        default=1024,
+        metavar="N",
+        help="prompt tokens one prefill step takes at most, over all slots (default 1024: 16 slots of a 64-token "
+        "chunk); each row count a step may run on is one more compiled program",
+    )
+    sv.add_argument(
         "--max-queue", type=number(int, 0), default=None, help="requests waiting for a slot (default 4 x slots)"
     )
     sv.add_argument(
@@ -69,6 +77,7 @@ def run(args) -> int:
         served,
         slots=args.slots,
         chunk=args.chunk,
+        prefill_tokens=args.prefill_tokens,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         draft=load_draft(args.draft, served.tokenizer) if args.draft else None,

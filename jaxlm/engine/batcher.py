@@ -27,6 +27,7 @@ class _Slot:
     feed: int | None = None  # the token to decode next, when the host has it
     inflight: int = 0  # decode steps dispatched whose token the host has not seen (the next feeds on the device)
     blocks: list[int] = dataclasses.field(default_factory=list)  # the KV blocks it holds, in order
+    order: int = 0  # admission order: prefill serves the earliest admitted rows first
 
 
 class Engine:
@@ -54,6 +55,7 @@ class Engine:
         shrink: bool = True,
         kv_blocks: int | None = None,
         initial_blocks: int | None = None,
+        prefill_tokens: int = 1024,
     ):
         """steps: the model's compiled steps.
         slots: N, the number of sequences decoded together.
@@ -66,6 +68,10 @@ class Engine:
         kv_blocks: the KV budget in blocks of `steps.Z` slots (default: every slot's full context, N x
           ceil(max_seq_len / Z)). initial_blocks: the pool's first size (default: the budget when kv_blocks
           is given, else enough for 256 tokens per slot); it doubles as needed up to the budget.
+        prefill_tokens: the most prompt tokens one prefill step takes: it runs on at most the power of two of
+          rows <= prefill_tokens / chunk (at least one), the earliest admitted first. A step over more tokens
+          is no faster per token (it is compute-bound already), holds more activations, and each row count
+          is one more compiled program (tens of MB each for a real model).
         """
         S = steps.max_len
         self.steps, self.N, self.S = steps, slots, S
@@ -88,6 +94,11 @@ class Engine:
         self.pool_blocks = min(self.budget, initial_blocks or first)
         self.min_read = min(self.row_blocks, max(1, 64 // self.Z))  # the fewest blocks a step reads per row
         self.single_use, self.shrink = context is not None, shrink
+        if int(prefill_tokens) != prefill_tokens or prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens}")
+        fit = 1 << (max(1, prefill_tokens // self.C).bit_length() - 1)
+        self.prefill_rows = min(slots, fit) if shrink else slots  # unshrunk, a step runs on N rows anyway
+        self._admissions = 0
         self._context = context or {}
         self.cache = steps.init_pool(self.pool_blocks, self._context)
         self.free_blocks = list(range(self.pool_blocks - 1, -1, -1))  # a stack: the lowest id is taken first
@@ -220,7 +231,10 @@ class Engine:
                     self.queue.popleft()
                     r.prompt_tokens, r.admitted = len(prompt), True
                     touched[r] = r
-                    self.slots[b] = _Slot(r, hist=list(prompt), pending=list(prompt), next_pos=0, reserve=need)
+                    self._admissions += 1
+                    self.slots[b] = _Slot(
+                        r, hist=list(prompt), pending=list(prompt), next_pos=0, reserve=need, order=self._admissions
+                    )
                     self.reserved += need
                     self.used[b] = True
 
@@ -254,8 +268,10 @@ class Engine:
         return table
 
     def _prefill(self, touched):
-        """One chunk of every filling row's pending tokens, on those rows alone."""
+        """One chunk of the pending tokens of the earliest admitted filling rows (at most `prefill_rows`), on
+        those rows alone."""
         rows = [b for b, s in enumerate(self.slots) if s is not None and s.pending]
+        rows = sorted(rows, key=lambda b: self.slots[b].order)[: self.prefill_rows]
         P = self._rows(len(rows))
         x = Inputs(P, self.C, self.S)
         written, reads = [], []
@@ -324,10 +340,10 @@ class Engine:
         """How many rows a step over m rows runs on: N, or with `shrink` the next power of two."""
         return min(self.N, 1 << (m - 1).bit_length()) if self.shrink else self.N
 
-    def shapes(self, tokens: int | None = None) -> list[tuple[int, int]]:
-        """The (rows, blocks read per row) shapes a step may run on, for rows holding up to `tokens` tokens
-        (default: the full context)."""
-        counts = sorted({self._rows(m) for m in range(1, self.N + 1)})
+    def shapes(self, tokens: int | None = None, prefill: bool = False) -> list[tuple[int, int]]:
+        """The (rows, blocks read per row) shapes a decode (or prefill) step may run on, for rows holding up to
+        `tokens` tokens (default: the full context)."""
+        counts = sorted({self._rows(m) for m in range(1, (self.prefill_rows if prefill else self.N) + 1)})
         most = self.row_blocks if tokens is None else max(1, -(-(min(tokens, self.S) + self.P) // self.Z))
         reads = sorted({self._table([], [m], 1).shape[1] for m in range(1, most + 1)})
         return [(n, nb) for n in counts for nb in reads]
@@ -337,17 +353,16 @@ class Engine:
         full context; a server does this before it listens): the rows are idle (they own no blocks), so
         nothing changes. Larger shapes compile when first needed."""
         p, d = self.steps.weights, self.steps.draft_params
-        for n, nb in self.shapes(tokens):
+        for n, nb in self.shapes(tokens, prefill=True):
             table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
-            self.cache = self.steps.prefill(
-                p, d, self.cache, self._no_prev, table, *Inputs(n, self.C, self.S).arrays(n)
-            )[1]
+            x = Inputs(n, self.C, self.S)
+            self.cache = self.steps.prefill(p, d, self.cache, self._no_prev, table, *x.arrays(n))[1]
+        for n, nb in self.shapes(tokens):
+            table = np.full((n, nb), NO_BLOCK, np.int32)
+            x = Inputs(n, 1, self.S)
             if self.steps.draft is None:
-                self.cache = self.steps.decode(p, d, self.cache, self._no_prev, table, *Inputs(n, 1, self.S).arrays(n))[
-                    1
-                ]
+                self.cache = self.steps.decode(p, d, self.cache, self._no_prev, table, *x.arrays(n))[1]
             else:
-                x = Inputs(n, 1, self.S)
                 drafts = np.zeros((n, self.steps.K), np.int32)
                 self.cache = self.steps.speculate(p, d, self.cache, drafts, table, x.rows, x.floats)[2]
         jax.block_until_ready(self.cache)

@@ -26,6 +26,7 @@ def build_service(
     *,
     slots: int = 8,
     chunk: int = 64,
+    prefill_tokens: int = 1024,
     max_queue: int | None = None,
     queue_timeout: float = 30.0,
     draft=None,
@@ -37,6 +38,7 @@ def build_service(
     """The engine over `slots` rows, compiled and running on its thread.
 
     draft: speculative decoding with a draft model or "ngram" (see `jaxlm.engine.DecodeSteps`).
+    prefill_tokens: the most prompt tokens one prefill step takes (see `Engine`).
     kv_tokens: the KV budget in tokens (default: every slot's full context); the pool grows as it is used.
     warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
       compile their shapes when they first occur).
@@ -48,7 +50,7 @@ def build_service(
     if release_model:
         served.release_model()
     kv_blocks = None if kv_tokens is None else -(-int(kv_tokens) // steps.Z)
-    engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks)
+    engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks, prefill_tokens=prefill_tokens)
     t = time.perf_counter()
     engine.warm_up(warm_up_tokens)
     log.info(
