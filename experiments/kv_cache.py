@@ -54,7 +54,7 @@ def time_length(base, L: int, repeats: int) -> dict:
     table[0, :used] = np.arange(used)
     x.row(0, Request([1], 1, temperature=0.0), index=L - 1, slot=0)
     args = (steps.weights, None, engine.cache, engine._no_prev, table, *x.arrays(1))
-    out, cache = steps.decode(*args)
+    out, _, cache = steps.decode(*args)
     jax.block_until_ready(out)
 
     def one_step(cache):
@@ -63,7 +63,7 @@ def time_length(base, L: int, repeats: int) -> dict:
 
     t = time.perf_counter()
     for _ in range(repeats):
-        out, cache = one_step(cache)
+        out, _, cache = one_step(cache)
     jax.block_until_ready(out)
     cached = (time.perf_counter() - t) / repeats
 

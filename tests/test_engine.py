@@ -1,5 +1,7 @@
 """Continuous batching: per-row cache state, requests joining and leaving, one compilation per step."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,6 +92,34 @@ def test_prefill_takes_its_token_budget_earliest_first():
         assert r.tokens == generate_uncached(model, p, max_new_tokens=6)
     with pytest.raises(ValueError, match="prefill_tokens"):
         Engine(steps, slots=2, prefill_tokens=0)
+
+
+def test_logprobs_are_the_models_distribution_prompt_and_sampled():
+    """Scored prompt (over three prefill chunks) and sampled tokens: log p of each next token and the top 3,
+    equal to the full forward's log-softmax (before temperature); a request that does not ask gets none."""
+    model = model_for("llama_tiny", max_seq_len=32)
+    engine = Engine(DecodeSteps(model), slots=2, chunk=4)
+    prompt = list(range(3, 14))
+    r = engine.submit(Request(prompt, 5, temperature=0.8, top_k=4, seed=1, logprobs=3, score_prompt=True))
+    plain = engine.submit(Request([5, 6, 7], 5, temperature=0.0))
+    engine.run()
+    full = prompt + r.tokens
+    lp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([full]))[0][0]))[:-1]  # position j: token j + 1
+    assert r.prompt_logprobs[0] is None and r.prompt_top_logprobs[0] is None
+    assert len(r.prompt_logprobs) == len(prompt) and len(r.token_logprobs) == len(r.tokens) == 5
+    np.testing.assert_allclose(r.prompt_logprobs[1:] + r.token_logprobs, lp[np.arange(len(lp)), full[1:]], atol=2e-5)
+    for j, top in enumerate(r.prompt_top_logprobs[1:] + r.top_logprobs):
+        ids = np.argsort(-lp[j], kind="stable")[:3]
+        assert [t for t, _ in top] == ids.tolist()
+        np.testing.assert_allclose([v for _, v in top], lp[j, ids], atol=2e-5)
+    assert plain.token_logprobs == [] and plain.prompt_logprobs == [] and len(plain.tokens) == 5
+    for bad, message in [
+        (dict(logprobs=21), "logprobs must be"),
+        (dict(score_prompt=True), "needs logprobs"),
+        (dict(logprobs=0, score_prompt=True, prompt=list(range(32))), "at most 31 tokens"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            engine.submit(Request(**{"prompt": [1, 2], "max_new_tokens": 1, **bad}))
 
 
 def test_stop_tokens_and_sampling_settings_per_request():

@@ -61,6 +61,10 @@ class ByteTokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return bytes(i for i in ids if 0 <= i < 256)
 
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of id i (a special token's name)."""
+        return {256: EOS, 257: MASK}.get(i, f"<0x{i:02X}>")
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
@@ -167,6 +171,10 @@ class BPETokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of id i (a special token's name)."""
+        return self._tok.id_to_token(i) or f"<{i}>"
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return b"".join(self._id_bytes[i] for i in ids if 0 <= i < self.vocab_size)

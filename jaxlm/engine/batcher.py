@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.engine.request import Request, check_sampling
-from jaxlm.engine.steps import NO_BLOCK, DecodeSteps, Inputs
+from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs
 from jaxlm.errors import ConfigError
 
 
@@ -28,6 +28,7 @@ class _Slot:
     inflight: int = 0  # decode steps dispatched whose token the host has not seen (the next feeds on the device)
     blocks: list[int] = dataclasses.field(default_factory=list)  # the KV blocks it holds, in order
     order: int = 0  # admission order: prefill serves the earliest admitted rows first
+    scoring: bool = False  # its prompt's log-probabilities are still to be computed (the first prefill)
 
 
 class Engine:
@@ -121,6 +122,21 @@ class Engine:
         if int(request.max_new_tokens) != request.max_new_tokens or request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens}")
         check_sampling(request.temperature, request.top_k, request.top_p)
+        k = request.logprobs
+        if k is not None and (int(k) != k or not 0 <= k <= TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {k}")
+        if k is not None and self.steps.draft is not None:
+            raise ValueError("log-probabilities are not computed with speculative decoding (a draft model)")
+        if request.score_prompt:
+            if k is None:
+                raise ValueError("score_prompt needs logprobs (0 or more alternatives)")
+            if self.steps.prefix_lm or self.steps.seq2seq:
+                raise ValueError("prompt log-probabilities are for causal decoder-only models")
+            if len(request.prompt) >= self.S:
+                raise ValueError(
+                    f"a scored prompt must fit the context with room for one token: at most {self.S - 1} tokens, "
+                    f"got {len(request.prompt)}"
+                )
         with self._lock:
             self.queue.append(request)
         return request
@@ -224,7 +240,8 @@ class Engine:
                     return
                 if self.slots[b] is None and not (self.single_use and self.used[b]):
                     r = self.queue[0]
-                    prompt = list(r.prompt)[-self.W :]  # a longer prompt keeps its most recent tokens
+                    # A longer prompt keeps its most recent tokens (a scored one is kept whole: it fits).
+                    prompt = list(r.prompt) if r.score_prompt else list(r.prompt)[-self.W :]
                     need = self._need(r, len(prompt))
                     if self.reserved + need > self.budget:
                         return  # waits (in order) until running requests return blocks
@@ -233,8 +250,11 @@ class Engine:
                     touched[r] = r
                     self._admissions += 1
                     self.slots[b] = _Slot(
-                        r, hist=list(prompt), pending=list(prompt), next_pos=0, reserve=need, order=self._admissions
-                    )
+                        r, hist=list(prompt), pending=list(prompt), next_pos=0, reserve=need, order=self._admissions,
+                        scoring=r.score_prompt,
+                    )  # fmt: skip
+                    if r.score_prompt:
+                        r.prompt_logprobs, r.prompt_top_logprobs = [None], [None]
                     self.reserved += need
                     self.used[b] = True
 
@@ -280,19 +300,28 @@ class Engine:
             chunk = s.pending[: self.C]
             written.append(len(chunk))
             reads.append(self._take_blocks(b, s.index + self.C))
-            x.tokens(i, chunk, s.next_pos, prefix=self.steps.prefix_lm and s.fresh and s.next_pos == 0)
+            prefix = self.steps.prefix_lm and s.fresh and s.next_pos == 0
+            x.tokens(i, chunk, s.next_pos, prefix=prefix, after=s.pending[len(chunk) : len(chunk) + 1])
             x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b)
         table = self._table(rows, reads, P)
-        out, self.cache = self.steps.prefill(
+        scoring = any(self.slots[b].scoring for b in rows)
+        step = self.steps.score if scoring else self.steps.prefill
+        out, scores, self.cache = step(
             self.steps.weights, self.steps.draft_params, self.cache, self._no_prev, table, *x.arrays(P)
         )
         out = np.asarray(out)
+        scores = _host(scores, [self.slots[b].request for b in rows])
         for i, (b, n) in enumerate(zip(rows, written)):
             s = self.slots[b]
             s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
             s.pending = s.pending[n:]
+            if s.scoring:  # each chunk position whose next token is a prompt token
+                r, m = s.request, n if s.pending else n - 1
+                r.prompt_logprobs += scores["prompt"][i, :m].tolist()
+                r.prompt_top_logprobs += [_top(scores, "prompt_top", r.logprobs, i, j) for j in range(m)]
+                s.scoring = bool(s.pending)
             if not s.pending:  # the prompt (or refill) is in: its next token
-                self._emit(b, int(out[i]), touched)
+                self._emit(b, int(out[i]), touched, _chosen(scores, s.request, i))
 
     def _decode(self, touched):
         """One decode step for every decoding row, dispatched before the previous step's tokens are read
@@ -323,18 +352,21 @@ class Engine:
             prev = previous[0] if previous is not None else self._no_prev  # a device array either way: one compile
             n = self._rows(len(rows))
             table = self._table(rows, reads, n)
-            out, self.cache = self.steps.decode(
+            out, scores, self.cache = self.steps.decode(
                 self.steps.weights, self.steps.draft_params, self.cache, prev, table, *x.arrays(n)
             )
-            self._inflight = (out, {b: i for i, b in enumerate(rows)}, [(b, self.slots[b].request) for b in rows])
+            self._inflight = (
+                out, {b: i for i, b in enumerate(rows)}, [(b, self.slots[b].request) for b in rows], scores
+            )  # fmt: skip
         if previous is not None:
             out = np.asarray(previous[0])
+            scores = _host(previous[3], [r for _, r in previous[2]])
             for b, r in previous[2]:
                 s = self.slots[b]
                 if s is None or s.request is not r:
                     continue  # finished or cancelled meanwhile
                 s.inflight -= 1
-                self._emit(b, int(out[previous[1][b]]), touched)
+                self._emit(b, int(out[previous[1][b]]), touched, _chosen(scores, r, previous[1][b]))
 
     def _rows(self, m: int) -> int:
         """How many rows a step over m rows runs on: N, or with `shrink` the next power of two."""
@@ -356,12 +388,12 @@ class Engine:
         for n, nb in self.shapes(tokens, prefill=True):
             table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
             x = Inputs(n, self.C, self.S)
-            self.cache = self.steps.prefill(p, d, self.cache, self._no_prev, table, *x.arrays(n))[1]
+            self.cache = self.steps.prefill(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
         for n, nb in self.shapes(tokens):
             table = np.full((n, nb), NO_BLOCK, np.int32)
             x = Inputs(n, 1, self.S)
             if self.steps.draft is None:
-                self.cache = self.steps.decode(p, d, self.cache, self._no_prev, table, *x.arrays(n))[1]
+                self.cache = self.steps.decode(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
             else:
                 drafts = np.zeros((n, self.steps.K), np.int32)
                 self.cache = self.steps.speculate(p, d, self.cache, drafts, table, x.rows, x.floats)[2]
@@ -403,7 +435,8 @@ class Engine:
                 if self.slots[b] is None or s.pending:  # finished, or refilled at the cache's end
                     break
 
-    def _emit(self, b: int, token: int, touched):
+    def _emit(self, b: int, token: int, touched, logprob=None):
+        """Slot b's next token (and its log-probabilities, when its request asks)."""
         s = self.slots[b]
         r = s.request
         touched[r] = r
@@ -411,6 +444,9 @@ class Engine:
             r.finish_reason, r.stop_token = "stop", token
         else:
             r.tokens.append(token)
+            if logprob is not None:
+                r.token_logprobs.append(logprob[0])
+                r.top_logprobs.append(logprob[1])
             if len(r.tokens) >= r.max_new_tokens:
                 r.finish_reason = "length"
         if r.done:
@@ -424,6 +460,25 @@ class Engine:
             s.pending, s.index, s.next_pos, s.fresh = list(s.hist), 0, 0, True
         else:
             s.feed = token
+
+
+def _host(scores: dict, requests: list[Request]) -> dict | None:
+    """A step's log-probability arrays on the host, when one of its rows' requests asks for them."""
+    if not any(r.logprobs is not None for r in requests):
+        return None
+    return {name: np.asarray(a) for name, a in scores.items()}
+
+
+def _top(scores: dict, prefix: str, k: int, *at) -> list[tuple[int, float]]:
+    ids, lps = scores[prefix + "_ids"][at][:k], scores[prefix + "_lp"][at][:k]
+    return list(zip(ids.tolist(), lps.tolist()))
+
+
+def _chosen(scores: dict | None, r: Request, i: int):
+    """(log p of row i's sampled token, its top alternatives) for a request that asks, else None."""
+    if scores is None or r.logprobs is None:
+        return None
+    return float(scores["chosen"][i]), _top(scores, "top", r.logprobs, i)
 
 
 def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:

@@ -10,7 +10,14 @@ import jax
 @dataclasses.dataclass(eq=False)
 class Request:
     """One sequence to continue. The engine fills `tokens` (generated, stop token excluded) and, when the
-    request leaves, `finish_reason`: "stop" (a stop token, kept in `stop_token`), "length" or "cancelled"."""
+    request leaves, `finish_reason`: "stop" (a stop token, kept in `stop_token`), "length" or "cancelled".
+
+    logprobs: None, or k in [0, 20]: each generated token's log-probability under the model's distribution
+    (before temperature, top-k and top-p) goes to `token_logprobs`, and the k most likely tokens there, as
+    (id, log-probability) pairs, to `top_logprobs`. score_prompt (with logprobs): the same for every prompt
+    token after the first (`prompt_logprobs`, `prompt_top_logprobs`, their first entry None); the prompt is
+    then kept whole (at most max_seq_len - 1 tokens), not cut to the refill window.
+    """
 
     prompt: list[int]
     max_new_tokens: int
@@ -20,11 +27,17 @@ class Request:
     seed: int = 0
     stream: int = 0  # a second seed: the rows of one call, the choices of one HTTP request
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    score_prompt: bool = False
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     stop_token: int | None = None
     prompt_tokens: int = 0  # the prompt tokens kept (a prompt longer than the window keeps its end)
     admitted: bool = False  # has had a slot
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = dataclasses.field(default_factory=list)
 
     @property
     def done(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +11,11 @@ from flax import nnx
 
 from jaxlm.engine.request import Request, request_key
 from jaxlm.errors import ConfigError
-from jaxlm.ops.sampling import categorical, distribution, sample
+from jaxlm.ops.sampling import categorical, distribution, sample, token_logprobs
 from jaxlm.ops.speculative import speculative_accept
 
 NO_BLOCK = 2**30  # a block-table entry past every pool: reads fill, writes drop
+TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's and vLLM's limit)
 
 
 class DecodeSteps:
@@ -88,6 +91,8 @@ class DecodeSteps:
         self.grow = jax.jit(_grow, static_argnums=1)
         self.prefill = jax.jit(self._step_fn, donate_argnums=2)
         self.decode = jax.jit(self._step_fn, donate_argnums=2)  # the same function at T = 1, compiled apart
+        # A prefill that also scores every prompt token (echo with logprobs): compiled when first needed.
+        self.score = jax.jit(functools.partial(self._step_fn, score=True), donate_argnums=2)
         self.speculate = jax.jit(self._speculate_fn, donate_argnums=2)
 
     def place(self, tree):
@@ -129,13 +134,17 @@ class DecodeSteps:
         drop = ("table", "rows", "layers")
         return tuple(None if v is None else {n: x for n, x in v.items() if n not in drop} for v in views)
 
-    def _step_fn(self, params, draft_params, caches, prev, table, cols, rows, floats):
+    def _step_fn(self, params, draft_params, caches, prev, table, cols, rows, floats, score: bool = False):
         """Writes each row's T tokens at its `index` (into the draft's cache too) and samples after its token
-        `last`; the inputs are packed by `Inputs` (tokens, positions, valid, prefix: (n, T); index, last, slot:
-        (n,); fresh: rows starting a new context (prompt or prefix tuning's slots are written first); sampling
-        settings). prev: the tokens of the previous decode step, still on the device: where `from_prev`, row i's
-        first token is prev[prev_at[i]]. table: (n, nb) the rows' blocks.
-        Returns the (n,) sampled tokens and the pools.
+        `last`; the inputs are packed by `Inputs` (tokens, positions, valid, prefix, next: (n, T); index, last,
+        slot, logprobs: (n,); fresh: rows starting a new context (prompt or prefix tuning's slots are written
+        first); sampling settings). prev: the tokens of the previous decode step, still on the device: where
+        `from_prev`, row i's first token is prev[prev_at[i]]. table: (n, nb) the rows' blocks.
+
+        Returns the (n,) sampled tokens, their log-probabilities (`token_logprobs`: "chosen" (n,), "top_ids"
+        and "top_lp" (n, TOP_LOGPROBS); computed when a row asks, zeros otherwise) and the pools. With
+        `score`, also those of each position's `next` token: "prompt" (n, T), "prompt_top_ids" and
+        "prompt_top_lp" (n, T, TOP_LOGPROBS) (the read-out then covers all T positions).
         """
         x = Inputs.unpack(cols, rows, floats)
         tokens, positions, valid, index = x["tokens"], x["positions"], x["valid"], x["index"]
@@ -144,20 +153,30 @@ class DecodeSteps:
         cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"])
         model, draft = self._models(params, draft_params)
         cache = model.start_rows(cache, x["fresh"])
-        last = x["last"]  # the read-out of the one position sampled after, not of all T (a prefill chunk)
+        # The read-out of the one position sampled after, not of all T (a prefill chunk), unless scoring.
+        last = x["last"]
+        read = None if score else last
         if self.prefix_lm:
             logits, cache = model(
-                tokens, positions, valid, cache=cache, cache_index=index, prefix=x["prefix"], last=last
+                tokens, positions, valid, cache=cache, cache_index=index, prefix=x["prefix"], last=read
             )
         else:
-            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index, last=last)
+            logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index, last=read)
         if draft_cache is not None:
             _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index, last=last)
+        scores = {}
+        if score:
+            scores = dict(
+                zip(("prompt", "prompt_top_ids", "prompt_top_lp"), token_logprobs(logits, x["next"], TOP_LOGPROBS))
+            )
+            logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)
         logits = logits[:, 0]
         keys = jax.vmap(request_key)(x["seed"], x["stream"], x["count"])
         token = sample(keys, logits, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
+        chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, TOP_LOGPROBS), logits, token)
+        scores.update(zip(("chosen", "top_ids", "top_lp"), chosen))
         token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # (N,): the next step's `prev`, one shape
-        return token, self._pools(cache, draft_cache)
+        return token, scores, self._pools(cache, draft_cache)
 
     def _speculate_fn(self, params, draft_params, caches, drafts, table, rows, floats):
         """One speculative step per row: K drafts (from the draft model, or `drafts` (n, K) given), verified by
@@ -204,6 +223,12 @@ class DecodeSteps:
         return out, kept, self._pools(cache, draft_cache)
 
 
+def _when(flag, fn, *args):
+    """fn(*args) where the traced bool `flag` holds, else zeros of the same shapes: work only some steps need."""
+    zeros = lambda *a: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(fn, *a))
+    return jax.lax.cond(flag, fn, zeros, *args)
+
+
 def _unstack(state, name: str):
     """(state with the layers of stack `name` emptied, (layer 0's state, layer 1's, ...)): each layer's own
     buffers, sliced once here rather than at every step."""
@@ -241,13 +266,13 @@ class Inputs:
     """A step's host inputs packed into three arrays (per token, per row, per row floats), so that a step
     costs three host-to-device transfers instead of a dozen."""
 
-    COLS = ("tokens", "positions", "valid", "prefix")
+    COLS = ("tokens", "positions", "valid", "prefix", "next")
     ROWS = (
         "index", "last", "fresh", "from_prev", "prev_at", "slot", "limit", "feed", "position", "top_k", "seed",
-        "stream", "count",
+        "stream", "count", "logprobs",
     )  # fmt: skip
     FLOATS = ("temperature", "top_p")
-    BOOL = ("valid", "prefix", "fresh", "from_prev")
+    BOOL = ("valid", "prefix", "fresh", "from_prev", "logprobs")
 
     def __init__(self, N: int, T: int, S: int):
         self.cols = np.zeros((N, T, len(self.COLS)), np.int32)
@@ -256,10 +281,13 @@ class Inputs:
         self.floats = np.zeros((N, len(self.FLOATS)), np.float32)
         self.floats[:, 1] = 1.0  # top_p off
 
-    def tokens(self, b: int, ids: list[int], position: int, prefix: bool = False) -> None:
+    def tokens(self, b: int, ids: list[int], position: int, prefix: bool = False, after: list[int] = ()) -> None:
+        """Row b's tokens from `position`; after: the tokens that follow them (scored), as far as known."""
         n = len(ids)
         self.cols[b, :n, 0], self.cols[b, :n, 1] = ids, np.arange(position, position + n)
         self.cols[b, :n, 2], self.cols[b, :n, 3] = 1, int(prefix)
+        follow = (list(ids[1:]) + list(after[:1]))[:n]
+        self.cols[b, : len(follow), 4] = follow
 
     def row(self, b: int, r: Request, **values) -> None:
         """Row b's sampling settings from its request (count: tokens it has), and `values` by name."""
@@ -268,6 +296,7 @@ class Inputs:
             "seed": r.seed % 2**32,
             "stream": r.stream % 2**32,
             "count": len(r.tokens),
+            "logprobs": r.logprobs is not None,
             **values,
         }
         for name, v in values.items():

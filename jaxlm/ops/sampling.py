@@ -133,3 +133,23 @@ def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     keep &= jnp.arange(V)[None] < k[:, None]
     threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, neg, logits)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log-probabilities of `tokens` and the k most likely tokens under softmax(logits): the model's own
+    distribution, before temperature, top-k or top-p (what scoring and evaluation need, as vLLM returns them).
+
+    Args:
+      logits: (..., V).
+      tokens: (...) int, the token whose log-probability is wanted at each position.
+      k: the alternatives listed (static).
+
+    Returns:
+      (...) float32 log p(token); (..., k) int32 ids of the k most likely tokens, most likely first, and
+      (..., k) their float32 log-probabilities (taken from the same array, so a token that is also the most
+      likely has the very same value in both).
+    """
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp

@@ -28,8 +28,17 @@ from starlette.exceptions import HTTPException
 from jaxlm.engine import Request
 from jaxlm.errors import DataError
 from jaxlm.serve.choices import Choice, TextStream
+from jaxlm.serve.logprobs import TokenTexts
 from jaxlm.serve.model import Served
-from jaxlm.serve.protocol import APIError, ChatRequest, CompletionRequest, describe
+from jaxlm.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    as_chat,
+    describe,
+)
 from jaxlm.serve.worker import Busy, EngineWorker
 
 
@@ -78,16 +87,19 @@ class Service:
         if body.n > self.worker.engine.N:
             raise APIError(400, f"n must be at most {self.worker.engine.N} (the server's slots)", param="n")
         seed = secrets.randbits(32) if body.seed is None else body.seed
+        chat = isinstance(body, ChatRequest)
         return [
             Request(
                 prompt,
-                limit,
+                max(1, limit),  # max_tokens 0 (echo): the prompt is scored, the token sampled after it dropped
                 temperature=body.temperature,
                 top_k=body.top_k,
                 top_p=body.top_p,
                 seed=seed,
                 stream=j,
                 stop_ids=self.served.stop_ids,
+                logprobs=body.alternatives if chat else body.logprobs,
+                score_prompt=not chat and body.echo and body.logprobs is not None,
             )
             for j in range(body.n)
         ]
@@ -130,6 +142,9 @@ def create_app(service: Service) -> FastAPI:
     app.add_api_route("/v1/models/{name:path}", model, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"])
     return app
 
 
@@ -208,10 +223,48 @@ async def chat_completions(http: HTTPRequest):
     return await respond(http, body, [service.requests(body, prompt, None)], [prompt], chat=True)
 
 
+async def tokenize(http: HTTPRequest):
+    """vLLM's /tokenize (what lm-evaluation-harness's remote tokenizer calls): {"prompt"} or {"messages"}
+    (rendered with the chat template) -> {"tokens", "count", "max_model_len"}."""
+    service = _service(http)
+    body = await parse(http, TokenizeRequest, model_optional=True)
+    if body.messages is not None:
+        try:
+            ids = service.served.chat_prompt(as_chat(body.messages))
+        except DataError as e:
+            raise APIError(400, str(e), param="messages") from None
+    else:
+        ids = service.served.tokenizer.encode(body.prompt)
+    return {"tokens": ids, "count": len(ids), "max_model_len": service.served.context}
+
+
+async def detokenize(http: HTTPRequest):
+    service = _service(http)
+    body = await parse(http, DetokenizeRequest, model_optional=True)
+    tokenizer = service.served.tokenizer
+    if any(not 0 <= t < service.served.cfg.vocab_size for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {service.served.cfg.vocab_size})", param="tokens")
+    return {"prompt": tokenizer.decode(body.tokens)}
+
+
+async def tokenizer_info(http: HTTPRequest):
+    """The tokenizer's special tokens and chat template (vLLM's /tokenizer_info)."""
+    served = _service(http).served
+    tokenizer = served.tokenizer
+    special = dict(getattr(tokenizer, "special_tokens", {}))
+    special.setdefault("eos_token", tokenizer.piece(tokenizer.eos_id))
+    return {
+        **{k: v for k, v in special.items() if isinstance(v, str)},
+        "chat_template": served.template,
+        "model_max_length": served.context,
+        "vocab_size": served.cfg.vocab_size,
+    }
+
+
 # What the routes share.
 
 
-async def parse(http: HTTPRequest, kind):
+async def parse(http: HTTPRequest, kind, model_optional: bool = False):
     """The request body as `kind` (a pydantic model), for the served model; 400 or 404 otherwise."""
     raw = await http.body()
     try:
@@ -224,7 +277,8 @@ async def parse(http: HTTPRequest, kind):
         body = kind.model_validate(data)
     except ValidationError as e:
         raise APIError(400, describe(e)) from None
-    _service(http).check_model(body.model)
+    if not (model_optional and body.model is None):
+        _service(http).check_model(body.model)
     return body
 
 
@@ -241,9 +295,10 @@ async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts:
         "model": served.name,
     }
     prompt_tokens = sum(len(p) for p in prompts)  # n choices of one prompt count it once, as OpenAI does
+    scoring = not chat and body.max_tokens == 0  # echo only: the token sampled after the prompt is dropped
 
     def usage():
-        done = sum(c.seen for c in choices)
+        done = 0 if scoring else sum(c.seen for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
     if body.stream:
@@ -260,23 +315,39 @@ async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts:
         service.worker.cancel(requests)
     if any(c.finish_reason == "error" for c in choices):
         raise APIError(500, "the decode step failed", type="server_error")
+    tokens = TokenTexts(served.tokenizer)
     if chat:
         out = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": t},
-                "logprobs": None,
+                "logprobs": _logprobs(tokens, c, chat=True) if body.logprobs else None,
                 "finish_reason": c.finish_reason,
             }
             for i, (t, c) in enumerate(zip(texts, choices))
         ]
         return {**head, "object": "chat.completion", "choices": out, "usage": usage()}
     echo = [served.tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
-    out = [
-        {"index": i, "text": e + t, "logprobs": None, "finish_reason": c.finish_reason}
-        for i, (e, t, c) in enumerate(zip(echo, texts, choices))
-    ]
+    out = []
+    for i, (e, t, c) in enumerate(zip(echo, texts, choices)):
+        if scoring:
+            t, c.seen, c.finish_reason = "", 0, "length"
+        lp = None if body.logprobs is None else _logprobs(tokens, c, chat=False, echo=body.echo)
+        out.append({"index": i, "text": e + t, "logprobs": lp, "finish_reason": c.finish_reason})
     return {**head, "object": "text_completion", "choices": out, "usage": usage()}
+
+
+def _logprobs(tokens: TokenTexts, c: Choice, *, chat: bool, echo: bool = False, start: int = 0, end=None) -> dict:
+    """The logprobs object of choice c's tokens [start, end) (default: those it has sent), after its prompt's
+    with echo."""
+    r = c.request
+    end = c.seen if end is None else end
+    ids, lps, tops = r.tokens[start:end], r.token_logprobs[start:end], r.top_logprobs[start:end]
+    if chat:
+        return tokens.chat(ids, lps, tops)
+    if echo:
+        ids, lps, tops = r.prompt + ids, r.prompt_logprobs + lps, r.prompt_top_logprobs + tops
+    return tokens.completion(ids, lps, tops)
 
 
 async def progress(http: HTTPRequest, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
@@ -307,11 +378,27 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
     service = _service(http)
     kind = "chat.completion.chunk" if chat else "text_completion"
 
+    tokens = TokenTexts(service.served.tokenizer)
+    sent = [0] * len(choices)  # tokens whose log-probabilities each choice has sent
+    offset = [0] * len(choices)  # characters of text each choice has sent (completions' text_offset)
+
+    def logprobs(i):
+        if body.logprobs in (None, False):
+            return None
+        c, start = choices[i], sent[i]
+        sent[i] = c.seen
+        lp = _logprobs(tokens, c, chat=chat, start=start)
+        if not chat:
+            lp["text_offset"] = tokens.offsets(c.request.tokens[start : c.seen], offset[i])
+        return lp
+
     def chunk(i, delta=None, finish=None, text=""):
+        lp = logprobs(i) if choices[i].seen > sent[i] or finish else None
         if chat:
-            choice = {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+            offset[i] += len(text)
         return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
 
     try:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jaxlm.engine.steps import TOP_LOGPROBS
+
 
 class APIError(Exception):
     """An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -70,9 +72,9 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0 with echo: scoring
     echo: bool = False
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     suffix: None = None
     best_of: int | None = None
 
@@ -80,6 +82,10 @@ class CompletionRequest(_Sampling):
     def _prompt(self):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only for echo (scoring the prompt)")
+        if self.stream and self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            raise ValueError("echo with logprobs or max_tokens 0 is not supported when streaming")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -114,7 +120,7 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     response_format: dict | None = None
     tools: None = None
     tool_choice: None = None
@@ -124,19 +130,46 @@ class ChatRequest(_Sampling):
 
     @model_validator(mode="after")
     def _options(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.response_format not in (None, {"type": "text"}):
             raise ValueError("response_format: only {'type': 'text'} is supported")
         return self
+
+    @property
+    def alternatives(self) -> int | None:
+        """The engine's logprobs setting: None, or the top alternatives listed."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def chat(self) -> list[dict]:
-        """Messages as the chat template takes them (a developer message is a system message)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return as_chat(self.messages)
+
+
+def as_chat(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template takes them (a developer message is a system message)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = False  # accepted: jaxlm's tokenizers add none
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 def describe(error) -> str:

@@ -43,7 +43,16 @@ def error_of(response, status):
         ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
-        ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ("/v1/completions", {**COMPLETION, "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {**COMPLETION, "logprobs": -1}, 400, "logprobs"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "only for echo"),
+        ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1, "stream": True}, 400, "streaming"),
+        ("/v1/completions", {**COMPLETION, "echo": True, "max_tokens": 0, "stream": True}, 400, "streaming"),
+        ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, 400, "one of"),
+        ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+        ("/detokenize", {"tokens": [1, 999]}, 400, "token ids"),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "context"),
         ("/v1/completions", {**COMPLETION, "prompt": "x" * 128}, 400, "leaving no room"),
@@ -77,7 +86,9 @@ def _junk(rng) -> bytes:
     if kind == 1:
         return good[: int(rng.integers(0, len(good)))].encode()
     body = dict(CHAT if rng.random() < 0.5 else COMPLETION)
-    key = rng.choice([*body, "n", "stop", "seed", "temperature", "stream", "top_p", "extra"])
+    key = rng.choice(
+        [*body, "n", "stop", "seed", "temperature", "stream", "top_p", "extra", "logprobs", "echo", "top_logprobs"]
+    )
     value = [None, -1, 0, 10**12, "x", [], {}, [1, "a"], 1e308, True, "\ud800" * 0 + "é" * 3][int(rng.integers(11))]
     if kind == 2:
         body[key] = value
@@ -96,7 +107,7 @@ def test_fuzz_then_a_valid_request_succeeds(server):
     statuses = set()
     with httpx.Client(base_url=url, timeout=30) as client:
         for _ in range(300):
-            path = "/v1/chat/completions" if rng.random() < 0.5 else "/v1/completions"
+            path = ["/v1/chat/completions", "/v1/completions", "/tokenize"][int(rng.choice(3, p=[0.45, 0.45, 0.1]))]
             r = client.post(path, content=_junk(rng), headers={"content-type": "application/json"})
             statuses.add(r.status_code)
             assert r.status_code < 500, r.text
