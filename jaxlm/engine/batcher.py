@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.engine.prefix import PrefixCache, block_names
 from jaxlm.engine.request import Request, check_sampling
 from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs
 from jaxlm.errors import ConfigError
@@ -29,6 +30,10 @@ class _Slot:
     blocks: list[int] = dataclasses.field(default_factory=list)  # the KV blocks it holds, in order
     order: int = 0  # admission order: prefill serves the earliest admitted rows first
     scoring: bool = False  # its prompt's log-probabilities are still to be computed (the first prefill)
+    names: list[bytes] | None = None  # prefix caching: its prompt's full blocks' names (None: not matched yet)
+    floor: int = 0  # its slots below this are shared blocks: read-only
+    named: int = 0  # its blocks named so far (matched in the cache, or produced and added to it)
+    scored: list = dataclasses.field(default_factory=list)  # per prompt position: (log p, all alternatives)
 
 
 class Engine:
@@ -57,6 +62,7 @@ class Engine:
         kv_blocks: int | None = None,
         initial_blocks: int | None = None,
         prefill_tokens: int = 1024,
+        prefix_caching: bool = True,
     ):
         """steps: the model's compiled steps.
         slots: N, the number of sequences decoded together.
@@ -73,6 +79,11 @@ class Engine:
           rows <= prefill_tokens / chunk (at least one), the earliest admitted first. A step over more tokens
           is no faster per token (it is compute-bound already), holds more activations, and each row count
           is one more compiled program (tens of MB each for a real model).
+        prefix_caching: a prompt's full blocks are kept, named by their tokens (`jaxlm.engine.prefix`), and a
+          later prompt that begins with the same blocks reuses them instead of prefilling them (a row that
+          would wait for a block another row is prefilling waits one step); idle blocks are evicted least
+          recently used first, when the pool is at its budget. Not with prompt or prefix tuning, prefix LMs
+          or encoder-decoders.
         """
         S = steps.max_len
         self.steps, self.N, self.S = steps, slots, S
@@ -100,6 +111,8 @@ class Engine:
         fit = 1 << (max(1, prefill_tokens // self.C).bit_length() - 1)
         self.prefill_rows = min(slots, fit) if shrink else slots  # unshrunk, a step runs on N rows anyway
         self._admissions = 0
+        cacheable = prefix_caching and not (self.P or steps.prefix_lm or steps.seq2seq or context is not None)
+        self.prefix = PrefixCache() if cacheable else None
         self._context = context or {}
         self.cache = steps.init_pool(self.pool_blocks, self._context)
         self.free_blocks = list(range(self.pool_blocks - 1, -1, -1))  # a stack: the lowest id is taken first
@@ -156,6 +169,8 @@ class Engine:
             self._inflight = None
         self.cache = self.steps.init_pool(self.pool_blocks, self._context)  # a failed step may have eaten it
         self.free_blocks, self.reserved = list(range(self.pool_blocks - 1, -1, -1)), 0
+        if self.prefix is not None:
+            self.prefix.clear()
         for r in ended:
             r.finish_reason = reason
         return ended
@@ -183,6 +198,9 @@ class Engine:
             "kv_blocks_used": held,
             "kv_blocks_reserved": self.reserved,
             "kv_blocks_budget": self.budget,
+            "kv_blocks_cached": 0 if self.prefix is None else len(self.prefix.name_of),
+            "kv_blocks_idle": 0 if self.prefix is None else len(self.prefix.idle),
+            "prefix_hit_tokens": 0 if self.prefix is None else self.prefix.hit_tokens,
         }
 
     # ------------------------------------------------------------------------------------------ stepping
@@ -210,9 +228,15 @@ class Engine:
     def _release(self, b: int) -> None:
         """Slot b is free: its blocks go back to the pool, its reservation ends."""
         s = self.slots[b]
-        self.free_blocks.extend(reversed(s.blocks))
+        self._drop_blocks(s)
         self.reserved -= s.reserve
         self.slots[b] = None
+
+    def _drop_blocks(self, s: _Slot) -> None:
+        """s's blocks go back: named ones to the prefix cache (idle once no row holds them), the rest free."""
+        kept = self.prefix is not None
+        self.free_blocks.extend(x for x in reversed(s.blocks) if not (kept and self.prefix.release(x)))
+        s.blocks = []
 
     def _apply_cancels(self, touched):
         with self._lock:
@@ -254,7 +278,7 @@ class Engine:
                         scoring=r.score_prompt,
                     )  # fmt: skip
                     if r.score_prompt:
-                        r.prompt_logprobs, r.prompt_top_logprobs = [None], [None]
+                        self._scored(self.slots[b], [None])
                     self.reserved += need
                     self.used[b] = True
 
@@ -265,7 +289,11 @@ class Engine:
         want = min(s.reserve, -(-(end + self.P) // self.Z))
         while len(s.blocks) < want:
             if not self.free_blocks:
-                self._grow_pool()
+                evicted = None if self.prefix is None or self.pool_blocks < self.budget else self.prefix.evict()
+                if evicted is None:
+                    self._grow_pool()
+                else:
+                    self.free_blocks.append(evicted)
             s.blocks.append(self.free_blocks.pop())
         return max(1, -(-(end + self.P) // self.Z))
 
@@ -291,7 +319,12 @@ class Engine:
         """One chunk of the pending tokens of the earliest admitted filling rows (at most `prefill_rows`), on
         those rows alone."""
         rows = [b for b, s in enumerate(self.slots) if s is not None and s.pending]
-        rows = sorted(rows, key=lambda b: self.slots[b].order)[: self.prefill_rows]
+        rows = sorted(rows, key=lambda b: self.slots[b].order)
+        if self.prefix is not None:
+            rows = self._match(rows)
+            if not rows:
+                return
+        rows = rows[: self.prefill_rows]
         P = self._rows(len(rows))
         x = Inputs(P, self.C, self.S)
         written, reads = [], []
@@ -302,7 +335,7 @@ class Engine:
             reads.append(self._take_blocks(b, s.index + self.C))
             prefix = self.steps.prefix_lm and s.fresh and s.next_pos == 0
             x.tokens(i, chunk, s.next_pos, prefix=prefix, after=s.pending[len(chunk) : len(chunk) + 1])
-            x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b)
+            x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b, floor=s.floor)
         table = self._table(rows, reads, P)
         scoring = any(self.slots[b].scoring for b in rows)
         step = self.steps.score if scoring else self.steps.prefill
@@ -316,12 +349,63 @@ class Engine:
             s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
             s.pending = s.pending[n:]
             if s.scoring:  # each chunk position whose next token is a prompt token
-                r, m = s.request, n if s.pending else n - 1
-                r.prompt_logprobs += scores["prompt"][i, :m].tolist()
-                r.prompt_top_logprobs += [_top(scores, "prompt_top", r.logprobs, i, j) for j in range(m)]
+                m = n if s.pending else n - 1
+                full = [_top(scores, "prompt_top", TOP_LOGPROBS, i, j) for j in range(m)]
+                self._scored(s, list(zip(scores["prompt"][i, :m].tolist(), full)))
                 s.scoring = bool(s.pending)
+            if self.prefix is not None and s.names:
+                self._name_blocks(s)
             if not s.pending:  # the prompt (or refill) is in: its next token
                 self._emit(b, int(out[i]), touched, _chosen(scores, s.request, i))
+
+    @staticmethod
+    def _scored(s: _Slot, entries: list) -> None:
+        """Prompt log-probabilities of s's next positions: (log p, all alternatives) each, or None (the first)."""
+        s.scored += entries
+        r, k = s.request, s.request.logprobs
+        r.prompt_logprobs += [None if e is None else e[0] for e in entries]
+        r.prompt_top_logprobs += [None if e is None else e[1][:k] for e in entries]
+
+    def _match(self, rows: list[int]) -> list[int]:
+        """Prefix caching, before a row's first prefill: its prompt's cached full blocks become its first
+        blocks (at least its last prompt token is left to prefill, to sample after). Returns the rows that
+        may prefill now: a row whose next block another row is prefilling waits for it."""
+        Z, ready, producing = self.Z, [], set()
+        for b in rows:
+            s = self.slots[b]
+            if s.names is not None:
+                producing.update(s.names[s.named :])
+        for b in rows:
+            s = self.slots[b]
+            if s.names is None:
+                names = block_names(s.pending, Z, (len(s.pending) - 1) // Z)
+                cached = len(self.prefix.cached(names, scored=s.scoring))
+                if names[cached : cached + 1] and names[cached] in producing:
+                    continue  # its next block is being prefilled by another row: wait, then reuse it
+                hit = self.prefix.match(names, scored=s.scoring)
+                s.names, s.named, s.blocks = names, len(hit), hit
+                if hit:
+                    # A scored prompt computes its last cached token again (its write dropped: the slot is
+                    # read-only), for the log-probability of the first token after the cached blocks.
+                    s.floor = len(hit) * Z
+                    cut = s.floor - 1 if s.scoring else s.floor
+                    s.index, s.next_pos, s.fresh, s.pending = cut, cut, False, s.pending[cut:]
+                    self.prefix.hit_tokens += s.floor
+                    if s.scoring:
+                        self._scored(s, [e for x in hit for e in self.prefix.scores[x]][1:])
+                producing.update(names[s.named :])
+            ready.append(b)
+        return ready
+
+    def _name_blocks(self, s: _Slot) -> None:
+        """Adds s's prompt blocks that are now full to the prefix cache (with their tokens' scores if it scored
+        them)."""
+        Z = self.Z
+        while s.named < min(len(s.names), s.index // Z):
+            j = s.named
+            scores = s.scored[j * Z : (j + 1) * Z] if s.request.score_prompt else None
+            self.prefix.add(s.names[j], s.blocks[j], scores)
+            s.named += 1
 
     def _decode(self, touched):
         """One decode step for every decoding row, dispatched before the previous step's tokens are read
@@ -344,7 +428,7 @@ class Engine:
             from_prev = s.inflight > 0
             x.row(
                 i, r, index=s.index, from_prev=from_prev, prev_at=prev_at.get(b, 0) if from_prev else 0,
-                count=len(r.tokens) + s.inflight, slot=b,
+                count=len(r.tokens) + s.inflight, slot=b, floor=s.floor,
             )  # fmt: skip
             s.index, s.next_pos, s.feed, s.inflight = s.index + 1, s.next_pos + 1, None, s.inflight + 1
             rows.append(b)
@@ -416,7 +500,7 @@ class Engine:
                 drafts[i, : len(proposal)] = proposal
                 limit = min(limit, len(proposal))
             reads.append(self._take_blocks(b, s.index + K + 1))
-            x.row(i, r, index=s.index, feed=s.feed, position=s.next_pos, limit=limit, slot=b)
+            x.row(i, r, index=s.index, feed=s.feed, position=s.next_pos, limit=limit, slot=b, floor=s.floor)
             limits[b] = limit
             rows.append(b)
         table = self._table(rows, reads, n)
@@ -455,9 +539,12 @@ class Engine:
         s.hist.append(token)
         if s.inflight:  # a decode step in flight already took this token from the device
             return
-        if s.index == self.S:  # cache full: keep the last W tokens as a fresh context
+        if s.index == self.S:  # cache full: keep the last W tokens as a fresh context, in blocks of its own
             s.hist = s.hist[-self.W :]
             s.pending, s.index, s.next_pos, s.fresh = list(s.hist), 0, 0, True
+            if self.prefix is not None:
+                self._drop_blocks(s)
+                s.names, s.named, s.floor = [], 0, 0
         else:
             s.feed = token
 

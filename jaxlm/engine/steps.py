@@ -120,18 +120,18 @@ class DecodeSteps:
         model = nnx.merge(self.graphdef, weights[0])
         return model, None if self.draft_graphdef is None else nnx.merge(self.draft_graphdef, draft_weights[0])
 
-    def _views(self, weights, draft_weights, caches, table, rows):
-        """The caches as the models read them: the pools with the table (n, nb) and slot ids (n,) of the rows,
-        and the unstacked layers."""
+    def _views(self, weights, draft_weights, caches, table, rows, floor):
+        """The caches as the models read them: the pools with the table (n, nb), slot ids (n,) and read-only
+        floors (n,) of the rows, and the unstacked layers."""
         cache, draft_cache = caches
-        view = {**cache, "table": table, "rows": rows, "layers": weights[1]}
+        view = {**cache, "table": table, "rows": rows, "layers": weights[1], "floor": floor}
         if draft_cache is not None:
-            draft_cache = {**draft_cache, "table": table, "layers": draft_weights[1]}
+            draft_cache = {**draft_cache, "table": table, "layers": draft_weights[1], "floor": floor}
         return view, draft_cache
 
     @staticmethod
     def _pools(*views):
-        drop = ("table", "rows", "layers")
+        drop = ("table", "rows", "layers", "floor")
         return tuple(None if v is None else {n: x for n, x in v.items() if n not in drop} for v in views)
 
     def _step_fn(self, params, draft_params, caches, prev, table, cols, rows, floats, score: bool = False):
@@ -150,7 +150,7 @@ class DecodeSteps:
         tokens, positions, valid, index = x["tokens"], x["positions"], x["valid"], x["index"]
         taken = jnp.take(prev, x["prev_at"], mode="clip")
         tokens = tokens.at[:, 0].set(jnp.where(x["from_prev"], taken, tokens[:, 0]))
-        cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"])
+        cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"], x["floor"])
         model, draft = self._models(params, draft_params)
         cache = model.start_rows(cache, x["fresh"])
         # The read-out of the one position sampled after, not of all T (a prefill chunk), unless scoring.
@@ -164,16 +164,14 @@ class DecodeSteps:
             logits, cache = model.decode(tokens, positions, valid, cache=cache, cache_index=index, last=read)
         if draft_cache is not None:
             _, draft_cache = draft.decode(tokens, positions, valid, cache=draft_cache, cache_index=index, last=last)
-        scores = {}
+        scores, top = {}, min(TOP_LOGPROBS, logits.shape[-1])  # a vocabulary may be smaller than 20
         if score:
-            scores = dict(
-                zip(("prompt", "prompt_top_ids", "prompt_top_lp"), token_logprobs(logits, x["next"], TOP_LOGPROBS))
-            )
+            scores = dict(zip(("prompt", "prompt_top_ids", "prompt_top_lp"), token_logprobs(logits, x["next"], top)))
             logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)
         logits = logits[:, 0]
         keys = jax.vmap(request_key)(x["seed"], x["stream"], x["count"])
         token = sample(keys, logits, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
-        chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, TOP_LOGPROBS), logits, token)
+        chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, top), logits, token)
         scores.update(zip(("chosen", "top_ids", "top_lp"), chosen))
         token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # (N,): the next step's `prev`, one shape
         return token, scores, self._pools(cache, draft_cache)
@@ -189,7 +187,7 @@ class DecodeSteps:
         """
         x = Inputs.unpack(None, rows, floats)
         feed, position, index, limit = x["feed"], x["position"], x["index"], x["limit"]
-        cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"])
+        cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"], x["floor"])
         model, draft = self._models(params, draft_params)
         K, N = self.K, feed.shape[0]
         keys = jax.vmap(request_key)(x["seed"], x["stream"], x["count"])
@@ -269,7 +267,7 @@ class Inputs:
     COLS = ("tokens", "positions", "valid", "prefix", "next")
     ROWS = (
         "index", "last", "fresh", "from_prev", "prev_at", "slot", "limit", "feed", "position", "top_k", "seed",
-        "stream", "count", "logprobs",
+        "stream", "count", "logprobs", "floor",
     )  # fmt: skip
     FLOATS = ("temperature", "top_p")
     BOOL = ("valid", "prefix", "fresh", "from_prev", "logprobs")

@@ -118,7 +118,10 @@ class Attention(nnx.Module):
             table = cache["table"]
             cache = {
                 **cache,
-                **{n: paged_write(cache[n], a, table, cache_index, layer) for n, a in (("k", k), ("v", v))},
+                **{
+                    n: paged_write(cache[n], a, table, cache_index, layer, cache.get("floor"))
+                    for n, a in (("k", k), ("v", v))
+                },
             }
             k, v = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
         return self._attend(q, k, v, mask, bias, dropout_keys), cache

@@ -175,12 +175,12 @@ class Stack(nnx.Module):
             B, T = x.shape[:2]
             table = cache["table"]
             slot_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
-            pos_pool = paged_write(cache["pos"], slot_pos, table, cache_index)
+            pos_pool = paged_write(cache["pos"], slot_pos, table, cache_index, floor=cache.get("floor"))
             kv_pos = paged_read(pos_pool, table, fill=-1)  # (B, nb * Z): the rows' own slots
             # A row's cache is its slots below its end: blocks it took over may hold an earlier owner's entries.
             end = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,)) + T
             kv_valid = (kv_pos >= 0) & (jnp.arange(kv_pos.shape[1])[None] < end[:, None])
-            kv = {"k": cache["k"], "v": cache["v"], "table": table}
+            kv = {"k": cache["k"], "v": cache["v"], "table": table, "floor": cache.get("floor")}
             unstacked = cache.get("layers")
         if prefix is not None:
             kv_prefix = prefix

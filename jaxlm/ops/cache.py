@@ -29,7 +29,12 @@ def write_rows(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax
 
 
 def paged_write(
-    pool: jax.Array, new: jax.Array, table: jax.Array, index: jax.Array | int, layer: jax.Array | None = None
+    pool: jax.Array,
+    new: jax.Array,
+    table: jax.Array,
+    index: jax.Array | int,
+    layer: jax.Array | None = None,
+    floor: jax.Array | None = None,
 ) -> jax.Array:
     """Row b's new entries at its logical slots index[b] + t, through its block table; slots past the table
     (or table entries past the pool: unallocated) are dropped.
@@ -40,6 +45,8 @@ def paged_write(
       table: (B, nb) int, the blocks of each row in order; an entry >= NB is no block.
       index: (B,) int (or a scalar), the logical slot of each row's first new token.
       layer: int scalar (may be traced), or None.
+      floor: (B,) int, or None: row b's slots below floor[b] are read-only (blocks it shares with other rows,
+        `jaxlm.engine.prefix`): writes there are dropped.
 
     Returns:
       pool with the new entries (same shape and dtype).
@@ -48,6 +55,8 @@ def paged_write(
     axis = 0 if layer is None else 1
     NB, Z = pool.shape[axis], pool.shape[axis + 1]
     slots = _slots(index, B, T)  # (B, T)
+    if floor is not None:
+        slots = jnp.where(slots >= floor[:, None], slots, table.shape[1] * Z)  # past the table: dropped
     blocks = jnp.take_along_axis(table, slots // Z, axis=1, mode="fill", fill_value=NB)
     where = (blocks, slots % Z) if layer is None else (layer, blocks, slots % Z)
     return pool.at[where].set(new.astype(pool.dtype), mode="drop")

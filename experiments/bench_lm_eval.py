@@ -1,0 +1,148 @@
+"""lm-evaluation-harness log-likelihood scoring: `jaxlm serve` (its `local-completions` model: echo +
+logprobs) against lm-eval's own `hf` backend (transformers, torch eager), on the same model, in one run.
+
+The task is a four-way cloze built from the embedded corpus: a context of three lines of a play, the true
+next line and three lines drawn from elsewhere as the choices (lm-eval's multiple_choice: one loglikelihood
+request per choice). Both sides score the same requests; the script compares their accuracy and per-choice
+log-likelihoods and times a second evaluation of each (the first compiles, loads and warms caches).
+Tokens/s counts every scored token (context + continuation) of every request.
+
+    python experiments/bench_lm_eval.py [--model-dir HF_DIR] [--questions 64] [--batch 16]
+
+Default model: SmolLM2-135M-Instruct (tests/real_model.py builds it). Writes
+experiments/results/bench_lm_eval.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gallery import RESULTS, pyplot, save  # noqa: E402
+
+TASK = """task: jaxlm_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: "\\n"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def cloze(n: int, seed: int = 0) -> list[dict]:
+    """n questions: three lines of a play, then its next line among three others."""
+    from jaxlm.data.corpus import embedded_works
+
+    rng = np.random.default_rng(seed)
+    lines = [x.strip() for t in embedded_works().values() for x in t.splitlines() if len(x.strip()) > 25]
+    out = []
+    for _ in range(n):
+        i = int(rng.integers(3, len(lines) - 1))
+        others = [lines[int(j)] for j in rng.integers(0, len(lines), 3)]
+        answer = int(rng.integers(4))
+        choices = others[:answer] + [lines[i]] + others[answer:]
+        out.append({"context": "\n".join(lines[i - 3 : i]), "choices": choices, "answer": answer})
+    return out
+
+
+def evaluate(lm, task_manager):
+    import lm_eval
+
+    t = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=["jaxlm_cloze"], task_manager=task_manager, log_samples=True)
+    seconds = time.perf_counter() - t
+    lls = [[r[0][0] for r in s["resps"]] for s in out["samples"]["jaxlm_cloze"]]
+    return seconds, out["results"]["jaxlm_cloze"]["acc,none"], np.array(lls)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="a Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--questions", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16, help="hf's batch size; jaxlm: prompts per request = slots")
+    p.add_argument("--out", default=str(RESULTS / "bench_lm_eval"))
+    args = p.parse_args()
+    started = time.perf_counter()
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.tasks import TaskManager
+
+    from jaxlm.serve.model import load_served
+    from jaxlm.serve.server import build_service, running
+
+    if args.model_dir is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from real_model import smollm2_hf_dir
+
+        args.model_dir = str(smollm2_hf_dir())
+    torch.set_num_threads(os.cpu_count())
+    work = Path(tempfile.mkdtemp())
+    questions = cloze(args.questions)
+    (work / "cloze.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (work / "cloze.yaml").write_text(TASK.format(data=work / "cloze.jsonl"))
+    tasks = TaskManager(include_path=str(work))
+
+    served = load_served(args.model_dir, name="model")
+    tokens = sum(
+        len(served.tokenizer.encode(q["context"] + "\n" + c)) for q in questions for c in q["choices"]
+    )  # what each side scores, to a token or so (lm-eval encodes context and continuation apart)
+    service = build_service(served, slots=args.batch, warm_up_tokens=128, release_model=True)
+    with running(service) as url:
+        lm = LocalCompletionsAPI(
+            base_url=url + "/v1/completions", model="model", tokenizer_backend="huggingface",
+            tokenizer=args.model_dir, batch_size=args.batch, max_length=served.context, max_retries=1,
+        )  # fmt: skip
+        evaluate(lm, tasks)  # compiles the scoring steps
+        ours_s, ours_acc, ours_ll = evaluate(lm, tasks)
+    del service
+    hf = HFLM(pretrained=args.model_dir, dtype="float32", device="cpu", batch_size=args.batch)
+    evaluate(hf, tasks)
+    ref_s, ref_acc, ref_ll = evaluate(hf, tasks)
+
+    diff = np.abs(ours_ll - ref_ll) / np.maximum(1.0, np.abs(ref_ll))
+    result = {
+        "model": args.model_dir,
+        "questions": args.questions,
+        "requests": 4 * args.questions,
+        "tokens_scored": tokens,
+        "batch": args.batch,
+        "threads": os.cpu_count(),
+        "jaxlm": {"seconds": round(ours_s, 2), "tokens_per_s": round(tokens / ours_s, 1), "acc": ours_acc},
+        "hf": {"seconds": round(ref_s, 2), "tokens_per_s": round(tokens / ref_s, 1), "acc": ref_acc},
+        "speedup": round(ref_s / ours_s, 2),
+        "max_relative_ll_difference": float(diff.max()),
+        "same_choices": bool((ours_ll.argmax(1) == ref_ll.argmax(1)).all()),
+    }
+    print(json.dumps(result, indent=1))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(["jaxlm serve\n(local-completions)", "lm-eval hf\n(transformers)"], [tokens / ours_s, tokens / ref_s])
+    ax.set_ylabel("scored tokens/s")
+    ax.set_title(f"lm-eval loglikelihood, {4 * args.questions} requests ({result['speedup']}x)")
+    fig.tight_layout()
+    save(Path(args.out), result, fig, started=started)
+
+
+if __name__ == "__main__":
+    main()
