@@ -62,6 +62,12 @@ def add(sub) -> None:
         help="compile the steps for rows of up to N tokens before listening (default 256; longer rows compile "
         "their shapes when they first occur)",
     )
+    sv.add_argument(
+        "--warm-up-scoring",
+        action="store_true",
+        help="also compile the steps that score prompts (echo + logprobs, as lm-evaluation-harness asks for "
+        "log-likelihoods) and prefill short chunks, before listening; otherwise they compile when first used",
+    )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
     draft_options(sv)
     sv.set_defaults(fn=run)
@@ -84,6 +90,7 @@ def run(args) -> int:
         draft_tokens=args.draft_tokens,
         kv_tokens=args.kv_tokens,
         warm_up_tokens=args.warm_up_tokens,
+        warm_up_scoring=args.warm_up_scoring,
         release_model=True,  # the engine holds the weights: no second copy while serving
     )
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)

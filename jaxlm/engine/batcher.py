@@ -82,8 +82,8 @@ class Engine:
         prefix_caching: a prompt's full blocks are kept, named by their tokens (`jaxlm.engine.prefix`), and a
           later prompt that begins with the same blocks reuses them instead of prefilling them (a row that
           would wait for a block another row is prefilling waits one step); idle blocks are evicted least
-          recently used first, when the pool is at its budget. Not with prompt or prefix tuning, prefix LMs
-          or encoder-decoders.
+          recently used first when a row needs a block and none is free (before the pool grows). Not with
+          prompt or prefix tuning, prefix LMs or encoder-decoders.
         """
         S = steps.max_len
         self.steps, self.N, self.S = steps, slots, S
@@ -92,6 +92,9 @@ class Engine:
             raise ValueError(f"window_shift must be in [1, {S}), got {self.window_shift}")
         self.W = S - self.window_shift  # the tokens a refill keeps
         self.C = self.W if steps.prefix_lm else max(1, min(chunk, self.W))
+        # Prefill steps also run at C / 4 tokens a row when no row has more (the rest of a prompt after cached
+        # blocks, a short prompt): a step's cost follows its length. Each is one more compiled shape.
+        self.chunks = (self.C // 4, self.C) if self.C >= 32 and not steps.prefix_lm else (self.C,)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps.seq2seq and context is None:
@@ -189,7 +192,8 @@ class Engine:
         """KV memory: the pool's bytes and blocks, those held by rows and reserved for them, the budget."""
         arrays = [x for c in self.cache if c is not None for n, x in c.items() if n in ("k", "v")]
         pool_bytes = sum(x.size * x.dtype.itemsize for x in arrays)
-        held = self.pool_blocks - len(self.free_blocks)
+        idle = 0 if self.prefix is None else len(self.prefix.idle)
+        held = self.pool_blocks - len(self.free_blocks) - idle  # by rows (idle named blocks wait for reuse)
         return {
             "kv_bytes": pool_bytes,
             "kv_block_bytes": pool_bytes // self.pool_blocks,
@@ -199,7 +203,7 @@ class Engine:
             "kv_blocks_reserved": self.reserved,
             "kv_blocks_budget": self.budget,
             "kv_blocks_cached": 0 if self.prefix is None else len(self.prefix.name_of),
-            "kv_blocks_idle": 0 if self.prefix is None else len(self.prefix.idle),
+            "kv_blocks_idle": idle,
             "prefix_hit_tokens": 0 if self.prefix is None else self.prefix.hit_tokens,
         }
 
@@ -289,7 +293,9 @@ class Engine:
         want = min(s.reserve, -(-(end + self.P) // self.Z))
         while len(s.blocks) < want:
             if not self.free_blocks:
-                evicted = None if self.prefix is None or self.pool_blocks < self.budget else self.prefix.evict()
+                # Idle named blocks make room before the pool grows: a larger pool is one more compilation
+                # of every step, so the cache keeps what fits in the pool the rows need.
+                evicted = None if self.prefix is None else self.prefix.evict()
                 if evicted is None:
                     self._grow_pool()
                 else:
@@ -325,14 +331,21 @@ class Engine:
             if not rows:
                 return
         rows = rows[: self.prefill_rows]
+        # Rows by chunk length: those with a short chunk run in a step of their own length, not padded to C.
+        fit = {b: min(t for t in self.chunks if t >= len(self.slots[b].pending[: self.C])) for b in rows}
+        for T in self.chunks:
+            if group := [b for b in rows if fit[b] == T]:
+                self._prefill_rows(group, T, touched)
+
+    def _prefill_rows(self, rows: list[int], T: int, touched):
         P = self._rows(len(rows))
-        x = Inputs(P, self.C, self.S)
+        x = Inputs(P, T, self.S)
         written, reads = [], []
         for i, b in enumerate(rows):
             s = self.slots[b]
-            chunk = s.pending[: self.C]
+            chunk = s.pending[:T]
             written.append(len(chunk))
-            reads.append(self._take_blocks(b, s.index + self.C))
+            reads.append(self._take_blocks(b, s.index + T))
             prefix = self.steps.prefix_lm and s.fresh and s.next_pos == 0
             x.tokens(i, chunk, s.next_pos, prefix=prefix, after=s.pending[len(chunk) : len(chunk) + 1])
             x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b, floor=s.floor)
@@ -464,15 +477,21 @@ class Engine:
         reads = sorted({self._table([], [m], 1).shape[1] for m in range(1, most + 1)})
         return [(n, nb) for n in counts for nb in reads]
 
-    def warm_up(self, tokens: int | None = None) -> None:
+    def warm_up(self, tokens: int | None = None, short_chunks: bool = True, score: bool = False) -> None:
         """Compiles every step at every shape it may run on with rows of up to `tokens` tokens (default: the
         full context; a server does this before it listens): the rows are idle (they own no blocks), so
-        nothing changes. Larger shapes compile when first needed."""
+        nothing changes. Larger shapes compile when first needed, as do the prefill steps of short chunks
+        without `short_chunks` (a server that counts its memory: each shape of a real model holds tens of
+        MB). score: also the prefill steps that score prompts (echo with logprobs, as lm-evaluation-harness
+        asks for log-likelihoods)."""
         p, d = self.steps.weights, self.steps.draft_params
-        for n, nb in self.shapes(tokens, prefill=True):
-            table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
-            x = Inputs(n, self.C, self.S)
-            self.cache = self.steps.prefill(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
+        prefills = (self.steps.prefill, self.steps.score) if score else (self.steps.prefill,)
+        for T in self.chunks if short_chunks else (self.C,):
+            for n, nb in self.shapes(tokens, prefill=True):
+                table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
+                x = Inputs(n, T, self.S)
+                for step in prefills:
+                    self.cache = step(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
         for n, nb in self.shapes(tokens):
             table = np.full((n, nb), NO_BLOCK, np.int32)
             x = Inputs(n, 1, self.S)

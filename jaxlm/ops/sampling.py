@@ -149,7 +149,10 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Ar
       (..., k) their float32 log-probabilities (taken from the same array, so a token that is also the most
       likely has the very same value in both).
     """
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
-    top_lp, top_ids = jax.lax.top_k(lp, k)
-    return chosen, top_ids.astype(jnp.int32), top_lp
+    # log p = logit - logsumexp, taken only where needed: no (..., V) array of log-probabilities is written
+    # (a scoring prefill's logits are 16 x 64 x 49,152 floats).
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0] - lse
+    top, top_ids = jax.lax.top_k(logits, k)
+    return chosen, top_ids.astype(jnp.int32), top - lse[..., None]

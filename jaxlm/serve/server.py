@@ -33,6 +33,7 @@ def build_service(
     draft_tokens: int = 4,
     kv_tokens: int | None = None,
     warm_up_tokens: int = 256,
+    warm_up_scoring: bool = False,
     release_model: bool = False,
 ) -> Service:
     """The engine over `slots` rows, compiled and running on its thread.
@@ -41,7 +42,9 @@ def build_service(
     prefill_tokens: the most prompt tokens one prefill step takes (see `Engine`).
     kv_tokens: the KV budget in tokens (default: every slot's full context); the pool grows as it is used.
     warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
-      compile their shapes when they first occur).
+      compile their shapes when they first occur). warm_up_scoring: also the short-chunk prefill steps and
+      those that score prompts (echo + logprobs: lm-evaluation-harness's log-likelihoods), which otherwise
+      compile when first used.
     release_model: drop `served.model` once the engine holds its weights (`Served.release_model`), before the
       warm-up, so the weights are in memory once."""
     if slots < 1:
@@ -52,7 +55,7 @@ def build_service(
     kv_blocks = None if kv_tokens is None else -(-int(kv_tokens) // steps.Z)
     engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks, prefill_tokens=prefill_tokens)
     t = time.perf_counter()
-    engine.warm_up(warm_up_tokens)
+    engine.warm_up(warm_up_tokens, short_chunks=warm_up_scoring, score=warm_up_scoring)
     log.info(
         "compiled the steps for up to %d slots and %d tokens in %.1f s; KV pool %.0f MB of a %.0f MB budget",
         slots, warm_up_tokens, time.perf_counter() - t, engine.kv["kv_bytes"] / 2**20,
