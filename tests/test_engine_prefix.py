@@ -1,6 +1,7 @@
 """Prefix caching (`jaxlm.engine.prefix`): prompts that begin alike reuse the KV blocks already computed, and
 every output equals the output without caching."""
 
+import jax
 import numpy as np
 
 from jaxlm.engine import DecodeSteps, Engine, Request
@@ -107,3 +108,19 @@ def test_prefix_cache_bookkeeping():
     assert cache.match(names, scored=False) == [7] and cache.refs[7] == 2
     assert cache.release(7) and cache.release(7) and list(cache.idle) == [7] and not cache.release(3)
     assert cache.evict() == 7 and cache.evict() is None and cache.match(names, scored=False) == []
+
+
+def test_new_weights_empty_the_cache():
+    """RL rollouts replace the weights between calls: blocks computed with the old ones are not reused."""
+    model = model_for("llama_tiny", max_seq_len=64)
+    steps = DecodeSteps(model, block_size=4)
+    engine = Engine(steps, slots=1)
+    prompt = list(range(5, 30))
+    run(engine, [Request(prompt, 2, temperature=0.0)])
+    steps.params = jax.tree.map(lambda a: a * 1.5 if a.dtype == np.float32 else a, steps.params)
+    again = Request(prompt, 4, temperature=0.0)
+    run(engine, [again])
+    assert engine.kv["prefix_hit_tokens"] == 0
+    fresh = Request(prompt, 4, temperature=0.0)
+    run(Engine(steps, slots=1, prefix_caching=False), [fresh])
+    assert again.tokens == fresh.tokens

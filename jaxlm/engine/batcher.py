@@ -116,6 +116,7 @@ class Engine:
         self._admissions = 0
         cacheable = prefix_caching and not (self.P or steps.prefix_lm or steps.seq2seq or context is not None)
         self.prefix = PrefixCache() if cacheable else None
+        self._cached_weights = steps.weights  # the weights the cached blocks were computed with
         self._context = context or {}
         self.cache = steps.init_pool(self.pool_blocks, self._context)
         self.free_blocks = list(range(self.pool_blocks - 1, -1, -1))  # a stack: the lowest id is taken first
@@ -333,6 +334,8 @@ class Engine:
         rows = rows[: self.prefill_rows]
         # Rows by chunk length: those with a short chunk run in a step of their own length, not padded to C.
         fit = {b: min(t for t in self.chunks if t >= len(self.slots[b].pending[: self.C])) for b in rows}
+        if not self.shrink:  # every step runs on N rows: one step at the longest chunk
+            fit = dict.fromkeys(rows, max(fit.values()))
         for T in self.chunks:
             if group := [b for b in rows if fit[b] == T]:
                 self._prefill_rows(group, T, touched)
@@ -383,6 +386,9 @@ class Engine:
         """Prefix caching, before a row's first prefill: its prompt's cached full blocks become its first
         blocks (at least its last prompt token is left to prefill, to sample after). Returns the rows that
         may prefill now: a row whose next block another row is prefilling waits for it."""
+        if self.steps.weights is not self._cached_weights:  # new weights (RL rollouts): cached K/V is stale
+            self.prefix.clear()
+            self._cached_weights = self.steps.weights
         Z, ready, producing = self.Z, [], set()
         for b in rows:
             s = self.slots[b]
