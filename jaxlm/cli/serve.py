@@ -66,7 +66,8 @@ def add(sub) -> None:
         "--warm-up-scoring",
         action="store_true",
         help="also compile the steps that score prompts (echo + logprobs, as lm-evaluation-harness asks for "
-        "log-likelihoods) and prefill short chunks, before listening; otherwise they compile when first used",
+        "log-likelihoods; otherwise compiled when first used), and prefill short chunks (a quarter of --chunk: "
+        "prompts mostly found in the prefix cache) at their own length, before listening",
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
     draft_options(sv)

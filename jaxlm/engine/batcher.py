@@ -63,6 +63,7 @@ class Engine:
         initial_blocks: int | None = None,
         prefill_tokens: int = 1024,
         prefix_caching: bool = True,
+        short_chunks: bool = True,
     ):
         """steps: the model's compiled steps.
         slots: N, the number of sequences decoded together.
@@ -79,6 +80,8 @@ class Engine:
           rows <= prefill_tokens / chunk (at least one), the earliest admitted first. A step over more tokens
           is no faster per token (it is compute-bound already), holds more activations, and each row count
           is one more compiled program (tens of MB each for a real model).
+        short_chunks: prefill steps also run at C / 4 tokens a row when no row has more (a short prompt, the
+          rest of one after cached blocks): a step's cost follows its length, at one more compiled shape each.
         prefix_caching: a prompt's full blocks are kept, named by their tokens (`jaxlm.engine.prefix`), and a
           later prompt that begins with the same blocks reuses them instead of prefilling them (a row that
           would wait for a block another row is prefilling waits one step); idle blocks are evicted least
@@ -92,9 +95,8 @@ class Engine:
             raise ValueError(f"window_shift must be in [1, {S}), got {self.window_shift}")
         self.W = S - self.window_shift  # the tokens a refill keeps
         self.C = self.W if steps.prefix_lm else max(1, min(chunk, self.W))
-        # Prefill steps also run at C / 4 tokens a row when no row has more (the rest of a prompt after cached
-        # blocks, a short prompt): a step's cost follows its length. Each is one more compiled shape.
-        self.chunks = (self.C // 4, self.C) if self.C >= 32 and not steps.prefix_lm else (self.C,)
+        short = short_chunks and self.C >= 32 and not steps.prefix_lm
+        self.chunks = (self.C // 4, self.C) if short else (self.C,)  # prefill lengths
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if steps.seq2seq and context is None:
@@ -487,8 +489,7 @@ class Engine:
         """Compiles every step at every shape it may run on with rows of up to `tokens` tokens (default: the
         full context; a server does this before it listens): the rows are idle (they own no blocks), so
         nothing changes. Larger shapes compile when first needed, as do the prefill steps of short chunks
-        without `short_chunks` (a server that counts its memory: each shape of a real model holds tens of
-        MB). score: also the prefill steps that score prompts (echo with logprobs, as lm-evaluation-harness
+        without `short_chunks`. score: also the prefill steps that score prompts (echo with logprobs, as lm-evaluation-harness
         asks for log-likelihoods)."""
         p, d = self.steps.weights, self.steps.draft_params
         prefills = (self.steps.prefill, self.steps.score) if score else (self.steps.prefill,)

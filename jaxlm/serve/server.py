@@ -42,9 +42,9 @@ def build_service(
     prefill_tokens: the most prompt tokens one prefill step takes (see `Engine`).
     kv_tokens: the KV budget in tokens (default: every slot's full context); the pool grows as it is used.
     warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
-      compile their shapes when they first occur). warm_up_scoring: also the short-chunk prefill steps and
-      those that score prompts (echo + logprobs: lm-evaluation-harness's log-likelihoods), which otherwise
-      compile when first used.
+      compile their shapes when they first occur). warm_up_scoring: also compile the steps that score prompts
+      (echo + logprobs: lm-evaluation-harness's log-likelihoods; otherwise compiled when first used), and
+      prefill short chunks (C / 4 tokens a row: prompts mostly found in the prefix cache) at their own length.
     release_model: drop `served.model` once the engine holds its weights (`Served.release_model`), before the
       warm-up, so the weights are in memory once."""
     if slots < 1:
@@ -53,7 +53,11 @@ def build_service(
     if release_model:
         served.release_model()
     kv_blocks = None if kv_tokens is None else -(-int(kv_tokens) // steps.Z)
-    engine = Engine(steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks, prefill_tokens=prefill_tokens)
+    # Short prefill chunks (scoring traffic) only with their warm-up: each shape of a real model holds tens of MB.
+    engine = Engine(
+        steps, slots=slots, chunk=chunk, kv_blocks=kv_blocks, prefill_tokens=prefill_tokens,
+        short_chunks=warm_up_scoring,
+    )  # fmt: skip
     t = time.perf_counter()
     engine.warm_up(warm_up_tokens, short_chunks=warm_up_scoring, score=warm_up_scoring)
     log.info(
