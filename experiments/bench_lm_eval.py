@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save  # noqa: E402
+from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
 
 TASK = """task: {name}
 dataset_path: json
@@ -92,11 +92,7 @@ def main():
     from jaxlm.serve.model import load_served
     from jaxlm.serve.server import build_service, running
 
-    if args.model_dir is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from real_model import smollm2_hf_dir
-
-        args.model_dir = str(smollm2_hf_dir())
+    args.model_dir = real_model_dir(args.model_dir)
     torch.set_num_threads(os.cpu_count())
     work = Path(tempfile.mkdtemp())
     questions = cloze(args.questions)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save  # noqa: E402
+from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
 
 QUESTIONS = ["Who is Hamlet's mother?", "What does Ophelia give away?", "Who kills Polonius?", "Where is Elsinore?"]
 
@@ -52,11 +52,7 @@ def main():
     from jaxlm.engine import DecodeSteps, Engine
     from jaxlm.serve.model import load_served
 
-    if args.model_dir is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from real_model import smollm2_hf_dir
-
-        args.model_dir = str(smollm2_hf_dir())
+    args.model_dir = real_model_dir(args.model_dir)
     served = load_served(args.model_dir)
     tok = served.tokenizer
     play = embedded_works()["hamlet.txt"]

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save  # noqa: E402
+from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
 
 SHORT_CONTEXT = 512  # jaxlm is timed at this max_seq_len too
 QUESTIONS = [
@@ -178,10 +178,7 @@ def main(argv=None) -> None:
         print(json.dumps(fn(args.hf_dir, args.batches, args.new, args.context)))
         return
     started = time.perf_counter()
-    if args.hf_dir is None:
-        from tests.real_model import smollm2_hf_dir
-
-        args.hf_dir = str(smollm2_hf_dir())
+    args.hf_dir = real_model_dir(args.hf_dir)
     bandwidth = measure_bandwidth()
     ref = in_process("torch", args)
     ours = in_process("jaxlm", args)

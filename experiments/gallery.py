@@ -45,6 +45,16 @@ def save(out: Path, result: dict, figure, *, started: float) -> None:
     print(f"wrote {out.with_suffix('.json')} and .png")
 
 
+def real_model_dir(path: str | None) -> str:
+    """`path`, or the SmolLM2-135M-Instruct Hugging Face directory tests/real_model.py builds once a machine."""
+    if path is not None:
+        return path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.real_model import smollm2_hf_dir
+
+    return str(smollm2_hf_dir())
+
+
 def pyplot():
     import matplotlib
 

@@ -489,8 +489,8 @@ class Engine:
         """Compiles every step at every shape it may run on with rows of up to `tokens` tokens (default: the
         full context; a server does this before it listens): the rows are idle (they own no blocks), so
         nothing changes. Larger shapes compile when first needed, as do the prefill steps of short chunks
-        without `short_chunks`. score: also the prefill steps that score prompts (echo with logprobs, as lm-evaluation-harness
-        asks for log-likelihoods)."""
+        without `short_chunks`. score: also the prefill steps that score prompts (echo with logprobs, as
+        lm-evaluation-harness asks for log-likelihoods)."""
         p, d = self.steps.weights, self.steps.draft_params
         prefills = (self.steps.prefill, self.steps.score) if score else (self.steps.prefill,)
         for T in self.chunks if short_chunks else (self.C,):

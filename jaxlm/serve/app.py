@@ -207,8 +207,8 @@ async def completions(http: HTTPRequest):
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream takes one prompt", param="prompt")
     encoded = [p if isinstance(p, list) else served.tokenizer.encode(p) for p in prompts]
-    if any(not all(0 <= t < served.cfg.vocab_size for t in p) for p in encoded):
-        raise APIError(400, f"token ids must be in [0, {served.cfg.vocab_size})", param="prompt")
+    for p in encoded:
+        _check_ids(served, p, "prompt")
     groups = [service.requests(body, p, body.max_tokens) for p in encoded]
     return await respond(http, body, groups, encoded, chat=False)
 
@@ -241,10 +241,13 @@ async def tokenize(http: HTTPRequest):
 async def detokenize(http: HTTPRequest):
     service = _service(http)
     body = await parse(http, DetokenizeRequest, model_optional=True)
-    tokenizer = service.served.tokenizer
-    if any(not 0 <= t < service.served.cfg.vocab_size for t in body.tokens):
-        raise APIError(400, f"token ids must be in [0, {service.served.cfg.vocab_size})", param="tokens")
-    return {"prompt": tokenizer.decode(body.tokens)}
+    _check_ids(service.served, body.tokens, "tokens")
+    return {"prompt": service.served.tokenizer.decode(body.tokens)}
+
+
+def _check_ids(served: Served, ids: list[int], param: str) -> None:
+    if not all(0 <= t < served.cfg.vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in [0, {served.cfg.vocab_size})", param=param)
 
 
 async def tokenizer_info(http: HTTPRequest):
@@ -337,17 +340,16 @@ async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts:
     return {**head, "object": "text_completion", "choices": out, "usage": usage()}
 
 
-def _logprobs(tokens: TokenTexts, c: Choice, *, chat: bool, echo: bool = False, start: int = 0, end=None) -> dict:
-    """The logprobs object of choice c's tokens [start, end) (default: those it has sent), after its prompt's
-    with echo."""
+def _logprobs(tokens: TokenTexts, c: Choice, *, chat: bool, echo: bool = False, start: int = 0, at: int = 0) -> dict:
+    """The logprobs object of the tokens choice c has sent from its `start`-th (after its prompt's, with echo);
+    completions' text offsets count from character `at`."""
     r = c.request
-    end = c.seen if end is None else end
-    ids, lps, tops = r.tokens[start:end], r.token_logprobs[start:end], r.top_logprobs[start:end]
+    ids, lps, tops = r.tokens[start : c.seen], r.token_logprobs[start : c.seen], r.top_logprobs[start : c.seen]
     if chat:
         return tokens.chat(ids, lps, tops)
     if echo:
         ids, lps, tops = r.prompt + ids, r.prompt_logprobs + lps, r.prompt_top_logprobs + tops
-    return tokens.completion(ids, lps, tops)
+    return tokens.completion(ids, lps, tops, at)
 
 
 async def progress(http: HTTPRequest, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
@@ -385,12 +387,8 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
     def logprobs(i):
         if body.logprobs in (None, False):
             return None
-        c, start = choices[i], sent[i]
-        sent[i] = c.seen
-        lp = _logprobs(tokens, c, chat=chat, start=start)
-        if not chat:
-            lp["text_offset"] = tokens.offsets(c.request.tokens[start : c.seen], offset[i])
-        return lp
+        start, sent[i] = sent[i], choices[i].seen
+        return _logprobs(tokens, choices[i], chat=chat, start=start, at=offset[i])
 
     def chunk(i, delta=None, finish=None, text=""):
         lp = logprobs(i) if choices[i].seen > sent[i] or finish else None

@@ -2,6 +2,8 @@
 request), chat (logprobs, top_logprobs; streamed too), and the tokenizer endpoints. Each value is checked
 against the model's own forward pass."""
 
+import json
+
 import httpx
 import jax
 import jax.numpy as jnp
@@ -116,3 +118,19 @@ def test_token_strings_of_split_characters(server, text):
     assert len(lp["tokens"]) == len(raw)
     assert all(t == chr(b) if b < 128 else t == f"bytes:\\x{b:02x}" for t, b in zip(lp["tokens"], raw))
     assert lp["text_offset"][-1] == len(text) - 1
+
+
+def test_streamed_completion_logprobs_add_up_to_the_whole(server):
+    """Each chunk carries the log-probabilities of its tokens; joined, they are the non-streamed object, text
+    offsets included (they count from the start of the whole text)."""
+    url, _ = server
+    body = {"model": "tiny", "prompt": "ROMEO.", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[len("data: ") :])["choices"][0]["logprobs"]
+                for k in joined if lp else ():
+                    joined[k] += lp[k]
+    assert len(whole["tokens"]) == 8 and joined == whole
