@@ -340,16 +340,16 @@ async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts:
     return {**head, "object": "text_completion", "choices": out, "usage": usage()}
 
 
-def _logprobs(tokens: TokenTexts, c: Choice, *, chat: bool, echo: bool = False, start: int = 0, at: int = 0) -> dict:
+def _logprobs(tokens: TokenTexts, c: Choice, *, chat: bool, echo: bool = False, start: int = 0, offsets=None) -> dict:
     """The logprobs object of the tokens choice c has sent from its `start`-th (after its prompt's, with echo);
-    completions' text offsets count from character `at`."""
+    completions' text offsets continue `offsets` (a stream's, across its chunks)."""
     r = c.request
     ids, lps, tops = r.tokens[start : c.seen], r.token_logprobs[start : c.seen], r.top_logprobs[start : c.seen]
     if chat:
         return tokens.chat(ids, lps, tops)
     if echo:
         ids, lps, tops = r.prompt + ids, r.prompt_logprobs + lps, r.prompt_top_logprobs + tops
-    return tokens.completion(ids, lps, tops, at)
+    return tokens.completion(ids, lps, tops, offsets)
 
 
 async def progress(http: HTTPRequest, events: asyncio.Queue, choices: list[Choice]) -> AsyncIterator[tuple[int, str]]:
@@ -382,13 +382,13 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
 
     tokens = TokenTexts(service.served.tokenizer)
     sent = [0] * len(choices)  # tokens whose log-probabilities each choice has sent
-    offset = [0] * len(choices)  # characters of text each choice has sent (completions' text_offset)
+    offsets = [tokens.offsets() for _ in choices]  # completions' text_offset, across each choice's chunks
 
     def logprobs(i):
         if body.logprobs in (None, False):
             return None
         start, sent[i] = sent[i], choices[i].seen
-        return _logprobs(tokens, choices[i], chat=chat, start=start, at=offset[i])
+        return _logprobs(tokens, choices[i], chat=chat, start=start, offsets=offsets[i])
 
     def chunk(i, delta=None, finish=None, text=""):
         lp = logprobs(i) if choices[i].seen > sent[i] or finish else None
@@ -396,7 +396,6 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
             choice = {"index": i, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-            offset[i] += len(text)
         return f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
 
     try:
@@ -404,7 +403,9 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
             if chat:
                 yield chunk(i, {"role": "assistant", "content": ""})
             elif body.echo:
-                yield chunk(i, text=service.served.tokenizer.decode(prompts[0]))
+                echoed = service.served.tokenizer.decode(prompts[0])
+                offsets[i].at = len(echoed)
+                yield chunk(i, text=echoed)
         async for i, delta in progress(http, events, choices):
             finish = choices[i].finish_reason
             if finish == "error":

@@ -27,19 +27,14 @@ class TokenTexts:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def offsets(self, ids: list[int], start: int = 0) -> list[int]:
-        """Each token's first character in the text the ids decode to (from `start`): a token that completes a
-        character split over tokens starts where that character does."""
-        utf8, at, out = codecs.getincrementaldecoder("utf-8")(errors="replace"), start, []
-        for i in ids:
-            out.append(at)
-            at += len(utf8.decode(self.bytes(i)))
-        return out
+    def offsets(self, start: int = 0) -> TextOffsets:
+        return TextOffsets(self, start)
 
-    def completion(self, ids, logprobs, tops, start: int = 0) -> dict:
+    def completion(self, ids, logprobs, tops, offsets: TextOffsets | None = None) -> dict:
         """The completions API's object for tokens `ids` with log p (None for a prompt's first token) and the
         top alternatives [(id, log p)] (None likewise); the sampled token is added to its alternatives, as
-        OpenAI does ("up to logprobs + 1 elements")."""
+        OpenAI does ("up to logprobs + 1 elements"). `offsets` carries the text before `ids` (a stream's
+        earlier chunks); without it they start the text."""
         top_dicts = []
         for i, lp, top in zip(ids, logprobs, tops):
             if top is None:
@@ -52,7 +47,7 @@ class TokenTexts:
             "tokens": [self.text(i) for i in ids],
             "token_logprobs": list(logprobs),
             "top_logprobs": top_dicts,
-            "text_offset": self.offsets(ids, start),
+            "text_offset": (offsets or self.offsets())(ids),
         }
 
     def chat(self, ids, logprobs, tops) -> dict:
@@ -66,3 +61,20 @@ class TokenTexts:
                 {**one(i, lp), "top_logprobs": [one(t, v) for t, v in top]} for i, lp, top in zip(ids, logprobs, tops)
             ]
         }
+
+
+class TextOffsets:
+    """Each token's first character in the text the ids decode to, over successive calls (a stream's chunks):
+    a token that completes a character split over tokens starts where that character does, even when the
+    character's first bytes came in an earlier chunk."""
+
+    def __init__(self, texts: TokenTexts, start: int = 0):
+        self.texts, self.at = texts, start
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        out = []
+        for i in ids:
+            out.append(self.at)
+            self.at += len(self.utf8.decode(self.texts.bytes(i)))
+        return out

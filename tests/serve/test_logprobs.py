@@ -120,6 +120,20 @@ def test_token_strings_of_split_characters(server, text):
     assert lp["text_offset"][-1] == len(text) - 1
 
 
+@pytest.mark.parametrize("raw", ["日本語 ok".encode(), b"\xeb\xcc\x0c\x92\x02\x9a\x02\xf6", b"a\xe6\x97"])
+@pytest.mark.parametrize("cut", [1, 2, 3, 5])
+def test_text_offsets_carry_split_characters_across_chunks(server, raw, cut):
+    """Offsets over a stream's chunks equal those over the whole: a character (or an invalid byte, one
+    U+FFFD) whose bytes straddle a chunk boundary starts where its first byte's token does."""
+    texts = TokenTexts(server[1].served.tokenizer)
+    ids = list(raw)  # the test tokenizer's byte tokens
+    assert [texts.bytes(i) for i in ids] == [bytes([b]) for b in raw]
+    whole = texts.offsets()(ids)
+    chunked = texts.offsets()
+    assert [o for j in range(0, len(ids), cut) for o in chunked(ids[j : j + cut])] == whole
+    assert whole[-1] <= len(raw.decode("utf-8", errors="replace"))
+
+
 def test_streamed_completion_logprobs_add_up_to_the_whole(server):
     """Each chunk carries the log-probabilities of its tokens; joined, they are the non-streamed object, text
     offsets included (they count from the start of the whole text)."""
