@@ -19,7 +19,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ConfigError, PeftConfig
-from jaxlm.nn.adapters import Adapter, EmbeddingLoRA, LoRA, NF4Weight, PrefixKV, PromptEmbedding
+from jaxlm.nn.adapters import (
+    Adapter,
+    EmbeddingLoRA,
+    EmbeddingLoRABank,
+    LoRA,
+    LoRABank,
+    NF4Weight,
+    PrefixKV,
+    PromptEmbedding,
+)
 from jaxlm.ops.lora import lora_scale
 
 # role -> (block submodule kind, weight attribute, input axes, output axes) of a stacked layer's projection
@@ -172,9 +181,7 @@ def loras(model) -> list[tuple]:
     out = []
     for path, module in nnx.iter_graph(model):
         if isinstance(module, (LoRA, EmbeddingLoRA)) and path:
-            owner = model
-            for p in path[:-1]:
-                owner = getattr(owner, p) if not isinstance(p, int) else owner[p]
+            owner = _walk(model, path[:-1])
             name = "embedding" if isinstance(module, EmbeddingLoRA) else str(path[-1])[len("lora_") :]
             out.append((tuple(path[:-1]) + (name,), owner, name, module))
     return out
@@ -199,3 +206,63 @@ def _shift(model, sign: float, merged: bool) -> None:
             raise ConfigError(f"cannot merge a LoRA into the quantized weight {name}: dequantize the base first")
         w.set_value((w[...].astype(jnp.float32) + sign * lora.weight()).astype(w[...].dtype))
         lora.merged = merged
+
+
+# ------------------------------------------------------------------------------------------ multi-LoRA
+
+
+def take_loras(model) -> dict[tuple, tuple]:
+    """Removes every LoRA from `model` (in place) and returns them: {path of the adapted weight: (A, B, scale,
+    n input dims, or 0 for the token embedding's)}, the values `attach_lora_banks` takes."""
+    out = {}
+    for path, owner, name, lora in loras(model):
+        if lora.merged:
+            raise ConfigError(f"the LoRA of {'.'.join(map(str, path))} is merged into its weight")
+        n = 0 if isinstance(lora, EmbeddingLoRA) else lora.n
+        out[path] = (lora.a[...], lora.b[...], lora.scale, n)
+        delattr(owner, "lora_" + name)
+    return out
+
+
+def attach_lora_banks(model, adapters: list[dict]) -> None:
+    """Gives every weight that one of `adapters` (each `take_loras`'s dict) adapts a `LoRABank` of all M of them,
+    in order (in place): a batch's rows then each use their own adapter, or none (`select_adapters`). Ranks
+    are zero-padded to the largest; an adapter that leaves a weight alone has zeros there."""
+    M = len(adapters)
+    for path in sorted({p for a in adapters for p in a}, key=str):
+        entries = [a.get(path) for a in adapters]
+        a0, b0, _, n = next(e for e in entries if e is not None)
+        R = max(e[0].shape[-1] for e in entries if e is not None)
+        owner = _walk(model, path[:-1])
+        if n == 0:  # the token embedding: A (V, R), B (R, D)
+            lead = ()
+            a = jnp.zeros((M, a0.shape[0], R), a0.dtype)
+            b = jnp.zeros((M, R, b0.shape[-1]), b0.dtype)
+        else:  # A ([L], I..., R), B ([L], R, O...)
+            lead = a0.shape[: a0.ndim - n - 1]
+            a = jnp.zeros((*lead, M, *a0.shape[len(lead) : -1], R), a0.dtype)
+            b = jnp.zeros((*lead, M, R, *b0.shape[len(lead) + 1 :]), b0.dtype)
+        scales = jnp.zeros((*lead, M), jnp.float32)
+        for m, e in enumerate(entries):
+            if e is None:
+                continue
+            ea, eb, scale, _ = e
+            r = ea.shape[-1]
+            at = (slice(None),) * len(lead) + (m,)  # [..layers.., m]
+            a = a.at[(*at, Ellipsis, slice(0, r))].set(ea)
+            b = b.at[(*at, slice(0, r))].set(eb)
+            scales = scales.at[..., m].set(scale)
+        if n == 0:
+            bank = EmbeddingLoRABank(a, b, scales)
+        else:
+            axes = tuple(getattr(getattr(owner, path[-1]), "out_sharding", None) or ())
+            axes = axes[len(lead) :] if axes else (None,) * (a0.ndim - len(lead) + b0.ndim - len(lead) - 2)
+            layers = lead[0] if lead else 0
+            bank = LoRABank(a, b, scales, n=n, in_axes=axes[:n], out_axes=axes[n:], layers=layers)
+        setattr(owner, "lora_" + str(path[-1]), bank)
+
+
+def _walk(model, path: tuple):
+    for p in path:
+        model = model[p] if isinstance(p, int) else getattr(model, p)
+    return model

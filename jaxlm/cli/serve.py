@@ -70,16 +70,28 @@ def add(sub) -> None:
         "prompts mostly found in the prefix cache) at their own length, before listening",
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
+    sv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve a LoRA adapter on the model, as model NAME (repeat for several; one continuous batch "
+        "over all): a peft LoRA directory or a jaxlm LoRA run over the same base; listed in /v1/models",
+    )
     draft_options(sv)
     sv.set_defaults(fn=run)
 
 
 def run(args) -> int:
+    from jaxlm.serve.adapters import attach_adapters, parse_adapter
     from jaxlm.serve.model import load_draft, load_served
     from jaxlm.serve.server import build_service, check_address, serve
 
     check_address(args.host, args.port)
+    for spec in args.adapter:  # before the model loads
+        parse_adapter(spec)
     served = load_served(args.model_dir, args.name)
+    attach_adapters(served, args.adapter)
     service = build_service(
         served,
         slots=args.slots,
@@ -94,6 +106,7 @@ def run(args) -> int:
         warm_up_scoring=args.warm_up_scoring,
         release_model=True,  # the engine holds the weights: no second copy while serving
     )
-    print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
+    models = ", ".join(repr(n) for n in (served.name, *served.adapters))
+    print(f"serving {models} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", flush=True)
     serve(service, host=args.host, port=args.port, grace=args.grace)
     return 0

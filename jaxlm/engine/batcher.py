@@ -141,6 +141,9 @@ class Engine:
         if int(request.max_new_tokens) != request.max_new_tokens or request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens}")
         check_sampling(request.temperature, request.top_k, request.top_p)
+        a = request.adapter
+        if int(a) != a or not 0 <= a <= self.steps.adapters:
+            raise ValueError(f"adapter must be an integer in [0, {self.steps.adapters}] (0: the base model), got {a}")
         k = request.logprobs
         if k is not None and (int(k) != k or not 0 <= k <= TOP_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {k}")
@@ -399,7 +402,7 @@ class Engine:
         for b in rows:
             s = self.slots[b]
             if s.names is None:
-                names = block_names(s.pending, Z, (len(s.pending) - 1) // Z)
+                names = block_names(s.pending, Z, (len(s.pending) - 1) // Z, s.request.adapter)
                 cached = len(self.prefix.cached(names, scored=s.scoring))
                 if names[cached : cached + 1] and names[cached] in producing:
                     continue  # its next block is being prefilled by another row: wait, then reuse it

@@ -18,9 +18,10 @@ import hashlib
 import numpy as np
 
 
-def block_names(tokens: list[int], Z: int, count: int) -> list[bytes]:
-    """The names of the first `count` full blocks of Z tokens."""
-    names, prev = [], b""
+def block_names(tokens: list[int], Z: int, count: int, adapter: int = 0) -> list[bytes]:
+    """The names of the first `count` full blocks of Z tokens, computed with LoRA `adapter` (0: none): the same
+    tokens under another adapter have other keys and values."""
+    names, prev = [], b"" if not adapter else b"adapter %d" % adapter
     for j in range(count):
         digest = hashlib.blake2b(prev + np.asarray(tokens[j * Z : (j + 1) * Z], np.int64).tobytes(), digest_size=16)
         prev = digest.digest()

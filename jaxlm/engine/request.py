@@ -17,6 +17,8 @@ class Request:
     (id, log-probability) pairs, to `top_logprobs`. score_prompt (with logprobs): the same for every prompt
     token after the first (`prompt_logprobs`, `prompt_top_logprobs`, their first entry None); the prompt is
     then kept whole (at most max_seq_len - 1 tokens), not cut to the refill window.
+
+    adapter: with LoRA banks (multi-LoRA serving), 0 for the base model or i for the i-th adapter.
     """
 
     prompt: list[int]
@@ -29,6 +31,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     score_prompt: bool = False
+    adapter: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     stop_token: int | None = None

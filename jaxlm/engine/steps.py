@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxlm.engine.request import Request, request_key
 from jaxlm.errors import ConfigError
+from jaxlm.nn.adapters import adapter_count, select_adapters
 from jaxlm.ops.sampling import categorical, distribution, sample, token_logprobs
 from jaxlm.ops.speculative import speculative_accept
 
@@ -51,6 +52,7 @@ class DecodeSteps:
         self._decoder = "decoder" if self.seq2seq else "stack"  # the stack that decodes (unstacked, see `params`)
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
+        self.adapters = adapter_count(self.weights)  # LoRA banks (multi-LoRA serving): a row's `adapter` picks one
         self.virtual = 0 if self.seq2seq else model.virtual_tokens  # prompt/prefix tuning's leading slots
         self.Z = int(block_size)
         self.row_blocks = -(-(self.max_len + self.virtual) // self.Z)  # the most blocks one row holds
@@ -115,6 +117,10 @@ class DecodeSteps:
             return cache, None
         return cache, nnx.merge(self.draft_graphdef, _restack(draft_weights, "stack")).paged_cache(blocks, self.Z)
 
+    def _adapted(self, weights, adapter):
+        """The weights with each row's LoRA chosen, adapter (n,): 0 none, i the i-th of the banks."""
+        return weights if not self.adapters else select_adapters(weights, adapter, self.adapters)
+
     def _models(self, weights, draft_weights):
         """The models of a step (their decoding layers' parameters come with the cache views)."""
         model = nnx.merge(self.graphdef, weights[0])
@@ -147,6 +153,7 @@ class DecodeSteps:
         "prompt_top_lp" (n, T, TOP_LOGPROBS) (the read-out then covers all T positions).
         """
         x = Inputs.unpack(cols, rows, floats)
+        params = self._adapted(params, x["adapter"])
         tokens, positions, valid, index = x["tokens"], x["positions"], x["valid"], x["index"]
         taken = jnp.take(prev, x["prev_at"], mode="clip")
         tokens = tokens.at[:, 0].set(jnp.where(x["from_prev"], taken, tokens[:, 0]))
@@ -186,6 +193,7 @@ class DecodeSteps:
         attends to its slots below its end, and the next step overwrites them.
         """
         x = Inputs.unpack(None, rows, floats)
+        params = self._adapted(params, x["adapter"])
         feed, position, index, limit = x["feed"], x["position"], x["index"], x["limit"]
         cache, draft_cache = self._views(params, draft_params, caches, table, x["slot"], x["floor"])
         model, draft = self._models(params, draft_params)
@@ -267,7 +275,7 @@ class Inputs:
     COLS = ("tokens", "positions", "valid", "prefix", "next")
     ROWS = (
         "index", "last", "fresh", "from_prev", "prev_at", "slot", "limit", "feed", "position", "top_k", "seed",
-        "stream", "count", "logprobs", "floor",
+        "stream", "count", "logprobs", "floor", "adapter",
     )  # fmt: skip
     FLOATS = ("temperature", "top_p")
     BOOL = ("valid", "prefix", "fresh", "from_prev", "logprobs")
@@ -295,6 +303,7 @@ class Inputs:
             "stream": r.stream % 2**32,
             "count": len(r.tokens),
             "logprobs": r.logprobs is not None,
+            "adapter": r.adapter,
             **values,
         }
         for name, v in values.items():

@@ -18,7 +18,15 @@ from flax import nnx
 
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout, fold_rows
-from jaxlm.ops.lora import embedding_lora_delta, init_embedding_lora, init_lora, lora_delta, lora_weight
+from jaxlm.ops.lora import (
+    embedding_lora_bank_delta,
+    embedding_lora_delta,
+    init_embedding_lora,
+    init_lora,
+    lora_bank_delta,
+    lora_delta,
+    lora_weight,
+)
 from jaxlm.ops.nf4 import NF4, dequantize_nf4, quantize_nf4
 
 
@@ -96,6 +104,80 @@ class EmbeddingLoRA(nnx.Module):
 
     def weight(self) -> jax.Array:
         return lora_weight(self.a[...], self.b[...], self.scale)
+
+
+class AdapterBank(nnx.Variable):
+    """Frozen LoRA weights of several adapters served together (multi-LoRA serving)."""
+
+
+class AdapterRows(nnx.Variable):
+    """Which adapter each row of a step uses, one-hot (B, M): set for every step by `select_adapters`."""
+
+
+class LoRABank(nnx.Module):
+    """M LoRAs of one projection, each row of a batch using its own (or none): multi-LoRA serving (S-LoRA,
+    Sheng et al. 2023; vLLM's punica kernels). A (M, I..., R), B (M, R, O...), scales (M,); with `layers`, a
+    leading layers axis on each. Adapters of lower rank are zero-padded to the largest R, and an adapter that
+    does not adapt this weight has zeros. Read through `project` like a `LoRA`."""
+
+    def __init__(self, a, b, scales, *, n: int, in_axes: tuple, out_axes: tuple, layers: int = 0):
+        self.n = n
+        lead = ("layers",) if layers else ()
+        self.a = _bank(a, (*lead, None, *in_axes, "lora"))
+        self.b = _bank(b, (*lead, None, "lora", *out_axes))
+        self.scales = _bank(scales, (*lead, None))
+        self.rows = _rows(a.shape[len(lead)], layers)
+
+    def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """Each row's update of x (B, T, I...) -> (B, T, O...)."""
+        rows = _selected(self.rows, x.shape[0])
+        return lora_bank_delta(x, self.a[...], self.b[...], self.scales[...], rows, self.n)
+
+
+class EmbeddingLoRABank(nnx.Module):
+    """M `EmbeddingLoRA`s of the token table, each row using its own: A (M, V, R), B (M, R, D), scales (M,)."""
+
+    def __init__(self, a, b, scales):
+        self.a = _bank(a, (None, "vocab", "lora"))
+        self.b = _bank(b, (None, "lora", "embed"))
+        self.scales = _bank(scales, (None,))
+        self.rows = _rows(a.shape[0], 0)
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        rows = _selected(self.rows, tokens.shape[0])
+        return embedding_lora_bank_delta(tokens, self.a[...], self.b[...], self.scales[...], rows, dtype)
+
+
+def _bank(value, axes) -> AdapterBank:
+    return AdapterBank(jnp.asarray(value), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _rows(adapters: int, layers: int) -> AdapterRows:
+    lead = (layers,) if layers else ()  # stacked with the layer's weights, sliced with them
+    return AdapterRows(jnp.zeros((*lead, 0, adapters), jnp.float32))
+
+
+def _selected(rows: AdapterRows, batch: int) -> jax.Array:
+    r = rows[...]
+    if r.shape != (batch, r.shape[-1]):
+        raise ValueError(
+            f"the adapter banks' rows are {r.shape[:-1]}, the batch has {batch}: choose each row's adapter with "
+            "jaxlm.nn.adapters.select_adapters before calling the model"
+        )
+    return r
+
+
+def adapter_count(state) -> int:
+    """M, the adapters of the banks in `state` (a model's nnx.State, or a pytree of them); 0 without banks."""
+    leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return next((v.shape[-1] for v in leaves if isinstance(v, AdapterRows)), 0)
+
+
+def select_adapters(state, adapters: jax.Array, count: int):
+    """`state` with every bank's rows set to `adapters` (B,) int: 0 the base model, i the i-th adapter."""
+    rows = jax.nn.one_hot(adapters - 1, count, dtype=jnp.float32)  # 0 -> a zero row: no adapter
+    is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda v: v.replace(rows) if isinstance(v, AdapterRows) else v, state, is_leaf=is_var)
 
 
 class NF4Weight(nnx.Module):

@@ -49,17 +49,26 @@ class Service:
         self.served, self.worker, self.queue_timeout = served, worker, queue_timeout
         self.created = int(time.time())
 
-    def model_card(self) -> dict:
-        return {"id": self.served.name, "object": "model", "created": self.created, "owned_by": "jaxlm"}
+    def model_card(self, name: str) -> dict:
+        """OpenAI's model object; an adapter's names its base as `parent` (as vLLM lists LoRA adapters)."""
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "jaxlm"}
+        return card if name == self.served.name else {**card, "parent": self.served.name}
 
-    def check_model(self, name: str) -> None:
-        if name != self.served.name:
+    def model_cards(self) -> list[dict]:
+        return [self.model_card(n) for n in (self.served.name, *self.served.adapters)]
+
+    def check_model(self, name: str) -> int:
+        """The adapter index of model `name` (0: the base); 404 if it is not served."""
+        index = self.served.adapter(name)
+        if index is None:
+            served = ", ".join(f"'{n}'" for n in (self.served.name, *self.served.adapters))
             raise APIError(
                 404,
-                f"The model '{name}' does not exist; this server serves '{self.served.name}'",
+                f"The model '{name}' does not exist; this server serves {served}",
                 param="model",
                 code="model_not_found",
             )
+        return index
 
     def requests(self, body, prompt: list[int], default_max: int | None) -> list[Request]:
         """The n engine requests of one prompt, after the length checks."""
@@ -100,6 +109,7 @@ class Service:
                 stop_ids=self.served.stop_ids,
                 logprobs=body.alternatives if chat else body.logprobs,
                 score_prompt=not chat and body.echo and body.logprobs is not None,
+                adapter=self.check_model(body.model),
             )
             for j in range(body.n)
         ]
@@ -187,13 +197,13 @@ async def health(http: HTTPRequest):
 
 
 async def models(http: HTTPRequest):
-    return {"object": "list", "data": [_service(http).model_card()]}
+    return {"object": "list", "data": _service(http).model_cards()}
 
 
 async def model(http: HTTPRequest, name: str):
     service = _service(http)
     service.check_model(name)
-    return service.model_card()
+    return service.model_card(name)
 
 
 async def completions(http: HTTPRequest):
@@ -295,7 +305,7 @@ async def respond(http: HTTPRequest, body, groups: list[list[Request]], prompts:
     head = {
         "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
         "created": int(time.time()),
-        "model": served.name,
+        "model": body.model,  # the base's name or an adapter's
     }
     prompt_tokens = sum(len(p) for p in prompts)  # n choices of one prompt count it once, as OpenAI does
     scoring = not chat and body.max_tokens == 0  # echo only: the token sampled after the prompt is dropped

@@ -20,9 +20,16 @@ class Served:
     tokenizer: object
     template: str  # the chat template
     prefix_lm: bool = False
+    adapters: tuple[str, ...] = ()  # LoRA adapters served on the model (`jaxlm.serve.adapters`), by name
 
     def __post_init__(self):
         self.cfg = self.model.cfg  # kept when the model is released
+
+    def adapter(self, name: str) -> int | None:
+        """The engine's adapter index of model `name`: 0 the base, i the i-th adapter; None if not served."""
+        if name == self.name:
+            return 0
+        return self.adapters.index(name) + 1 if name in self.adapters else None
 
     @property
     def context(self) -> int:

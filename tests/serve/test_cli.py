@@ -90,6 +90,8 @@ def test_serve_errors_come_before_compiling(tmp_path, capsys):
         s.listen()
         assert main(["serve", str(tmp_path / "empty"), "--port", str(s.getsockname()[1])]) == 2
         assert "cannot serve on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing"), "--adapter", "poet"]) == 2  # named before the model loads
+    assert "--adapter 'poet': expected NAME=DIR" in capsys.readouterr().err
 
 
 def test_a_lora_run_is_served_with_its_adapter(pretrained, tmp_path):
