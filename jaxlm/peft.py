@@ -234,23 +234,17 @@ def attach_lora_banks(model, adapters: list[dict]) -> None:
         a0, b0, _, n = next(e for e in entries if e is not None)
         R = max(e[0].shape[-1] for e in entries if e is not None)
         owner = _walk(model, path[:-1])
-        if n == 0:  # the token embedding: A (V, R), B (R, D)
-            lead = ()
-            a = jnp.zeros((M, a0.shape[0], R), a0.dtype)
-            b = jnp.zeros((M, R, b0.shape[-1]), b0.dtype)
-        else:  # A ([L], I..., R), B ([L], R, O...)
-            lead = a0.shape[: a0.ndim - n - 1]
-            a = jnp.zeros((*lead, M, *a0.shape[len(lead) : -1], R), a0.dtype)
-            b = jnp.zeros((*lead, M, R, *b0.shape[len(lead) + 1 :]), b0.dtype)
+        lead = a0.shape[: a0.ndim - n - 1] if n else ()  # (L,) for a stacked layer's weight
+        a = jnp.zeros((*a0.shape[:-1], M, R), a0.dtype)  # ([L], I..., M, R); the embedding's (V, M, R)
+        b = jnp.zeros((*lead, M, R, *b0.shape[len(lead) + 1 :]), b0.dtype)  # ([L], M, R, O...)
         scales = jnp.zeros((*lead, M), jnp.float32)
         for m, e in enumerate(entries):
             if e is None:
                 continue
             ea, eb, scale, _ = e
             r = ea.shape[-1]
-            at = (slice(None),) * len(lead) + (m,)  # [..layers.., m]
-            a = a.at[(*at, Ellipsis, slice(0, r))].set(ea)
-            b = b.at[(*at, slice(0, r))].set(eb)
+            a = a.at[..., m, :r].set(ea)
+            b = b.at[(slice(None),) * len(lead) + (m, slice(0, r))].set(eb)
             scales = scales.at[..., m].set(scale)
         if n == 0:
             bank = EmbeddingLoRABank(a, b, scales)

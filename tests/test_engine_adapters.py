@@ -51,7 +51,7 @@ def test_bank_delta_is_each_rows_own_lora():
     x = jax.random.normal(k[0], (3, 5, 16))
     a1, b1 = jax.random.normal(k[1], (16, 2)), jax.random.normal(k[2], (2, 4, 3))
     a2, b2 = jax.random.normal(k[3], (16, 4)), jax.random.normal(k[4], (4, 4, 3))
-    a = jnp.stack([jnp.pad(a1, ((0, 0), (0, 2))), a2])
+    a = jnp.stack([jnp.pad(a1, ((0, 0), (0, 2))), a2], axis=1)  # (I, M, R)
     b = jnp.stack([jnp.pad(b1, ((0, 2), (0, 0), (0, 0))), b2])
     rows = jax.nn.one_hot(jnp.array([1, -1, 0]), 2)  # adapter 2, none, adapter 1
     got = lora_bank_delta(x, a, b, jnp.array([0.5, 2.0]), rows)
@@ -97,10 +97,10 @@ def test_prefix_cache_keeps_adapters_apart():
 
 def test_banks_need_rows_and_a_known_adapter():
     model = banked()
-    q, v = model.stack.layers.attn.lora_wq, model.stack.layers.attn.lora_wv  # A: (L, M, D, R)
-    assert isinstance(q, LoRABank) and q.a.shape == (2, 2, 32, 8)  # both adapt q: rank 4 padded to 8
-    assert jnp.any(q.a[:, 0, :, :4]) and not jnp.any(q.a[:, 0, :, 4:]) and jnp.all(jnp.any(q.a[:, 1], axis=1))
-    assert v.a.shape == (2, 2, 32, 4) and not jnp.any(v.a[:, 1]) and not jnp.any(v.scales[:, 1])  # 1's only
+    q, v = model.stack.layers.attn.lora_wq, model.stack.layers.attn.lora_wv  # A: (L, D, M, R)
+    assert isinstance(q, LoRABank) and q.a.shape == (2, 32, 2, 8)  # both adapt q: rank 4 padded to 8
+    assert jnp.any(q.a[:, :, 0, :4]) and not jnp.any(q.a[:, :, 0, 4:]) and jnp.all(jnp.any(q.a[:, :, 1], axis=1))
+    assert v.a.shape == (2, 32, 2, 4) and not jnp.any(v.a[:, :, 1]) and not jnp.any(v.scales[:, 1])  # 1's only
     with pytest.raises(ValueError, match="select_adapters"):
         model(jnp.ones((1, 4), jnp.int32))
     graphdef, state = nnx.split(model)
@@ -108,5 +108,8 @@ def test_banks_need_rows_and_a_known_adapter():
     with pytest.raises(ValueError, match="select_adapters"):  # stacked layers run unstacked only in the engine
         chosen(jnp.ones((1, 4), jnp.int32))
     e = Engine(DecodeSteps(model), slots=1)
+    one = model_for("llama_tiny", max_seq_len=48, tie_embeddings=False)  # banks in the layers only (no lm_head)
+    attach_lora_banks(one, [take_loras(adapted(ADAPTERS[0], 1))])
+    assert DecodeSteps(one).adapters == 1
     with pytest.raises(ValueError, match=r"adapter must be an integer in \[0, 2\]"):
         e.submit(Request([1, 2], 3, adapter=3))

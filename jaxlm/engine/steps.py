@@ -52,7 +52,7 @@ class DecodeSteps:
         self._decoder = "decoder" if self.seq2seq else "stack"  # the stack that decodes (unstacked, see `params`)
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
-        self.adapters = adapter_count(self.weights)  # LoRA banks (multi-LoRA serving): a row's `adapter` picks one
+        self.adapters = adapter_count(nnx.state(model))  # LoRA banks (multi-LoRA serving): a row's `adapter` picks one
         self.virtual = 0 if self.seq2seq else model.virtual_tokens  # prompt/prefix tuning's leading slots
         self.Z = int(block_size)
         self.row_blocks = -(-(self.max_len + self.virtual) // self.Z)  # the most blocks one row holds

@@ -116,17 +116,17 @@ class AdapterRows(nnx.Variable):
 
 class LoRABank(nnx.Module):
     """M LoRAs of one projection, each row of a batch using its own (or none): multi-LoRA serving (S-LoRA,
-    Sheng et al. 2023; vLLM's punica kernels). A (M, I..., R), B (M, R, O...), scales (M,); with `layers`, a
+    Sheng et al. 2023; vLLM's punica kernels). A (I..., M, R), B (M, R, O...), scales (M,); with `layers`, a
     leading layers axis on each. Adapters of lower rank are zero-padded to the largest R, and an adapter that
     does not adapt this weight has zeros. Read through `project` like a `LoRA`."""
 
     def __init__(self, a, b, scales, *, n: int, in_axes: tuple, out_axes: tuple, layers: int = 0):
         self.n = n
         lead = ("layers",) if layers else ()
-        self.a = _bank(a, (*lead, None, *in_axes, "lora"))
+        self.a = _bank(a, (*lead, *in_axes, None, "lora"))
         self.b = _bank(b, (*lead, None, "lora", *out_axes))
         self.scales = _bank(scales, (*lead, None))
-        self.rows = _rows(a.shape[len(lead)], layers)
+        self.rows = _rows(a.shape[-2], layers)
 
     def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
         """Each row's update of x (B, T, I...) -> (B, T, O...)."""
@@ -135,13 +135,13 @@ class LoRABank(nnx.Module):
 
 
 class EmbeddingLoRABank(nnx.Module):
-    """M `EmbeddingLoRA`s of the token table, each row using its own: A (M, V, R), B (M, R, D), scales (M,)."""
+    """M `EmbeddingLoRA`s of the token table, each row using its own: A (V, M, R), B (M, R, D), scales (M,)."""
 
     def __init__(self, a, b, scales):
-        self.a = _bank(a, (None, "vocab", "lora"))
+        self.a = _bank(a, ("vocab", None, "lora"))
         self.b = _bank(b, (None, "lora", "embed"))
         self.scales = _bank(scales, (None,))
-        self.rows = _rows(a.shape[0], 0)
+        self.rows = _rows(a.shape[1], 0)
 
     def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
         rows = _selected(self.rows, tokens.shape[0])

@@ -60,26 +60,25 @@ def lora_weight(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 def lora_bank_delta(x: jax.Array, a: jax.Array, b: jax.Array, scales: jax.Array, rows: jax.Array, n: int = 1):
     """Each row's own LoRA out of a bank of M (multi-LoRA serving): x (B, T, I...) with n input dims,
-    A (M, I..., R), B (M, R, O...), scales (M,), rows (B, M) one-hot (the row's adapter; all zero: none)
+    A (I..., M, R), B (M, R, O...), scales (M,), rows (B, M) one-hot (the row's adapter; all zero: none)
     -> (B, T, O...) in x's dtype.
 
-    'BTI,MIR->BTMR', then 'BTMR,MRO->BTO' over the row's adapter only (the others are multiplied by zero): every
-    adapter's A is read once per step, not gathered per row; the extra work is M·R of the I·O a token's
-    projection costs. Adapters of lower rank are zero-padded to R (zero columns add nothing)."""
-    B, T = x.shape[:2]
-    M, R = a.shape[0], a.shape[-1]
-    out_shape = b.shape[2:]
-    h = jnp.einsum("BTI,MIR->BTMR", x.reshape(B, T, -1), a.reshape(M, -1, R).astype(x.dtype))
-    h = h * rows.astype(x.dtype)[:, None, :, None]
-    y = jnp.einsum("BTMR,MRO->BTO", h, b.reshape(M, R, -1).astype(x.dtype)).reshape(B, T, *out_shape)
+    Two plain matmuls over the bank's M·R columns, the other adapters' zeroed between them: every adapter's
+    A is read once per step, not gathered per row, for M·R of the I·O multiply-adds a token's projection
+    costs. Adapters of lower rank are zero-padded to R (zero columns add nothing)."""
+    M, R = a.shape[-2:]
+    h = dense(x, a.reshape(*a.shape[:-2], M * R).astype(x.dtype), n)  # (B, T, M·R)
+    h = h * jnp.repeat(rows, R, axis=1).astype(x.dtype)[:, None]
+    y = dense(h, b.reshape(M * R, *b.shape[2:]).astype(x.dtype), 1)
     scale = (rows @ scales.astype(jnp.float32)).astype(x.dtype)  # (B,): the row's adapter's scale
-    return y * scale.reshape(B, *[1] * (y.ndim - 1))
+    return y * scale.reshape(-1, *[1] * (y.ndim - 1))
 
 
 def embedding_lora_bank_delta(tokens: jax.Array, a: jax.Array, b: jax.Array, scales: jax.Array, rows: jax.Array, dtype):
-    """`embedding_lora_delta` of each row's adapter: tokens (B, T) int, A (M, V, R), B (M, R, D), scales (M,),
+    """`embedding_lora_delta` of each row's adapter: tokens (B, T) int, A (V, M, R), B (M, R, D), scales (M,),
     rows (B, M) one-hot -> (B, T, D)."""
-    h = jnp.take(a, tokens, axis=1).astype(dtype)  # (M, B, T, R)
-    h = h * rows.T.astype(dtype)[:, :, None, None]
-    y = jnp.einsum("MBTR,MRD->BTD", h, b.astype(dtype))
+    V, M, R = a.shape
+    h = jnp.take(a.reshape(V, M * R), tokens, axis=0).astype(dtype)  # (B, T, M·R)
+    h = h * jnp.repeat(rows, R, axis=1).astype(dtype)[:, None]
+    y = dense(h, b.reshape(M * R, -1).astype(dtype), 1)
     return y * (rows @ scales.astype(jnp.float32)).astype(dtype)[:, None, None]
