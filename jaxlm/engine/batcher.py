@@ -149,6 +149,8 @@ class Engine:
             raise ValueError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {k}")
         if k is not None and self.steps.draft is not None:
             raise ValueError("log-probabilities are not computed with speculative decoding (a draft model)")
+        if request.constraint is not None and self.steps.draft is not None:
+            raise ValueError("structured output is not decoded with speculative decoding (a draft model)")
         if request.score_prompt:
             if k is None:
                 raise ValueError("score_prompt needs logprobs (0 or more alternatives)")
@@ -347,7 +349,7 @@ class Engine:
 
     def _prefill_rows(self, rows: list[int], T: int, touched):
         P = self._rows(len(rows))
-        x = Inputs(P, T, self.S)
+        x = Inputs(P, T, self.S, self.steps.words)
         written, reads = [], []
         for i, b in enumerate(rows):
             s = self.slots[b]
@@ -357,6 +359,8 @@ class Engine:
             prefix = self.steps.prefix_lm and s.fresh and s.next_pos == 0
             x.tokens(i, chunk, s.next_pos, prefix=prefix, after=s.pending[len(chunk) : len(chunk) + 1])
             x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b, floor=s.floor)
+            if s.request.constraint is not None and len(chunk) == len(s.pending):  # it samples after this chunk
+                s.request.constraint.fill(x.allowed[i])
         table = self._table(rows, reads, P)
         scoring = any(self.slots[b].scoring for b in rows)
         step = self.steps.score if scoring else self.steps.prefill
@@ -438,7 +442,7 @@ class Engine:
         that token is dropped, and its slot is reset when it is next filled."""
         previous, self._inflight = self._inflight, None
         prev_at = {} if previous is None else previous[1]
-        x = Inputs(self.N, 1, self.S)
+        x = Inputs(self.N, 1, self.S, self.steps.words)
         rows, reads = [], []
         for b, s in enumerate(self.slots):
             if s is None or s.pending or (s.feed is None and not s.inflight) or s.index >= self.S:
@@ -446,6 +450,10 @@ class Engine:
             r = s.request
             if len(r.tokens) + s.inflight >= r.max_new_tokens:
                 continue  # the tokens in flight end it
+            if r.constraint is not None:
+                if s.inflight:
+                    continue  # its mask depends on the token in flight
+                r.constraint.fill(x.allowed[len(rows)])
             i = len(rows)
             reads.append(self._take_blocks(b, s.index + 1))
             x.tokens(i, [s.feed or 0], s.next_pos)
@@ -499,12 +507,12 @@ class Engine:
         for T in self.chunks if short_chunks else (self.C,):
             for n, nb in self.shapes(tokens, prefill=True):
                 table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
-                x = Inputs(n, T, self.S)
+                x = Inputs(n, T, self.S, self.steps.words)
                 for step in prefills:
                     self.cache = step(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
         for n, nb in self.shapes(tokens):
             table = np.full((n, nb), NO_BLOCK, np.int32)
-            x = Inputs(n, 1, self.S)
+            x = Inputs(n, 1, self.S, self.steps.words)
             if self.steps.draft is None:
                 self.cache = self.steps.decode(p, d, self.cache, self._no_prev, table, *x.arrays(n))[2]
             else:
@@ -557,6 +565,8 @@ class Engine:
             r.finish_reason, r.stop_token = "stop", token
         else:
             r.tokens.append(token)
+            if r.constraint is not None:
+                r.constraint.accept(token)
             if logprob is not None:
                 r.token_logprobs.append(logprob[0])
                 r.top_logprobs.append(logprob[1])

@@ -19,6 +19,10 @@ class Request:
     then kept whole (at most max_seq_len - 1 tokens), not cut to the refill window.
 
     adapter: with LoRA banks (multi-LoRA serving), 0 for the base model or i for the i-th adapter.
+    constraint: structured output, or None: an object whose `fill(words)` writes into `words` ((W,) int32, bit
+    j of word w for token 32·w + j) the tokens the request may sample next, and `accept(token)` advances it
+    past a sampled token (`jaxlm.serve.structured.TokenConstraint`). A constrained row decodes once its last
+    token is on the host (its next mask depends on it), so it skips the steps dispatched before that.
     """
 
     prompt: list[int]
@@ -32,6 +36,7 @@ class Request:
     logprobs: int | None = None
     score_prompt: bool = False
     adapter: int = 0
+    constraint: object | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     stop_token: int | None = None

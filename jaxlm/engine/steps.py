@@ -52,6 +52,7 @@ class DecodeSteps:
         self._decoder = "decoder" if self.seq2seq else "stack"  # the stack that decodes (unstacked, see `params`)
         self.graphdef, self.params = nnx.split(model)
         self.max_len = model.cfg.max_seq_len
+        self.words = -(-model.cfg.vocab_size // 32)  # a row's allowed-token bitmask: 32 tokens an int32
         self.adapters = adapter_count(nnx.state(model))  # LoRA banks (multi-LoRA serving): a row's `adapter` picks one
         self.virtual = 0 if self.seq2seq else model.virtual_tokens  # prompt/prefix tuning's leading slots
         self.Z = int(block_size)
@@ -140,11 +141,12 @@ class DecodeSteps:
         drop = ("table", "rows", "layers", "floor")
         return tuple(None if v is None else {n: x for n, x in v.items() if n not in drop} for v in views)
 
-    def _step_fn(self, params, draft_params, caches, prev, table, cols, rows, floats, score: bool = False):
+    def _step_fn(self, params, draft_params, caches, prev, table, cols, rows, floats, allowed, score: bool = False):
         """Writes each row's T tokens at its `index` (into the draft's cache too) and samples after its token
         `last`; the inputs are packed by `Inputs` (tokens, positions, valid, prefix, next: (n, T); index, last,
         slot, logprobs: (n,); fresh: rows starting a new context (prompt or prefix tuning's slots are written
-        first); sampling settings). prev: the tokens of the previous decode step, still on the device: where
+        first); sampling settings; allowed: (n, words) bitmask of the tokens each row may sample, bit j of word
+        w for token 32·w + j (structured output; all ones otherwise)). prev: the tokens of the previous decode step, still on the device: where
         `from_prev`, row i's first token is prev[prev_at[i]]. table: (n, nb) the rows' blocks.
 
         Returns the (n,) sampled tokens, their log-probabilities (`token_logprobs`: "chosen" (n,), "top_ids"
@@ -177,7 +179,8 @@ class DecodeSteps:
             logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)
         logits = logits[:, 0]
         keys = jax.vmap(request_key)(x["seed"], x["stream"], x["count"])
-        token = sample(keys, logits, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
+        masked = jnp.where(unpack_bits(allowed, logits.shape[-1]), logits, -jnp.inf)
+        token = sample(keys, masked, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
         chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, top), logits, token)
         scores.update(zip(("chosen", "top_ids", "top_lp"), chosen))
         token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # (N,): the next step's `prev`, one shape
@@ -229,6 +232,12 @@ class DecodeSteps:
         return out, kept, self._pools(cache, draft_cache)
 
 
+def unpack_bits(words: jax.Array, V: int) -> jax.Array:
+    """(n, W) int32 bitmasks -> (n, V) bool: token 32·w + j is bit j of word w (llguidance's layout)."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=words.dtype)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :V].astype(bool)
+
+
 def _when(flag, fn, *args):
     """fn(*args) where the traced bool `flag` holds, else zeros of the same shapes: work only some steps need."""
     zeros = lambda *a: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(fn, *a))
@@ -269,8 +278,8 @@ def _grow(caches, blocks: int):
 
 
 class Inputs:
-    """A step's host inputs packed into three arrays (per token, per row, per row floats), so that a step
-    costs three host-to-device transfers instead of a dozen."""
+    """A step's host inputs packed into four arrays (per token, per row, per row floats, each row's allowed
+    tokens), so that a step costs four host-to-device transfers instead of a dozen."""
 
     COLS = ("tokens", "positions", "valid", "prefix", "next")
     ROWS = (
@@ -280,8 +289,9 @@ class Inputs:
     FLOATS = ("temperature", "top_p")
     BOOL = ("valid", "prefix", "fresh", "from_prev", "logprobs")
 
-    def __init__(self, N: int, T: int, S: int):
+    def __init__(self, N: int, T: int, S: int, words: int = 1):
         self.cols = np.zeros((N, T, len(self.COLS)), np.int32)
+        self.allowed = np.full((N, words), -1, np.int32)  # every token (structured output narrows a row's)
         self.rows = np.zeros((N, len(self.ROWS)), np.int32)
         self.rows[:, self.ROWS.index("index")] = S  # padding rows write past the end (and own no blocks)
         self.floats = np.zeros((N, len(self.FLOATS)), np.float32)
@@ -311,8 +321,8 @@ class Inputs:
         self.floats[b] = r.temperature, r.top_p
 
     def arrays(self, n: int):
-        """The first n rows of each."""
-        return self.cols[:n], self.rows[:n], self.floats[:n]
+        """The first n rows of each (what the prefill and decode steps take)."""
+        return self.cols[:n], self.rows[:n], self.floats[:n], self.allowed[:n]
 
     @classmethod
     def unpack(cls, cols, rows, floats) -> dict:

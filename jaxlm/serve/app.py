@@ -39,6 +39,7 @@ from jaxlm.serve.protocol import (
     as_chat,
     describe,
 )
+from jaxlm.serve.structured import Grammars
 from jaxlm.serve.worker import Busy, EngineWorker
 
 
@@ -48,6 +49,7 @@ class Service:
     def __init__(self, served: Served, worker: EngineWorker, *, queue_timeout: float):
         self.served, self.worker, self.queue_timeout = served, worker, queue_timeout
         self.created = int(time.time())
+        self.grammars = Grammars(served.tokenizer, served.cfg.vocab_size, served.stop_ids)
 
     def model_card(self, name: str) -> dict:
         """OpenAI's model object; an adapter's names its base as `parent` (as vLLM lists LoRA adapters)."""
@@ -97,6 +99,10 @@ class Service:
             raise APIError(400, f"n must be at most {self.worker.engine.N} (the server's slots)", param="n")
         seed = secrets.randbits(32) if body.seed is None else body.seed
         chat = isinstance(body, ChatRequest)
+        try:
+            grammar = self.grammars.grammar(None if body.response_format is None else body.response_format.spec())
+        except ValueError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
         return [
             Request(
                 prompt,
@@ -110,6 +116,7 @@ class Service:
                 logprobs=body.alternatives if chat else body.logprobs,
                 score_prompt=not chat and body.echo and body.logprobs is not None,
                 adapter=self.check_model(body.model),
+                constraint=None if grammar is None else self.grammars.constraint(grammar),
             )
             for j in range(body.n)
         ]

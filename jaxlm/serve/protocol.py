@@ -29,6 +29,32 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchema(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with (and only with) type json_schema")
+        return self
+
+    def spec(self) -> dict | None:
+        """What `jaxlm.serve.structured.Grammars.grammar` takes: None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.schema_}}
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -45,6 +71,7 @@ class _Sampling(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # chat in OpenAI's API; completions too, as vLLM has it
 
     @field_validator("stop")
     @classmethod
@@ -121,7 +148,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
-    response_format: dict | None = None
     tools: None = None
     tool_choice: None = None
     parallel_tool_calls: bool | None = None
@@ -132,8 +158,6 @@ class ChatRequest(_Sampling):
     def _options(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format: only {'type': 'text'} is supported")
         return self
 
     @property

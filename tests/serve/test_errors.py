@@ -58,6 +58,30 @@ def error_of(response, status):
         ("/v1/completions", {**COMPLETION, "prompt": "x" * 128}, 400, "leaving no room"),
         ("/v1/completions", {**COMPLETION, "prompt": ""}, 400, "no tokens"),
         ("/v1/completions", {**COMPLETION, "prompt": [5, 999]}, 400, "token ids"),
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+            },
+            400,
+            "response_format: the JSON schema is not supported",
+        ),
+        (
+            "/v1/completions",
+            {
+                **COMPLETION,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": 5}}},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/completions",
+            {**COMPLETION, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            400,
+            "name",
+        ),
         ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt"),
         ("/v1/completions", {**COMPLETION, "presence_penalty": 0.5}, 400, "presence_penalty"),
         ("/v1/completions", {"prompt": "hi"}, 400, "model"),
@@ -87,9 +111,12 @@ def _junk(rng) -> bytes:
         return good[: int(rng.integers(0, len(good)))].encode()
     body = dict(CHAT if rng.random() < 0.5 else COMPLETION)
     key = rng.choice(
-        [*body, "n", "stop", "seed", "temperature", "stream", "top_p", "extra", "logprobs", "echo", "top_logprobs"]
-    )
-    value = [None, -1, 0, 10**12, "x", [], {}, [1, "a"], 1e308, True, "\ud800" * 0 + "é" * 3][int(rng.integers(11))]
+        [*body, "n", "stop", "seed", "temperature", "stream", "top_p", "extra", "logprobs", "echo", "top_logprobs",
+         "response_format"]
+    )  # fmt: skip
+    values = [None, -1, 0, 10**12, "x", [], {}, [1, "a"], 1e308, True, "é" * 3, {"type": "json_object"}]
+    values += [{"type": "json_schema", "json_schema": {"name": "x", "schema": rng.choice([{}, {"type": ["x"]}])}}]
+    value = values[int(rng.integers(len(values)))]
     if kind == 2:
         body[key] = value
     elif kind == 3:
