@@ -45,7 +45,7 @@ def time_length(base, L: int, repeats: int) -> dict:
     engine = Engine(steps, slots=1, chunk=L, window_shift=1)
     engine.submit(Request(tokens[: L - 1].tolist(), 1, temperature=0.0))
     engine.run()
-    x = Inputs(1, 1, L)
+    x = Inputs(1, 1, L, steps.words)
     x.tokens(0, [int(tokens[L - 1])], L - 1)
     x.row(0, Request([1], 1, temperature=0.0), index=L - 1)
     # The finished request's blocks went back to the pool, lowest ids first: blocks 0.. hold its L - 1 tokens.

@@ -70,7 +70,7 @@ def test_each_row_equals_its_adapter_served_alone():
     mixed = [Request(p, 12, temperature=0.0, logprobs=2, adapter=a) for p, a in zip(prompts, which)]
     steps = DecodeSteps(banked())
     assert steps.adapters == 2
-    got = run(steps, mixed, slots=4, chunk=8)
+    got = run(steps, mixed, slots=2, chunk=8)
     alone = [DecodeSteps(model_for("llama_tiny", max_seq_len=48, tie_embeddings=False))]
     alone += [DecodeSteps(adapted(pc, i + 1)) for i, pc in enumerate(ADAPTERS)]
     for p, a, (tokens, lps) in zip(prompts, which, got):

@@ -525,7 +525,7 @@ class Engine:
         rows, limits, reads = [], {}, []
         candidates = [b for b, s in enumerate(self.slots) if s is not None and not s.pending and s.feed is not None]
         n = self._rows(len(candidates))
-        x = Inputs(n, 1, S)
+        x = Inputs(n, 1, S, 1)  # a speculative step samples without masks (no structured output)
         drafts = np.zeros((n, K), np.int32)
         for i, b in enumerate(candidates):
             s = self.slots[b]

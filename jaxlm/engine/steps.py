@@ -289,7 +289,8 @@ class Inputs:
     FLOATS = ("temperature", "top_p")
     BOOL = ("valid", "prefix", "fresh", "from_prev", "logprobs")
 
-    def __init__(self, N: int, T: int, S: int, words: int = 1):
+    def __init__(self, N: int, T: int, S: int, words: int):
+        """N rows of T tokens in a context of S; words: `DecodeSteps.words` (the allowed-token bitmask's)."""
         self.cols = np.zeros((N, T, len(self.COLS)), np.int32)
         self.allowed = np.full((N, words), -1, np.int32)  # every token (structured output narrows a row's)
         self.rows = np.zeros((N, len(self.ROWS)), np.int32)

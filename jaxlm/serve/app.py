@@ -49,7 +49,14 @@ class Service:
     def __init__(self, served: Served, worker: EngineWorker, *, queue_timeout: float):
         self.served, self.worker, self.queue_timeout = served, worker, queue_timeout
         self.created = int(time.time())
-        self.grammars = Grammars(served.tokenizer, served.cfg.vocab_size, served.stop_ids)
+        self._grammars = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """Structured output's grammars over the served tokenizer (built when first asked for)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.served.tokenizer, self.served.cfg.vocab_size, self.served.stop_ids)
+        return self._grammars
 
     def model_card(self, name: str) -> dict:
         """OpenAI's model object; an adapter's names its base as `parent` (as vLLM lists LoRA adapters)."""
@@ -100,7 +107,8 @@ class Service:
         seed = secrets.randbits(32) if body.seed is None else body.seed
         chat = isinstance(body, ChatRequest)
         try:
-            grammar = self.grammars.grammar(None if body.response_format is None else body.response_format.spec())
+            spec = None if body.response_format is None else body.response_format.spec()
+            grammar = None if spec is None else self.grammars.grammar(spec)
         except ValueError as e:
             raise APIError(400, f"response_format: {e}", param="response_format") from None
         return [

@@ -71,16 +71,20 @@ def server(dirs):
         yield url, service
 
 
-def alone(base, adapter, prompt: str):
+def alone(base, adapter, prompts: list[str]) -> list[tuple]:
     """(text, token log-probabilities) of greedy decoding over the base with only `adapter` (or none)."""
     served = load_served(base, "base")
     if adapter is not None:
         load_adapter(served.model, adapter, arch=ARCH)
-    ids = served.tokenizer.encode(prompt)
     engine = Engine(DecodeSteps(served.model), slots=1, chunk=8)
-    r = engine.submit(Request(ids, 10, temperature=0.0, stop_ids=served.stop_ids, logprobs=0))
-    engine.run()
-    return served.tokenizer.decode(r.tokens), r.token_logprobs
+    out = []
+    for prompt in prompts:
+        r = engine.submit(
+            Request(served.tokenizer.encode(prompt), 10, temperature=0.0, stop_ids=served.stop_ids, logprobs=0)
+        )
+        engine.run()
+        out.append((served.tokenizer.decode(r.tokens), r.token_logprobs))
+    return out
 
 
 def test_each_model_equals_its_adapter_served_alone(server, dirs):
@@ -99,8 +103,9 @@ def test_each_model_equals_its_adapter_served_alone(server, dirs):
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:  # one continuous batch of all three
         answers = list(pool.map(ask, cases))
     texts = {}
+    want = {m: alone(base, d, PROMPTS) for m, d in {"base": None, "poet": a, "critic": b}.items()}
     for (model, prompt), choice in zip(cases, answers):
-        text, lps = alone(base, {"base": None, "poet": a, "critic": b}[model], prompt)
+        text, lps = want[model][PROMPTS.index(prompt)]
         assert choice["text"] == text
         np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], lps, atol=1e-4)
         texts.setdefault(prompt, set()).add(text)
