@@ -437,10 +437,15 @@ class Engine:
 
     def _decode(self, touched):
         """One decode step for every decoding row, dispatched before the previous step's tokens are read
-        (so the host's bookkeeping overlaps the device's work): a row whose next input is still on the
-        device takes it from there. A row that the previous tokens finish was decoded one token too far:
+        (so the host's bookkeeping overlaps the device's work; not while a row decodes under a grammar): a
+        row whose next input is still on the device takes it from there. A row that the previous tokens finish was decoded one token too far:
         that token is dropped, and its slot is reset when it is next filled."""
         previous, self._inflight = self._inflight, None
+        if previous is not None and any(s is not None and s.request.constraint is not None for s in self.slots):
+            # Structured output: a row's next mask needs its last token, so read the step in flight first
+            # (every row then waits for the host between steps, and a constrained row decodes at every step).
+            self._collect(previous, touched)
+            previous = None
         prev_at = {} if previous is None else previous[1]
         x = Inputs(self.N, 1, self.S, self.steps.words)
         rows, reads = [], []
@@ -451,9 +456,7 @@ class Engine:
             if len(r.tokens) + s.inflight >= r.max_new_tokens:
                 continue  # the tokens in flight end it
             if r.constraint is not None:
-                if s.inflight:
-                    continue  # its mask depends on the token in flight
-                r.constraint.fill(x.allowed[len(rows)])
+                r.constraint.fill(x.allowed[len(rows)])  # its last token is on the host (see above)
             i = len(rows)
             reads.append(self._take_blocks(b, s.index + 1))
             x.tokens(i, [s.feed or 0], s.next_pos)
@@ -475,14 +478,18 @@ class Engine:
                 out, {b: i for i, b in enumerate(rows)}, [(b, self.slots[b].request) for b in rows], scores
             )  # fmt: skip
         if previous is not None:
-            out = np.asarray(previous[0])
-            scores = _host(previous[3], [r for _, r in previous[2]])
-            for b, r in previous[2]:
-                s = self.slots[b]
-                if s is None or s.request is not r:
-                    continue  # finished or cancelled meanwhile
-                s.inflight -= 1
-                self._emit(b, int(out[previous[1][b]]), touched, _chosen(scores, r, previous[1][b]))
+            self._collect(previous, touched)
+
+    def _collect(self, previous, touched) -> None:
+        """The tokens of a dispatched decode step, to their rows."""
+        out = np.asarray(previous[0])
+        scores = _host(previous[3], [r for _, r in previous[2]])
+        for b, r in previous[2]:
+            s = self.slots[b]
+            if s is None or s.request is not r:
+                continue  # finished or cancelled meanwhile
+            s.inflight -= 1
+            self._emit(b, int(out[previous[1][b]]), touched, _chosen(scores, r, previous[1][b]))
 
     def _rows(self, m: int) -> int:
         """How many rows a step over m rows runs on: N, or with `shrink` the next power of two."""

@@ -21,8 +21,8 @@ class Request:
     adapter: with LoRA banks (multi-LoRA serving), 0 for the base model or i for the i-th adapter.
     constraint: structured output, or None: an object whose `fill(words)` writes into `words` ((W,) int32, bit
     j of word w for token 32·w + j) the tokens the request may sample next, and `accept(token)` advances it
-    past a sampled token (`jaxlm.serve.structured.TokenConstraint`). A constrained row decodes once its last
-    token is on the host (its next mask depends on it), so it skips the steps dispatched before that.
+    past a sampled token (`jaxlm.serve.structured.TokenConstraint`). Its next mask depends on its last token,
+    so while a constrained row runs, the engine reads each decode step's tokens before dispatching the next.
     """
 
     prompt: list[int]
