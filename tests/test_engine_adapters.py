@@ -113,3 +113,16 @@ def test_banks_need_rows_and_a_known_adapter():
     assert DecodeSteps(one).adapters == 1
     with pytest.raises(ValueError, match=r"adapter must be an integer in \[0, 2\]"):
         e.submit(Request([1, 2], 3, adapter=3))
+
+
+def test_speculative_rows_use_their_adapters():
+    """Prompt-lookup speculation over the banks: each row's greedy tokens are those of plain decoding."""
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 9, 3, 9, 9, 3], [1, 2, 3]]
+    which = [2, 0, 1]
+    model = banked()
+    plain = run(
+        DecodeSteps(model), [Request(p, 16, temperature=0.0, adapter=a) for p, a in zip(prompts, which)], slots=3
+    )
+    spec = DecodeSteps(model, draft="ngram", draft_tokens=3)
+    got = run(spec, [Request(p, 16, temperature=0.0, adapter=a) for p, a in zip(prompts, which)], slots=3)
+    assert [t for t, _ in got] == [t for t, _ in plain]
