@@ -16,7 +16,6 @@ experiments/results/bench_lm_eval.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
+from gallery import bars, real_model_dir, real_model_parser, save  # noqa: E402
 
 TASK = """task: {name}
 dataset_path: json
@@ -76,11 +75,9 @@ def evaluate(lm, task_manager, task="jaxlm_cloze"):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=None, help="a Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    p = real_model_parser(__doc__, "bench_lm_eval")
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="hf's batch size; jaxlm: prompts per request = slots")
-    p.add_argument("--out", default=str(RESULTS / "bench_lm_eval"))
     args = p.parse_args()
     started = time.perf_counter()
 
@@ -136,12 +133,10 @@ def main():
         "same_choices": bool((ours_ll.argmax(1) == ref_ll.argmax(1)).all()),
     }
     print(json.dumps(result, indent=1))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(["jaxlm serve\n(local-completions)", "lm-eval hf\n(transformers)"], [tokens / ours_s, tokens / ref_s])
-    ax.set_ylabel("scored tokens/s")
-    ax.set_title(f"lm-eval loglikelihood, {4 * args.questions} requests ({result['speedup']}x)")
-    fig.tight_layout()
+    fig = bars(
+        ["jaxlm serve\n(local-completions)", "lm-eval hf\n(transformers)"], [tokens / ours_s, tokens / ref_s],
+        ylabel="scored tokens/s", title=f"lm-eval loglikelihood, {4 * args.questions} requests ({result['speedup']}x)",
+    )  # fmt: skip
     save(Path(args.out), result, fig, started=started)
 
 

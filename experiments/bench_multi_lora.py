@@ -18,7 +18,6 @@ Writes experiments/results/bench_multi_lora.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
+from gallery import bars, real_model_dir, real_model_parser, save  # noqa: E402
 
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Name three colours.", "Say hello."]
 
@@ -54,14 +53,12 @@ def decode_rate(engine, prompts, adapters, new: int):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=None)
+    p = real_model_parser(__doc__, "bench_multi_lora")
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(RESULTS / "bench_multi_lora"))
     args = p.parse_args()
     started = time.perf_counter()
 
@@ -125,13 +122,8 @@ def main():
         "banked_base_equals_base": same_base,
         "device": jax.devices()[0].device_kind,
     }
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(list(rates), list(rates.values()), color=["C7", "C1", "C2", "C0"])
-    ax.set_ylabel("decode tokens/s (best)")
-    ax.set_title(f"{args.adapters} LoRA adapters (rank {args.rank}), batch {args.rows}", fontsize=9)
-    ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
+    title = f"{args.adapters} LoRA adapters (rank {args.rank}), batch {args.rows}"
+    fig = bars(list(rates), list(rates.values()), ylabel="decode tokens/s (best)", title=title, size=(6, 3))
     save(Path(args.out), result, fig, started=started)
 
 

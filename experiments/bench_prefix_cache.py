@@ -13,7 +13,6 @@ Writes experiments/results/bench_prefix_cache.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
+from gallery import bars, real_model_dir, real_model_parser, save  # noqa: E402
 
 QUESTIONS = ["Who is Hamlet's mother?", "What does Ophelia give away?", "Who kills Polonius?", "Where is Elsinore?"]
 
@@ -39,12 +38,10 @@ def first_token_seconds(engine, prompt, new: int):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=None)
+    p = real_model_parser(__doc__, "bench_prefix_cache")
     p.add_argument("--prefix", type=int, default=1000, help="tokens of the shared system prompt")
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--new", type=int, default=8)
-    p.add_argument("--out", default=str(RESULTS / "bench_prefix_cache"))
     args = p.parse_args()
     started = time.perf_counter()
 
@@ -89,12 +86,10 @@ def main():
         "cached_hit_tokens": rows[True]["hit_tokens"],
     }
     print(result)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(["prefix caching off", "prefix caching on"], [off * 1000, on * 1000], color=["C1", "C0"])
-    ax.set_ylabel("time to first token (ms, best)")
-    ax.set_title(f"{len(system)}-token shared prefix: {result['ratio']}x")
-    fig.tight_layout()
+    fig = bars(
+        ["prefix caching off", "prefix caching on"], [off * 1000, on * 1000],
+        ylabel="time to first token (ms, best)", title=f"{len(system)}-token shared prefix: {result['ratio']}x",
+    )  # fmt: skip
     save(Path(args.out), result, fig, started=started)
 
 

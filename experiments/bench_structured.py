@@ -14,7 +14,6 @@ Writes experiments/results/bench_structured.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, real_model_dir, save  # noqa: E402
+from gallery import pyplot, real_model_dir, real_model_parser, save  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -50,12 +49,10 @@ def valid(text: str) -> bool:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=None)
+    p = real_model_parser(__doc__, "bench_structured")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--new", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--out", default=str(RESULTS / "bench_structured"))
     args = p.parse_args()
     started = time.perf_counter()
 
@@ -70,7 +67,7 @@ def main():
     tok = served.tokenizer
     t = time.perf_counter()
     grammars = Grammars(tok, served.cfg.vocab_size, served.stop_ids)
-    grammar = grammars.grammar({"type": "json_schema", "json_schema": {"schema": SCHEMA}})
+    grammar = grammars.grammar(SCHEMA)
     setup_s = time.perf_counter() - t
     fields = ", ".join(SCHEMA["required"])
     prompts = [

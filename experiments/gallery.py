@@ -24,6 +24,26 @@ def training_args(doc: str, name: str, *, steps: int, argv=None, quick_help: str
     return p.parse_args(argv)
 
 
+def real_model_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line every real-model benchmark starts from: --model-dir (default: SmolLM2-135M-Instruct,
+    see `real_model_dir`) and --out (its results, without suffix); the benchmark adds its own options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="a Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default=str(RESULTS / name))
+    return p
+
+
+def bars(labels: list[str], values: list[float], *, ylabel: str, title: str, size=(5, 3)):
+    """A one-panel bar chart, each bar its own colour: a benchmark's figure."""
+    fig, ax = pyplot().subplots(figsize=size)
+    ax.bar(labels, values, color=[f"C{i}" for i in range(len(values))])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def commit() -> str:
     out = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent

@@ -249,8 +249,7 @@ def attach_lora_banks(model, adapters: list[dict]) -> None:
         if n == 0:
             bank = EmbeddingLoRABank(a, b, scales)
         else:
-            axes = tuple(getattr(getattr(owner, path[-1]), "out_sharding", None) or ())
-            axes = axes[len(lead) :] if axes else (None,) * (a0.ndim - len(lead) + b0.ndim - len(lead) - 2)
+            axes = tuple(getattr(owner, path[-1]).out_sharding)[len(lead) :]  # the weight's (I..., O...)
             layers = lead[0] if lead else 0
             bank = LoRABank(a, b, scales, n=n, in_axes=axes[:n], out_axes=axes[n:], layers=layers)
         setattr(owner, "lora_" + str(path[-1]), bank)

@@ -77,7 +77,8 @@ def test_each_row_equals_its_adapter_served_alone():
         want_tokens, want_lps = run(alone[a], [Request(p, 12, temperature=0.0, logprobs=2)], slots=1, chunk=8)[0]
         assert tokens == want_tokens
         np.testing.assert_allclose(lps, want_lps, atol=1e-4)
-    assert len({tuple(t) for t, _ in got[2:4]} | {tuple(got[0][0])}) == 3  # the adapters change what is written
+        if a:  # the adapter changes what is written: the base alone writes something else
+            assert tokens != run(alone[0], [Request(p, 12, temperature=0.0)], slots=1, chunk=8)[0][0]
 
 
 def test_prefix_cache_keeps_adapters_apart():

@@ -438,8 +438,9 @@ class Engine:
     def _decode(self, touched):
         """One decode step for every decoding row, dispatched before the previous step's tokens are read
         (so the host's bookkeeping overlaps the device's work; not while a row decodes under a grammar): a
-        row whose next input is still on the device takes it from there. A row that the previous tokens finish was decoded one token too far:
-        that token is dropped, and its slot is reset when it is next filled."""
+        row whose next input is still on the device takes it from there. A row that the previous tokens
+        finish was decoded one token too far: that token is dropped, and its slot is reset when it is next
+        filled."""
         previous, self._inflight = self._inflight, None
         if previous is not None and any(s is not None and s.request.constraint is not None for s in self.slots):
             # Structured output: a row's next mask needs its last token, so read the step in flight first

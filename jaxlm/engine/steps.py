@@ -146,8 +146,9 @@ class DecodeSteps:
         `last`; the inputs are packed by `Inputs` (tokens, positions, valid, prefix, next: (n, T); index, last,
         slot, logprobs: (n,); fresh: rows starting a new context (prompt or prefix tuning's slots are written
         first); sampling settings; allowed: (n, words) bitmask of the tokens each row may sample, bit j of word
-        w for token 32·w + j (structured output; all ones otherwise)). prev: the tokens of the previous decode step, still on the device: where
-        `from_prev`, row i's first token is prev[prev_at[i]]. table: (n, nb) the rows' blocks.
+        w for token 32·w + j (structured output; all ones otherwise)). prev: the tokens of the previous decode
+        step, still on the device: where `from_prev`, row i's first token is prev[prev_at[i]]. table: (n, nb)
+        the rows' blocks.
 
         Returns the (n,) sampled tokens, their log-probabilities (`token_logprobs`: "chosen" (n,), "top_ids"
         and "top_lp" (n, TOP_LOGPROBS); computed when a row asks, zeros otherwise) and the pools. With

@@ -106,11 +106,12 @@ class Service:
             raise APIError(400, f"n must be at most {self.worker.engine.N} (the server's slots)", param="n")
         seed = secrets.randbits(32) if body.seed is None else body.seed
         chat = isinstance(body, ChatRequest)
+        schema = None if body.response_format is None else body.response_format.schema()
         try:
-            spec = None if body.response_format is None else body.response_format.spec()
-            grammar = None if spec is None else self.grammars.grammar(spec)
+            grammar = None if schema is None else self.grammars.grammar(schema)
         except ValueError as e:
             raise APIError(400, f"response_format: {e}", param="response_format") from None
+        adapter = self.check_model(body.model)
         return [
             Request(
                 prompt,
@@ -123,7 +124,7 @@ class Service:
                 stop_ids=self.served.stop_ids,
                 logprobs=body.alternatives if chat else body.logprobs,
                 score_prompt=not chat and body.echo and body.logprobs is not None,
-                adapter=self.check_model(body.model),
+                adapter=adapter,
                 constraint=None if grammar is None else self.grammars.constraint(grammar),
             )
             for j in range(body.n)
@@ -429,7 +430,7 @@ async def stream(http: HTTPRequest, body, events, choices, head, usage, chat, pr
                 yield chunk(i, {"role": "assistant", "content": ""})
             elif body.echo:
                 echoed = service.served.tokenizer.decode(prompts[0])
-                offsets[i].at = len(echoed)
+                offsets[i] = tokens.offsets(len(echoed))  # the tokens' text follows the echoed prompt
                 yield chunk(i, text=echoed)
         async for i, delta in progress(http, events, choices):
             finish = choices[i].finish_reason

@@ -46,13 +46,11 @@ class ResponseFormat(_Strict):
             raise ValueError("json_schema is given with (and only with) type json_schema")
         return self
 
-    def spec(self) -> dict | None:
-        """What `jaxlm.serve.structured.Grammars.grammar` takes: None for free text."""
+    def schema(self) -> dict | None:
+        """The JSON schema the output must follow (json_object: any object), or None for free text."""
         if self.type == "text":
             return None
-        if self.type == "json_object":
-            return {"type": "json_object"}
-        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.schema_}}
+        return {"type": "object"} if self.type == "json_object" else self.json_schema.schema_
 
 
 class _Sampling(_Strict):

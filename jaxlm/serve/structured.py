@@ -40,19 +40,12 @@ class Grammars:
             self._ll = LLTokenizer(vocabulary, n_vocab=self.V, eos_token=self.stops or None)
         return self._ll
 
-    def grammar(self, response_format: dict | None) -> str | None:
-        """The llguidance grammar of an OpenAI `response_format` (None: free text); ValueError naming what the
-        library refuses in the schema."""
-        if response_format is None or response_format.get("type") == "text":
-            return None
+    def grammar(self, schema: dict) -> str:
+        """The llguidance grammar of a JSON schema; ValueError naming what the library refuses in it."""
         try:
             from llguidance import LLMatcher
         except ImportError:
             raise ValueError("structured output needs the llguidance package: pip install 'jaxlm[serve]'") from None
-        if response_format["type"] == "json_object":
-            schema = {"type": "object"}
-        else:
-            schema = response_format["json_schema"]["schema"]
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
         except ValueError as e:

@@ -90,7 +90,7 @@ def test_constrained_rows_leave_the_others_alone():
     write alone (the mask is all ones for them); a constraint is refused with a draft model."""
     served = tiny_served()
     grammars = Grammars(served.tokenizer, served.cfg.vocab_size, served.stop_ids)
-    grammar = grammars.grammar(FORMAT)
+    grammar = grammars.grammar(PERSON)
     steps = DecodeSteps(served.model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(32, 127, n).tolist() for n in (5, 30, 2, 17)]
