@@ -66,7 +66,7 @@ def measure(method: str, steps: int, root: Path) -> dict:
 
     from jaxlm.config import load_config
     from jaxlm.data.shakespeare_instructions import instruction_splits
-    from jaxlm.nn.adapters import NF4Weight, Quantized
+    from jaxlm.nn.quantized import NF4Weight, Quantized
     from jaxlm.peft import trainable
     from jaxlm.train.data import make_batches
     from jaxlm.train.exact_match import exact_match

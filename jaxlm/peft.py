@@ -25,10 +25,10 @@ from jaxlm.nn.adapters import (
     EmbeddingLoRABank,
     LoRA,
     LoRABank,
-    NF4Weight,
     PrefixKV,
     PromptEmbedding,
 )
+from jaxlm.nn.quantized import NF4Weight, QuantizedWeight
 from jaxlm.ops.lora import lora_scale
 
 # role -> (block submodule kind, weight attribute, input axes, output axes) of a stacked layer's projection
@@ -150,29 +150,31 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     return model
 
 
-def quantize(model) -> None:
-    """Stores every projection weight of the layer stacks as NF4 (in place)."""
+def projection_weights(model):
+    """(owner module, weight attribute, stacked layers, input dims) of every projection of the layer stacks."""
     for stack in stacks(model):
-        block, layers = stack.layers, stack.num_layers
-        for kind, name, _, _ in PROJECTIONS.values():
-            for module in _modules(block, kind):
-                name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
-                w = getattr(module, name)
-                if isinstance(w, nnx.Param):
-                    axes = getattr(w, "out_sharding", None)
-                    setattr(module, name, NF4Weight(w[...], layers=layers, dtype=w[...].dtype, axes=axes))
+        for kind, name, in_axes, _ in PROJECTIONS.values():
+            for module in _modules(stack.layers, kind):
+                attr = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
+                yield module, attr, stack.num_layers, len(in_axes)
+
+
+def quantize(model, kind: type[QuantizedWeight] = NF4Weight) -> None:
+    """Stores every projection weight of the layer stacks as `kind` (NF4: QLoRA's base; or int8), in place."""
+    for module, name, layers, n_in in projection_weights(model):
+        w = getattr(module, name)
+        if isinstance(w, nnx.Param):
+            axes = getattr(w, "out_sharding", None)
+            setattr(module, name, kind(w[...], n_in=n_in, layers=layers, dtype=w[...].dtype, axes=axes))
 
 
 def dequantize(model) -> None:
-    """Every NF4 weight back to a (frozen) parameter holding its dequantized values (in place): what a QLoRA
-    model computes with, so LoRA can be merged into it."""
-    for stack in stacks(model):
-        for kind, name, _, _ in PROJECTIONS.values():
-            for module in _modules(stack.layers, kind):
-                name = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
-                w = getattr(module, name)
-                if isinstance(w, NF4Weight):
-                    setattr(module, name, nnx.Param(w[...], out_sharding=w.axes, eager_sharding=False))
+    """Every quantized projection weight back to a (frozen) parameter holding its dequantized values (in
+    place): what a QLoRA model computes with, so LoRA can be merged into it."""
+    for module, name, _, _ in projection_weights(model):
+        w = getattr(module, name)
+        if isinstance(w, QuantizedWeight):
+            setattr(module, name, nnx.Param(w[...], out_sharding=w.axes, eager_sharding=False))
 
 
 def loras(model) -> list[tuple]:

@@ -10,8 +10,9 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, PeftConfig, load_config
 from jaxlm.generate import Generator, generate_uncached
-from jaxlm.nn.adapters import Adapter, NF4Weight
+from jaxlm.nn.adapters import Adapter
 from jaxlm.nn.models import build_model
+from jaxlm.nn.quantized import NF4Weight
 from jaxlm.peft import apply_peft, merge, unmerge
 from jaxlm.train.sharded import ShardedTraining
 

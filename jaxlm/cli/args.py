@@ -55,6 +55,16 @@ def draft_options(p) -> None:
     p.add_argument("--draft-tokens", type=number(int, 1, 16), default=4, help="tokens drafted per step (4)")
 
 
+def weights_option(p) -> None:
+    p.add_argument(
+        "--weights",
+        choices=("bf16", "int8", "nf4"),
+        help="store the weights for inference as bf16, int8 (one scale per output channel) or nf4 (4-bit "
+        "NormalFloat); int8 and nf4 are dequantized inside the matmul, so a decoded token reads 1/4 or ~1/7 of "
+        "the bytes of float32 (default: as the model is stored)",
+    )
+
+
 def quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("absl", "jax", "orbax"):

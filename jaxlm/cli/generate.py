@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxlm.cli.args import draft_options, number
+from jaxlm.cli.args import draft_options, number, weights_option
 
 
 def add(sub) -> None:
@@ -24,6 +24,7 @@ def add(sub) -> None:
         "--top-p", type=number(float, 0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling mass (1.0 = off)"
     )
     g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="sampling PRNG seed")
+    weights_option(g)
     draft_options(g)
     g.set_defaults(fn=run)
 
@@ -31,9 +32,11 @@ def add(sub) -> None:
 def run(args) -> int:
     from jaxlm.data.chat import stop_ids
     from jaxlm.generate import Generator
+    from jaxlm.quantize import store_weights
     from jaxlm.train.run_dir import load_model_dir
 
     loaded = load_model_dir(args.run_dir, what="jaxlm generate", generates=True)
+    store_weights(loaded.model, args.weights)
     tokenizer, model, m = loaded.tokenizer, loaded.model, loaded.model.cfg
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

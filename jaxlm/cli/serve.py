@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxlm.cli.args import draft_options, number
+from jaxlm.cli.args import draft_options, number, weights_option
 
 
 def add(sub) -> None:
@@ -78,11 +78,13 @@ def add(sub) -> None:
         help="also serve a LoRA adapter on the model, as model NAME (repeat for several; one continuous batch "
         "over all): a peft LoRA directory or a jaxlm LoRA run over the same base; listed in /v1/models",
     )
+    weights_option(sv)
     draft_options(sv)
     sv.set_defaults(fn=run)
 
 
 def run(args) -> int:
+    from jaxlm.quantize import store_weights
     from jaxlm.serve.adapters import attach_adapters, parse_adapter
     from jaxlm.serve.model import load_draft, load_served
     from jaxlm.serve.server import build_service, check_address, serve
@@ -92,6 +94,7 @@ def run(args) -> int:
         parse_adapter(spec)
     served = load_served(args.model_dir, args.name)
     attach_adapters(served, args.adapter)
+    store_weights(served.model, args.weights)  # after the adapters: they are checked against the stored base
     service = build_service(
         served,
         slots=args.slots,

@@ -27,7 +27,8 @@ from jaxlm.data.tokenizer import DataError
 from jaxlm.errors import ConfigError
 from jaxlm.hf.families import layout as family_layout
 from jaxlm.hf.weights import _paths
-from jaxlm.nn.adapters import EmbeddingLoRA, LoRA, NF4Weight
+from jaxlm.nn.adapters import EmbeddingLoRA, LoRA
+from jaxlm.nn.quantized import QuantizedWeight
 from jaxlm.ops.lora import lora_scale
 
 PREFIX = "base_model.model."
@@ -96,7 +97,7 @@ def _weight_shape(model, path: tuple, layers: int) -> tuple:
     for p in path[:-1]:
         owner = getattr(owner, p)
     w = getattr(owner, path[-1])
-    if isinstance(w, NF4Weight):
+    if isinstance(w, QuantizedWeight):
         return w.shape
     return tuple(w[...].shape)[1 if layers else 0 :]
 

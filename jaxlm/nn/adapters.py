@@ -1,5 +1,5 @@
-"""Parameter-efficient fine-tuning modules: LoRA on a projection, an NF4-quantized frozen weight, learned
-prompt embeddings and learned per-layer prefix keys/values.
+"""Parameter-efficient fine-tuning modules: LoRA on a projection, learned prompt embeddings and learned
+per-layer prefix keys/values.
 
 Adapters are attached to a built (or loaded) model by `jaxlm.peft.apply_peft`. Their parameters are
 `Adapter` variables, a subclass of `nnx.Param` that carries logical axes like every parameter; training
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.nn.quantized import QuantizedWeight
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.lora import (
@@ -27,15 +28,10 @@ from jaxlm.ops.lora import (
     lora_delta,
     lora_weight,
 )
-from jaxlm.ops.nf4 import NF4, dequantize_nf4, quantize_nf4
 
 
 class Adapter(nnx.Param):
     """A trainable parameter of a PEFT method (everything else stays frozen)."""
-
-
-class Quantized(nnx.Variable):
-    """Frozen quantized storage (NF4 codes and constants): never differentiated."""
 
 
 def _adapter(value, axes) -> Adapter:
@@ -180,31 +176,13 @@ def select_adapters(state, adapters: jax.Array, count: int):
     return jax.tree.map(lambda v: v.replace(rows) if isinstance(v, AdapterRows) else v, state, is_leaf=is_var)
 
 
-class NF4Weight(nnx.Module):
-    """A frozen weight stored as NF4 with double quantization; `layers` > 0: one per stacked layer."""
-
-    def __init__(self, w: jax.Array, *, layers: int = 0, dtype=jnp.float32, axes: tuple | None = None):
-        self.shape = tuple(w.shape[1:] if layers else w.shape)  # one layer's weight
-        self.axes = axes  # the logical axes of the weight it stores (`dequantize` gives them back)
-        self.dtype = dtype  # the dtype it dequantizes to (the original parameter dtype)
-        q = jax.vmap(quantize_nf4)(w) if layers else quantize_nf4(w)
-        lead = ("layers",) if layers else ()
-        for name, a in q._asdict().items():
-            setattr(self, name, Quantized(a, out_sharding=(*lead, None)[: a.ndim], eager_sharding=False))
-
-    def quantized(self) -> NF4:
-        return NF4(*(getattr(self, name)[...] for name in NF4._fields))
-
-    def __getitem__(self, index):  # reads like a parameter: w[...] is the dequantized weight
-        q = self.quantized()
-        if q.codes.ndim > 1:  # stacked: every layer
-            return jax.vmap(lambda q: dequantize_nf4(q, self.shape, self.dtype))(q)[index]
-        return dequantize_nf4(q, self.shape, self.dtype)[index]
-
-
 def project(owner: nnx.Module, name: str, x: jax.Array, n: int = 1, dropout_keys: jax.Array | None = None):
     """x·W (+ its LoRA) for the weight `owner.<name>`: contracts x's last n dims, in `owner.dtype`."""
-    y = dense(x, getattr(owner, name)[...].astype(owner.dtype), n)
+    w = getattr(owner, name)
+    if isinstance(w, QuantizedWeight):  # dequantized inside the matmul
+        y = w.matmul(x.astype(owner.dtype), n)
+    else:
+        y = dense(x, w[...].astype(owner.dtype), n)
     lora = getattr(owner, "lora_" + name, None)
     if lora is None:
         return y

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxlm.axes import constrain
 from jaxlm.nn.param import normal_param
+from jaxlm.nn.quantized import Int8Table
 from jaxlm.ops.dense import dense
 
 
@@ -20,15 +21,19 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """(B, T) int -> (B, T, D)."""
-        # Gather whole rows: the FSDP-split `embed` dim is all-gathered first (a vocab split stays put).
-        table = constrain(self.embedding[...], ("vocab", "embed"))
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        if isinstance(self.embedding, Int8Table):  # `--weights int8|nf4`
+            x = self.embedding.lookup(tokens, self.dtype)
+        else:  # gather whole rows: the FSDP-split `embed` dim is all-gathered first (a vocab split stays put)
+            table = constrain(self.embedding[...], ("vocab", "embed"))
+            x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         lora = getattr(self, "lora_embedding", None)  # jaxlm.nn.adapters.EmbeddingLoRA
         delta = None if lora is None else lora(tokens, self.dtype)
         return x if delta is None else x + delta
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits."""
+        if isinstance(self.embedding, Int8Table):
+            return self.embedding.attend(x.astype(self.dtype))
         return dense(x, self.embedding[...].astype(self.dtype).T)  # BTD,VD->BTV
 
 

@@ -117,3 +117,22 @@ def test_a_lora_run_is_served_with_its_adapter(pretrained, tmp_path):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         got = client.chat.completions.create(model="lora", messages=messages, max_tokens=8, temperature=0)
     assert got.choices[0].message.content == want
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+def test_quantized_weights_are_served(pretrained, weights):
+    """`jaxlm serve --weights int8|nf4`: the server answers as `Generator` over the same quantized model."""
+    from jaxlm.nn.quantized import QuantizedWeight
+    from jaxlm.quantize import store_weights
+
+    served = load_served(pretrained)
+    store_weights(served.model, weights)
+    assert isinstance(served.model.stack.layers.mlp.w_out, QuantizedWeight)
+    prompt = served.tokenizer.encode("ROMEO.")
+    want = Generator(served.model).generate([prompt], max_new_tokens=8, temperature=0.0)[0]
+    stops = [i for i, t in enumerate(want) if t in served.stop_ids]
+    want = served.tokenizer.decode(want[: stops[0]] if stops else want)
+    with running(build_service(served, slots=2)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        got = client.completions.create(model="run", prompt="ROMEO.", max_tokens=8, temperature=0)
+    assert got.choices[0].text == want

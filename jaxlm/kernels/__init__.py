@@ -1,0 +1,81 @@
+"""Native CPU kernels for XLA (jax.ffi), compiled from source on first use and cached per machine.
+
+`quant_matmul.cc` holds the weight-only quantized matmuls of `jaxlm.ops.quant`. XLA:CPU cannot fuse a
+dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
+weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. They are built with the
+system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into `$JAXLM_CACHE/kernels` (default
+`~/.cache/jaxlm`), once per source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()`
+is False and the ops compute the same values with XLA's own ops, only slower (GPUs always take that path: XLA's
+GPU compiler fuses the dequantization into the matmul itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jaxlib
+
+SOURCE = Path(__file__).with_name("quant_matmul.cc")
+TARGETS = ("jaxlm_int8_matmul", "jaxlm_int8_rows_matmul", "jaxlm_nf4_matmul")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXLM_CACHE", Path.home() / ".cache" / "jaxlm")) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise OSError("no C++ compiler found (set $CXX)")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"quant_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
+        part = Path(tmp) / out.name
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
+        subprocess.run([*cmd, str(SOURCE), "-o", str(part)], check=True, capture_output=True, text=True)
+        os.replace(part, out)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels are built and registered as XLA:CPU custom calls (once per process)."""
+    if os.environ.get("JAXLM_KERNELS", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(
+            f"jaxlm: native CPU kernels unavailable, quantized matmuls use XLA ops: {detail[:500]}", stacklevel=2
+        )
+        return False
+    for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return True

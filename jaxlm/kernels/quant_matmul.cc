@@ -1,0 +1,314 @@
+// Weight-only quantized matmuls for XLA:CPU (jax.ffi), y (M, O) = x (M, K) . W, the weight dequantized in
+// registers as it streams, never written out. Decoding reads every weight once per token, so reading 8-bit
+// (or 4-bit) codes instead of f32 divides the bytes a token moves by 4 (or ~7).
+//
+// Weights are stored in 64-column strips, (O / 64, K, 64): a strip is one contiguous run of memory, which
+// the hardware prefetcher streams (walking a row-major (K, O) weight column strip by column strip does not).
+//
+//   jaxlm_int8_matmul (q (O/64, K, 64) int8, scale (O,) f32):  W[k, o] = q[o / 64, k, o % 64] * scale[o].
+//   jaxlm_int8_rows_matmul (q (O, K) int8, scale (O,) f32):    W[k, o] = q[o, k] * scale[o] (a tied
+//       embedding table read out: each row is one output).
+//   jaxlm_nf4_matmul: the strips as NF4 (jaxlm/ops/nf4.py, bitsandbytes' format): block b = (strip, k) holds
+//       64 codes in 32 bytes, byte j the codes of columns j (high nibble) and 32 + j (low nibble), and
+//       absmax_b = dynamic[absmax_codes[b]] * absmax_scale[b / 256] + absmax_offset; W = levels[code] * absmax_b.
+//
+// Strips are split over XLA's intra-op thread pool.
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <atomic>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kStrip = 64;  // output columns per strip (one NF4 block per row of a strip)
+
+// Runs body(t) for t in [0, tasks) on this thread and on helpers from XLA's intra-op pool; returns when all
+// are done. XLA may run independent custom calls at once on that pool, so the caller never waits for a helper
+// that has not started (it could be queued behind the caller itself): it claims tasks too, then marks the work
+// closed, and waits only for helpers already inside. A helper that starts later finds it closed and leaves,
+// touching nothing but the state it co-owns. (jaxlib 0.10's CPU runtime mostly runs what a handler schedules
+// inline, so this is mostly one thread; worker threads of our own measured slower: they contend with XLA's.)
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t inside = 0;   // helpers running tasks (guarded by mu)
+  bool closed = false;  // no helper may start (guarded by mu)
+};
+
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F body) {
+  const int64_t helpers = std::min<int64_t>(tasks, std::max<int64_t>(1, pool.num_threads())) - 1;
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  F* fn = &body;
+  for (int64_t h = 0; h < helpers; ++h)
+    pool.Schedule([shared, fn, tasks] {
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (shared->closed) return;
+        ++shared->inside;
+      }
+      for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) (*fn)(t);
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (--shared->inside == 0) shared->cv.notify_all();
+    });
+  for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) body(t);
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->closed = true;
+  shared->cv.wait(lock, [&] { return shared->inside == 0; });
+}
+
+// Every row of x (M, K) times one strip (K rows of 64 columns) into y (row stride O), times scale[0:64] if
+// given; `row(k, w)` writes the strip's row k (64 floats) to w.
+template <typename Row>
+void strip_generic(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Row row) {
+  constexpr int64_t kRows = 8;
+  alignas(64) float acc[kRows][kStrip];
+  alignas(64) float w[kStrip];
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t rows = std::min(kRows, M - m0);
+    std::memset(acc, 0, sizeof(acc));
+    for (int64_t k = 0; k < K; ++k) {
+      row(k, w);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float a = x[(m0 + r) * K + k];
+        for (int64_t j = 0; j < kStrip; ++j) acc[r][j] += a * w[j];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < kStrip; ++j) y[(m0 + r) * O + j] = scale ? acc[r][j] * scale[j] : acc[r][j];
+  }
+}
+
+#if defined(__AVX512F__)
+// R rows of x times one strip, accumulated in R x 4 registers; `load(k, w)` puts the strip's row k in w[0:4].
+template <int R, typename Load>
+inline void strip_rows_avx512(const float* x, int64_t K, float* y, int64_t O, const float* scale, Load load) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  __m512 w[4];
+  for (int64_t k = 0; k < K; ++k) {
+    load(k, w);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * K + k]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(a, w[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) {
+      __m512 v = acc[r][c];
+      if (scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + 16 * c));
+      _mm512_storeu_ps(y + r * O + 16 * c, v);
+    }
+}
+
+template <typename Load>
+void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Load load) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) strip_rows_avx512<4>(x + m * K, K, y + m * O, O, scale, load);
+  for (; m < M; ++m) strip_rows_avx512<1>(x + m * K, K, y + m * O, O, scale, load);
+}
+#endif
+
+#if defined(__AVX512F__)
+// y[r, o] = scale[o] * <x[r], q[o]> for R rows of x and the weight rows [o0, o1), four weight rows at a time
+// (K a multiple of 16).
+template <int R>
+void rows_avx512(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t O, int64_t o0,
+                 int64_t o1) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    __m512 acc[4][R];
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 w[4];
+      for (int i = 0; i < 4; ++i)
+        w[i] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (o + i) * K + k))));
+      for (int r = 0; r < R; ++r) {
+        const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+        for (int i = 0; i < 4; ++i) acc[i][r] = _mm512_fmadd_ps(xv, w[i], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < R; ++r) y[r * O + o + i] = _mm512_reduce_add_ps(acc[i][r]) * scale[o + i];
+  }
+  for (; o < o1; ++o)
+    for (int r = 0; r < R; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + o * K + k)))),
+                              acc);
+      y[r * O + o] = _mm512_reduce_add_ps(acc) * scale[o];
+    }
+}
+#endif
+
+ffi::Error check_2d(const ffi::Buffer<ffi::F32>& x, ffi::ResultBuffer<ffi::F32>& y) {
+  if (x.dimensions().size() != 2 || y->dimensions().size() != 2 || x.dimensions()[0] != y->dimensions()[0])
+    return ffi::Error::InvalidArgument("x (M, K) and y (M, O) must be 2-D with the same rows");
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  if (O % kStrip || q.element_count() != K * O || scale.element_count() != O)
+    return ffi::Error::InvalidArgument("int8 matmul: q must be (O/64, K, 64) and scale (O,)");
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  parallel_for(pool, O / kStrip, [&](int64_t t) {
+    const int8_t* strip = qp + t * K * kStrip;
+#if defined(__AVX512F__)
+    strip_avx512(xp, M, K, yp + t * kStrip, O, sp + t * kStrip, [&](int64_t k, __m512* w) {
+      const __m512i b = _mm512_loadu_si512(strip + k * kStrip);
+      for (int c = 0; c < 4; ++c) w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, c)));
+    });
+#else
+    strip_generic(xp, M, K, yp + t * kStrip, O, sp + t * kStrip, [&](int64_t k, float* w) {
+      for (int64_t j = 0; j < kStrip; ++j) w[j] = static_cast<float>(strip[k * kStrip + j]);
+    });
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  if (q.element_count() != K * O || scale.element_count() != O)
+    return ffi::Error::InvalidArgument("int8 rows matmul: q must be (O, K) and scale (O,)");
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  parallel_for(pool, (O + kStrip - 1) / kStrip, [&](int64_t t) {
+#if defined(__AVX512F__)
+    if (K % 16 == 0) {
+      const int64_t o0 = t * kStrip, o1 = std::min(O, o0 + kStrip);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_avx512<4>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
+      for (; m < M; ++m) rows_avx512<1>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
+      return;
+    }
+#endif
+    float* w = new float[K];  // one weight row, converted once and dotted with every row of x
+    for (int64_t o = t * kStrip; o < std::min(O, (t + 1) * kStrip); ++o) {
+      const int8_t* src = qp + o * K;
+      for (int64_t k = 0; k < K; ++k) w[k] = static_cast<float>(src[k]);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        float lanes[16] = {0};  // independent partial sums: vectorizes without reassociating
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+          for (int j = 0; j < 16; ++j) lanes[j] += xr[k + j] * w[k + j];
+        float s = 0;
+        for (; k < K; ++k) s += xr[k] * w[k];
+        for (int j = 0; j < 16; ++j) s += lanes[j];
+        yp[m * O + o] = s * sp[o];
+      }
+    }
+    delete[] w;
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                     ffi::Buffer<ffi::U8> absmax_codes, ffi::Buffer<ffi::F32> absmax_scale,
+                     ffi::Buffer<ffi::F32> absmax_offset, ffi::Buffer<ffi::F32> levels,
+                     ffi::Buffer<ffi::F32> dynamic, ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  const int64_t blocks = K * O / kStrip;
+  if (O % kStrip || codes.element_count() * 2 < K * O || absmax_codes.element_count() < blocks ||
+      absmax_scale.element_count() * 256 < blocks || absmax_offset.element_count() != 1 ||
+      levels.element_count() != 16 || dynamic.element_count() != 256)
+    return ffi::Error::InvalidArgument("nf4 matmul: the codes and constants do not fit (O/64, K, 64)");
+  const float* xp = x.typed_data();
+  const uint8_t* cp = codes.typed_data();
+  const uint8_t* acp = absmax_codes.typed_data();
+  const float* asp = absmax_scale.typed_data();
+  const float offset = absmax_offset.typed_data()[0];
+  const float* lp = levels.typed_data();
+  const float* dp = dynamic.typed_data();
+  float* yp = y->typed_data();
+  auto absmax = [&](int64_t b) { return dp[acp[b]] * asp[b / 256] + offset; };
+  parallel_for(pool, O / kStrip, [&](int64_t t) {
+#if defined(__AVX512F__)
+    const __m512 lut = _mm512_loadu_ps(lp);
+    strip_avx512(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, __m512* w) {
+      const int64_t b = t * K + k;
+      const __m512 a = _mm512_set1_ps(absmax(b));
+      for (int half = 0; half < 2; ++half) {  // bytes 16 * half ... + 15
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + b * 32 + 16 * half)));
+        w[half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut), a);  // columns 16 * half + i
+        w[2 + half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), lut), a);
+      }
+    });
+#else
+    strip_generic(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, float* w) {
+      const int64_t b = t * K + k;
+      const float a = absmax(b);
+      for (int64_t j = 0; j < kStrip / 2; ++j) {
+        const uint8_t byte = cp[b * 32 + j];
+        w[j] = lp[byte >> 4] * a;
+        w[kStrip / 2 + j] = lp[byte & 15] * a;
+      }
+    });
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_rows_matmul, Int8RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

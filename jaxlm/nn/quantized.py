@@ -1,0 +1,132 @@
+"""Frozen weights stored quantized (`jaxlm.ops.quant`): NF4 (QLoRA's base, `--weights nf4`) and int8
+(`--weights int8`), for the layer stacks' projections, and int8 rows for the token embedding table.
+
+A `QuantizedWeight` stands where an `nnx.Param` weight (I..., O...) stood: `project` calls its `matmul`, which
+dequantizes inside the matmul; `w[...]` gives the dequantized weight (export, merging LoRA). Codes and
+constants are `Quantized` variables: state like parameters, never trained, with a leading `layers` axis in a
+stack, so they are sliced, scanned and unstacked with the layer's other parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.ops.nf4 import NF4
+from jaxlm.ops.quant import (
+    Int8,
+    Int8Rows,
+    dequantize_int8,
+    dequantize_int8_rows,
+    dequantize_nf4_strips,
+    int8_matmul,
+    int8_rows_lookup,
+    int8_rows_matmul,
+    nf4_matmul,
+    packed_bytes,
+    quantize_int8,
+    quantize_int8_rows,
+    quantize_nf4_strips,
+)
+
+
+class Quantized(nnx.Variable):
+    """Frozen quantized storage (codes and constants): never differentiated."""
+
+
+class QuantizedWeight(nnx.Module):
+    """A frozen weight (I..., O...) whose first `n_in` dims are contracted; `layers` > 0: one per stacked layer."""
+
+    packing: type  # the NamedTuple of codes and constants (`jaxlm.ops.quant`)
+
+    def __init__(self, w: jax.Array, *, n_in: int, layers: int = 0, dtype=jnp.float32, axes: tuple | None = None):
+        self.shape = tuple(w.shape[1:] if layers else w.shape)  # one layer's weight
+        self.n_in = n_in
+        self.axes = axes  # the logical axes of the weight it stores (`w[...]` gives them back)
+        self.dtype = dtype  # the dtype it dequantizes to (the original parameter dtype)
+        self.rows, self.cols = math.prod(self.shape[:n_in]), math.prod(self.shape[n_in:])
+        flat = w.reshape(*w.shape[: 1 if layers else 0], self.rows, self.cols)
+        packed = jax.vmap(self.pack)(flat) if layers else self.pack(flat)
+        lead = ("layers",) if layers else ()
+        for name, a in packed._asdict().items():
+            setattr(self, name, Quantized(a, out_sharding=(*lead, None, None, None)[: a.ndim], eager_sharding=False))
+
+    def packed(self):
+        return self.packing(*(getattr(self, name)[...] for name in self.packing._fields))
+
+    def __getitem__(self, index):  # reads like a parameter: w[...] is the dequantized weight
+        p = self.packed()
+        stacked = p[0].ndim > self._ndim
+        unpack = lambda p: self.unpack(p).reshape(self.shape).astype(self.dtype)  # noqa: E731
+        return (jax.vmap(unpack)(p) if stacked else unpack(p))[index]
+
+    def matmul(self, x: jax.Array, n: int) -> jax.Array:
+        """x (..., I...) · W -> (..., O...), in x's dtype; the weight is dequantized inside the matmul."""
+        if n != self.n_in:
+            raise ValueError(f"a weight quantized for {self.n_in} input dims is contracted over {n}")
+        lead = x.shape[: x.ndim - n]
+        y = self.apply(x.reshape(-1, self.rows), self.packed())
+        return y.reshape(*lead, *self.shape[n:])
+
+    def nbytes(self) -> int:
+        return packed_bytes(self.packed())
+
+
+class Int8Weight(QuantizedWeight):
+    """int8 codes, one absmax scale per output column: 1 byte a parameter (+ 4 per column)."""
+
+    packing, _ndim = Int8, 3
+
+    def pack(self, w):
+        return quantize_int8(w)
+
+    def unpack(self, p):
+        return dequantize_int8(p, self.cols)
+
+    def apply(self, x, p):
+        return int8_matmul(x, p, self.cols)
+
+
+class NF4Weight(QuantizedWeight):
+    """NF4 with double quantization (bitsandbytes' format, QLoRA): 0.516 bytes a parameter."""
+
+    packing, _ndim = NF4, 1
+
+    def pack(self, w):
+        return quantize_nf4_strips(w)
+
+    def unpack(self, p):
+        return dequantize_nf4_strips(p, self.rows, self.cols)
+
+    def apply(self, x, p):
+        return nf4_matmul(x, p, self.cols)
+
+
+class Int8Table(nnx.Module):
+    """A token embedding table (V, D) as int8 rows with one scale each: looked up, and read out (tied)."""
+
+    def __init__(self, table: jax.Array, *, axes: tuple | None = None):
+        self.axes, self.dtype = axes, table.dtype
+        packed = quantize_int8_rows(table)
+        self.q = Quantized(packed.q, out_sharding=("vocab", None), eager_sharding=False)
+        self.scale = Quantized(packed.scale, out_sharding=("vocab",), eager_sharding=False)
+
+    def packed(self) -> Int8Rows:
+        return Int8Rows(self.q[...], self.scale[...])
+
+    def __getitem__(self, index):
+        return dequantize_int8_rows(self.packed(), self.dtype)[index]
+
+    def lookup(self, tokens: jax.Array, dtype) -> jax.Array:
+        """(B, T) int -> (B, T, D)."""
+        return int8_rows_lookup(self.packed(), tokens, dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """(..., D) -> (..., V) logits: 'BTD,VD->BTV'."""
+        return int8_rows_matmul(x.reshape(-1, x.shape[-1]), self.packed()).reshape(*x.shape[:-1], -1)
+
+    def nbytes(self) -> int:
+        return packed_bytes(self.packed())

@@ -1,0 +1,237 @@
+"""Weight-only quantized matmuls: a frozen weight stored as int8 or NF4 codes, dequantized inside the matmul.
+
+Decoding reads every weight once per token, so the bytes a weight takes bound the decode speed: f32 4 bytes
+a parameter, int8 1 (+ one f32 scale per output column), NF4 0.52 (`jaxlm.ops.nf4`, double quantization).
+
+A projection weight W (K, O) (its input dims flattened to K, its output dims to O) is stored in strips of
+64 output columns, (O/64, K, 64), O zero-padded to a multiple of 64: each strip is one contiguous run of
+memory that a CPU kernel streams once (`jaxlm/kernels/quant_matmul.cc`).
+
+  int8 (`Int8`):  per-output-column absmax, W[k, o] ≈ q[o/64, k, o%64] · scale[o], q in [-127, 127].
+  NF4:            the strips quantized as one flat NF4 weight, so each block of 64 is one row of a strip
+                  (its columns in the order 0, 32, 1, 33, ...: see `_NF4_ORDER`).
+  int8 rows (`Int8Rows`): an embedding table (V, D), per-row absmax: looked up by token, and read out
+                  against hidden states (a tied output layer), 'MD,VD->MV'.
+
+`int8_matmul`, `nf4_matmul` and `int8_rows_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native
+kernels (`jaxlm.kernels.available()`), the weight is dequantized in registers as it streams; on other
+platforms, or without the kernels, with XLA ops (dequantize, then one dot: XLA's GPU compiler fuses the two).
+Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
+dx = dy·Wᵀ with the weight dequantized by XLA. Large M (prefill, training) takes the XLA path on CPU too:
+dequantizing once and one GEMM beat streaming the codes once per 4 rows when there are many rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import kernels
+from jaxlm.ops.nf4 import BLOCK, NF4, dequantize_nf4, dynamic_levels, nf4_levels, quantize_nf4
+
+STRIP = 64  # output columns per strip; one NF4 block per strip row
+KERNEL_MAX_ROWS = 64  # rows of x up to which the CPU kernel beats dequantize-then-GEMM
+
+
+class Int8(NamedTuple):
+    """q: (O/64, K, 64) int8 strips; scale: (O,) float32 per output column (O a multiple of 64)."""
+
+    q: jax.Array
+    scale: jax.Array
+
+
+class Int8Rows(NamedTuple):
+    """q: (V, D) int8; scale: (V,) float32 per row."""
+
+    q: jax.Array
+    scale: jax.Array
+
+
+def _strips(w: jax.Array) -> jax.Array:
+    """(K, O) -> (O'/64, K, 64), O' = O rounded up to a multiple of 64 (zero columns)."""
+    rows, cols = w.shape
+    w = jnp.pad(w, ((0, 0), (0, -cols % STRIP)))
+    return w.reshape(rows, -1, STRIP).transpose(1, 0, 2)
+
+
+def _unstrip(s: jax.Array, cols: int) -> jax.Array:
+    """(O'/64, K, 64) -> (K, cols)."""
+    return s.transpose(1, 0, 2).reshape(s.shape[1], -1)[:, :cols]
+
+
+def _absmax_int8(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes and scales of w along `axis` (the reduced dim): w ≈ q · scale."""
+    w = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=axis, keepdims=True) / 127.0
+    q = jnp.round(w / jnp.where(scale == 0, 1.0, scale))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), jnp.squeeze(scale, axis)
+
+
+def quantize_int8(w: jax.Array) -> Int8:
+    """(K, O) float -> `Int8` (one scale per output column)."""
+    q, scale = _absmax_int8(w, axis=0)
+    pad = -w.shape[1] % STRIP
+    return Int8(_strips(q), jnp.pad(scale, (0, pad)))
+
+
+def dequantize_int8(p: Int8, cols: int, dtype=jnp.float32) -> jax.Array:
+    """`Int8` -> the (K, cols) weight."""
+    return (_unstrip(p.q, cols).astype(jnp.float32) * p.scale[:cols]).astype(dtype)
+
+
+# The codes of a strip row (one NF4 block) are stored in the order columns 0, 32, 1, 33, ...: NF4 packs codes
+# 2j and 2j + 1 into byte j, so the high nibbles of the 32 bytes are columns 0..31 and the low ones 32..63, and
+# a kernel expands each half with one table lookup per 16 codes (no interleaving shuffles).
+_NF4_ORDER = np.stack([np.arange(STRIP // 2), np.arange(STRIP // 2, STRIP)], axis=1).reshape(-1)
+
+
+def quantize_nf4_strips(w: jax.Array) -> NF4:
+    """(K, O) float -> NF4 of its strips (block b = strip b // K, row b % K)."""
+    return quantize_nf4(_strips(w.astype(jnp.float32))[..., _NF4_ORDER])
+
+
+def dequantize_nf4_strips(q: NF4, rows: int, cols: int, dtype=jnp.float32) -> jax.Array:
+    """NF4 strips -> the (rows, cols) weight."""
+    strips = -(-cols // STRIP)
+    stored = dequantize_nf4(q, (strips, rows, STRIP))
+    return _unstrip(stored[..., np.argsort(_NF4_ORDER)], cols).astype(dtype)
+
+
+def quantize_int8_rows(table: jax.Array) -> Int8Rows:
+    """(V, D) float -> `Int8Rows` (one scale per row)."""
+    return Int8Rows(*_absmax_int8(table, axis=1))
+
+
+def int8_rows_lookup(p: Int8Rows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Rows `ids` (...) of the table -> (..., D)."""
+    return (jnp.take(p.q, ids, axis=0).astype(jnp.float32) * jnp.take(p.scale, ids)[..., None]).astype(dtype)
+
+
+def dequantize_int8_rows(p: Int8Rows, dtype=jnp.float32) -> jax.Array:
+    return (p.q.astype(jnp.float32) * p.scale[:, None]).astype(dtype)
+
+
+# --- matmuls --------------------------------------------------------------------------------------------------
+
+
+def _call(target: str, x: jax.Array, cols: int, *operands) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], cols), jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), *operands)
+
+
+def _dispatch(x: jax.Array, kernel, xla):
+    """kernel(x) on CPU when the native kernels are built and x has few rows; xla(x) elsewhere."""
+    if x.shape[0] > KERNEL_MAX_ROWS or not kernels.available():
+        return xla(x)
+    return jax.lax.platform_dependent(x, cpu=kernel, default=xla)
+
+
+def _no_grad(a):
+    """The zero cotangent of a frozen operand (float0 for integer codes)."""
+    if jnp.issubdtype(a.dtype, jnp.integer):
+        return np.zeros(a.shape, jax.dtypes.float0)
+    return jnp.zeros_like(a)
+
+
+def _weight_only_vjp(fwd_fn, weight_fn):
+    """A matmul x (M, K), packed weight -> (M, O), differentiable in x only: dx = dy · weight_fn(packed)ᵀ."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def matmul(x, packed, cols):
+        return fwd_fn(x, packed, cols)
+
+    def fwd(x, packed, cols):
+        return fwd_fn(x, packed, cols), (x, packed)
+
+    def bwd(cols, res, dy):
+        x, packed = res
+        w = weight_fn(packed, x.shape[1], cols)
+        return jnp.dot(dy.astype(jnp.float32), w.T).astype(x.dtype), jax.tree.map(_no_grad, packed)
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
+def _int8_fwd(x, p: Int8, cols):
+    padded = p.scale.shape[0]
+
+    def kernel(x):
+        return _call("jaxlm_int8_matmul", x, padded, p.q, p.scale)[:, :cols].astype(x.dtype)
+
+    def xla(x):
+        return jnp.dot(x, dequantize_int8(p, cols, x.dtype))
+
+    return _dispatch(x, kernel, xla)
+
+
+def _nf4_fwd(x, q: NF4, cols):
+    rows, padded = x.shape[1], -(-cols // STRIP) * STRIP
+
+    def kernel(x):
+        consts = (jnp.asarray(nf4_levels()), jnp.asarray(dynamic_levels()))
+        absmax = (q.absmax_codes, q.absmax_scale, q.absmax_offset.reshape(1))
+        return _call("jaxlm_nf4_matmul", x, padded, q.codes, *absmax, *consts)[:, :cols].astype(x.dtype)
+
+    def xla(x):
+        return jnp.dot(x, dequantize_nf4_strips(q, rows, cols, x.dtype))
+
+    return _dispatch(x, kernel, xla)
+
+
+def _rows_fwd(x, p: Int8Rows, cols):
+    def kernel(x):
+        return _call("jaxlm_int8_rows_matmul", x, cols, p.q, p.scale).astype(x.dtype)
+
+    def xla(x):
+        return jnp.dot(x, dequantize_int8_rows(p, x.dtype).T)
+
+    return _dispatch(x, kernel, xla)
+
+
+_int8 = _weight_only_vjp(_int8_fwd, lambda p, K, cols: dequantize_int8(p, cols))
+_nf4 = _weight_only_vjp(_nf4_fwd, lambda q, K, cols: dequantize_nf4_strips(q, K, cols))
+_rows = _weight_only_vjp(_rows_fwd, lambda p, K, cols: dequantize_int8_rows(p).T)
+
+
+def int8_matmul(x: jax.Array, p: Int8, cols: int) -> jax.Array:
+    """x (M, K) · W (K, cols) stored as `Int8` -> (M, cols), in x's dtype."""
+    return _int8(x, p, cols)
+
+
+def nf4_matmul(x: jax.Array, q: NF4, cols: int) -> jax.Array:
+    """x (M, K) · W (K, cols) stored as NF4 strips (`quantize_nf4_strips`) -> (M, cols), in x's dtype."""
+    return _nf4(x, q, cols)
+
+
+def int8_rows_matmul(x: jax.Array, p: Int8Rows) -> jax.Array:
+    """x (M, D) · table (V, D)ᵀ stored as `Int8Rows` -> (M, V): 'MD,VD->MV', in x's dtype."""
+    return _rows(x, p, p.q.shape[0])
+
+
+def packed_bytes(packed) -> int:
+    """Storage of a quantized weight (any of the tuples above) in bytes."""
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in packed)
+
+
+__all__ = [
+    "BLOCK",
+    "Int8",
+    "Int8Rows",
+    "STRIP",
+    "dequantize_int8",
+    "dequantize_int8_rows",
+    "dequantize_nf4_strips",
+    "int8_matmul",
+    "int8_rows_lookup",
+    "int8_rows_matmul",
+    "nf4_matmul",
+    "packed_bytes",
+    "quantize_int8",
+    "quantize_int8_rows",
+    "quantize_nf4_strips",
+]

@@ -1,0 +1,120 @@
+"""Weight-only quantized matmuls: int8 and NF4 strips, int8 rows; the native CPU kernels equal XLA's ops on the
+same codes, for every row count and for shapes that are not multiples of the strip or vector width."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import kernels
+from jaxlm.ops import quant
+
+SHAPES = [(64, 128), (48, 100), (576, 192), (17, 64)]  # (K, C): C padded to 64; K % 16 != 0 takes the plain loop
+ROWS = [1, 3, 6, 70]  # 70 > KERNEL_MAX_ROWS: the XLA path on CPU too
+
+
+def _w(K, C, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (K, C)) * 0.05
+
+
+def _x(M, K, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (M, K))
+
+
+@pytest.fixture
+def xla_only(monkeypatch):
+    monkeypatch.setattr(quant.kernels, "available", lambda: False)
+
+
+def test_kernels_build_where_a_compiler_is():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the XLA path stands in")
+    assert kernels.available()
+    hlo = jax.jit(quant.int8_matmul, static_argnums=2).lower(_x(2, 64), quant.quantize_int8(_w(64, 128)), 128)
+    assert "jaxlm_int8_matmul" in hlo.as_text()
+
+
+def test_int8_codes_round_to_half_a_step():
+    w = _w(48, 100)
+    p = quant.quantize_int8(w)
+    assert p.q.shape == (2, 48, 64) and p.q.dtype == jnp.int8 and p.scale.shape == (128,)
+    err = jnp.abs(quant.dequantize_int8(p, 100) - w)
+    assert bool(jnp.all(err <= p.scale[:100] / 2 + 1e-7))
+    np.testing.assert_array_equal(p.scale[100:], 0.0)  # the padding columns
+
+
+@pytest.mark.parametrize("K,C", SHAPES)
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_matmul_equals_the_dequantized_weight(K, C, M):
+    p = quant.quantize_int8(_w(K, C))
+    x = _x(M, K)
+    want = x @ quant.dequantize_int8(p, C)
+    got = jax.jit(quant.int8_matmul, static_argnums=2)(x, p, C)
+    assert got.shape == (M, C)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("K,C", SHAPES)
+@pytest.mark.parametrize("M", ROWS)
+def test_nf4_matmul_equals_the_dequantized_weight(K, C, M):
+    w = _w(K, C)
+    q = quant.quantize_nf4_strips(w)
+    wd = quant.dequantize_nf4_strips(q, K, C)
+    assert float(jnp.max(jnp.abs(wd - w))) < 0.2 * float(jnp.max(jnp.abs(w)))
+    x = _x(M, K)
+    got = jax.jit(quant.nf4_matmul, static_argnums=2)(x, q, C)
+    np.testing.assert_allclose(got, x @ wd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("V,D", [(300, 32), (70, 20)])
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_int8_rows_lookup_and_read_out(V, D, M):
+    table = jax.random.normal(jax.random.PRNGKey(3), (V, D))
+    p = quant.quantize_int8_rows(table)
+    deq = quant.dequantize_int8_rows(p)
+    assert bool(jnp.all(jnp.abs(deq - table) <= p.scale[:, None] / 2 + 1e-7))
+    ids = jnp.array([[0, V - 1, 5]])
+    np.testing.assert_allclose(quant.int8_rows_lookup(p, ids), deq[ids], rtol=1e-6)
+    x = _x(M, D)
+    np.testing.assert_allclose(jax.jit(quant.int8_rows_matmul)(x, p), x @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_xla_path_gives_the_same_values(xla_only):
+    """Without the kernels (no compiler, JAXLM_KERNELS=0, a GPU), the same numbers from XLA's own ops."""
+    K, C = 48, 100
+    x, w = _x(3, K), _w(K, C)
+    p, q, r = quant.quantize_int8(w), quant.quantize_nf4_strips(w), quant.quantize_int8_rows(w.T)
+    hlo = jax.jit(lambda x, p: quant.int8_matmul(x, p, C)).lower(x, p).as_text()  # a fresh trace
+    assert "custom_call" not in hlo
+    np.testing.assert_allclose(quant.int8_matmul(x, p, C), x @ quant.dequantize_int8(p, C), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quant.nf4_matmul(x, q, C), x @ quant.dequantize_nf4_strips(q, K, C), rtol=1e-5)
+    np.testing.assert_allclose(quant.int8_rows_matmul(x, r), x @ quant.dequantize_int8_rows(r).T, rtol=1e-5)
+
+
+def test_gradient_flows_to_x_only():
+    """QLoRA trains through the frozen NF4 weight: dx = dy·Wᵀ; the codes get no gradient."""
+    K, C = 64, 100
+    x, w = _x(4, K), _w(K, C)
+    for pack, matmul, deq in [
+        (quant.quantize_int8, quant.int8_matmul, lambda p: quant.dequantize_int8(p, C)),
+        (quant.quantize_nf4_strips, quant.nf4_matmul, lambda q: quant.dequantize_nf4_strips(q, K, C)),
+    ]:
+        p = pack(w)
+        dy = jax.random.normal(jax.random.PRNGKey(9), (4, C))
+        dx = jax.grad(lambda x, matmul=matmul, p=p, dy=dy: jnp.sum(matmul(x, p, C) * dy))(x)
+        np.testing.assert_allclose(dx, dy @ deq(p).T, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_layers_scan_and_bf16_inputs():
+    """Per-layer weights scanned out of a stack; bf16 activations come back in bf16."""
+    K, C, L = 64, 128, 3
+    ws = jax.random.normal(jax.random.PRNGKey(0), (L, K, C)) * 0.05
+    p = jax.vmap(quant.quantize_int8)(ws)
+    x = _x(2, K).astype(jnp.bfloat16)
+    ys = jax.lax.scan(lambda c, pl: (c, quant.int8_matmul(x, quant.Int8(*pl), C)), 0, tuple(p))[1]
+    assert ys.dtype == jnp.bfloat16 and ys.shape == (L, 2, C)
+    for i in range(L):
+        want = x.astype(jnp.float32) @ quant.dequantize_int8(quant.Int8(p.q[i], p.scale[i]), C)
+        np.testing.assert_allclose(ys[i].astype(jnp.float32), want, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,101 @@
+"""`--weights bf16|int8|nf4`: a loaded model's weights stored for inference; logits stay close to float32, the
+engine's batched output equals each prompt alone, bytes shrink, and bad choices are refused."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.cli import main
+from jaxlm.config import ConfigError, load_config
+from jaxlm.engine import DecodeSteps, Engine, Request
+from jaxlm.nn import TransformerLM
+from jaxlm.nn.quantized import Int8Table, Int8Weight, NF4Weight
+from jaxlm.quantize import store_weights, weight_bytes
+
+
+def model_for(base, **kw):
+    """A tiny random model; d_model 64 and vocabulary 128 make every weight span more than one 64-column strip."""
+    settings = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, mlp_dim=128, init_std=0.3) | kw
+    return TransformerLM(dataclasses.replace(load_config(f"configs/{base}.yaml").model, **settings), rngs=nnx.Rngs(0))
+
+
+TOKENS = jnp.array([[5, 17, 99, 3, 64, 120, 7, 42]])
+
+
+def logits(model):
+    return model(TOKENS)[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("weights,kind,tol", [("int8", Int8Weight, 0.03), ("nf4", NF4Weight, 0.3)])
+def test_quantized_logits_stay_close(tied, weights, kind, tol):
+    model = model_for("llama_tiny", max_seq_len=48, tie_embeddings=tied, init_std=0.05)
+    want = logits(model)
+    store_weights(model, weights)
+    assert isinstance(model.stack.layers.attn.wq, kind) and isinstance(model.stack.layers.mlp.w_out, kind)
+    assert isinstance(model.embed.embedding, Int8Table)
+    assert tied or isinstance(model.lm_head, Int8Weight)
+    got = logits(model)
+    rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert 0 < rel < tol
+
+
+def test_bytes_per_parameter():
+    sizes = {}
+    for weights in (None, "bf16", "int8", "nf4"):
+        model = model_for("llama_tiny", max_seq_len=48, d_model=256, mlp_dim=512)  # NF4 pads to 16,384
+        sizes[weights] = weight_bytes(store_weights(model, weights))
+    params = sizes[None]["params"]
+    assert all(s["params"] == params for s in sizes.values())  # the same parameters, stored otherwise
+    per = {k: s["bytes"] / params for k, s in sizes.items()}
+    assert per[None] == 4 and per["bf16"] == 2
+    assert 1.0 < per["int8"] < 1.2 and per["nf4"] < 0.8 * per["int8"]
+
+
+def test_bf16_stores_every_float_parameter_in_bf16():
+    model = store_weights(model_for("llama_tiny", max_seq_len=48), "bf16")
+    leaves = [v[...] for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    assert leaves and {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
+    assert logits(model).dtype == jnp.float32  # computed in the model's dtype
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+def test_engine_batch_equals_each_prompt_alone(weights):
+    model = store_weights(model_for("llama_tiny", max_seq_len=48), weights)
+    steps = DecodeSteps(model)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 128, n).tolist() for n in (3, 19, 7, 11)]
+
+    def run(requests, slots):
+        e = Engine(steps, slots=slots, chunk=8)
+        for r in requests:
+            e.submit(r)
+        e.run()
+        return [(r.tokens, r.token_logprobs) for r in requests]
+
+    batched = run([Request(p, 10, temperature=0.0, logprobs=1) for p in prompts], slots=4)
+    for p, (tokens, lps) in zip(prompts, batched):
+        alone_tokens, alone_lps = run([Request(p, 10, temperature=0.0, logprobs=1)], slots=1)[0]
+        assert tokens == alone_tokens
+        np.testing.assert_allclose(lps, alone_lps, atol=1e-4)
+
+
+def test_unknown_weights_are_refused():
+    with pytest.raises(ConfigError, match="int4.*bf16, int8, nf4"):
+        store_weights(model_for("llama_tiny", max_seq_len=48), "int4")
+
+
+def test_generate_cli_takes_weights(tiny_config, tmp_path, capsys):
+    from jaxlm.train.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config("llama_tiny", "train.steps=2", run_dir=run), progress=False)
+    greedy = ["--prompt", "To be", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(["generate", str(run), *greedy, "--weights", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(run), *greedy, "--weights", "int4"])
+    assert e.value.code == 2 and "--weights" in capsys.readouterr().err
