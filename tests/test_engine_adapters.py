@@ -127,3 +127,22 @@ def test_speculative_rows_use_their_adapters():
     spec = DecodeSteps(model, draft="ngram", draft_tokens=3)
     got = run(spec, [Request(p, 16, temperature=0.0, adapter=a) for p, a in zip(prompts, which)], slots=3)
     assert [t for t, _ in got] == [t for t, _ in plain]
+
+
+def test_banks_over_a_quantized_base():
+    """`serve --adapter ... --weights int8`: the banks (float32) over an int8 base; each row equals its adapter
+    alone over the same int8 base."""
+    from jaxlm.quantize import store_weights
+
+    prompts = [[3, 14, 15, 92, 65], [27, 18, 28]]
+    which = [1, 2]
+    got = run(
+        DecodeSteps(store_weights(banked(), "int8")),
+        [Request(p, 8, temperature=0.0, logprobs=1, adapter=a) for p, a in zip(prompts, which)],
+        slots=2,
+    )
+    for p, a, (tokens, lps) in zip(prompts, which, got):
+        alone = DecodeSteps(store_weights(adapted(ADAPTERS[a - 1], a), "int8"))
+        want_tokens, want_lps = run(alone, [Request(p, 8, temperature=0.0, logprobs=1)], slots=1)[0]
+        assert tokens == want_tokens
+        np.testing.assert_allclose(lps, want_lps, atol=1e-4)

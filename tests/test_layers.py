@@ -15,6 +15,7 @@ LAYERS = {
     "jaxlm.errors": 0,
     "jaxlm.choices": 0,
     "jaxlm.presets": 0,
+    "jaxlm.kernels": 0,  # native CPU kernels (jax.ffi): imports only jax
     "jaxlm.axes": 1,
     "jaxlm.config": 1,
     "jaxlm.data": 1,
@@ -25,6 +26,7 @@ LAYERS = {
     "jaxlm.engine": 2,
     "jaxlm.flops": 3,
     "jaxlm.peft": 3,
+    "jaxlm.quantize": 3,  # weights stored for inference (--weights)
     "jaxlm.generate": 3,
     "jaxlm.hf": 4,  # Hugging Face and GGUF interop: below training
     "jaxlm.train": 5,
