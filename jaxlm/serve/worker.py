@@ -7,6 +7,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import jax
+
 from jaxlm.engine import Engine, Request
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class EngineWorker:
             "slots": e.N,
             "running": sum(s is not None for s in e.slots),
             "queued": len(e.queue),
+            # the bytes of the weights the engine reads (with `--weights`, their codes and scales)
+            "weight_bytes": sum(a.nbytes for a in jax.tree.leaves(getattr(e.steps, "weights", None))),
             **e.kv,
         }
         if e.steps.draft is not None:

@@ -121,7 +121,11 @@ def test_a_lora_run_is_served_with_its_adapter(pretrained, tmp_path):
 
 @pytest.mark.parametrize("weights", ["int8", "nf4"])
 def test_quantized_weights_are_served(pretrained, weights):
-    """`jaxlm serve --weights int8|nf4`: the server answers as `Generator` over the same quantized model."""
+    """`jaxlm serve --weights int8|nf4`: the server answers as `Generator` over the same quantized model, and
+    /health reports the bytes of the weights it reads (NF4 pads a tiny model's weights to 16,384 values)."""
+    import jax
+    from flax import nnx
+
     from jaxlm.nn.quantized import QuantizedWeight
     from jaxlm.quantize import store_weights
 
@@ -135,4 +139,7 @@ def test_quantized_weights_are_served(pretrained, weights):
     with running(build_service(served, slots=2)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         got = client.completions.create(model="run", prompt="ROMEO.", max_tokens=8, temperature=0)
+        health = httpx.get(url + "/health", timeout=10).json()
     assert got.choices[0].text == want
+    float_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(load_served(pretrained).model)))
+    assert 0 < health["weight_bytes"] and (weights == "nf4" or health["weight_bytes"] < float_bytes)
