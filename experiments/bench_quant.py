@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     axes[0].legend(fontsize=8)
     axes[1].bar(args.weights, [rows[w]["perplexity"] for w in args.weights], color=[f"C{i}" for i in x])
     axes[1].set_ylabel(f"held-out perplexity ({result['ppl_tokens']} tokens)")
-    fig.suptitle("SmolLM2-135M-Instruct: weights stored as float32, int8 or NF4 (jaxlm --weights)", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct: weights stored as {', '.join(args.weights)} (jaxlm --weights)", fontsize=9)
     fig.tight_layout()
     save(Path(args.out), result, fig, started=started)
 

@@ -12,7 +12,7 @@ from jaxlm.cli import main
 from jaxlm.config import ConfigError, load_config
 from jaxlm.engine import DecodeSteps, Engine, Request
 from jaxlm.nn import TransformerLM
-from jaxlm.nn.quantized import Int8Table, Int8Weight, NF4Weight
+from jaxlm.nn.quantized import BF16Table, BF16Weight, Int8Table, Int8Weight, NF4Weight, Quantized
 from jaxlm.quantize import store_weights, weight_bytes
 
 
@@ -30,14 +30,16 @@ def logits(model):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("weights,kind,tol", [("int8", Int8Weight, 0.03), ("nf4", NF4Weight, 0.3)])
+@pytest.mark.parametrize(
+    "weights,kind,tol", [("bf16", BF16Weight, 0.02), ("int8", Int8Weight, 0.03), ("nf4", NF4Weight, 0.3)]
+)
 def test_quantized_logits_stay_close(tied, weights, kind, tol):
     model = model_for("llama_tiny", max_seq_len=48, tie_embeddings=tied, init_std=0.05)
     want = logits(model)
     store_weights(model, weights)
     assert isinstance(model.stack.layers.attn.wq, kind) and isinstance(model.stack.layers.mlp.w_out, kind)
-    assert isinstance(model.embed.embedding, Int8Table)
-    assert tied or isinstance(model.lm_head, Int8Weight)
+    assert isinstance(model.embed.embedding, BF16Table if weights == "bf16" else Int8Table)
+    assert tied or isinstance(model.lm_head, BF16Weight if weights == "bf16" else Int8Weight)
     got = logits(model)
     rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
     assert 0 < rel < tol
@@ -57,12 +59,12 @@ def test_bytes_per_parameter():
 
 def test_bf16_stores_every_float_parameter_in_bf16():
     model = store_weights(model_for("llama_tiny", max_seq_len=48), "bf16")
-    leaves = [v[...] for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    leaves = [v[...] for _, v in nnx.iter_graph(model) if isinstance(v, (nnx.Param, Quantized))]
     assert leaves and {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
     assert logits(model).dtype == jnp.float32  # computed in the model's dtype
 
 
-@pytest.mark.parametrize("weights", ["int8", "nf4"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "nf4"])
 def test_engine_batch_equals_each_prompt_alone(weights):
     model = store_weights(model_for("llama_tiny", max_seq_len=48), weights)
     steps = DecodeSteps(model)

@@ -1,7 +1,7 @@
 """Native CPU kernels for XLA (jax.ffi), compiled from source on first use and cached per machine.
 
-`quant_matmul.cc` holds the weight-only quantized matmuls of `jaxlm.ops.quant`. XLA:CPU cannot fuse a
-dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
+`quant_matmul.cc` holds the weight-only quantized (and bfloat16) matmuls of `jaxlm.ops.quant`. XLA:CPU cannot
+fuse a dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
 weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. They are built with the
 system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into `$JAXLM_CACHE/kernels` (default
 `~/.cache/jaxlm`), once per source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()`
@@ -26,7 +26,13 @@ import jax
 import jaxlib
 
 SOURCE = Path(__file__).with_name("quant_matmul.cc")
-TARGETS = ("jaxlm_int8_matmul", "jaxlm_int8_rows_matmul", "jaxlm_nf4_matmul")
+TARGETS = (
+    "jaxlm_int8_matmul",
+    "jaxlm_int8_rows_matmul",
+    "jaxlm_nf4_matmul",
+    "jaxlm_bf16_matmul",
+    "jaxlm_bf16_rows_matmul",
+)
 
 
 def cache_dir() -> Path:

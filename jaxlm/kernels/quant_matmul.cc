@@ -8,6 +8,7 @@
 //   jaxlm_int8_matmul (q (O/64, K, 64) int8, scale (O,) f32):  W[k, o] = q[o / 64, k, o % 64] * scale[o].
 //   jaxlm_int8_rows_matmul (q (O, K) int8, scale (O,) f32):    W[k, o] = q[o, k] * scale[o] (a tied
 //       embedding table read out: each row is one output).
+//   jaxlm_bf16_matmul (w (O/64, K, 64) bf16), jaxlm_bf16_rows_matmul (w (O, K) bf16): the same without scales.
 //   jaxlm_nf4_matmul: the strips as NF4 (jaxlm/ops/nf4.py, bitsandbytes' format): block b = (strip, k) holds
 //       64 codes in 32 bytes, byte j the codes of columns j (high nibble) and 32 + j (low nibble), and
 //       absmax_b = dynamic[absmax_codes[b]] * absmax_scale[b / 256] + absmax_offset; W = levels[code] * absmax_b.
@@ -129,8 +130,16 @@ void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, con
 #if defined(__AVX512F__)
 // y[r, o] = scale[o] * <x[r], q[o]> for R rows of x and the weight rows [o0, o1), four weight rows at a time
 // (K a multiple of 16).
-template <int R>
-void rows_avx512(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t O, int64_t o0,
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int R, typename T>
+void rows_avx512(const float* x, int64_t K, const T* q, const float* scale, float* y, int64_t O, int64_t o0,
                  int64_t o1) {
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
@@ -139,29 +148,31 @@ void rows_avx512(const float* x, int64_t K, const int8_t* q, const float* scale,
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
       __m512 w[4];
-      for (int i = 0; i < 4; ++i)
-        w[i] = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (o + i) * K + k))));
+      for (int i = 0; i < 4; ++i) w[i] = load16(q + (o + i) * K + k);
       for (int r = 0; r < R; ++r) {
         const __m512 xv = _mm512_loadu_ps(x + r * K + k);
         for (int i = 0; i < 4; ++i) acc[i][r] = _mm512_fmadd_ps(xv, w[i], acc[i][r]);
       }
     }
     for (int i = 0; i < 4; ++i)
-      for (int r = 0; r < R; ++r) y[r * O + o + i] = _mm512_reduce_add_ps(acc[i][r]) * scale[o + i];
+      for (int r = 0; r < R; ++r) y[r * O + o + i] = _mm512_reduce_add_ps(acc[i][r]) * (scale ? scale[o + i] : 1.f);
   }
   for (; o < o1; ++o)
     for (int r = 0; r < R; ++r) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k),
-                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + o * K + k)))),
-                              acc);
-      y[r * O + o] = _mm512_reduce_add_ps(acc) * scale[o];
+      for (int64_t k = 0; k < K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), load16(q + o * K + k), acc);
+      y[r * O + o] = _mm512_reduce_add_ps(acc) * (scale ? scale[o] : 1.f);
     }
 }
 #endif
+
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(uint16_t v) {  // bfloat16
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 ffi::Error check_2d(const ffi::Buffer<ffi::F32>& x, ffi::ResultBuffer<ffi::F32>& y) {
   if (x.dimensions().size() != 2 || y->dimensions().size() != 2 || x.dimensions()[0] != y->dimensions()[0])
@@ -195,20 +206,14 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (q.element_count() != K * O || scale.element_count() != O)
-    return ffi::Error::InvalidArgument("int8 rows matmul: q must be (O, K) and scale (O,)");
-  const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
+// y[m, o] = scale[o] * <x[m], q[o]> (scale null: 1): a table (O, K) read out.
+template <typename T>
+void rows_matmul(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const T* qp, const float* sp,
+                 float* yp, int64_t O) {
   parallel_for(pool, (O + kStrip - 1) / kStrip, [&](int64_t t) {
+    const int64_t o0 = t * kStrip, o1 = std::min(O, o0 + kStrip);
 #if defined(__AVX512F__)
     if (K % 16 == 0) {
-      const int64_t o0 = t * kStrip, o1 = std::min(O, o0 + kStrip);
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) rows_avx512<4>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
       for (; m < M; ++m) rows_avx512<1>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
@@ -216,9 +221,8 @@ ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     }
 #endif
     float* w = new float[K];  // one weight row, converted once and dotted with every row of x
-    for (int64_t o = t * kStrip; o < std::min(O, (t + 1) * kStrip); ++o) {
-      const int8_t* src = qp + o * K;
-      for (int64_t k = 0; k < K; ++k) w[k] = static_cast<float>(src[k]);
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t k = 0; k < K; ++k) w[k] = to_float(qp[o * K + k]);
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = xp + m * K;
         float lanes[16] = {0};  // independent partial sums: vectorizes without reassociating
@@ -228,10 +232,52 @@ ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         float s = 0;
         for (; k < K; ++k) s += xr[k] * w[k];
         for (int j = 0; j < 16; ++j) s += lanes[j];
-        yp[m * O + o] = s * sp[o];
+        yp[m * O + o] = sp ? s * sp[o] : s;
       }
     }
     delete[] w;
+  });
+}
+
+ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  if (q.element_count() != K * O || scale.element_count() != O)
+    return ffi::Error::InvalidArgument("int8 rows matmul: q must be (O, K) and scale (O,)");
+  rows_matmul(pool, x.typed_data(), M, K, q.typed_data(), scale.typed_data(), y->typed_data(), O);
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  if (w.element_count() != K * O) return ffi::Error::InvalidArgument("bf16 rows matmul: w must be (O, K)");
+  rows_matmul(pool, x.typed_data(), M, K, w.typed_data(), static_cast<const float*>(nullptr), y->typed_data(), O);
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = check_2d(x, y); e.failure()) return e;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
+  if (O % kStrip || w.element_count() != K * O)
+    return ffi::Error::InvalidArgument("bf16 matmul: w must be (O/64, K, 64)");
+  const float* xp = x.typed_data();
+  const uint16_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  parallel_for(pool, O / kStrip, [&](int64_t t) {
+    const uint16_t* strip = wp + t * K * kStrip;
+#if defined(__AVX512F__)
+    strip_avx512(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, __m512* r) {
+      for (int c = 0; c < 4; ++c) r[c] = load16(strip + k * kStrip + 16 * c);
+    });
+#else
+    strip_generic(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, float* r) {
+      for (int64_t j = 0; j < kStrip; ++j) r[j] = to_float(strip[k * kStrip + j]);
+    });
+#endif
   });
   return ffi::Error::Success();
 }
@@ -311,4 +357,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_rows_matmul, Bf16RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

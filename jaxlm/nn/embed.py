@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxlm.axes import constrain
 from jaxlm.nn.param import normal_param
-from jaxlm.nn.quantized import Int8Table
+from jaxlm.nn.quantized import QuantizedTable
 from jaxlm.ops.dense import dense
 
 
@@ -21,7 +21,7 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """(B, T) int -> (B, T, D)."""
-        if isinstance(self.embedding, Int8Table):  # `--weights int8|nf4`
+        if isinstance(self.embedding, QuantizedTable):  # `--weights`
             x = self.embedding.lookup(tokens, self.dtype)
         else:  # gather whole rows: the FSDP-split `embed` dim is all-gathered first (a vocab split stays put)
             table = constrain(self.embedding[...], ("vocab", "embed"))
@@ -32,7 +32,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, V) logits."""
-        if isinstance(self.embedding, Int8Table):
+        if isinstance(self.embedding, QuantizedTable):
             return self.embedding.attend(x.astype(self.dtype))
         return dense(x, self.embedding[...].astype(self.dtype).T)  # BTD,VD->BTV
 

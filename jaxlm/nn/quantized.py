@@ -1,5 +1,6 @@
-"""Frozen weights stored quantized (`jaxlm.ops.quant`): NF4 (QLoRA's base, `--weights nf4`) and int8
-(`--weights int8`), for the layer stacks' projections, and int8 rows for the token embedding table.
+"""Frozen weights stored quantized (`jaxlm.ops.quant`): NF4 (QLoRA's base, `--weights nf4`), int8
+(`--weights int8`) and bfloat16 (`--weights bf16`), for the layer stacks' projections, and int8 or bfloat16
+rows for the token embedding table.
 
 A `QuantizedWeight` stands where an `nnx.Param` weight (I..., O...) stood: `project` calls its `matmul`, which
 dequantizes inside the matmul; `w[...]` gives the dequantized weight (export, merging LoRA). Codes and
@@ -17,8 +18,13 @@ from flax import nnx
 
 from jaxlm.ops.nf4 import NF4
 from jaxlm.ops.quant import (
+    BF16,
+    BF16Rows,
     Int8,
     Int8Rows,
+    bf16_matmul,
+    bf16_rows_lookup,
+    bf16_rows_matmul,
     dequantize_int8,
     dequantize_int8_rows,
     dequantize_nf4_strips,
@@ -26,10 +32,12 @@ from jaxlm.ops.quant import (
     int8_rows_lookup,
     int8_rows_matmul,
     nf4_matmul,
+    pack_bf16,
     packed_bytes,
     quantize_int8,
     quantize_int8_rows,
     quantize_nf4_strips,
+    unpack_bf16,
 )
 
 
@@ -105,28 +113,80 @@ class NF4Weight(QuantizedWeight):
         return nf4_matmul(x, p, self.cols)
 
 
-class Int8Table(nnx.Module):
-    """A token embedding table (V, D) as int8 rows with one scale each: looked up, and read out (tied)."""
+class BF16Weight(QuantizedWeight):
+    """bfloat16 strips: 2 bytes a parameter, converted to float32 in registers."""
+
+    packing, _ndim = BF16, 3
+
+    def pack(self, w):
+        return pack_bf16(w)
+
+    def unpack(self, p):
+        return unpack_bf16(p, self.cols)
+
+    def apply(self, x, p):
+        return bf16_matmul(x, p, self.cols)
+
+
+class QuantizedTable(nnx.Module):
+    """A token embedding table (V, D) stored quantized: looked up, and read out (tied)."""
+
+    packing: type
 
     def __init__(self, table: jax.Array, *, axes: tuple | None = None):
         self.axes, self.dtype = axes, table.dtype
-        packed = quantize_int8_rows(table)
-        self.q = Quantized(packed.q, out_sharding=("vocab", None), eager_sharding=False)
-        self.scale = Quantized(packed.scale, out_sharding=("vocab",), eager_sharding=False)
+        for name, a in self.pack(table)._asdict().items():
+            setattr(self, name, Quantized(a, out_sharding=("vocab", None)[: a.ndim], eager_sharding=False))
 
-    def packed(self) -> Int8Rows:
-        return Int8Rows(self.q[...], self.scale[...])
+    def packed(self):
+        return self.packing(*(getattr(self, name)[...] for name in self.packing._fields))
 
     def __getitem__(self, index):
-        return dequantize_int8_rows(self.packed(), self.dtype)[index]
-
-    def lookup(self, tokens: jax.Array, dtype) -> jax.Array:
-        """(B, T) int -> (B, T, D)."""
-        return int8_rows_lookup(self.packed(), tokens, dtype)
+        return self.unpack(self.packed()).astype(self.dtype)[index]
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(..., D) -> (..., V) logits: 'BTD,VD->BTV'."""
-        return int8_rows_matmul(x.reshape(-1, x.shape[-1]), self.packed()).reshape(*x.shape[:-1], -1)
+        return self.read_out(x.reshape(-1, x.shape[-1]), self.packed()).reshape(*x.shape[:-1], -1)
+
+    def lookup(self, tokens: jax.Array, dtype) -> jax.Array:
+        """(B, T) int -> (B, T, D)."""
+        return self.rows(self.packed(), tokens, dtype)
 
     def nbytes(self) -> int:
         return packed_bytes(self.packed())
+
+
+class Int8Table(QuantizedTable):
+    """int8 rows with one absmax scale each."""
+
+    packing = Int8Rows
+
+    def pack(self, table):
+        return quantize_int8_rows(table)
+
+    def unpack(self, p):
+        return dequantize_int8_rows(p)
+
+    def rows(self, p, tokens, dtype):
+        return int8_rows_lookup(p, tokens, dtype)
+
+    def read_out(self, x, p):
+        return int8_rows_matmul(x, p)
+
+
+class BF16Table(QuantizedTable):
+    """bfloat16 rows."""
+
+    packing = BF16Rows
+
+    def pack(self, table):
+        return BF16Rows(table.astype(jnp.bfloat16))
+
+    def unpack(self, p):
+        return p.w.astype(jnp.float32)
+
+    def rows(self, p, tokens, dtype):
+        return bf16_rows_lookup(p, tokens, dtype)
+
+    def read_out(self, x, p):
+        return bf16_rows_matmul(x, p)

@@ -12,8 +12,9 @@ memory that a CPU kernel streams once (`jaxlm/kernels/quant_matmul.cc`).
                   (its columns in the order 0, 32, 1, 33, ...: see `_NF4_ORDER`).
   int8 rows (`Int8Rows`): an embedding table (V, D), per-row absmax: looked up by token, and read out
                   against hidden states (a tied output layer), 'MD,VD->MV'.
+  bf16 (`BF16`, `BF16Rows`): the same strips and tables in bfloat16, no scales (2 bytes a parameter).
 
-`int8_matmul`, `nf4_matmul` and `int8_rows_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native
+`int8_matmul`, `nf4_matmul`, `bf16_matmul`, `int8_rows_matmul` and `bf16_rows_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native
 kernels (`jaxlm.kernels.available()`), the weight is dequantized in registers as it streams; on other
 platforms, or without the kernels, with XLA ops (dequantize, then one dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
@@ -50,6 +51,18 @@ class Int8Rows(NamedTuple):
 
     q: jax.Array
     scale: jax.Array
+
+
+class BF16(NamedTuple):
+    """w: (O/64, K, 64) bfloat16 strips."""
+
+    w: jax.Array
+
+
+class BF16Rows(NamedTuple):
+    """w: (V, D) bfloat16."""
+
+    w: jax.Array
 
 
 def _strips(w: jax.Array) -> jax.Array:
@@ -114,6 +127,19 @@ def int8_rows_lookup(p: Int8Rows, ids: jax.Array, dtype=jnp.float32) -> jax.Arra
 
 def dequantize_int8_rows(p: Int8Rows, dtype=jnp.float32) -> jax.Array:
     return (p.q.astype(jnp.float32) * p.scale[:, None]).astype(dtype)
+
+
+def pack_bf16(w: jax.Array) -> BF16:
+    """(K, O) float -> `BF16` strips."""
+    return BF16(_strips(w.astype(jnp.bfloat16)))
+
+
+def unpack_bf16(p: BF16, cols: int, dtype=jnp.float32) -> jax.Array:
+    return _unstrip(p.w, cols).astype(dtype)
+
+
+def bf16_rows_lookup(p: BF16Rows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    return jnp.take(p.w, ids, axis=0).astype(dtype)
 
 
 # --- matmuls --------------------------------------------------------------------------------------------------
@@ -193,9 +219,33 @@ def _rows_fwd(x, p: Int8Rows, cols):
     return _dispatch(x, kernel, xla)
 
 
+def _bf16_fwd(x, p: BF16, cols):
+    padded = p.w.shape[0] * STRIP
+
+    def kernel(x):
+        return _call("jaxlm_bf16_matmul", x, padded, p.w)[:, :cols].astype(x.dtype)
+
+    def xla(x):
+        return jnp.dot(x, unpack_bf16(p, cols, x.dtype))
+
+    return _dispatch(x, kernel, xla)
+
+
+def _bf16_rows_fwd(x, p: BF16Rows, cols):
+    def kernel(x):
+        return _call("jaxlm_bf16_rows_matmul", x, cols, p.w).astype(x.dtype)
+
+    def xla(x):
+        return jnp.dot(x, p.w.astype(x.dtype).T)
+
+    return _dispatch(x, kernel, xla)
+
+
 _int8 = _weight_only_vjp(_int8_fwd, lambda p, K, cols: dequantize_int8(p, cols))
 _nf4 = _weight_only_vjp(_nf4_fwd, lambda q, K, cols: dequantize_nf4_strips(q, K, cols))
 _rows = _weight_only_vjp(_rows_fwd, lambda p, K, cols: dequantize_int8_rows(p).T)
+_bf16 = _weight_only_vjp(_bf16_fwd, lambda p, K, cols: unpack_bf16(p, cols))
+_bf16_rows = _weight_only_vjp(_bf16_rows_fwd, lambda p, K, cols: p.w.astype(jnp.float32).T)
 
 
 def int8_matmul(x: jax.Array, p: Int8, cols: int) -> jax.Array:
@@ -213,16 +263,31 @@ def int8_rows_matmul(x: jax.Array, p: Int8Rows) -> jax.Array:
     return _rows(x, p, p.q.shape[0])
 
 
+def bf16_matmul(x: jax.Array, p: BF16, cols: int) -> jax.Array:
+    """x (M, K) · W (K, cols) stored as `BF16` strips -> (M, cols), in x's dtype."""
+    return _bf16(x, p, cols)
+
+
+def bf16_rows_matmul(x: jax.Array, p: BF16Rows) -> jax.Array:
+    """x (M, D) · table (V, D)ᵀ stored as `BF16Rows` -> (M, V), in x's dtype."""
+    return _bf16_rows(x, p, p.w.shape[0])
+
+
 def packed_bytes(packed) -> int:
     """Storage of a quantized weight (any of the tuples above) in bytes."""
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in packed)
 
 
 __all__ = [
+    "BF16",
+    "BF16Rows",
     "BLOCK",
     "Int8",
     "Int8Rows",
     "STRIP",
+    "bf16_matmul",
+    "bf16_rows_lookup",
+    "bf16_rows_matmul",
     "dequantize_int8",
     "dequantize_int8_rows",
     "dequantize_nf4_strips",
@@ -230,8 +295,10 @@ __all__ = [
     "int8_rows_lookup",
     "int8_rows_matmul",
     "nf4_matmul",
+    "pack_bf16",
     "packed_bytes",
     "quantize_int8",
     "quantize_int8_rows",
     "quantize_nf4_strips",
+    "unpack_bf16",
 ]

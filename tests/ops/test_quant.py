@@ -69,6 +69,19 @@ def test_nf4_matmul_equals_the_dequantized_weight(K, C, M):
     np.testing.assert_allclose(got, x @ wd, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("K,C", SHAPES)
+@pytest.mark.parametrize("M", ROWS)
+def test_bf16_matmul_and_rows(K, C, M):
+    w, x = _w(K, C), _x(M, K)
+    p = quant.pack_bf16(w)
+    assert p.w.dtype == jnp.bfloat16 and p.w.shape == (-(-C // 64), K, 64)
+    wd = quant.unpack_bf16(p, C)
+    np.testing.assert_array_equal(wd, w.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(jax.jit(quant.bf16_matmul, static_argnums=2)(x, p, C), x @ wd, rtol=1e-5, atol=1e-5)
+    rows = quant.BF16Rows(w.T.astype(jnp.bfloat16))
+    np.testing.assert_allclose(jax.jit(quant.bf16_rows_matmul)(x, rows), x @ wd, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("V,D", [(300, 32), (70, 20)])
 @pytest.mark.parametrize("M", [1, 5, 70])
 def test_int8_rows_lookup_and_read_out(V, D, M):
