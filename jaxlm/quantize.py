@@ -58,8 +58,7 @@ def weight_bytes(model) -> dict:
     params = nbytes = 0
     for _, m in nnx.iter_graph(model):
         if isinstance(m, QuantizedWeight):
-            lead = m.packed()[0].shape[0] if m.packed()[0].ndim > m._ndim else 1
-            params, nbytes = params + lead * m.rows * m.cols, nbytes + m.nbytes()
+            params, nbytes = params + max(m.layers(), 1) * m.rows * m.cols, nbytes + m.nbytes()
         elif isinstance(m, QuantizedTable):
             params, nbytes = params + m.packed()[0].size, nbytes + m.nbytes()
     for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):

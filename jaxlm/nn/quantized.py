@@ -65,11 +65,14 @@ class QuantizedWeight(nnx.Module):
     def packed(self):
         return self.packing(*(getattr(self, name)[...] for name in self.packing._fields))
 
+    def layers(self) -> int:
+        """Stacked layers stored (0: one unstacked weight, as a layer's slice or the engine's copy holds)."""
+        first = self.packed()[0]
+        return first.shape[0] if first.ndim > self._ndim else 0
+
     def __getitem__(self, index):  # reads like a parameter: w[...] is the dequantized weight
-        p = self.packed()
-        stacked = p[0].ndim > self._ndim
         unpack = lambda p: self.unpack(p).reshape(self.shape).astype(self.dtype)  # noqa: E731
-        return (jax.vmap(unpack)(p) if stacked else unpack(p))[index]
+        return (jax.vmap(unpack)(self.packed()) if self.layers() else unpack(self.packed()))[index]
 
     def matmul(self, x: jax.Array, n: int) -> jax.Array:
         """x (..., I...) · W -> (..., O...), in x's dtype; the weight is dequantized inside the matmul."""

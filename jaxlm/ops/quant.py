@@ -25,7 +25,6 @@ dequantizing once and one GEMM beat streaming the codes once per 4 rows when the
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import kernels
-from jaxlm.ops.nf4 import BLOCK, NF4, dequantize_nf4, dynamic_levels, nf4_levels, quantize_nf4
+from jaxlm.ops.nf4 import BLOCK, NF4, dequantize_nf4, dynamic_levels, nf4_bytes, nf4_levels, quantize_nf4
 
 STRIP = 64  # output columns per strip; one NF4 block per strip row
 KERNEL_MAX_ROWS = 64  # rows of x up to which the CPU kernel beats dequantize-then-GEMM
@@ -274,8 +273,8 @@ def bf16_rows_matmul(x: jax.Array, p: BF16Rows) -> jax.Array:
 
 
 def packed_bytes(packed) -> int:
-    """Storage of a quantized weight (any of the tuples above) in bytes."""
-    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in packed)
+    """Storage of a quantized weight (any of the tuples above) in bytes: `nf4_bytes`' count, for every packing."""
+    return nf4_bytes(packed)
 
 
 __all__ = [
