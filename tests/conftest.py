@@ -19,6 +19,12 @@ if _cache:
 # default on recent NVIDIA GPUs is TF32 (10-bit mantissa). It changes nothing on the CPU.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# Corpora prepared by the tests go to a cache of this test session, not the user's (jaxlm.data.prepare).
+if "JAXLM_DATA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["JAXLM_DATA_CACHE"] = tempfile.mkdtemp(prefix="jaxlm-test-data-")
+
 import pytest  # noqa: E402
 
 from jaxlm.config import load_config  # noqa: E402

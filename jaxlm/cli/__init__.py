@@ -1,4 +1,4 @@
-"""Command line: `jaxlm train | generate | serve | eval | plan | convert`, one module a verb (its arguments and
+"""Command line: `jaxlm train | generate | serve | eval | plan | convert | data`, one module a verb (its arguments and
 its `run`). Run `jaxlm COMMAND --help`. A verb imports what it uses when it runs, so `--help` and argument
 errors answer without importing JAX."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm.cli import convert, generate, plan, serve, train
+from jaxlm.cli import convert, data, generate, plan, serve, train
 from jaxlm.cli import eval as eval_verb  # the module of `jaxlm eval`, not the builtin
 from jaxlm.cli.args import Parser, quiet_logs
 
@@ -22,9 +22,10 @@ EXAMPLES = """examples:
   jaxlm convert --to-hf runs/llama_tiny --out hf/llama_tiny
   jaxlm convert --to-hf runs/sft_lora --out hf/sft_lora_adapter      (a peft adapter; --merge: full weights)
   jaxlm plan configs/llama_tiny.yaml model.preset=llama2_7b mesh.fsdp=4 mesh.tensor=2 --devices 8
+  jaxlm data prepare corpus/*.jsonl.zst --out data/corpus --vocab-size 32000   (then data.source=data/corpus)
 """
 
-VERBS = (train, generate, serve, eval_verb, convert, plan)  # in --help's order
+VERBS = (train, generate, serve, eval_verb, convert, plan, data)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

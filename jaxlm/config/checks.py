@@ -12,6 +12,7 @@ from jaxlm.config.sections import (
     INSTRUCTION_OBJECTIVES,
     PRECISION_DTYPES,
     RL_OBJECTIVES,
+    DataConfig,
 )
 from jaxlm.errors import ConfigError
 
@@ -145,6 +146,16 @@ def peft_fits_model(cfg) -> None:
         raise ConfigError("peft methods run without pipeline parallelism; use mesh.pipeline=1")
 
 
+def mixture_fits(cfg) -> None:
+    """A mixture replaces data.source, for text objectives."""
+    if not cfg.data.mixture:
+        return
+    if cfg.train.objective not in ("clm", "mlm"):
+        raise ConfigError(f"data.mixture mixes packed text (train.objective clm or mlm), not {cfg.train.objective}")
+    if "data.source" in cfg.given and cfg.data.source != DataConfig.source:  # the default, as configs/ write it
+        raise ConfigError(f"set data.source ({cfg.data.source!r}) or data.mixture, not both")
+
+
 def layout_fits(cfg) -> None:
     """Packing, pipeline and sequence length against the model."""
     if cfg.data.document_mask and cfg.train.objective != "clm":
@@ -163,5 +174,6 @@ CROSS_SECTION = (
     rollouts_fit,
     alignment_has_a_base,
     peft_fits_model,
+    mixture_fits,
     layout_fits,
 )

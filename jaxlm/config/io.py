@@ -60,6 +60,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         hint = args[0]
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)) and dataclasses.is_dataclass(item):
+            return tuple(from_dict(item, v, f"{key}[{i}]") for i, v in enumerate(value))
         if isinstance(value, (list, tuple)):
             return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
         raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r} ({type(value).__name__})")

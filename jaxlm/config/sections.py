@@ -12,6 +12,7 @@ OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "sft", "prefix_lm", "reward", "dp
 INSTRUCTION_OBJECTIVES = ("sft", "prefix_lm")
 PREFERENCE_OBJECTIVES = ("reward", "dpo")  # trained on preference pairs (jaxlm.data.preferences)
 RL_OBJECTIVES = ("ppo", "grpo")  # trained on the policy's own samples, scored by a reward
+TEXT_OBJECTIVES = ("clm", "mlm", "span")  # trained on a text corpus, prepared once (jaxlm.data.prepare)
 ALIGNMENT_OBJECTIVES = PREFERENCE_OBJECTIVES + RL_OBJECTIVES
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 KL_ESTIMATORS = ("auto", "k1", "k2", "k3")
@@ -20,10 +21,34 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One corpus of a `data.mixture`: its windows make up `weight` of the training windows (weights are
+    normalised)."""
+
+    source: str
+    weight: float = 1.0
+    name: str = ""  # in metrics (data/NAME_tokens, data/NAME_epochs); "" = the source's file or directory name
+    text_field: str = ""  # "" = data.text_field
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ConfigError(f"data.mixture: {self.source!r} has weight {self.weight}; weights must be positive")
+
+    @property
+    def label(self) -> str:
+        from pathlib import Path
+
+        stem = Path(self.source.rstrip("/*")).name.split(".")[0]
+        return self.name or stem or self.source
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where text comes from, how it is tokenized and packed."""
 
-    # Text (objectives clm, mlm, span): "shakespeare" (embedded corpus) | a text file, directory or glob.
+    # Text (objectives clm, mlm, span): "shakespeare" (embedded corpus) | files, a directory or a glob of text,
+    # JSONL (.gz/.zst), Parquet or Arrow (`datasets` save_to_disk) | a directory `jaxlm data prepare` wrote.
+    # A raw source is tokenized once into data.cache_dir and memory-mapped by every later run.
     # Instructions (sft, prefix_lm): "shakespeare_instructions" (embedded set) | a JSONL file of {"messages": [...]}
     # or {"prompt", "completion"} lines (validation: `val_source`, else its last val_fraction).
     source: str = "shakespeare"
@@ -38,6 +63,13 @@ class DataConfig:
     chat_template: str = "auto"
     pack: bool = True  # instructions: several examples per row (segment ids keep them apart)
     too_long: str = "truncate"  # an example over seq_len + 1 tokens: truncate (keep its start) | drop
+    text_field: str = "text"  # JSONL / Parquet / Arrow: the field or column holding a document's text
+    max_bad_records: int = 100  # malformed JSONL lines skipped (with file:line warnings) before it is an error
+    tokenizer_sample_mb: float = 256.0  # bpe: trained on at most this many MB of the training split (deterministic)
+    cache_dir: str = ""  # where raw sources are prepared ("" = $JAXLM_CACHE/data or ~/.cache/jaxlm/data)
+    # Text: several corpora interleaved by weight instead of data.source: [{source: ..., weight: ...}, ...]. Each is
+    # prepared apart (one tokenizer, trained on a weighted sample of all); validation is all their held-out text.
+    mixture: tuple[MixtureSource, ...] = ()
 
     def __post_init__(self):
         check_choice("data.tokenizer", self.tokenizer, ("bpe", "byte"))
@@ -46,6 +78,15 @@ class DataConfig:
             raise ConfigError(f"data.seq_len must be positive, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_bad_records < 0:
+            raise ConfigError(f"data.max_bad_records must be >= 0, got {self.max_bad_records}")
+        if self.tokenizer_sample_mb <= 0:
+            raise ConfigError(f"data.tokenizer_sample_mb must be positive, got {self.tokenizer_sample_mb}")
+        if not self.text_field:
+            raise ConfigError("data.text_field must name a field")
+        labels = [m.label for m in self.mixture]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"data.mixture: names {labels} repeat; give each source a distinct name")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlm.data.chat import render
 from jaxlm.data.jsonl import read_records
+from jaxlm.data.loader import Batches
 from jaxlm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def pack(
     return out
 
 
-class RowLoader:
+class RowLoader(Batches):
     """Batches of whole rows, a seeded permutation per epoch: batch k is a pure function of (seed, k).
 
     Its state is the number of batches served (as `PackedLoader`). rows = (lo, hi): the rows of every global
@@ -165,14 +166,6 @@ class RowLoader:
             self._order, self._epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
         idx = self._order[i * self.batch_size : (i + 1) * self.batch_size][self.rows[0] : self.rows[1]]
         return {k: v[idx] for k, v in self.data.items()}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = self.batch(self.position)
-        self.position += 1
-        return b
 
 
 def row_batches(data: dict[str, np.ndarray], batch_size: int, max_batches: int = 0):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm.data.loader import Batches
 from jaxlm.data.tokenizer import DataError
 
 
@@ -102,7 +103,7 @@ def _batch(examples, seq_len: int, target_len: int, start_id: int) -> dict[str, 
     return out
 
 
-class Seq2SeqLoader:
+class Seq2SeqLoader(Batches):
     """Training batches of span-corrupted windows (`tokens`) or of tokenized pairs (`pairs`)."""
 
     def __init__(
@@ -154,7 +155,7 @@ class Seq2SeqLoader:
     def example(self, i: int, rng: np.random.Generator):
         if self.pairs is not None:
             return self.pairs[i]
-        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len]
+        window = np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len], np.int32)
         mask = random_spans_mask(rng, len(window), self.rate, self.mean_span)
         return span_corrupt(window, mask, self.sentinels, self.eos_id)
 
@@ -173,11 +174,3 @@ class Seq2SeqLoader:
             examples = [self.example(j, np.random.default_rng([self.seed, 2**31 - 1, j])) for j in ids]
             examples += [([], [])] * (self.batch_size - len(examples))
             yield _batch(examples, self.seq_len, self.target_len, self.start_id)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        b = self.batch(self.position)
-        self.position += 1
-        return b

@@ -1,38 +1,68 @@
 """From a config's `data` section to training batches and validation batches, per objective.
 
-clm / mlm: documents packed into one token stream (`PackedLoader`, `eval_batches`).
+clm / mlm: documents packed into one token stream (`PackedLoader`, `eval_batches`); a corpus is prepared once
+into memory-mapped token files (`prepared_text`), which the loaders window directly.
 span: the same stream, windows span-corrupted for an encoder-decoder (T5).
 seq2seq: `source<TAB>target` pairs (the last `val_fraction` of them validate).
 """
 
 from __future__ import annotations
 
-from jaxlm.config import INSTRUCTION_OBJECTIVES, PREFERENCE_OBJECTIVES, RL_OBJECTIVES, Config, ConfigError
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.config import (
+    INSTRUCTION_OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    RL_OBJECTIVES,
+    TEXT_OBJECTIVES,
+    Config,
+    ConfigError,
+)
 from jaxlm.data.chat import read_template
-from jaxlm.data.corpus import load_corpus
 from jaxlm.data.instructions import RowLoader, encode_example, pack, read_jsonl, row_batches
-from jaxlm.data.loader import PackedLoader, document_segments, eval_batches, pack_documents
+from jaxlm.data.loader import MixtureLoader, PackedLoader, document_segments, eval_batches, pack_documents
 from jaxlm.data.preferences import encode_pair, pair_rows, read_preferences
+from jaxlm.data.prepare import (
+    Prepared,
+    TextSource,
+    cached_tokenizer,
+    ensure_prepared,
+    is_prepared,
+    open_prepared,
+    tokenizer_sha,
+)
 from jaxlm.data.prompts import read_prompts
 from jaxlm.data.seq2seq import Seq2SeqLoader, read_pairs, span_target_len
 from jaxlm.data.shakespeare_instructions import NAME as EMBEDDED_INSTRUCTIONS
 from jaxlm.data.shakespeare_instructions import VERSE, instruction_splits, verse_splits
 from jaxlm.data.shakespeare_preferences import NAME as EMBEDDED_PREFERENCES
 from jaxlm.data.shakespeare_preferences import preference_splits
+from jaxlm.data.sources import kind_of
 
 SENTINELS = 100  # T5's extra ids
 
 
-def load_splits(cfg: Config):
-    """(train, validation): lists of documents, of (source, target) text pairs (seq2seq), of instruction
-    examples (sft, prefix_lm) or of preference pairs (reward, dpo)."""
+def load_splits(cfg: Config, tokenizer=None, *, progress: bool = False):
+    """(train, validation): token streams of a text corpus (clm, mlm, span: memory-mapped, prepared with
+    `tokenizer`), lists of (source, target) text pairs (seq2seq), of instruction examples (sft, prefix_lm), of
+    preference pairs (reward, dpo) or of prompts (ppo, grpo)."""
     objective = cfg.train.objective
+    if objective in TEXT_OBJECTIVES:
+        prepared = prepared_text(cfg, tokenizer, progress=progress)
+        if not cfg.data.mixture:
+            return prepared[0].tokens("train"), prepared[0].tokens("val")
+        _, weights, names = zip(*text_sources(cfg))
+        val = np.concatenate([p.tokens("val") for p in prepared])  # held-out text is small: all of it, in memory
+        return Mixture([p.tokens("train") for p in prepared], list(weights), list(names)), val
     if objective in RL_OBJECTIVES:  # prompts
         if cfg.data.source == EMBEDDED_INSTRUCTIONS:
             return instruction_splits()
         if cfg.data.source == VERSE:
             return verse_splits()
-        if not cfg.data.source.endswith(".jsonl"):
+        if kind_of(Path(cfg.data.source)) != "jsonl":
             raise ConfigError(
                 f"train.objective={objective} reads prompts: data.source must be {EMBEDDED_INSTRUCTIONS!r}, "
                 f"{VERSE!r} or a .jsonl file of prompts, got {cfg.data.source!r}"
@@ -45,7 +75,7 @@ def load_splits(cfg: Config):
         )
         if cfg.data.source == embedded:
             return preference_splits() if preferences else instruction_splits()
-        if not cfg.data.source.endswith(".jsonl"):
+        if kind_of(Path(cfg.data.source)) != "jsonl":
             kind = "preference pairs" if preferences else "instruction data"
             raise ConfigError(
                 f"train.objective={objective} reads {kind}: data.source must be {embedded!r} or a .jsonl file, "
@@ -56,11 +86,65 @@ def load_splits(cfg: Config):
         raise ConfigError(f"data.source={EMBEDDED_INSTRUCTIONS} is instruction data: use train.objective=sft")
     if cfg.data.source == EMBEDDED_PREFERENCES:
         raise ConfigError(f"data.source={EMBEDDED_PREFERENCES} is preference data: use train.objective=reward or dpo")
-    if cfg.train.objective == "seq2seq":
-        pairs = read_pairs(cfg.data.source)
-        n_val = max(1, int(len(pairs) * cfg.data.val_fraction))
-        return pairs[:-n_val], pairs[-n_val:]
-    return load_corpus(cfg.data.source, cfg.data.val_fraction)
+    pairs = read_pairs(cfg.data.source)  # seq2seq
+    n_val = max(1, int(len(pairs) * cfg.data.val_fraction))
+    return pairs[:-n_val], pairs[-n_val:]
+
+
+def text_sources(cfg: Config) -> list[tuple[TextSource, float, str]]:
+    """(corpus, weight, name) of data.source, or of each data.mixture entry."""
+    d = cfg.data
+    if not d.mixture:
+        return [(TextSource(d.source, d.val_fraction, d.text_field, d.max_bad_records), 1.0, "")]
+    return [
+        (TextSource(m.source, d.val_fraction, m.text_field or d.text_field, d.max_bad_records), m.weight, m.label)
+        for m in d.mixture
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """The training streams of a data.mixture (MixtureLoader windows them)."""
+
+    tokens: list
+    weights: list[float]
+    names: list[str]
+
+
+def prepared_text(cfg: Config, tokenizer, *, progress: bool = False) -> list[Prepared]:
+    """The run's corpora (data.source, or each of data.mixture) tokenized by `tokenizer`: a source that is a
+    prepared directory as it is (it must hold this tokenizer's ids), else its cached prepared copy, made the
+    first time."""
+    out = []
+    for text, _, _ in text_sources(cfg):
+        if is_prepared(text.source):
+            prepared = open_prepared(text.source)
+            if prepared.index["tokenizer_sha256"] != tokenizer_sha(tokenizer):
+                raise ConfigError(
+                    f"data source {text.source} was prepared with another tokenizer than this run's; prepare it "
+                    "again with this run's tokenizer.json (jaxlm data prepare SOURCE --tokenizer RUN/tokenizer.json)"
+                )
+        else:
+            prepared = ensure_prepared(text, tokenizer, cache_dir=cfg.data.cache_dir, progress=progress)
+        out.append(prepared)
+    return out
+
+
+def text_tokenizer(cfg: Config):
+    """A fresh run's tokenizer for its text: a prepared directory's own (the first source's), bytes, or a BPE
+    trained (once per corpus, cached) on data.tokenizer_sample_mb of the training splits, by weight."""
+    d = cfg.data
+    texts = text_sources(cfg)
+    if is_prepared(texts[0][0].source):
+        return open_prepared(texts[0][0].source).tokenizer
+    return cached_tokenizer(
+        [(t, w) for t, w, _ in texts],
+        d.tokenizer,
+        cfg.model.vocab_size - reserved_ids(cfg),
+        mask=cfg.train.objective == "mlm",
+        sample_mb=d.tokenizer_sample_mb,
+        cache_dir=d.cache_dir,
+    )
 
 
 def _read_split(cfg: Config, read, items: str) -> tuple[list[dict], list[dict]]:
@@ -128,16 +212,25 @@ def make_batches(cfg: Config, tokenizer, train, val, rows=None):
             loader = RowLoader(data, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows)
         val_rows = rows_of(val)
         return loader, lambda max_batches: row_batches(val_rows, tc.batch_size, max_batches)
-    encode = lambda docs: pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)  # noqa: E731
+
+    def encode(docs):  # token arrays (prepared corpora) as they are; documents packed
+        if isinstance(docs, np.ndarray):
+            return docs
+        return pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)
+
     if tc.objective in ("clm", "mlm"):
         val_tokens = encode(val)
         if len(val_tokens) < 2:
             raise ConfigError(f"data.source {cfg.data.source!r} leaves no validation text; raise data.val_fraction")
         loader = None
         if train is not None:
-            loader = PackedLoader(
-                encode(train), seq_len=seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows
-            )
+            if isinstance(train, Mixture):
+                loader = MixtureLoader(train.tokens, train.weights, names=train.names, seq_len=seq_len,
+                                       batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows)  # fmt: skip
+            else:
+                loader = PackedLoader(
+                    encode(train), seq_len=seq_len, batch_size=tc.batch_size, seed=cfg.data.seed, rows=rows
+                )
         val_batches = lambda max_batches: eval_batches(  # noqa: E731
             val_tokens, seq_len=seq_len, batch_size=tc.batch_size, max_batches=max_batches
         )
@@ -178,6 +271,9 @@ class MappedLoader:
     def __init__(self, loader, fn):
         self.loader, self.fn = loader, fn
         self.state, self.restore = loader.state, loader.restore
+
+    def __getattr__(self, name):  # the inner loader's other attributes (a mixture's `consumed`)
+        return getattr(self.__dict__["loader"], name)
 
     def __iter__(self):
         return self

@@ -57,7 +57,7 @@ def evaluate_run(run_dir: str, *, batches: int = 0, examples: int | None = None)
             f"a {cfg.train.objective} run evaluates while it trains: its held-out reward and KL are the val_reward and "
             f"val_kl lines of {run_dir}/metrics.jsonl (before the first step and every train.eval_every steps)"
         )
-    _, val = load_splits(cfg)
+    _, val = load_splits(cfg, tokenizer)
     _, val_batches = make_batches(cfg, tokenizer, None, val)
     # Training's sharded evaluation on this machine's devices (the run's own mesh may not fit here).
     mesh = MeshConfig(data=math.gcd(cfg.train.batch_size, jax.device_count()))

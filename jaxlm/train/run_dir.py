@@ -49,12 +49,16 @@ class RunDir:
         return max(steps) if steps else None
 
 
+# Settings that change where or how data is prepared, never which tokens a resumed run reads.
+NEUTRAL = frozenset({"data.cache_dir", "data.max_bad_records", "data.tokenizer_sample_mb"})
+
+
 def check_resumable(saved: Config, new: Config, sections=("model", "data")) -> None:
     """Model and data must match the checkpoint; train and mesh settings may change (e.g. more steps)."""
     diffs = []
     for section in sections:
         a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(new, section))
-        diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+        diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and f"{section}.{k}" not in NEUTRAL]
     if diffs:
         raise ConfigError(
             "the run directory holds checkpoints of a different model/data config; use a new "

@@ -27,13 +27,13 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxlm.config import Config, ConfigError, load_config, save_config
+from jaxlm.config import TEXT_OBJECTIVES, Config, ConfigError, load_config, save_config
 from jaxlm.data.chat import CHATML, CHATML_TOKENS, read_template
 from jaxlm.data.tokenizer import build_tokenizer, load_tokenizer
 from jaxlm.parallel.mesh import check_layout, make_mesh
 from jaxlm.parallel.state import to_host
 from jaxlm.train.checkpoint import Checkpointer, CheckpointMeta, abstract
-from jaxlm.train.data import load_splits, reserved_ids, tokenizer_texts
+from jaxlm.train.data import load_splits, text_tokenizer, tokenizer_texts
 from jaxlm.train.finetune import fit_head, grow_vocab, resolve
 from jaxlm.train.run_dir import RunDir, check_resumable, load_base
 from jaxlm.train.sharded import ShardedTraining
@@ -70,10 +70,20 @@ class Session:
             self._check_resumable(with_base=False)
         # A mesh that does not fit and missing data fail before the run directory is touched.
         check_layout(self._step_config(cfg), dict(make_mesh(cfg.mesh).shape))
-        self.train_split, self.val_split = load_splits(cfg)
-        if self.lead:
-            run.path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = _prepare_tokenizer(cfg, run, self.resuming, self.train_split, base)
+        if cfg.train.objective in TEXT_OBJECTIVES:  # tokenizer first: the corpus is prepared with it
+            tokenizer = _text_tokenizer(cfg, run, self.resuming, base)
+            self.train_split, self.val_split = load_splits(cfg, tokenizer, progress=self.progress)
+            if self.lead:
+                run.path.mkdir(parents=True, exist_ok=True)
+                if not self.resuming:
+                    tokenizer.save(run.tokenizer)
+            _barrier("tokenizer")
+            self.tokenizer = _check_vocabulary(cfg, tokenizer, base)
+        else:
+            self.train_split, self.val_split = load_splits(cfg)
+            if self.lead:
+                run.path.mkdir(parents=True, exist_ok=True)
+            self.tokenizer = _prepare_tokenizer(cfg, run, self.resuming, self.train_split, base)
         self.base_params = None
         if base is not None:
             self.cfg, params = grow_vocab(self.cfg, base.params, self.tokenizer.vocab_size)
@@ -290,17 +300,26 @@ def _prepare_tokenizer(cfg: Config, run: RunDir, resuming: bool, train_split, ba
             tokenizer.save(run.tokenizer)
         _barrier("tokenizer")
     elif jax.process_index() == 0:
-        tokenizer = build_tokenizer(
-            cfg.data.tokenizer,
-            tokenizer_texts(train_split),
-            cfg.model.vocab_size - reserved_ids(cfg),
-            mask=cfg.train.objective == "mlm",
-        )
+        tokenizer = build_tokenizer(cfg.data.tokenizer, tokenizer_texts(train_split), cfg.model.vocab_size)
         tokenizer.save(run.tokenizer)
         _barrier("tokenizer")
     else:  # one process trains the tokenizer; the others read it from the shared run directory
         _barrier("tokenizer")
         tokenizer = load_tokenizer(run.tokenizer)
+    return _check_vocabulary(cfg, tokenizer, base)
+
+
+def _text_tokenizer(cfg: Config, run: RunDir, resuming: bool, base):
+    """A text corpus's tokenizer: the checkpoint's (its ids only mean something with it), the base's, or a new
+    one (`text_tokenizer`: trained once per corpus on a sample, cached)."""
+    if resuming:
+        return load_tokenizer(run.tokenizer)
+    if base is not None:
+        return base.tokenizer
+    return text_tokenizer(cfg)
+
+
+def _check_vocabulary(cfg: Config, tokenizer, base):
     if tokenizer.vocab_size > cfg.model.vocab_size and base is None:  # a base grows its vocabulary (grow_vocab)
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {tokenizer.kind} "

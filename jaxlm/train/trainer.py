@@ -32,6 +32,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
         sharded = session.build(mask_id=getattr(tokenizer, "mask_id", None), prompt_init_ids=prompt_ids)
         loader, val_batches = make_batches(cfg, tokenizer, session.train_split, session.val_split, rows=sharded.rows)
         session.restore(loader)
+        consumed = getattr(loader, "consumed", None)
         eval_step = sharded.eval_step(tokenizer.token_bytes)
         schedule = lr_schedule(tc)
 
@@ -40,6 +41,8 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
             record = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": schedule(s - 1)}
             if "loss_scale" in m:  # fp16: the scale this step used, and the steps skipped so far
                 record.update(loss_scale=m["loss_scale"], skipped=m["skipped"])
+            if consumed is not None:  # a mixture: tokens and epochs of each source so far
+                record |= consumed(s)
             return record | {k: v for k, v in m.items() if k not in STEP_KEYS}  # the objective's metrics
 
         def held_out(s: int, whole: bool) -> dict:
