@@ -21,9 +21,12 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # Corpora prepared by the tests go to a cache of this test session, not the user's (jaxlm.data.prepare).
 if "JAXLM_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAXLM_DATA_CACHE"] = tempfile.mkdtemp(prefix="jaxlm-test-data-")
+    atexit.register(shutil.rmtree, os.environ["JAXLM_DATA_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
