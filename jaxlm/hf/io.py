@@ -113,6 +113,12 @@ def from_hf(path: str | Path, *, dtype: str = "float32", param_dtype: str = "flo
     if not directory.is_dir():
         raise DataError(f"Hugging Face model directory not found: {directory}")
     hf = _read_json(directory / "config.json")
+    if "bfloat16" in (dtype, param_dtype) and jax.default_backend() == "cpu":  # measured: ~10x slower decoding
+        log.warning(
+            "bfloat16 on the CPU: XLA:CPU has no fast bfloat16 matmul, so this decodes several times slower than "
+            "float32; for bfloat16 weights on a CPU load float32 and use jaxlm.quantize.store_weights(model, "
+            "'bf16') (`--weights bf16`), whose kernels convert in registers"
+        )
     model, arch = model_from_tensors(hf, read_safetensors(directory), dtype=dtype, param_dtype=param_dtype)
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
