@@ -66,7 +66,7 @@ def write_corpus(root: Path, mb: float, formats: list[str]) -> dict[str, Path]:
     out = {f: root / f for f in formats}
     for p in out.values():
         p.mkdir(exist_ok=True)
-    shard, rows, size, n = 0, [], 0, 0
+    shard, rows, size = 0, [], 0
 
     def flush():
         nonlocal shard, rows, size
@@ -88,7 +88,6 @@ def write_corpus(root: Path, mb: float, formats: list[str]) -> dict[str, Path]:
     for d in documents(mb):
         rows.append(d)
         size += len(d)
-        n += 1
         if size >= 64 << 20:
             flush()
     flush()
@@ -193,9 +192,10 @@ def main(argv=None) -> None:
     root = (ROOT / args.root).resolve()
     if args.reuse and (root / "corpus").is_dir():
         corpus = {f: root / "corpus" / f for f in args.formats}
+        print(f"corpus: {root / 'corpus'} (kept)")
     else:
         corpus = write_corpus(root / "corpus", args.mb, args.formats)
-    print(f"corpus: {args.mb:.0f} MB in {args.formats} ({time.perf_counter() - started:.0f} s to write)")
+        print(f"corpus: {args.mb:.0f} MB in {args.formats} ({time.perf_counter() - started:.0f} s to write)")
 
     from jaxlm.data.loader import PackedLoader
     from jaxlm.data.prepare import TextSource, open_prepared, train_tokenizer

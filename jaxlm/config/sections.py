@@ -4,6 +4,7 @@ checks that span sections are `jaxlm.config.checks`."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from jaxlm.errors import ConfigError, check_choice
 
@@ -36,8 +37,6 @@ class MixtureSource:
 
     @property
     def label(self) -> str:
-        from pathlib import Path
-
         stem = Path(self.source.rstrip("/*")).name.split(".")[0]
         return self.name or stem or self.source
 

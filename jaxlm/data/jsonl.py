@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from jaxlm.data.sources import json_line, lines
+from jaxlm.data.sources import json_records
 from jaxlm.errors import DataError
 
 
@@ -17,14 +17,9 @@ def read_records(path: str | Path, check: Callable[[object, str], dict], kind: s
         why = "not a file" if path.exists() else "No such file or directory"
         raise DataError(f"cannot read {kind} file {path}: {why}")
     out = []
-    for n, line in lines(path):  # .jsonl, .jsonl.gz or .jsonl.zst, as corpora (jaxlm.data.sources)
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            record = json_line(line)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
+    for where, record in json_records(path):  # .jsonl, .jsonl.gz or .jsonl.zst, as corpora (jaxlm.data.sources)
+        if isinstance(record, ValueError):
+            raise DataError(f"{where}: {record}")
         out.append(check(record, where))
     if not out:
         raise DataError(f"{kind} file {path} holds no {items}")

@@ -69,8 +69,8 @@ class TextSource:
             return "embedded:" + hashlib.sha256(data).hexdigest()
         return fingerprint(source_files(self.source))
 
-    def size(self, split: str, parts) -> int:
-        """Bytes on disk of a split (an estimate for compressed files and record ranges)."""
+    def size(self, parts) -> int:
+        """Bytes on disk of a split's parts (an estimate for compressed files and record ranges)."""
         if self.source == EMBEDDED:
             works = embedded_works()
             return sum(len(works[n].encode()) for n in parts)
@@ -102,7 +102,7 @@ def sample_texts(text: TextSource, sample_mb: float) -> Iterator[str]:
     stopping at `sample_mb`; never empty."""
     parts = text.splits()["train"]
     budget = int(sample_mb * 2**20)
-    rate = min(1.0, budget / max(1, text.size("train", parts)))
+    rate = min(1.0, budget / max(1, text.size(parts)))
     taken, first = 0, None
     for i, (piece, _) in enumerate(text.pieces(parts, BadRecords(text.max_bad_records))):
         first = piece if first is None else first
@@ -116,14 +116,20 @@ def sample_texts(text: TextSource, sample_mb: float) -> Iterator[str]:
         yield first
 
 
-def train_tokenizer(text: TextSource, kind: str, vocab_size: int, *, mask: bool = False, sample_mb: float = 256):
-    """`data.tokenizer` (bpe | byte) for a corpus, BPE trained on `sample_texts`."""
+def train_tokenizer(
+    texts: TextSource | list[tuple[TextSource, float]], kind: str, vocab_size: int, *, mask=False, sample_mb=256.0
+) -> Tokenizer:
+    """`data.tokenizer` (bpe | byte) for one corpus or several by weight: a BPE trained on `sample_mb` MB of
+    `sample_texts`, each corpus's share of it by weight."""
     if kind == "byte":
         return ByteTokenizer(mask)
+    texts = [(texts, 1.0)] if isinstance(texts, TextSource) else texts
+    total = sum(w for _, w in texts)
     t = time.perf_counter()
-    tokenizer = build_tokenizer(kind, sample_texts(text, sample_mb), vocab_size, mask)
+    sample = (piece for text, w in texts for piece in sample_texts(text, sample_mb * w / total))
+    tokenizer = build_tokenizer(kind, sample, vocab_size, mask)
     log.info(
-        "trained a %d-token BPE on a sample of %s in %.1f s", tokenizer.vocab_size, text.source, time.perf_counter() - t
+        "trained a %d-token BPE on a %g MB sample in %.1f s", tokenizer.vocab_size, sample_mb, time.perf_counter() - t
     )
     return tokenizer
 
@@ -244,7 +250,7 @@ def _write_split(text, parts, tokenizer, dtype, work, split, done, progress_file
         return {k: state[k] for k in ("tokens", "documents", "bytes")}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=text.size(split, parts), unit="B", unit_scale=True, desc=f"prepare {split}", disable=not progress)
+    bar = tqdm(total=text.size(parts), unit="B", unit_scale=True, desc=f"prepare {split}", disable=not progress)
     bar.update(state["bytes"])
     stream = text.pieces(parts, bad)
     for _ in range(state["pieces"]):  # skip what earlier runs committed (reading is cheap, tokenizing is not)
@@ -328,8 +334,8 @@ def _locked(path: Path):
 def cached_tokenizer(
     texts: list[tuple[TextSource, float]], kind: str, vocab_size: int, *, mask=False, sample_mb=256, cache_dir=""
 ) -> Tokenizer:
-    """`train_tokenizer` on `sample_mb` MB drawn from the corpora by weight, cached by their fingerprints and the
-    settings (a BPE trains once per corpus)."""
+    """`train_tokenizer`, cached by the corpora's fingerprints, weights and the settings (a BPE trains once per
+    corpus)."""
     if kind == "byte":
         return ByteTokenizer(mask)
     total = sum(w for _, w in texts)
@@ -339,11 +345,7 @@ def cached_tokenizer(
     with _locked(path.parent.with_suffix(".lock")):
         if path.is_file():
             return load_tokenizer(path)
-        t = time.perf_counter()
-        sample = (piece for text, w in texts for piece in sample_texts(text, sample_mb * w / total))
-        tokenizer = build_tokenizer(kind, sample, vocab_size, mask)
-        log.info("trained a %d-token BPE on a %g MB sample in %.1f s", tokenizer.vocab_size, sample_mb,
-                 time.perf_counter() - t)  # fmt: skip
+        tokenizer = train_tokenizer(texts, kind, vocab_size, mask=mask, sample_mb=sample_mb)
         tmp = path.parent.with_name(path.parent.name + ".partial")
         tmp.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tmp / "tokenizer.json")

@@ -283,28 +283,28 @@ def lines(path: Path) -> Iterator[tuple[int, bytes]]:
             raise DataError(f"{path}: cannot decompress after line {n}: {e}") from None
 
 
-def _jsonl(path: Path, text_field: str, bad: BadRecords) -> Iterator[str]:
+def json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", record) of every non-blank line of a JSONL file; a line that is not a record comes as a
+    ValueError saying why (callers skip it or raise)."""
     for n, line in lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
-            record = json_line(line)
-        except ValueError as e:
-            bad.skip(where, str(e))
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            record = ValueError(f"not valid UTF-8 (byte {e.start})")
+        except json.JSONDecodeError as e:
+            record = ValueError(f"not valid JSON: {e.msg} at column {e.colno}")
+        yield f"{path}:{n}", record
+
+
+def _jsonl(path: Path, text_field: str, bad: BadRecords) -> Iterator[str]:
+    for where, record in json_records(path):
+        if isinstance(record, ValueError):
+            bad.skip(where, str(record))
             yield ""  # a record still: the split positions count it
-            continue
-        yield _field(record, text_field, where)
-
-
-def json_line(line: bytes):
-    """One JSONL record; ValueError saying what is wrong with the line."""
-    try:
-        return json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+        else:
+            yield _field(record, text_field, where)
 
 
 def _field(record, text_field: str, where: str) -> str:

@@ -331,44 +331,26 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 }  // namespace
 
+// Every kernel: XLA's intra-op pool, x (M, K) float32, then its packed operands; y (M, O) float32.
+auto Bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
+using F32 = ffi::Buffer<ffi::F32>;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_matmul, Int8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              Bind().Arg<ffi::Buffer<ffi::S8>>().Arg<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_rows_matmul, Int8RowsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              Bind().Arg<ffi::Buffer<ffi::S8>>().Arg<F32>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              Bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_rows_matmul, Bf16RowsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_rows_matmul, Bf16RowsMatmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
