@@ -29,6 +29,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),  # Megatron: attention column-parallel in, row-parallel out
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),  # Megatron: MLP column-parallel in, row-parallel out
+    "experts": (),  # a mixture of experts' expert index: replicated (each device holds every expert)
     "head_dim": (),
     "seq": (),
     "lora": (),  # a LoRA's rank: small, replicated

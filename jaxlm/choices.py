@@ -9,3 +9,5 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ATTENTION_IMPLS = ("reference", "xla", "cudnn")
 REMAT = ("none", "full", "save_dots")
 HEADS = ("lm", "mlm", "score")
+ROUTER_SCORES = ("softmax", "sigmoid")  # mixture of experts: how router logits become scores
+EXPERT_IMPLS = ("auto", "blocks", "ragged")  # how the experts' matmuls run (jaxlm.ops.moe)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from jaxlm.config import ModelConfig
-from jaxlm.nn.models import count_params
+from jaxlm.nn.models import active_params
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls: all but the embedding lookup tables."""
-    n = count_params(cfg)
+    """Parameters that take part in each token's matmuls: all but the embedding lookup tables (and, with
+    experts, but the experts the token is not routed to)."""
+    n = active_params(cfg)
     n -= cfg.vocab_size * cfg.d_model if not cfg.tie_embeddings else 0  # lookup only; tied table is the read-out
     n -= cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
     return n

@@ -55,8 +55,8 @@ def stacks(model) -> list:
 
 
 def _modules(block, kind: str) -> list:
-    if kind == "mlp":
-        return [block.mlp]
+    if kind == "mlp":  # a mixture of experts has no dense MLP (its experts are not adapted)
+        return [block.mlp] if block.mlp is not None else []
     return [m for m in (block.attn, block.cross) if m is not None]
 
 
@@ -77,6 +77,11 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     param_dtype = model.embed.embedding[...].dtype
     if pc.method in ("lora", "qlora"):
         scale = lora_scale(pc.alpha, pc.rank, pc.rslora)
+        if cfg.num_experts and {"gate", "up", "down"} & set(pc.targets):
+            raise ConfigError(
+                "peft.targets gate/up/down: LoRA on a mixture of experts' expert weights is not supported yet; "
+                "target the attention (q, k, v, o)"
+            )
         if "gate" in pc.targets and cfg.mlp != "gated":
             raise ConfigError("peft.targets has gate, but the model's MLP is not gated (model.mlp=plain)")
         n = 0

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxlm.axes import logical_to_spec, rules_for
 from jaxlm.config import Config, ConfigError
-from jaxlm.nn.models import build_model
+from jaxlm.nn.models import active_params, build_model
 from jaxlm.nn.param import dtype_of
 from jaxlm.parallel.mesh import check_layout, describe
 
@@ -149,6 +149,13 @@ def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False)
         f"plan: {_fmt_count(total)} parameters ({m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads / "
         f"{m.kv_heads} kv, mlp {m.mlp_dim}, vocab {m.vocab_size}), {m.param_dtype} parameters, {m.dtype} compute"
     )
+    if m.num_experts:
+        expert = m.d_model * m.expert_hidden * (3 if m.mlp == "gated" else 2)
+        lines.append(
+            f"experts: {m.num_experts} an expert layer, {m.experts_per_token} a token, each {_fmt_count(expert)} "
+            f"parameters: {_fmt_count(expert * m.num_experts * (m.num_layers + m.decoder_layers))} in experts; "
+            f"{_fmt_count(active_params(m))} parameters active a token"
+        )
     lines.append(
         f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, zero_stage {zero}, "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, grad_accum {cfg.train.grad_accum}, "

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import PRESETS, Config, ConfigError, load_config, save_config
-from jaxlm.nn.models import build_model, count_params
+from jaxlm.nn.models import active_params, build_model, count_params
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -51,12 +51,20 @@ PUBLISHED_COUNTS = [
     ("gemma2_2b", 2_614_341_888),
     ("qwen3_0_6b", 596_049_920),
     ("phi3_mini", 3_821_079_552),
+    ("mixtral_8x7b", 46_702_792_704),
+    ("qwen3_30b_a3b", 30_532_122_624),
 ]
+PUBLISHED_ACTIVE = [("mixtral_8x7b", 12_879_925_248), ("qwen3_30b_a3b", 3_353_032_704), ("llama3_8b", 8_030_261_248)]
 
 
 @pytest.mark.parametrize("name,count", PUBLISHED_COUNTS)
 def test_preset_parameter_counts_match_published_models(name, count):
     assert count_params(PRESETS[name]) == count
+
+
+@pytest.mark.parametrize("name,count", PUBLISHED_ACTIVE)
+def test_preset_active_parameters(name, count):
+    assert active_params(PRESETS[name]) == count
 
 
 def test_preset_in_yaml_with_override(tmp_path):

@@ -210,3 +210,17 @@ def test_a_budget_below_one_context_is_refused():
     steps = DecodeSteps(model_for("llama_tiny", max_seq_len=64), block_size=16)
     with pytest.raises(ConfigError, match="less than one full context"):
         Engine(steps, slots=2, kv_blocks=3)
+
+
+def test_experts_decode_each_row_as_alone():
+    """A mixture of experts in the engine: rows share the experts' dispatch, yet each row's tokens are what it
+    would get alone (decoding is dropless whatever the training capacity), and greedy equals recompute."""
+    model = model_for("llama_tiny", max_seq_len=48, num_experts=4, experts_per_token=2, capacity_factor=0.5)
+    prompts = [[1, 2, 3], list(range(5, 20)), [9, 8, 7, 6]]
+    gen = Generator(model, window_shift=5)
+    together = gen.generate(prompts, max_new_tokens=20, temperature=0.0)
+    for p, o in zip(prompts, together):
+        assert o == gen.generate([p], max_new_tokens=20, temperature=0.0)[0]
+    dropless = model_for("llama_tiny", max_seq_len=48, num_experts=4, experts_per_token=2)
+    out = Generator(dropless, window_shift=5).generate(prompts[:1], max_new_tokens=20, temperature=0.0)[0]
+    assert out == generate_uncached(dropless, prompts[0], max_new_tokens=20, window_shift=5)

@@ -162,6 +162,12 @@ def layout_fits(cfg) -> None:
         raise ConfigError("data.document_mask applies to packed text (train.objective=clm)")
     if cfg.model.decoder_layers and cfg.mesh.pipeline != 1:
         raise ConfigError("pipeline parallelism supports single-stack models; use mesh.pipeline=1")
+    m = cfg.model
+    if (m.aux_loss_weight or m.router_z_loss_weight) and cfg.mesh.pipeline != 1:
+        raise ConfigError(
+            "model.aux_loss_weight / router_z_loss_weight: the routers' losses are not collected through the "
+            "pipeline schedule; use mesh.pipeline=1 or set them to 0"
+        )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 

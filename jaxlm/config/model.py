@@ -7,6 +7,7 @@ import dataclasses
 from jaxlm.choices import (
     ACTIVATIONS,
     ATTENTION_IMPLS,
+    EXPERT_IMPLS,
     HEADS,
     MLPS,
     NORM_POSITIONS,
@@ -14,6 +15,7 @@ from jaxlm.choices import (
     POSITIONS,
     REMAT,
     ROPE_SCALINGS,
+    ROUTER_SCORES,
 )
 from jaxlm.errors import ConfigError, check_choice
 from jaxlm.presets import PRESET_FIELDS
@@ -60,6 +62,20 @@ class ModelConfig:
     mlp_bias: bool = False  # biases in the feed-forward block (GPT-2)
     norm_bias: bool = True  # LayerNorm bias (ignored by rmsnorm)
     tie_embeddings: bool = False  # logits reuse the token embedding
+    # Mixture of experts (Mixtral, Qwen-MoE): each token's feed-forward block is the weighted sum of
+    # experts_per_token of num_experts expert MLPs (of kind `mlp`), chosen by a linear router.
+    num_experts: int = 0  # E (0 = one dense MLP)
+    experts_per_token: int = 2  # k
+    expert_mlp_dim: int = 0  # each expert's hidden width (0 = mlp_dim)
+    shared_experts: int = 0  # also a dense MLP of shared_experts * expert hidden width on every token
+    shared_expert_gate: bool = False  # the shared MLP's output times sigmoid(x . w) (Qwen2-MoE)
+    router: str = "softmax"  # softmax | sigmoid: the router's scores of the experts
+    router_normalize: bool = True  # a token's k weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    router_scale: float = 1.0  # the weights times this (DeepSeek-V3's routed_scaling_factor)
+    capacity_factor: float = 0.0  # > 0: an expert takes at most ceil(f * tokens * k / E) of a batch; 0 = dropless
+    expert_impl: str = "auto"  # blocks | ragged | auto (ragged on GPU/TPU, blocks on CPU): see jaxlm.ops.moe
+    aux_loss_weight: float = 0.0  # training: the load-balancing loss (Switch), per token, times this
+    router_z_loss_weight: float = 0.0  # training: the router z-loss (ST-MoE) times this
     sliding_window: int = 0  # attend to the last N keys only (0 = full causal); bidirectional: |q - k| < N
     global_every: int = 0  # with sliding_window: layers n-1, 2n-1, ... attend globally (Gemma 2: 2, Gemma 3: 6)
     attn_logit_softcap: float = 0.0  # attention scores -> c * tanh(scores / c) (Gemma 2); 0 = off
@@ -100,6 +116,10 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.expert_mlp_dim or self.mlp_dim
 
     @property
     def rope(self) -> dict | None:
@@ -231,8 +251,40 @@ class ModelConfig:
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"model.position=rope needs an even head dim, got {self.dim_per_head}")
+        self._check_experts()
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"model.position=sinusoidal needs an even model.d_model, got {self.d_model}")
+
+    def _check_experts(self):
+        check_choice("model.router", self.router, ROUTER_SCORES)
+        check_choice("model.expert_impl", self.expert_impl, EXPERT_IMPLS)
+        for key in ("num_experts", "expert_mlp_dim", "shared_experts", "capacity_factor"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("aux_loss_weight", "router_z_loss_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.num_experts:
+            defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+            moe_only = ("expert_mlp_dim", "shared_experts", "shared_expert_gate", "router", "router_normalize")
+            moe_only += ("router_scale", "capacity_factor", "expert_impl", "aux_loss_weight", "router_z_loss_weight")
+            for key in moe_only:
+                if getattr(self, key) != defaults[key]:
+                    raise ConfigError(f"model.{key} configures a mixture of experts: set model.num_experts > 0")
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"model.experts_per_token ({self.experts_per_token}) must be between 1 and model.num_experts "
+                f"({self.num_experts})"
+            )
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ConfigError("model.shared_expert_gate gates the shared experts: set model.shared_experts > 0")
+        if self.router_scale <= 0:
+            raise ConfigError(f"model.router_scale must be positive, got {self.router_scale}")
+        if self.mlp_bias:
+            raise ConfigError("model.mlp_bias: the experts have no biases (set model.mlp_bias=false with experts)")
+        if self.mlp_dropout:
+            raise ConfigError("model.mlp_dropout is not applied inside experts; set it to 0 with model.num_experts")
 
 
 # The published shapes, each checked as any ModelConfig is.

@@ -2,7 +2,8 @@
 
 A table entry is (HF name, jaxlm path or list of paths (fused tensors), layout); layer stacks are
 (HF name prefix with {} for the layer, jaxlm stack path, per-layer table, layers): jaxlm stacks layers along a
-leading `layers` axis, Hugging Face numbers them.
+leading `layers` axis, Hugging Face numbers them. A per-layer name with `{e}` is one tensor an expert, which
+jaxlm stacks along the `experts` axis after `layers`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
             paths = _paths(root, target)
             if not all(p in expected for p in paths):
                 continue
-            per_layer = [to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(layers)]
+            if "{e}" in suffix:  # one tensor an expert, stacked
+                names = [
+                    [prefix.format(i) + suffix.replace("{e}", str(e)) for e in range(cfg.num_experts)]
+                    for i in range(layers)
+                ]
+                per_layer = [np.stack([to_jax(take(n), layout, cfg) for n in row]) for row in names]
+            else:
+                per_layer = [to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(layers)]
             for j, p in enumerate(paths):
                 out[p] = np.stack([x[j] if len(paths) > 1 else x for x in per_layer])
     tied = set()
@@ -81,5 +89,9 @@ def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndar
                 continue
             for i in range(layers):
                 parts = [np.asarray(params[p][i]) for p in paths]
+                if "{e}" in suffix:
+                    for e in range(parts[0].shape[0]):
+                        out[prefix.format(i) + suffix.replace("{e}", str(e))] = to_hf(parts[0][e], layout)
+                    continue
                 out[prefix.format(i) + suffix] = to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -14,6 +14,7 @@ from flax import nnx
 from jaxlm.config import ModelConfig
 from jaxlm.nn.attention import Attention
 from jaxlm.nn.mlp import MLP
+from jaxlm.nn.moe import MoE
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of
 from jaxlm.ops.dropout import dropout, fold_rows
@@ -61,18 +62,24 @@ class Block(nnx.Module):
         self.cross_norm = norm_for(cfg) if cross else None
         self.cross = Attention(*shape, rope=None, **attention) if cross else None
         self.mlp_norm = norm_for(cfg)
-        self.mlp = MLP(
-            cfg.d_model,
-            cfg.mlp_dim,
-            kind=cfg.mlp,
-            act=cfg.activation,
-            bias=cfg.mlp_bias,
-            std=cfg.init_std,
-            out_std=out_std,
-            dropout=cfg.mlp_dropout,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
+        experts = dict(std=cfg.init_std, out_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.moe = MoE(cfg, **experts) if cfg.num_experts else None
+        self.mlp = (
+            None
+            if cfg.num_experts
+            else MLP(
+                cfg.d_model,
+                cfg.mlp_dim,
+                kind=cfg.mlp,
+                act=cfg.activation,
+                bias=cfg.mlp_bias,
+                std=cfg.init_std,
+                out_std=out_std,
+                dropout=cfg.mlp_dropout,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         )
         post = cfg.post_norms and self.pre_norm
         self.attn_post_norm = norm_for(cfg) if post else None
@@ -93,8 +100,9 @@ class Block(nnx.Module):
         memory: dict | None = None,
         memory_mask: jax.Array | None = None,
         dropout_keys: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict | None]:
-        """x: (B, T, D) -> (B, T, D) and the updated cache; see `Attention` for the attention inputs.
+    ) -> tuple[jax.Array, dict | None, dict | None]:
+        """x: (B, T, D) -> (B, T, D), the updated cache, and the router's statistics (`MoE`; None without experts);
+        see `Attention` for the attention inputs.
 
         memory: this layer's `Attention.memory_kv` of the encoder states; memory_mask: (B, T, S).
         local: whether this layer attends within the sliding window (selects its RoPE base).
@@ -128,5 +136,13 @@ class Block(nnx.Module):
         if self.cross is not None:
             cross = lambda h: self.cross.cross(h, memory, memory_mask, key("cross_weights"))  # noqa: E731
             x = branch(x, self.cross_norm, self.cross_post_norm, cross, "cross_out")
-        mlp = lambda h: self.mlp(h, key("mlp_hidden"))  # noqa: E731
-        return branch(x, self.mlp_norm, self.mlp_post_norm, mlp, "mlp_out"), cache
+        stats = None
+
+        def mlp(h):
+            nonlocal stats
+            if self.moe is None:
+                return self.mlp(h, key("mlp_hidden"))
+            h, stats = self.moe(h, key("mlp_hidden"), dropless=cache is not None)
+            return h
+
+        return branch(x, self.mlp_norm, self.mlp_post_norm, mlp, "mlp_out"), cache, stats

@@ -22,3 +22,14 @@ def count_params(cfg: ModelConfig) -> int:
     abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(state))
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters that act on each token: all but the experts a token is not routed to (equal to
+    `count_params` for a dense model)."""
+    n = count_params(cfg)
+    if cfg.num_experts:
+        per_expert = cfg.d_model * cfg.expert_hidden * (3 if cfg.mlp == "gated" else 2)
+        layers = cfg.num_layers + cfg.decoder_layers
+        n -= layers * (cfg.num_experts - cfg.experts_per_token) * per_expert
+    return n

@@ -23,6 +23,7 @@ from jaxlm.axes import constrain
 from jaxlm.config import ModelConfig
 from jaxlm.nn.block import Block
 from jaxlm.nn.embed import LearnedPositions
+from jaxlm.nn.moe import record
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of, normal_param
 from jaxlm.ops.attention import attention_mask
@@ -205,7 +206,8 @@ class Stack(nnx.Module):
                 if pre is not None:
                     flags.update(q_prefix=pre, kv_prefix=pre)
                 inputs = self._attention_inputs(pos, pos, ok, flags)
-                return self._layers(x, p, ids, pos, inputs, None, None, None, row_keys)[0]
+                # The routers' statistics stay inside the schedule: training refuses router losses with it.
+                return self._layers(x, p, ids, pos, inputs, None, None, None, row_keys, collect=False)[0]
 
             per_row = (positions, valid, segments, prefix, keys)
             x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, per_row)
@@ -245,9 +247,9 @@ class Stack(nnx.Module):
     def _mask(self, q_pos, kv_pos, kv_valid, window, flags):
         return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window, **flags)
 
-    def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys):
+    def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys, collect=True):
         """x through the stacked blocks; kv: {"k", "v": (L, NB, Z, K, H), "table"} or None; memory: (K/V, mask)
-        or None."""
+        or None; collect: hand the routers' statistics to an enclosing `router_stats()` (without a cache)."""
         cfg = self.cfg
         graphdef = nnx.graphdef(self.layers)
         full, local_mask, bias = attn_inputs
@@ -277,10 +279,13 @@ class Stack(nnx.Module):
         if kv is None:
 
             def layer(x, p, per_layer):
-                x, _ = run(x, p, *per_layer)
-                return constrain(x, ("batch", "seq", "embed")), None
+                x, _, stats = run(x, p, *per_layer)
+                return constrain(x, ("batch", "seq", "embed")), stats
 
-            return run_stack(layer, params, x, (ids, memory), remat=cfg.remat, scan=cfg.scans)
+            x, stats = run_stack(layer, params, x, (ids, memory), remat=cfg.remat, scan=cfg.scans)
+            if collect:
+                record(stats)  # the routers' statistics (L, ...), to an enclosing `router_stats()`
+            return x, None
 
         # Decoding: each layer writes its new K/V into the stacked cache in place, so a step moves T tokens' keys,
         # not the whole cache. Unstacked parameters (a tuple, one tree a layer) run as an unrolled loop: a scan
@@ -288,12 +293,12 @@ class Stack(nnx.Module):
         if isinstance(params, (tuple, list)):
             for i, p in enumerate(params):
                 layer_memory = None if memory is None else jax.tree.map(lambda m, i=i: m[i], memory)
-                x, kv = run(x, p, ids[i], layer_memory, cache=kv, cache_index=cache_index, layer=i)
+                x, kv, _ = run(x, p, ids[i], layer_memory, cache=kv, cache_index=cache_index, layer=i)
             return x, kv
 
         def cached(carry, per_layer):
             (x, kv), (p, i, layer_memory) = carry, per_layer
-            x, kv = run(x, p, i, layer_memory, cache=kv, cache_index=cache_index, layer=i.astype(jnp.int32))
+            x, kv, _ = run(x, p, i, layer_memory, cache=kv, cache_index=cache_index, layer=i.astype(jnp.int32))
             return (x, kv), None
 
         (x, kv), _ = jax.lax.scan(cached, (x, kv), (params, ids, memory))

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from jaxlm.config import ConfigError
+from jaxlm.nn.moe import router_losses, router_stats
 from jaxlm.ops.corruption import mlm_corrupt
 from jaxlm.ops.dropout import row_keys
 from jaxlm.ops.losses import cross_entropy
@@ -209,7 +210,13 @@ def make_train_step(
         ref = reference_model(graphdef, state.params, state.frozen, state.ref, reference)
 
         def f(p):
-            loss_sum, count, sums = loss(nnx.merge(graphdef, p, state.frozen), ref, micro, key, dropout_keys)
+            model = nnx.merge(graphdef, p, state.frozen)
+            with router_stats() as found:  # mixture of experts: the routers' losses, per token
+                loss_sum, count, sums = loss(model, ref, micro, key, dropout_keys)
+            if found:
+                penalty, moe = router_losses(found, model.cfg)
+                loss_sum = loss_sum + penalty * count
+                sums = {**sums, **{k: v * count for k, v in moe.items()}}
             # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
             return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count, sums)
 

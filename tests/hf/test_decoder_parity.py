@@ -113,6 +113,26 @@ CASES = {
             ),
         ),
     ),
+    # Mixtures of experts: top-k routing is discontinuous, so the routers are drawn large (`hf_model`) to keep
+    # every token's choice well clear of a tie.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(SMALL, num_key_value_heads=2, num_local_experts=4)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(SMALL, num_key_value_heads=2, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            SMALL,
+            num_key_value_heads=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            max_window_layers=2,
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -132,6 +152,8 @@ def hf_model(case, directory):
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or "bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(("gate.weight", "shared_expert_gate.weight")):  # routers of mixtures of experts
+                p.normal_(0, 0.5)
     model.save_pretrained(directory)
     return model
 

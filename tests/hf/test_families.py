@@ -150,6 +150,24 @@ PUBLISHED = {
         "sliding_window": 11, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.40.2", "use_cache": True,
     },
+    "mixtral": {  # mistralai/Mixtral-8x7B-v0.1
+        **SMALL_LLAMA, "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 128,
+        "model_type": "mixtral", "num_experts_per_tok": 2, "num_key_value_heads": 2, "num_local_experts": 4,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0.dev0", "use_cache": True,
+    },
+    "qwen3_moe": {  # Qwen/Qwen3-30B-A3B
+        **SMALL_LLAMA, "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "decoder_sparse_step": 1, "eos_token_id": 2, "head_dim": 16, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 128, "max_window_layers": 48, "mlp_only_layers": [],
+        "model_type": "qwen3_moe", "moe_intermediate_size": 24, "norm_topk_prob": True, "num_experts": 8,
+        "num_experts_per_tok": 3, "num_key_value_heads": 2, "output_router_logits": False, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+        "use_cache": True, "use_sliding_window": False,
+    },
 }  # fmt: skip
 HF_CLASSES = {"T5WithLMHeadModel": "T5ForConditionalGeneration"}
 
@@ -195,6 +213,9 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
         ("minilm", {"is_decoder": True}, "is_decoder=True"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
         ("t5", {"feed_forward_proj": "gated-silu"}, "feed_forward_proj='gated-silu'"),
+        ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+        ("qwen3_moe", {"decoder_sparse_step": 2}, "dense layers among the expert layers"),
+        ("qwen3_moe", {"mlp_only_layers": [0]}, "dense layers among the expert layers"),
     ],
 )
 def test_keys_that_change_the_math_are_refused(name, change, message):

@@ -18,6 +18,20 @@ CLASSES = {
     "encoder-decoder": dict(BASE, decoder_layers=2),
 }
 LOCAL = dict(sliding_window=3, global_every=2)
+MOE = dict(num_experts=4)
+SHARED = dict(MOE, shared_experts=1)
+MOE_VARIANTS = {
+    "num_experts": (MOE, {}),
+    "experts_per_token": (dict(MOE, experts_per_token=1), MOE),
+    "expert_mlp_dim": (dict(MOE, expert_mlp_dim=16), MOE),
+    "shared_experts": (SHARED, MOE),
+    "shared_expert_gate": (dict(SHARED, shared_expert_gate=True), SHARED),
+    "router=sigmoid": (dict(MOE, router="sigmoid"), MOE),
+    "router_normalize": (dict(MOE, router_normalize=False), MOE),
+    "router_scale": (dict(MOE, router_scale=2.5), MOE),
+    "capacity_factor": (dict(MOE, capacity_factor=0.5), MOE),
+    "mlp=plain experts": (dict(MOE, mlp="plain", activation="gelu"), dict(MOE, activation="gelu")),
+}
 # (field changes, baseline changes): each pair must compute different functions.
 VARIANTS = {
     **{f"position={p}": (dict(position=p), {}) for p in ("learned", "sinusoidal", "alibi", "relative", "none")},
@@ -42,6 +56,7 @@ VARIANTS = {
     "qkv_bias": (dict(qkv_bias=True), {}),
     "out_bias": (dict(out_bias=True), {}),
     "num_kv_heads": (dict(num_kv_heads=1), {}),
+    **MOE_VARIANTS,
 }
 
 
@@ -86,6 +101,14 @@ def test_field_changes_the_output(kind, variant):
         (dict(attn_logit_softcap=5.0, attention_impl="xla"), "attn_logit_softcap"),
         (dict(rope_scaling="longrope", rope_factor=2.0, rope_original_max_len=8), "rope_short_factor"),
         (dict(decoder_layers=2, pooler=True), "encoder-decoder"),
+        (dict(num_experts=4, experts_per_token=5), "experts_per_token"),
+        (dict(num_experts=4, experts_per_token=0), "experts_per_token"),
+        (dict(shared_experts=1), "shared_experts configures a mixture of experts"),
+        (dict(aux_loss_weight=0.01), "aux_loss_weight configures a mixture of experts"),
+        (dict(num_experts=4, shared_expert_gate=True), "shared_expert_gate"),
+        (dict(num_experts=4, mlp_bias=True), "mlp_bias"),
+        (dict(num_experts=4, mlp_dropout=0.1), "mlp_dropout"),
+        (dict(num_experts=4, router="top1"), "router"),
     ],
 )
 def test_fields_that_cannot_act_are_refused(fields, message):

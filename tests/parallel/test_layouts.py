@@ -216,3 +216,27 @@ def test_peft_under_fsdp_tensor_matches_one_device(method):
     assert sharded.mesh.size == 8 and len(jax.tree.leaves(params)) > 0
     assert_same((losses, params), reference(extra=extra))
     assert losses[-1] != losses[0]  # the adapters moved (3 steps do not always lower a prompt's loss)
+
+
+MOE = ["model.num_experts=4", "model.experts_per_token=2", "model.expert_mlp_dim=32", "model.shared_experts=1"]
+MOE_LOSSES = ["model.aux_loss_weight=0.01", "model.router_z_loss_weight=0.001"]
+
+
+@pytest.mark.parametrize(
+    "layout,extra",
+    [
+        ("data=8", MOE_LOSSES),
+        ("fsdp=8 zero3", MOE_LOSSES),
+        ("data=2 tensor=4", MOE_LOSSES),
+        ("fsdp=2 tensor=2 data=2", [*MOE_LOSSES, "model.remat=full", "train.grad_accum=2"]),
+        ("pipeline=2 data=4", []),  # the routers' losses are not collected through the pipeline schedule
+    ],
+)
+def test_mixture_of_experts_layouts_match_one_device(layout, extra):
+    """Experts (dropless, with a shared expert and the routers' losses) train the same on every layout. (The
+    balancing loss is a function of the tokens it sees: gradient accumulation computes it per micro-batch, in
+    the reference too.)"""
+    want = reference(extra=[*MOE, *(e for e in extra if not e.startswith("model.remat"))])
+    losses, params, _ = train_steps(LAYOUTS[layout] + MOE + extra)
+    assert_same((losses, params), want)
+    assert losses[-1] < losses[0]

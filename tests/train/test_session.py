@@ -28,6 +28,9 @@ def _straight_and_resumed(argv, tmp_path, stop=2):
 
 
 def _argv(kind, tmp_path, corpus_file, pretrained):
+    if kind == "moe":  # a mixture of experts with the routers' losses
+        data = [f"data.source={corpus_file}", "data.tokenizer=byte", "model.expert_mlp_dim=16"]
+        return ["train", "configs/moe_tiny.yaml", *TINY, *data]
     if kind in ("mlm", "span"):
         config = "bert_tiny" if kind == "mlm" else "t5_tiny"
         return ["train", f"configs/{config}.yaml", *TINY, f"data.source={corpus_file}", "data.tokenizer=byte"]
@@ -42,12 +45,14 @@ def _argv(kind, tmp_path, corpus_file, pretrained):
     return argv + ["train.precision=fp16", "train.loss_scale_window=1", "align.reward=tests.train.toy_rewards:vowels"]
 
 
-@pytest.mark.parametrize("kind", ["mlm", "span", "sft", "reward", "grpo_fp16"])
+@pytest.mark.parametrize("kind", ["mlm", "span", "sft", "reward", "grpo_fp16", "moe"])
 def test_every_objective_stops_and_resumes_bit_for_bit(kind, tmp_path, corpus_file, pretrained):
     straight, resumed = _straight_and_resumed(_argv(kind, tmp_path, corpus_file, pretrained), tmp_path)
     steps = [r["step"] for r in straight if "val_loss" not in r and "val_reward" not in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
     assert resumed == straight  # every figure of every step and evaluation
+    if kind == "moe":
+        assert all(r["train/moe_aux_loss"] >= 2.0 - 1e-3 for r in straight if "train/loss" in r), straight[0]
     if kind == "grpo_fp16":
         meta = json.loads((tmp_path / "resumed" / "checkpoints" / "2" / "meta" / "metadata").read_text())
         assert meta["updates"] == 4 and meta["loss_scale"]["scale"] != 32768.0  # it moved over the updates

@@ -24,3 +24,36 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_router_losses_join_the_loss_and_the_metrics(tiny_config):
+    """With experts, the step minimises cross-entropy + aux_loss_weight * balancing loss + z weight * z-loss:
+    the reported loss is the sum, the router's gradient changes with the weights, and the metrics report each."""
+    import dataclasses
+
+    from jaxlm.nn.moe import router_losses, router_stats
+    from jaxlm.ops.losses import cross_entropy
+
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(0, 256, (4, 32)).astype(np.int32) for k in ("inputs", "targets")}
+    cfg = tiny_config("llama_tiny")
+    moe = dataclasses.replace(cfg.model, num_experts=4, experts_per_token=2, expert_mlp_dim=32)
+    out = {}
+    for aux, z in ((0.0, 0.0), (0.5, 0.1)):
+        m = dataclasses.replace(moe, aux_loss_weight=aux, router_z_loss_weight=z)
+        model = TransformerLM(m, rngs=nnx.Rngs(0))
+        graphdef, tx = nnx.graphdef(model), make_optimizer(cfg.train)
+        state = init_train_state(model, tx, 0)
+        new, metrics = jax.jit(make_train_step(graphdef, tx))(state, batch)
+        out[aux] = (state, new, metrics, model)
+    (_, _, m0, _), (_, _, m1, model1) = out[0.0], out[0.5]
+    with router_stats() as found:
+        logits, _ = model1(batch["inputs"])
+    penalty, stats = router_losses(found, model1.cfg)
+    total, count = cross_entropy(logits, batch["targets"])
+    np.testing.assert_allclose(float(m1["loss"]), float(total / count + penalty), rtol=1e-5)
+    np.testing.assert_allclose(float(m0["loss"]), float(total / count), rtol=1e-5)
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_imbalance", "moe_dropped"):
+        np.testing.assert_allclose(float(m1[key]), float(stats[key]), rtol=1e-5)
+    assert float(m1["moe_aux_loss"]) >= 2.0 - 1e-3  # k for a uniform router, more when unbalanced
+    assert abs(float(m1["grad_norm"]) - float(m0["grad_norm"])) > 1e-4  # the routers' losses have gradients

@@ -9,6 +9,8 @@ A family module defines:
   architecture(cfg) -> None (not this family), or (HF class, [reasons it cannot be written]).
   config_to_hf(cfg, arch) -> config.json dict (without the keys every file carries).
   UNWRITTEN_DROPOUT (optional): ModelConfig dropout fields the family's config.json cannot hold.
+  MOE (optional): True for a mixture-of-experts family, tried only for configs with experts (dense families
+    only for configs without).
 Families are tried in this order when choosing how to write a model: LLaMA before Phi-3, which it can also
 write.
 """
@@ -22,11 +24,11 @@ from types import ModuleType
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import Reader
-from jaxlm.hf.families import bert, gemma, gpt2, llama, phi3, qwen3, t5
+from jaxlm.hf.families import bert, gemma, gpt2, llama, mixtral, phi3, qwen3, qwen_moe, t5
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5)
+FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5, mixtral, qwen_moe)
 MODEL_TYPES = {mt: arch for fam in FAMILIES for arch, mt in reversed(fam.ARCHITECTURES.items())}
 # Reward models (model.head=score): a decoder family's ...ForSequenceClassification holds its causal class's
 # tensors, with `score.weight` (num_labels, D) in place of the read-out; transformers scores the last token that
@@ -104,6 +106,8 @@ def architecture_for(cfg: ModelConfig, requested: str | None = None) -> str:
     first = None
     for fam in FAMILIES:
         if requested is not None and requested not in fam.ARCHITECTURES:
+            continue
+        if getattr(fam, "MOE", False) != bool(cfg.num_experts):
             continue
         found = fam.architecture(cfg)
         if found is None:

@@ -1,0 +1,283 @@
+"""Mixture of experts as pure functions: the router, the dispatch of tokens to their experts, the experts'
+MLPs over the dispatched rows, and the router's auxiliary losses.
+
+Letters (STYLE.md): M tokens (batch and time flattened), D model width, E experts, F expert hidden width,
+k experts a token, A = M * k assignments (token m's j-th expert is assignment m * k + j), R dispatched rows,
+b rows a block, nb blocks, C rows an expert (capacity dispatch).
+
+Dispatch sorts the assignments by expert into rows, runs each expert's MLP over its rows, and gathers each
+assignment's output back. Three layouts of the rows:
+- `block_layout` (dropless): each expert's rows padded to whole blocks of b rows; the experts' matmuls are a
+  loop over blocks, each one (b, D) x (D, F) against its expert's weights (`grouped_matmul`). XLA:CPU lowers
+  `jax.lax.ragged_dot` to a dense matmul against every expert, masked (E times the work: 26x slower than the
+  dense matmul of equal work at E = 16, measured); the block loop runs at about half the dense rate.
+- `ragged`: the same rows unpadded, multiplied with `jax.lax.ragged_dot` (grouped-GEMM kernels on GPU/TPU).
+- `capacity_layout`: at most C rows an expert (GShard/Switch): the assignments past an expert's capacity are
+  dropped (their output is 0; the residual carries the token) and counted.
+Dispatch and combine are gathers whose gradients are gathers too (a scatter is slow on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.choices import EXPERT_IMPLS, ROUTER_SCORES
+from jaxlm.ops.mlp import activation
+
+
+class Routing(NamedTuple):
+    """What the router decides for M tokens."""
+
+    weights: jax.Array  # (M, k) float32: each chosen expert's weight in the token's output
+    experts: jax.Array  # (M, k) int32: the chosen experts, best first
+    probs: jax.Array  # (M, E) float32: every expert's score (softmax or sigmoid), for the balancing loss
+    logits: jax.Array  # (M, E) float32: the router's logits, for the z-loss
+
+
+def route(
+    logits: jax.Array,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    bias: jax.Array | None = None,
+    scale: float = 1.0,
+) -> Routing:
+    """Top-k routing of (M, E) router logits.
+
+    score: softmax (Mixtral, Qwen-MoE) or sigmoid (DeepSeek-V3) of the logits.
+    normalize: the k weights of a token sum to 1 (softmax: the softmax over the chosen logits).
+    bias: (E,) added to the scores only to choose the experts, never to weigh them (DeepSeek-V3's
+      auxiliary-loss-free balancing), or None.
+    scale: multiplies the weights (DeepSeek-V3's routed_scaling_factor).
+    """
+    if score not in ROUTER_SCORES:
+        raise ValueError(f"router score {score!r} not in {ROUTER_SCORES}")
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
+    _, experts = jax.lax.top_k(probs if bias is None else probs + bias.astype(jnp.float32), k)
+    weights = jnp.take_along_axis(probs, experts, axis=-1)
+    if normalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return Routing(weights * scale, experts.astype(jnp.int32), probs, logits)
+
+
+def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
+    """Switch/GShard balancing loss E * sum_e f_e * P_e: f_e the fraction of the M tokens routed to expert e
+    (summing to k over the experts, as Hugging Face's load_balancing_loss_func), P_e the mean score of e.
+    1 * k for a uniform router. probs: (M, E); experts: (M, k)."""
+    M, E = probs.shape
+    f = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(1.0) / M
+    return E * jnp.sum(f * jnp.mean(probs, axis=0))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2 ((M, E) -> scalar)."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+class Layout(NamedTuple):
+    """Where each assignment goes among the R dispatched rows (laid out as nb blocks of b rows)."""
+
+    assign: jax.Array  # (R,) int32: the assignment in each row; A for a row that holds none (padding)
+    slot: jax.Array  # (A,) int32: the row of each assignment; R for a dropped one
+    block_expert: jax.Array  # (nb,) int32: the expert of each block
+    block_used: jax.Array  # (nb,) bool: whether a block holds any assignment
+    counts: jax.Array  # (E,) int32: assignments routed to each expert (before drops)
+    dropped: jax.Array  # () int32: assignments dropped (capacity dispatch)
+
+
+def _sorted(experts: jax.Array, num_experts: int):
+    """The assignments sorted by expert: (order, expert of each sorted one, its rank within its expert, counts)."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    expert = flat[order]
+    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    first = jnp.cumsum(counts) - counts
+    rank = jnp.arange(flat.shape[0], dtype=jnp.int32) - first[expert]
+    return order, expert, rank, counts
+
+
+def _layout(order, rows, R, block_expert, block_used, counts, dropped) -> Layout:
+    A = order.shape[0]
+    assign = jnp.full((R,), A, jnp.int32).at[rows].set(order, mode="drop")
+    slot = jnp.zeros((A,), jnp.int32).at[order].set(jnp.where(rows < R, rows, R))
+    return Layout(assign, slot, block_expert, block_used, counts, dropped)
+
+
+def block_size(assignments: int, num_experts: int, block: int = 128) -> int:
+    """Rows a block: `block`, or fewer (a power of two, at least 8) when the experts average fewer rows
+    (decoding: a handful of tokens would otherwise fill mostly-empty blocks)."""
+    mean = -(-assignments // num_experts)
+    return max(1, min(block, max(8, 1 << (mean - 1).bit_length())))
+
+
+def block_layout(experts: jax.Array, num_experts: int, block: int) -> Layout:
+    """Dropless: each expert's rows padded to whole blocks of `block` rows. experts: (M, k)."""
+    A, E, b = experts.size, num_experts, block
+    nb = (A + E * (b - 1)) // b  # the most blocks any routing needs
+    order, expert, rank, counts = _sorted(experts, E)
+    padded = -(-counts // b) * b
+    ends = jnp.cumsum(padded)
+    rows = (ends - padded)[expert] + rank
+    starts = jnp.arange(nb, dtype=jnp.int32) * b
+    block_expert = jnp.minimum(jnp.searchsorted(ends, starts, side="right"), E - 1).astype(jnp.int32)
+    return _layout(order, rows, nb * b, block_expert, starts < ends[-1], counts, jnp.int32(0))
+
+
+def capacity_layout(experts: jax.Array, num_experts: int, capacity: int) -> Layout:
+    """At most `capacity` rows an expert (one block each); later assignments (in token order) are dropped."""
+    E, C = num_experts, capacity
+    order, expert, rank, counts = _sorted(experts, E)
+    keep = rank < C
+    rows = jnp.where(keep, expert * C + rank, E * C)
+    used = counts > 0
+    return _layout(order, rows, E * C, jnp.arange(E, dtype=jnp.int32), used, counts, jnp.sum(~keep).astype(jnp.int32))
+
+
+def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
+    """C = ceil(factor * tokens * k / E): an expert's rows under capacity dispatch."""
+    return max(1, math.ceil(factor * tokens * k / num_experts))
+
+
+def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x[rows] with rows == len(x) giving a row of zeros."""
+    return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[rows]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dispatch(x: jax.Array, layout: Layout, k: int) -> jax.Array:
+    """Tokens (M, D) -> dispatched rows (R, D): each row holds its assignment's token (padding: zeros)."""
+    A = layout.slot.shape[0]
+    return _take_rows(x, jnp.where(layout.assign < A, layout.assign // k, x.shape[0]))
+
+
+def _dispatch_fwd(x, layout, k):
+    return dispatch(x, layout, k), layout
+
+
+def _dispatch_bwd(k, layout, d_rows):  # a token's gradient: the sum over its k rows
+    return _take_rows(d_rows, layout.slot).reshape(-1, k, d_rows.shape[-1]).sum(1), None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def combine(rows: jax.Array, layout: Layout) -> jax.Array:
+    """Dispatched rows (R, D) -> each assignment's row (A, D) (dropped: zeros)."""
+    return _take_rows(rows, layout.slot)
+
+
+def _combine_fwd(rows, layout):
+    return combine(rows, layout), layout
+
+
+def _combine_bwd(layout, d_out):
+    return _take_rows(d_out, layout.assign), None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def _block_matmul(xb, w, block_expert, block_used):
+    def body(_, inputs):
+        xi, e, used = inputs
+        zeros = lambda: jnp.zeros((xi.shape[0], w.shape[2]), xi.dtype)  # noqa: E731
+        return None, jax.lax.cond(used, lambda: jnp.dot(xi, w[e]), zeros)
+
+    return jax.lax.scan(body, None, (xb, block_expert, block_used))[1]
+
+
+@jax.custom_vjp
+def grouped_matmul(xb: jax.Array, w: jax.Array, block_expert: jax.Array, block_used: jax.Array) -> jax.Array:
+    """Each block of rows times its expert's matrix: (nb, b, D), (E, D, F) -> (nb, b, F); unused blocks give 0.
+
+    A loop over blocks: one (b, D) x (D, F) matmul each. The custom gradient accumulates each block's weight
+    gradient into its expert's in place (autodiff of the loop would add a whole (E, D, F) array a block)."""
+    return _block_matmul(xb, w, block_expert, block_used)
+
+
+def _grouped_fwd(xb, w, block_expert, block_used):
+    return _block_matmul(xb, w, block_expert, block_used), (xb, w, block_expert, block_used)
+
+
+def _grouped_bwd(res, dy):
+    xb, w, block_expert, block_used = res
+
+    def body(dw, inputs):
+        xi, dyi, e, used = inputs
+
+        def grads(dw):
+            return dw.at[e].add(jnp.dot(xi.T, dyi).astype(dw.dtype)), jnp.dot(dyi, w[e].T).astype(xi.dtype)
+
+        return jax.lax.cond(used, grads, lambda dw: (dw, jnp.zeros_like(xi)), dw)
+
+    dw, dx = jax.lax.scan(body, jnp.zeros_like(w), (xb, dy, block_expert, block_used))
+    return dx, dw, None, None
+
+
+grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def expert_mlp(
+    x: jax.Array,
+    routing: Routing,
+    w_in: jax.Array | tuple[jax.Array, jax.Array],
+    w_out: jax.Array,
+    *,
+    act: str = "silu",
+    capacity_factor: float = 0.0,
+    impl: str = "blocks",
+    block: int = 128,
+) -> tuple[jax.Array, Layout]:
+    """sum_j weights[m, j] * MLP_{experts[m, j]}(x[m]) for tokens x (M, D).
+
+    w_in: (w_gate, w_up), each (E, D, F), for gated experts (act(x w_gate) * (x w_up)), or one (E, D, F) for
+      plain ones (act(x w_in)); w_out: (E, F, D).
+    capacity_factor: > 0 dispatches at most ceil(factor * M * k / E) rows an expert and drops the rest
+      (`capacity_layout`); 0 is dropless.
+    impl: blocks (a loop of (b, D) x (D, F) matmuls) or ragged (`jax.lax.ragged_dot`: GPU/TPU kernels); auto:
+      ragged on GPU and TPU, blocks on CPU. block: rows a block (at most).
+
+    Returns (M, D) in x's dtype, and the layout (its counts and dropped for the router's statistics).
+    """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert implementation {impl!r} not in {EXPERT_IMPLS}")
+    if impl == "auto":
+        impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
+    M, D = x.shape
+    k = routing.experts.shape[1]
+    gated = isinstance(w_in, (tuple, list))
+    E = w_out.shape[0]
+    if capacity_factor > 0:
+        C = capacity(M, k, E, capacity_factor)
+        layout = capacity_layout(routing.experts, E, C)
+        nb, b = E, C
+    else:
+        b = 1 if impl == "ragged" else block_size(M * k, E, block)
+        layout = block_layout(routing.experts, E, b)
+        nb = layout.block_expert.shape[0]
+    rows = dispatch(x, layout, k)  # (R, D)
+    if capacity_factor > 0:  # one block an expert: a batched matmul
+        mm = lambda h, w: jnp.einsum("ECD,EDF->ECF", h.reshape(E, C, -1), w).reshape(E * C, -1)  # noqa: E731
+    elif impl == "ragged":
+        mm = lambda h, w: jax.lax.ragged_dot(h, w, layout.counts)  # noqa: E731
+    else:
+        mm = lambda h, w: grouped_matmul(  # noqa: E731
+            h.reshape(nb, b, -1), w, layout.block_expert, layout.block_used
+        ).reshape(nb * b, -1)
+    f = activation(act)
+    if gated:  # gate and up as one (E, D, 2F) matmul: half the loop's steps, each twice as wide
+        F = w_in[0].shape[-1]
+        h = mm(rows, jnp.concatenate(w_in, axis=-1))
+        h = f(h[:, :F]) * h[:, F:]
+    else:
+        h = f(mm(rows, w_in))
+    out = combine(mm(h, w_out), layout).reshape(M, k, D)  # (A, D) -> MkD
+    return jnp.einsum("MkD,Mk->MD", out, routing.weights.astype(out.dtype)), layout
