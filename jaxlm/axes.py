@@ -2,7 +2,7 @@
 
 Parameters carry logical axis names (see `jaxlm/nn/param.py`), activations get
 them at `constrain(x, axes)` calls. This table maps both to the mesh axes
-`pipeline`, `data`, `fsdp`, `tensor` (MaxText's logical-axis-rules idea, with a
+`pipeline`, `data`, `fsdp`, `expert`, `tensor` (MaxText's logical-axis-rules idea, with a
 dozen names). What is sharded over `fsdp` follows the ZeRO stage (DeepSpeed's
 meanings): stage 1 shards the optimizer state, 2 also the gradients, 3 also the
 parameters. Activations never split `embed`.
@@ -20,16 +20,20 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm.errors import ConfigError
 
+# The mesh axes that split the batch: expert parallelism's devices are data-parallel outside the experts.
+BATCH_AXES = ("data", "fsdp", "expert")
+
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "layers": ("pipeline",),
     "stages": ("pipeline",),
-    "embed": ("fsdp",),  # parameter state only, per ZeRO stage
+    # parameter state only, per ZeRO stage; the expert axis's devices also shard what experts do not split
+    "embed": ("fsdp", "expert"),
     "vocab": ("tensor",),  # vocabulary-parallel embedding and logits
     "heads": ("tensor",),  # Megatron: attention column-parallel in, row-parallel out
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),  # Megatron: MLP column-parallel in, row-parallel out
-    "experts": (),  # a mixture of experts' expert index: replicated (each device holds every expert)
+    "experts": ("expert",),  # a mixture of experts' expert index: expert parallelism
     "head_dim": (),
     "seq": (),
     "lora": (),  # a LoRA's rank: small, replicated

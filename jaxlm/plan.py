@@ -54,8 +54,10 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     """
     m, tc = cfg.model, cfg.train
     a = jax.numpy.dtype(dtype_of(m.dtype)).itemsize
-    rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"])
+    rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     T, D, F, N, K, H = cfg.data.seq_len, m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
+    if m.num_experts:  # a token's k experts (and the shared ones) hold its hidden states
+        F = (m.experts_per_token + m.shared_experts) * m.expert_hidden
     tp = sizes["tensor"]
     k_tp = tp if K % tp == 0 else 1
     gated = 2 if m.mlp == "gated" else 1
@@ -73,6 +75,30 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     # A pipeline stage keeps every micro-batch in flight: rows/microbatches each, all of them; with the
     # circular schedule each passes its L/P layers in R visits, which keeps the same activations.
     return rows * (a * (layers * per_layer + extra) + logits)
+
+
+def expert_exchange(cfg: Config, sizes: dict[str, int]) -> str:
+    """Expert parallelism's all-to-all traffic per device and train step (`jaxlm.parallel.experts`): each MoE
+    layer sends a buffer of S rows to each of the P devices of the expert axis and gets the outputs back, in
+    the forward pass and again (transposed) in the backward."""
+    m, tc = cfg.model, cfg.train
+    P_ = sizes["expert"]
+    a = jax.numpy.dtype(dtype_of(m.dtype)).itemsize
+    rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"] * P_)
+    assignments = rows * cfg.data.seq_len * m.experts_per_token
+    S = assignments if not m.capacity_factor else math.ceil(m.capacity_factor * assignments / P_)
+    per_exchange = P_ * S * (m.d_model * a + 4)  # the rows and their expert ids
+    layers = m.num_layers + m.decoder_layers
+    step = 4 * per_exchange * layers * tc.grad_accum  # forward out and back, backward out and back
+    kind = (
+        "dropless: worst-case buffers of every local assignment"
+        if not m.capacity_factor
+        else (f"capacity_factor {m.capacity_factor}")
+    )
+    return (
+        f"expert parallelism: {m.num_experts // P_} experts a device over expert={P_}; all-to-all "
+        f"{_fmt_bytes(per_exchange)} a layer each way, {_fmt_bytes(step)} a step per device ({kind})"
+    )
 
 
 def compiled_memory(cfg: Config) -> dict[str, int]:
@@ -150,12 +176,14 @@ def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False)
         f"{m.kv_heads} kv, mlp {m.mlp_dim}, vocab {m.vocab_size}), {m.param_dtype} parameters, {m.dtype} compute"
     )
     if m.num_experts:
-        expert = m.d_model * m.expert_hidden * (3 if m.mlp == "gated" else 2)
+        expert = m.d_model * m.expert_hidden * (3 if m.mlp == "gated" else 2)  # weights (biases aside)
         lines.append(
             f"experts: {m.num_experts} an expert layer, {m.experts_per_token} a token, each {_fmt_count(expert)} "
             f"parameters: {_fmt_count(expert * m.num_experts * (m.num_layers + m.decoder_layers))} in experts; "
             f"{_fmt_count(active_params(m))} parameters active a token"
         )
+    if m.num_experts and sizes["expert"] > 1:
+        lines.append(expert_exchange(cfg, sizes))
     lines.append(
         f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, zero_stage {zero}, "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, grad_accum {cfg.train.grad_accum}, "

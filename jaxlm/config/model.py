@@ -45,6 +45,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3
     rope_beta_fast: float = 32.0  # yarn
     rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: whole-dimension correction range (Hugging Face's `truncate`; gpt-oss: false)
     rope_attention_factor: float = 0.0  # yarn (0 = 0.1 ln(factor) + 1); longrope (0 = sqrt(1 + ln f / ln L0))
     rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within rope_original_max_len
     rope_long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors beyond it
@@ -56,7 +57,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim of queries and keys, before RoPE (Qwen3, Gemma 3)
     norm_position: str = "pre"  # pre (GPT-2, LLaMA) | post (original Transformer)
     mlp: str = "gated"  # gated (SwiGLU with activation=silu) | plain
-    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu | quick_gelu (x sigmoid(1.702 x))
+    mlp_clamp: float = 0.0  # gated MLPs: the gate clipped to <= c and the up projection to [-c, c] (gpt-oss: 7)
+    mlp_up_shift: float = 0.0  # gated MLPs: act(gate) * (up + shift) (gpt-oss: 1)
     qkv_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
     out_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # biases in the feed-forward block (GPT-2)
@@ -70,6 +73,7 @@ class ModelConfig:
     shared_experts: int = 0  # also a dense MLP of shared_experts * expert hidden width on every token
     shared_expert_gate: bool = False  # the shared MLP's output times sigmoid(x . w) (Qwen2-MoE)
     router: str = "softmax"  # softmax | sigmoid: the router's scores of the experts
+    router_bias: bool = False  # a bias on the router's logits (gpt-oss)
     router_normalize: bool = True  # a token's k weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
     router_scale: float = 1.0  # the weights times this (DeepSeek-V3's routed_scaling_factor)
     capacity_factor: float = 0.0  # > 0: an expert takes at most ceil(f * tokens * k / E) of a batch; 0 = dropless
@@ -78,6 +82,7 @@ class ModelConfig:
     router_z_loss_weight: float = 0.0  # training: the router z-loss (ST-MoE) times this
     sliding_window: int = 0  # attend to the last N keys only (0 = full causal); bidirectional: |q - k| < N
     global_every: int = 0  # with sliding_window: layers n-1, 2n-1, ... attend globally (Gemma 2: 2, Gemma 3: 6)
+    attention_sinks: bool = False  # a learned logit per head joins each softmax and takes its share (gpt-oss)
     attn_logit_softcap: float = 0.0  # attention scores -> c * tanh(scores / c) (Gemma 2); 0 = off
     final_logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2/3); 0 = off
     causal: bool = True  # False: bidirectional encoder (BERT)
@@ -136,6 +141,7 @@ class ModelConfig:
             beta_fast=self.rope_beta_fast,
             beta_slow=self.rope_beta_slow,
             attention_factor=self.rope_attention_factor,
+            truncate=self.rope_truncate,
             short_factor=self.rope_short_factor,
             long_factor=self.rope_long_factor,
         )
@@ -227,6 +233,17 @@ class ModelConfig:
             raise ConfigError("model.post_norms adds norms after pre-norm branches: needs model.norm_position=pre")
         if self.norm_offset and self.norm != "rmsnorm":
             raise ConfigError(f"model.norm_offset applies to rmsnorm, not {self.norm}")
+        if self.rope_scaling != "yarn" and not self.rope_truncate:
+            raise ConfigError("model.rope_truncate=false applies to model.rope_scaling=yarn")
+        if (self.mlp_clamp or self.mlp_up_shift) and self.mlp != "gated":
+            raise ConfigError("model.mlp_clamp / mlp_up_shift shape a gated MLP's gate and up: needs model.mlp=gated")
+        if self.mlp_clamp < 0:
+            raise ConfigError(f"model.mlp_clamp must be >= 0, got {self.mlp_clamp}")
+        if self.attention_sinks and self.attention_impl != "reference":
+            raise ConfigError(
+                f"model.attention_sinks needs model.attention_impl=reference, not {self.attention_impl} "
+                "(jax.nn.dot_product_attention has no sinks)"
+            )
         if self.attn_logit_softcap and self.attention_impl != "reference":
             raise ConfigError(
                 f"model.attn_logit_softcap needs model.attention_impl=reference, not {self.attention_impl} "
@@ -267,7 +284,14 @@ class ModelConfig:
         if not self.num_experts:
             defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
             moe_only = ("expert_mlp_dim", "shared_experts", "shared_expert_gate", "router", "router_normalize")
-            moe_only += ("router_scale", "capacity_factor", "expert_impl", "aux_loss_weight", "router_z_loss_weight")
+            moe_only += (
+                "router_bias",
+                "router_scale",
+                "capacity_factor",
+                "expert_impl",
+                "aux_loss_weight",
+                "router_z_loss_weight",
+            )
             for key in moe_only:
                 if getattr(self, key) != defaults[key]:
                     raise ConfigError(f"model.{key} configures a mixture of experts: set model.num_experts > 0")
@@ -281,8 +305,6 @@ class ModelConfig:
             raise ConfigError("model.shared_expert_gate gates the shared experts: set model.shared_experts > 0")
         if self.router_scale <= 0:
             raise ConfigError(f"model.router_scale must be positive, got {self.router_scale}")
-        if self.mlp_bias:
-            raise ConfigError("model.mlp_bias: the experts have no biases (set model.mlp_bias=false with experts)")
         if self.mlp_dropout:
             raise ConfigError("model.mlp_dropout is not applied inside experts; set it to 0 with model.num_experts")
 

@@ -52,8 +52,10 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu": "gelu",
     "relu": "relu",
+    "quick_gelu": "quick_gelu",
 }
 HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+HF_ACTIVATION["quick_gelu"] = "quick_gelu"
 
 
 class Reader:
@@ -144,8 +146,12 @@ def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10
     if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope"):
         raise ConfigError(f"{r.where}: rope type {kind!r} is not supported (linear, dynamic, yarn, llama3, longrope)")
     unknown = sorted(set(params) - set(ROPE_NAMES) - {"truncate"})
-    if unknown or params.get("truncate", True) is not True:
-        raise ConfigError(f"{r.where}: unsupported rope parameters {unknown or ['truncate=False']}")
+    if unknown:
+        raise ConfigError(f"{r.where}: unsupported rope parameters {unknown}")
+    if params.pop("truncate", True) is not True:
+        if kind != "yarn":
+            raise ConfigError(f"{r.where}: rope parameter truncate=False applies to yarn, not {kind}")
+        out["rope_truncate"] = False
     out["rope_scaling"] = kind
     for k, v in params.items():
         if k in ROPE_NAMES and v is not None:
@@ -174,7 +180,7 @@ def rope_to_hf(cfg, *, theta: float | None = None, scaling: str | None = None) -
     if scaling == "llama3":
         rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
     if scaling == "yarn":
-        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
     if scaling == "longrope":
         rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor))
     if scaling in ("yarn", "longrope") and cfg.rope_attention_factor:
@@ -185,6 +191,30 @@ def rope_to_hf(cfg, *, theta: float | None = None, scaling: str | None = None) -
 def max_positions(cfg) -> int:
     """`max_position_embeddings`: dynamic NTK scales against it, so it is the pre-training length there."""
     return cfg.rope_original_max_len if cfg.rope_scaling == "dynamic" else cfg.max_seq_len
+
+
+# Fields only some families implement (gpt-oss): every other family's `architecture` wants these values.
+PLAIN_BLOCK = dict(attention_sinks=False, mlp_clamp=0.0, mlp_up_shift=0.0)
+
+
+def global_every(types: list[str], where: str, layers: int) -> int | None:
+    """`ModelConfig.global_every` for per-layer `layer_types` (None: every layer global)."""
+    if set(types) - {"full_attention", "sliding_attention"} or len(types) != layers:
+        raise ConfigError(f"{where}: layer_types {types} must name each of the {layers} layers full or sliding")
+    local = [t == "sliding_attention" for t in types]
+    if not any(local):
+        return None
+    for every in [0, *range(2, layers + 1)]:
+        if local == [not (every and (i + 1) % every == 0) for i in range(layers)]:
+            return every
+    raise ConfigError(
+        f"{where}: layer_types {types} is not a repeating pattern of sliding layers closed by a global one"
+    )
+
+
+def layer_types(cfg) -> list[str]:
+    """`layer_types` of cfg's layers: sliding_attention or full_attention each."""
+    return ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.num_layers)]
 
 
 def mismatches(cfg, want: dict, family: str) -> list[str]:
@@ -216,6 +246,8 @@ def to_jax(x: np.ndarray, layout: str, cfg):
         return tuple(p.T.reshape(D, -1, H) for p in np.split(x, [n, n + cfg.kv_heads * H]))
     if layout == "linear_gate_up":  # (2 F, D) -> 2 x (D, F)
         return tuple(p.T for p in np.split(x, [F]))
+    if layout == "interleaved_pair":  # (..., 2 F) with pairs side by side (gpt-oss's gate_up) -> 2 x (..., F)
+        return x[..., ::2], x[..., 1::2]
     raise AssertionError(layout)
 
 
@@ -240,4 +272,6 @@ def to_hf(x, layout: str):
         return np.concatenate([p.reshape(p.shape[0], -1).T for p in x])
     if layout == "linear_gate_up":
         return np.concatenate([p.T for p in x])
+    if layout == "interleaved_pair":
+        return np.stack(x, axis=-1).reshape(*x[0].shape[:-1], -1)
     raise AssertionError(layout)

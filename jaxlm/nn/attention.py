@@ -38,6 +38,7 @@ class Attention(nnx.Module):
         local_rope: dict | None = None,
         qk_norm: dict | None = None,
         softcap: float = 0.0,
+        sinks: bool = False,
         implementation: str,
         scale: float | None = None,
         dropout: float = 0.0,
@@ -49,7 +50,7 @@ class Attention(nnx.Module):
     ):
         """rope / local_rope: `ModelConfig.rope` of global and sliding-window layers (local_rope None: the same).
         qk_norm: keyword arguments of `Norm` for RMSNorms over head_dim of q and k (before RoPE), or None.
-        softcap: > 0 soft-caps the attention scores."""
+        softcap: > 0 soft-caps the attention scores. sinks: a learned sink logit per head (gpt-oss)."""
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
         self.rope, self.local_rope, self.softcap = rope, local_rope, softcap
@@ -68,6 +69,7 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = None
         self.bo = const_param((dim,), ("embed",), 0.0, param_dtype) if out_bias else None
+        self.sinks = const_param((N,), ("heads",), 0.0, param_dtype) if sinks else None
 
     def __call__(
         self,
@@ -164,6 +166,7 @@ class Attention(nnx.Module):
             dropout_rate=self.dropout,
             dropout_keys=dropout_keys,
             softcap=self.softcap,
+            sinks=None if self.sinks is None else self.sinks[...],
         )
         y = project(self, "wo", out, 2, fold_rows(dropout_keys, 1))  # BTNH,NHD->BTD
         if self.bo is not None:

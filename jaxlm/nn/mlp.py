@@ -23,11 +23,14 @@ class MLP(nnx.Module):
         std: float,
         out_std: float,
         dropout: float = 0.0,
+        clamp: float = 0.0,
+        up_shift: float = 0.0,
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
     ):
         self.kind, self.act, self.dtype, self.dropout = kind, act, dtype, dropout
+        self.clamp, self.up_shift = clamp, up_shift  # gated: see ops.mlp.gated_activation
         if kind == "gated":
             self.w_gate = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
             self.w_up = normal_param(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
@@ -44,7 +47,8 @@ class MLP(nnx.Module):
         lora_keys = fold_rows(dropout_keys, 1)  # LoRA dropout: a stream apart from the hidden dropout
         if self.kind == "gated":  # ops.mlp.gated_mlp, each projection with its LoRA
             gate, up = project(self, "w_gate", x, 1, lora_keys), project(self, "w_up", x, 1, lora_keys)
-            return project(self, "w_out", gated_activation(gate, up, **drop), 1, lora_keys)
+            h = gated_activation(gate, up, clamp=self.clamp, up_shift=self.up_shift, **drop)
+            return project(self, "w_out", h, 1, lora_keys)
         h = hidden_activation(project(self, "w_in", x, 1, lora_keys), c(self.b_in), **drop)  # ops.mlp.mlp
         y = project(self, "w_out", h, 1, lora_keys)
         return y if self.b_out is None else y + c(self.b_out)

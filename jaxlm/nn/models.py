@@ -29,7 +29,8 @@ def active_params(cfg: ModelConfig) -> int:
     `count_params` for a dense model)."""
     n = count_params(cfg)
     if cfg.num_experts:
-        per_expert = cfg.d_model * cfg.expert_hidden * (3 if cfg.mlp == "gated" else 2)
+        D, F, gated = cfg.d_model, cfg.expert_hidden, cfg.mlp == "gated"
+        per_expert = D * F * (3 if gated else 2) + (((2 if gated else 1) * F + D) if cfg.mlp_bias else 0)
         layers = cfg.num_layers + cfg.decoder_layers
         n -= layers * (cfg.num_experts - cfg.experts_per_token) * per_expert
     return n

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axes import active_mesh
 from jaxlm.config import ModelConfig
 from jaxlm.nn.mlp import MLP
-from jaxlm.nn.param import normal_param
+from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.dense import dense
 from jaxlm.ops.moe import expert_mlp, load_balancing_loss, route, router_z_loss
+from jaxlm.parallel.experts import expert_parallel_mlp
 
 
 class MoE(nnx.Module):
@@ -26,19 +28,24 @@ class MoE(nnx.Module):
         E, D, F = cfg.num_experts, cfg.d_model, cfg.expert_hidden
         self.cfg, self.dtype = cfg, dtype
         self.router = normal_param(rngs, (D, E), ("embed", None), std, param_dtype)
-        if cfg.mlp == "gated":
-            self.w_gate = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std, param_dtype)
-            self.w_up = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std, param_dtype)
-        else:
-            self.w_in = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std, param_dtype)
+        self.router_bias = const_param((E,), (None,), 0.0, param_dtype) if cfg.router_bias else None
+        names = ("w_gate", "w_up") if cfg.mlp == "gated" else ("w_in",)
+        for name in names:
+            setattr(self, name, normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std, param_dtype))
         self.w_out = normal_param(rngs, (E, F, D), ("experts", "mlp", "embed"), out_std, param_dtype)
+        bias = lambda n: const_param((E, n), ("experts", "mlp" if n == F else "embed"), 0.0, param_dtype)  # noqa: E731
+        for name in names:  # b_gate, b_up / b_in
+            setattr(self, "b" + name[1:], bias(F) if cfg.mlp_bias else None)
+        self.b_out = bias(D) if cfg.mlp_bias else None
         self.shared = (
             MLP(
                 D,
                 cfg.shared_experts * F,
                 kind=cfg.mlp,
                 act=cfg.activation,
-                bias=False,
+                clamp=cfg.mlp_clamp,
+                up_shift=cfg.mlp_up_shift,
+                bias=cfg.mlp_bias,
                 std=std,
                 out_std=out_std,
                 dtype=dtype,
@@ -63,19 +70,32 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         tokens = x.reshape(B * T, D)
         logits = dense(tokens.astype(jnp.float32), self.router[...].astype(jnp.float32))  # MD,DE->ME
+        if self.router_bias is not None:
+            logits = logits + self.router_bias[...].astype(jnp.float32)
         routing = route(
             logits, cfg.experts_per_token, score=cfg.router, normalize=cfg.router_normalize, scale=cfg.router_scale
         )
-        w_in = (c(self.w_gate), c(self.w_up)) if cfg.mlp == "gated" else c(self.w_in)
-        y, layout = expert_mlp(
-            tokens,
-            routing,
-            w_in,
-            c(self.w_out),
+        gated = cfg.mlp == "gated"
+        w_in = (c(self.w_gate), c(self.w_up)) if gated else c(self.w_in)
+        b_in = None
+        if self.b_out is not None:
+            b_in = (c(self.b_gate), c(self.b_up)) if gated else c(self.b_in)
+        experts = dict(
+            b_in=b_in,
+            b_out=None if self.b_out is None else c(self.b_out),
             act=cfg.activation,
+            clamp=cfg.mlp_clamp,
+            up_shift=cfg.mlp_up_shift,
             capacity_factor=0.0 if dropless else cfg.capacity_factor,
             impl=cfg.expert_impl,
         )
+        mesh = active_mesh()
+        if mesh is not None and mesh.shape.get("expert", 1) > 1:  # expert parallelism: all-to-all dispatch
+            y, dropped = expert_parallel_mlp(tokens, routing, w_in, c(self.w_out), mesh=mesh, **experts)
+            load = jnp.zeros((cfg.num_experts,), jnp.int32).at[routing.experts.reshape(-1)].add(1)
+        else:
+            y, layout = expert_mlp(tokens, routing, w_in, c(self.w_out), **experts)
+            load, dropped = layout.counts, layout.dropped
         y = y.reshape(B, T, D)
         if self.shared is not None:
             shared = self.shared(x, dropout_keys)
@@ -85,8 +105,8 @@ class MoE(nnx.Module):
         stats = {
             "aux_loss": load_balancing_loss(routing.probs, routing.experts),
             "z_loss": router_z_loss(routing.logits),
-            "load": layout.counts,
-            "dropped": layout.dropped,
+            "load": load,
+            "dropped": dropped,
         }
         return y, stats
 

@@ -75,6 +75,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_keys: jax.Array | None = None,
     softcap: float = 0.0,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """dropout(softmax(cap(q·k^T * scale) + bias, masked)) · v, cap(s) = softcap · tanh(s / softcap).
 
@@ -91,6 +92,8 @@ def dot_product_attention(
       dropout_rate: attention-weight dropout (training; reference implementation only).
       dropout_keys: (B, 2) row keys (`jaxlm.ops.dropout`), or None for no dropout.
       softcap: > 0 bounds the scores to (-softcap, softcap) (Gemma 2; reference implementation only).
+      sinks: (N,) logits, one a head, that join each query's softmax as a key with no value: the weights sum
+        to less than 1 (gpt-oss's attention sinks; reference implementation only). None: none.
 
     Returns:
       (B, T, N, H) in q's dtype. Rows whose keys are all masked return the
@@ -112,6 +115,8 @@ def dot_product_attention(
             raise ValueError(f"attention soft-capping needs the reference implementation, not {implementation!r}")
         if dropping:
             raise ValueError(f"attention dropout needs the reference implementation, not {implementation!r}")
+        if sinks is not None:
+            raise ValueError(f"attention sinks need the reference implementation, not {implementation!r}")
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
     G = N // K
@@ -135,7 +140,13 @@ def dot_product_attention(
         scores = scores + layout(bias.astype(jnp.float32))
     if mask is not None:
         scores = jnp.where(layout(mask), scores, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, dropout_keys)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # the sink as one more key: its column joins the normalisation, then is dropped
+        sink = layout(jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, N, 1, 1), (B, N, 1, 1)))
+        sink = jnp.broadcast_to(sink, (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    probs = dropout(probs.astype(v.dtype), dropout_rate, dropout_keys)
     if T > 8:
         out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)
         return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

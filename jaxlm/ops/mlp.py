@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout
@@ -18,6 +19,7 @@ ACTIVATIONS = {  # the names of jaxlm.choices.ACTIVATIONS
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # GELU's sigmoid approximation (CLIP, gpt-oss)
 }
 
 
@@ -61,19 +63,37 @@ def gated_mlp(
     w_out: jax.Array,
     *,
     act: str = "silu",
+    clamp: float = 0.0,
+    up_shift: float = 0.0,
     dropout_rate: float = 0.0,
     dropout_keys: jax.Array | None = None,
 ) -> jax.Array:
     """(act(x·w_gate) * (x·w_up))·w_out; SwiGLU with act="silu". x: (B, ..., D), weights (D, F), (D, F), (F, D).
 
+    clamp, up_shift: see `gated_activation`.
     dropout_rate / dropout_keys (B, 2): dropout on the gated hidden activations (T5 v1.1); no keys, no dropout.
     """
     h = gated_activation(
-        dense(x, w_gate), dense(x, w_up), act=act, dropout_rate=dropout_rate, dropout_keys=dropout_keys
+        dense(x, w_gate),
+        dense(x, w_up),
+        act=act,
+        clamp=clamp,
+        up_shift=up_shift,
+        dropout_rate=dropout_rate,
+        dropout_keys=dropout_keys,
     )
     return dense(h, w_out)  # ...F,FD->...D
 
 
-def gated_activation(gate, up, *, act: str, dropout_rate: float = 0.0, dropout_keys=None) -> jax.Array:
-    """The gated MLP's hidden layer from x·w_gate and x·w_up (..., F): dropout(act(gate) * up)."""
+def gated_activation(
+    gate, up, *, act: str, clamp: float = 0.0, up_shift: float = 0.0, dropout_rate: float = 0.0, dropout_keys=None
+) -> jax.Array:
+    """The gated MLP's hidden layer from x·w_gate and x·w_up (..., F): dropout(act(gate) * (up + up_shift)).
+
+    clamp > 0 first clips the gate to <= clamp and up to [-clamp, clamp] (gpt-oss's SwiGLU: clamp 7, shift 1,
+    act quick_gelu)."""
+    if clamp:
+        gate, up = jnp.minimum(gate, clamp), jnp.clip(up, -clamp, clamp)
+    if up_shift:
+        up = up + up_shift
     return dropout(activation(act)(gate) * up, dropout_rate, dropout_keys)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.choices import EXPERT_IMPLS, ROUTER_SCORES
-from jaxlm.ops.mlp import activation
+from jaxlm.ops.mlp import activation, gated_activation
 
 
 class Routing(NamedTuple):
@@ -92,7 +92,7 @@ class Layout(NamedTuple):
     dropped: jax.Array  # () int32: assignments dropped (capacity dispatch)
 
 
-def _sorted(experts: jax.Array, num_experts: int):
+def group_sort(experts: jax.Array, num_experts: int):
     """The assignments sorted by expert: (order, expert of each sorted one, its rank within its expert, counts)."""
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
@@ -121,7 +121,7 @@ def block_layout(experts: jax.Array, num_experts: int, block: int) -> Layout:
     """Dropless: each expert's rows padded to whole blocks of `block` rows. experts: (M, k)."""
     A, E, b = experts.size, num_experts, block
     nb = (A + E * (b - 1)) // b  # the most blocks any routing needs
-    order, expert, rank, counts = _sorted(experts, E)
+    order, expert, rank, counts = group_sort(experts, E)
     padded = -(-counts // b) * b
     ends = jnp.cumsum(padded)
     rows = (ends - padded)[expert] + rank
@@ -133,7 +133,7 @@ def block_layout(experts: jax.Array, num_experts: int, block: int) -> Layout:
 def capacity_layout(experts: jax.Array, num_experts: int, capacity: int) -> Layout:
     """At most `capacity` rows an expert (one block each); later assignments (in token order) are dropped."""
     E, C = num_experts, capacity
-    order, expert, rank, counts = _sorted(experts, E)
+    order, expert, rank, counts = group_sort(experts, E)
     keep = rank < C
     rows = jnp.where(keep, expert * C + rank, E * C)
     used = counts > 0
@@ -188,8 +188,9 @@ combine.defvjp(_combine_fwd, _combine_bwd)
 def _block_matmul(xb, w, block_expert, block_used):
     def body(_, inputs):
         xi, e, used = inputs
-        zeros = lambda: jnp.zeros((xi.shape[0], w.shape[2]), xi.dtype)  # noqa: E731
-        return None, jax.lax.cond(used, lambda: jnp.dot(xi, w[e]), zeros)
+        # zeros_like keeps xi's varying mesh axes (inside shard_map both branches must agree)
+        zeros = lambda xi: jnp.zeros_like(xi, shape=(xi.shape[0], w.shape[2]))  # noqa: E731
+        return None, jax.lax.cond(used, lambda xi: jnp.dot(xi, w[e]), zeros, xi)
 
     return jax.lax.scan(body, None, (xb, block_expert, block_used))[1]
 
@@ -231,7 +232,11 @@ def expert_mlp(
     w_in: jax.Array | tuple[jax.Array, jax.Array],
     w_out: jax.Array,
     *,
+    b_in: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    b_out: jax.Array | None = None,
     act: str = "silu",
+    clamp: float = 0.0,
+    up_shift: float = 0.0,
     capacity_factor: float = 0.0,
     impl: str = "blocks",
     block: int = 128,
@@ -239,7 +244,8 @@ def expert_mlp(
     """sum_j weights[m, j] * MLP_{experts[m, j]}(x[m]) for tokens x (M, D).
 
     w_in: (w_gate, w_up), each (E, D, F), for gated experts (act(x w_gate) * (x w_up)), or one (E, D, F) for
-      plain ones (act(x w_in)); w_out: (E, F, D).
+      plain ones (act(x w_in)); w_out: (E, F, D). b_in (like w_in, (E, F) each) and b_out (E, D): the experts'
+      biases, or None. clamp, up_shift: gated experts' `jaxlm.ops.mlp.gated_activation` (gpt-oss).
     capacity_factor: > 0 dispatches at most ceil(factor * M * k / E) rows an expert and drops the rest
       (`capacity_layout`); 0 is dropless.
     impl: blocks (a loop of (b, D) x (D, F) matmuls) or ragged (`jax.lax.ragged_dot`: GPU/TPU kernels); auto:
@@ -253,31 +259,58 @@ def expert_mlp(
         impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
     M, D = x.shape
     k = routing.experts.shape[1]
-    gated = isinstance(w_in, (tuple, list))
     E = w_out.shape[0]
     if capacity_factor > 0:
-        C = capacity(M, k, E, capacity_factor)
-        layout = capacity_layout(routing.experts, E, C)
-        nb, b = E, C
+        b = capacity(M, k, E, capacity_factor)
+        layout = capacity_layout(routing.experts, E, b)
     else:
         b = 1 if impl == "ragged" else block_size(M * k, E, block)
         layout = block_layout(routing.experts, E, b)
-        nb = layout.block_expert.shape[0]
     rows = dispatch(x, layout, k)  # (R, D)
-    if capacity_factor > 0:  # one block an expert: a batched matmul
-        mm = lambda h, w: jnp.einsum("ECD,EDF->ECF", h.reshape(E, C, -1), w).reshape(E * C, -1)  # noqa: E731
-    elif impl == "ragged":
-        mm = lambda h, w: jax.lax.ragged_dot(h, w, layout.counts)  # noqa: E731
+    kind = "capacity" if capacity_factor > 0 else impl
+    out = run_experts(
+        rows, layout, b, w_in, w_out, b_in=b_in, b_out=b_out, act=act, clamp=clamp, up_shift=up_shift, kind=kind
+    )
+    out = combine(out, layout).reshape(M, k, D)  # (A, D) -> MkD
+    return jnp.einsum("MkD,Mk->MD", out, routing.weights.astype(out.dtype)), layout
+
+
+def run_experts(
+    rows: jax.Array,
+    layout: Layout,
+    block: int,
+    w_in,
+    w_out: jax.Array,
+    *,
+    b_in=None,
+    b_out=None,
+    act: str = "silu",
+    clamp: float = 0.0,
+    up_shift: float = 0.0,
+    kind: str = "blocks",
+) -> jax.Array:
+    """Each dispatched row (R, D) through its block's expert MLP -> (R, D); rows of unused blocks give 0.
+
+    layout: rows in blocks of `block` rows (`block_layout`, or `capacity_layout` with block = C); experts with
+    ids past the weights' E (a sentinel for empty rows) must sit in unused blocks. kind: blocks
+    (`grouped_matmul`), ragged (`jax.lax.ragged_dot`, block 1) or capacity (one batched matmul, one block an
+    expert). Other arguments as `expert_mlp`'s."""
+    E = w_out.shape[0]
+    nb = layout.block_expert.shape[0]
+    if kind == "capacity":
+        mm = lambda h, w: jnp.einsum("ECD,EDF->ECF", h.reshape(E, block, -1), w).reshape(E * block, -1)  # noqa: E731
+    elif kind == "ragged":  # rows past the groups (a sentinel's, sorted last) come out 0
+        mm = lambda h, w: jax.lax.ragged_dot(h, w, layout.counts[:E])  # noqa: E731
     else:
         mm = lambda h, w: grouped_matmul(  # noqa: E731
-            h.reshape(nb, b, -1), w, layout.block_expert, layout.block_used
-        ).reshape(nb * b, -1)
-    f = activation(act)
-    if gated:  # gate and up as one (E, D, 2F) matmul: half the loop's steps, each twice as wide
+            h.reshape(nb, block, -1), w, layout.block_expert, layout.block_used
+        ).reshape(nb * block, -1)
+    row_expert = jnp.repeat(layout.block_expert, block)  # (R,): each row's expert (padding rows: any)
+    bias = lambda y, b: y if b is None else y + b[row_expert]  # noqa: E731
+    if isinstance(w_in, (tuple, list)):  # gate and up as one (E, D, 2F) matmul: half the loop's steps, twice as wide
         F = w_in[0].shape[-1]
-        h = mm(rows, jnp.concatenate(w_in, axis=-1))
-        h = f(h[:, :F]) * h[:, F:]
+        h = bias(mm(rows, jnp.concatenate(w_in, axis=-1)), None if b_in is None else jnp.concatenate(b_in, -1))
+        h = gated_activation(h[:, :F], h[:, F:], act=act, clamp=clamp, up_shift=up_shift)
     else:
-        h = f(mm(rows, w_in))
-    out = combine(mm(h, w_out), layout).reshape(M, k, D)  # (A, D) -> MkD
-    return jnp.einsum("MkD,Mk->MD", out, routing.weights.astype(out.dtype)), layout
+        h = activation(act)(bias(mm(rows, w_in), b_in))
+    return bias(mm(h, w_out), b_out)

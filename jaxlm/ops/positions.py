@@ -43,6 +43,7 @@ def scaled_rope_frequencies(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
     attention_factor: float = 0.0,
+    truncate: bool = True,
     short_factor: tuple[float, ...] = (),
     long_factor: tuple[float, ...] = (),
 ) -> tuple[jax.Array, float]:
@@ -57,6 +58,7 @@ def scaled_rope_frequencies(
       seq_len: "dynamic" and "longrope": current length (max position + 1; may be traced).
       low_freq_factor, high_freq_factor: "llama3" only.
       beta_fast, beta_slow, attention_factor: "yarn" (and attention_factor "longrope"); 0 = derived from factor.
+      truncate: "yarn": round the correction range to whole dimensions (False: gpt-oss).
       short_factor, long_factor: "longrope" (Phi-3): (H/2,) divisors of the frequencies, the long ones once
         seq_len exceeds original_max_len.
 
@@ -86,8 +88,10 @@ def scaled_rope_frequencies(
         def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` times in the context
             return head_dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
         extrapolate = 1 - ramp  # 1: keep the frequency (high frequencies); 0: interpolate it
         inv = inv / factor * (1 - extrapolate) + inv * extrapolate

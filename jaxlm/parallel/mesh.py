@@ -1,6 +1,6 @@
 """Device mesh from the `mesh:` config section.
 
-Axes, outermost to innermost: pipeline, data, fsdp, tensor. Tensor parallelism
+Axes, outermost to innermost: pipeline, data, fsdp, expert, tensor. Tensor parallelism
 exchanges the most data per layer, so its ranks are neighbours in device order
 (the same chip/host); pipeline stages talk least and span hosts.
 """
@@ -41,10 +41,20 @@ def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
 def check_layout(cfg: Config, sizes: dict[str, int]) -> int:
     """Validates batch and layer splits for resolved mesh `sizes`; returns the pipeline micro-batch count."""
     tc, m = cfg.train, cfg.model
-    replicas = sizes["data"] * sizes["fsdp"]
+    replicas = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = tc.batch_size // tc.grad_accum
     stages = sizes["pipeline"]
     microbatches, repeats = cfg.mesh.microbatches or stages, cfg.mesh.pipeline_repeats
+    experts = sizes["expert"]
+    if experts > 1:
+        if not m.num_experts:
+            raise ConfigError(
+                f"mesh.expert={experts} splits a mixture's experts: the model has none (model.num_experts)"
+            )
+        if m.num_experts % experts:
+            raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by mesh.expert ({experts})")
+        if stages > 1:
+            raise ConfigError("expert parallelism (mesh.expert > 1) does not run inside the pipeline: use one of them")
     if m.num_layers % stages:
         raise ConfigError(f"model.num_layers ({m.num_layers}) must be divisible by mesh.pipeline ({stages})")
     if repeats > 1:
@@ -68,8 +78,9 @@ def check_layout(cfg: Config, sizes: dict[str, int]) -> int:
     rows = micro // (microbatches if stages > 1 else 1)
     if rows % replicas:
         raise ConfigError(
-            f"each micro-batch has {rows} rows, which do not split over data x fsdp = {replicas} devices; "
-            "make train.batch_size / (train.grad_accum x mesh.microbatches) a multiple of mesh.data x mesh.fsdp"
+            f"each micro-batch has {rows} rows, which do not split over data x fsdp x expert = {replicas} devices; "
+            "make train.batch_size / (train.grad_accum x mesh.microbatches) a multiple of mesh.data x mesh.fsdp "
+            "x mesh.expert"
         )
     if tc.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size ({tc.batch_size}) must split over {jax.process_count()} processes")

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.axes import logical_to_spec, rules_for
+from jaxlm.axes import BATCH_AXES, logical_to_spec, rules_for
 
 
 def _is_variable(x) -> bool:
@@ -49,8 +49,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(B, ...) arrays with rows split over data x fsdp."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    """(B, ...) arrays with rows split over data x fsdp x expert."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def local_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:

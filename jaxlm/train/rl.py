@@ -288,7 +288,9 @@ class Update:
     def score(self, state, rows: dict):
         """(logp, ref_logp, values or None) of the rows' targets, on the host."""
         n, sizes = len(rows["tokens"]), self.sharded.sizes
-        extra = (-n) % (sizes["data"] * sizes["fsdp"])  # rows repeated up to the batch sharding's multiple
+        extra = (-n) % (
+            sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        )  # rows repeated up to the batch sharding's multiple
         padded = self.put({k: np.concatenate([rows[k], rows[k][:extra]]) for k in ("tokens", "valid")})
         logp, ref_logp, values = jax.device_get(
             self.scorer(state.params, state.frozen, state.ref, padded["tokens"], padded["valid"])

@@ -133,6 +133,11 @@ CASES = {
             max_window_layers=2,
         ),
     ),
+    "gpt_oss": (  # sinks, alternating sliding windows, biased experts and router, clamped SwiGLU, YaRN untruncated
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(SMALL, num_key_value_heads=2, head_dim=16, num_local_experts=4, sliding_window=6, swiglu_limit=0.5),
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -152,7 +157,7 @@ def hf_model(case, directory):
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or "bias" in name:
                 p.add_(0.1 * torch.randn_like(p))
-            if name.endswith(("gate.weight", "shared_expert_gate.weight")):  # routers of mixtures of experts
+            if name.endswith(("gate.weight", "router.weight", "sinks")):  # routers of mixtures of experts, sinks
                 p.normal_(0, 0.5)
     model.save_pretrained(directory)
     return model

@@ -168,6 +168,18 @@ PUBLISHED = {
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
         "use_cache": True, "use_sliding_window": False,
     },
+    "gpt_oss": {  # openai/gpt-oss-20b (its quantization_config, MXFP4, left out: refused by name below)
+        **SMALL_LLAMA, "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 2, "experts_per_token": 2, "head_dim": 16, "hidden_act": "silu",
+        "initial_context_length": 64, "initializer_range": 0.02, "intermediate_size": 96,
+        "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 128,
+        "model_type": "gpt_oss", "num_experts_per_tok": 2, "num_key_value_heads": 2, "num_local_experts": 4,
+        "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                         "original_max_position_embeddings": 64, "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 8, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True,
+    },
 }  # fmt: skip
 HF_CLASSES = {"T5WithLMHeadModel": "T5ForConditionalGeneration"}
 
@@ -216,6 +228,9 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
         ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
         ("qwen3_moe", {"decoder_sparse_step": 2}, "dense layers among the expert layers"),
         ("qwen3_moe", {"mlp_only_layers": [0]}, "dense layers among the expert layers"),
+        ("gpt_oss", {"swiglu_alpha": 1.5}, "swiglu_alpha=1.5 is not supported"),
+        ("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config"),
+        ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention"]}, "not a repeating pattern"),
     ],
 )
 def test_keys_that_change_the_math_are_refused(name, change, message):

@@ -18,6 +18,7 @@ CLASSES = {
     "encoder-decoder": dict(BASE, decoder_layers=2),
 }
 LOCAL = dict(sliding_window=3, global_every=2)
+YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=4096)  # a fractional correction range
 MOE = dict(num_experts=4)
 SHARED = dict(MOE, shared_experts=1)
 MOE_VARIANTS = {
@@ -31,6 +32,9 @@ MOE_VARIANTS = {
     "router_scale": (dict(MOE, router_scale=2.5), MOE),
     "capacity_factor": (dict(MOE, capacity_factor=0.5), MOE),
     "mlp=plain experts": (dict(MOE, mlp="plain", activation="gelu"), dict(MOE, activation="gelu")),
+    "router_bias": (dict(MOE, router_bias=True), MOE),
+    "mlp_bias experts": (dict(MOE, mlp_bias=True), MOE),
+    "mlp_clamp experts": (dict(MOE, mlp_clamp=0.3), MOE),
 }
 # (field changes, baseline changes): each pair must compute different functions.
 VARIANTS = {
@@ -56,6 +60,11 @@ VARIANTS = {
     "qkv_bias": (dict(qkv_bias=True), {}),
     "out_bias": (dict(out_bias=True), {}),
     "num_kv_heads": (dict(num_kv_heads=1), {}),
+    "attention_sinks": (dict(attention_sinks=True), {}),
+    "mlp_clamp": (dict(mlp_clamp=0.3), {}),
+    "mlp_up_shift": (dict(mlp_up_shift=1.0), {}),
+    "activation=quick_gelu": (dict(activation="quick_gelu"), {}),
+    "rope_truncate": (dict(YARN, rope_truncate=False), YARN),
     **MOE_VARIANTS,
 }
 
@@ -106,7 +115,10 @@ def test_field_changes_the_output(kind, variant):
         (dict(shared_experts=1), "shared_experts configures a mixture of experts"),
         (dict(aux_loss_weight=0.01), "aux_loss_weight configures a mixture of experts"),
         (dict(num_experts=4, shared_expert_gate=True), "shared_expert_gate"),
-        (dict(num_experts=4, mlp_bias=True), "mlp_bias"),
+        (dict(router_bias=True), "router_bias configures a mixture of experts"),
+        (dict(mlp_clamp=1.0, mlp="plain"), "mlp_clamp"),
+        (dict(attention_sinks=True, attention_impl="xla"), "attention_sinks"),
+        (dict(rope_truncate=False), "rope_truncate"),
         (dict(num_experts=4, mlp_dropout=0.1), "mlp_dropout"),
         (dict(num_experts=4, router="top1"), "router"),
     ],

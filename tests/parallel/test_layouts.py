@@ -240,3 +240,47 @@ def test_mixture_of_experts_layouts_match_one_device(layout, extra):
     losses, params, _ = train_steps(LAYOUTS[layout] + MOE + extra)
     assert_same((losses, params), want)
     assert losses[-1] < losses[0]
+
+
+EXPERT_LAYOUTS = {
+    "expert=4 data=2": ["mesh.data=2", "mesh.expert=4"],
+    "expert=2 fsdp=4 zero3": ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2", "mesh.zero_stage=3"],
+    "expert=2 data=2 tensor=2": ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+    "expert=4 tensor=2 remat": ["mesh.data=1", "mesh.expert=4", "mesh.tensor=2", "model.remat=full"],
+}
+
+
+@pytest.mark.parametrize("layout", list(EXPERT_LAYOUTS))
+def test_expert_parallelism_matches_one_device(layout):
+    """Experts split over mesh.expert, tokens exchanged all-to-all (dropless): the same losses and parameters
+    as one device, composed with data, FSDP (ZeRO-3) and tensor parallelism."""
+    losses, params, sharded = train_steps(EXPERT_LAYOUTS[layout] + MOE + MOE_LOSSES)
+    assert sharded.mesh.shape["expert"] > 1
+    assert_same((losses, params), reference(extra=[*MOE, *MOE_LOSSES]))
+    assert losses[-1] < losses[0]
+
+
+def test_expert_parallel_capacity_drops_and_counts():
+    """With a capacity, each device sends at most ceil(f * its assignments / P) to each device: a router that
+    sends everything to a few experts drops the rest, counted in the metrics, and training goes on."""
+    extra = ["mesh.data=2", "mesh.expert=4", *MOE, "model.capacity_factor=0.5"]
+    sharded = ShardedTraining(load_config("configs/llama_tiny.yaml", BASE + extra))
+    state = sharded.init_state()
+    state, metrics = sharded.train_step(state, sharded.put_batch(batches(1)[0]))
+    assert 0 < float(metrics["moe_dropped"]) < 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["mesh.data=2", "mesh.expert=4"], "the model has none"),
+        (["mesh.data=1", "mesh.expert=8", *MOE], r"model.num_experts \(4\) must be divisible by mesh.expert \(8\)"),
+        (["mesh.data=2", "mesh.expert=2", "mesh.pipeline=2", *MOE], "does not run inside the pipeline"),
+    ],
+)
+def test_expert_axis_that_cannot_split_is_refused(extra, message):
+    from jaxlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ShardedTraining(load_config("configs/llama_tiny.yaml", BASE + extra))

@@ -4,7 +4,7 @@ norm; `BertModel` (with the pooler) or `BertForMaskedLM` (the MLM transform and 
 from __future__ import annotations
 
 from jaxlm.config import ModelConfig
-from jaxlm.hf.common import mismatches
+from jaxlm.hf.common import PLAIN_BLOCK, mismatches
 
 ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert"}
 CONFIG_CLASSES = ("BertConfig",)
@@ -94,6 +94,7 @@ BERT_LIKE = dict(position="learned", norm="layernorm", norm_position="post", mlp
 BERT_LIKE.update(out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True, embed_norm=True, num_kv_heads=0)
 BERT_LIKE.update(sliding_window=0, embed_scale=False, qk_norm=False, attn_logit_softcap=0.0, final_logit_softcap=0.0)
 BERT_LIKE.update(scale_readout=False, attention_scale=0.0)
+BERT_LIKE.update(PLAIN_BLOCK)
 
 
 def architecture(cfg: ModelConfig):

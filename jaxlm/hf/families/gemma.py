@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, mismatches, rope_params, rope_to_hf
+from jaxlm.hf.common import (
+    HF_ACTIVATION,
+    PLAIN_BLOCK,
+    ROPE_KEYS,
+    global_every,
+    layer_types,
+    mismatches,
+    rope_params,
+    rope_to_hf,
+)
 from jaxlm.hf.families.llama import (
     ATTENTION,
     DECODER_TOP,
@@ -55,17 +64,7 @@ def _pattern(r, arch: str, layers: int) -> int | None:
     else:  # layer_types overrides the pattern keys
         for key in ("sliding_window_pattern", "_sliding_window_pattern"):
             r.get(key, None)
-    if set(types) - {"full_attention", "sliding_attention"} or len(types) != layers:
-        raise ConfigError(f"{arch}: layer_types {types} must name each of the {layers} layers full or sliding")
-    local = [t == "sliding_attention" for t in types]
-    if not any(local):
-        return None
-    for every in [0, *range(2, layers + 1)]:
-        if local == [not (every and (i + 1) % every == 0) for i in range(layers)]:
-            return every
-    raise ConfigError(
-        f"{arch}: layer_types {types} is not a repeating pattern of sliding layers closed by a global one"
-    )
+    return global_every(types, arch, layers)
 
 
 def config_from_hf(r, arch: str, tensor_names) -> ModelConfig:
@@ -112,6 +111,7 @@ def config_from_hf(r, arch: str, tensor_names) -> ModelConfig:
 GEMMA_LIKE = dict(norm="rmsnorm", mlp="gated", norm_position="pre", mlp_bias=False, embed_scale=True)
 GEMMA_LIKE.update(norm_offset=1.0, post_norms=True, head="lm", scale_readout=False, embed_norm=False)
 GEMMA_LIKE.update(type_vocab_size=0, pooler=False)
+GEMMA_LIKE.update(PLAIN_BLOCK)
 
 
 def architecture(cfg: ModelConfig):
@@ -133,7 +133,7 @@ def architecture(cfg: ModelConfig):
 
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     scalar = (cfg.attention_scale or cfg.dim_per_head**-0.5) ** -2
-    types = ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.num_layers)]
+    types = layer_types(cfg)
     out = {
         **decoder_config(cfg),
         "hidden_activation": HF_ACTIVATION[cfg.activation],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from jaxlm.config import ModelConfig
-from jaxlm.hf.common import HF_ACTIVATION, mismatches
+from jaxlm.hf.common import HF_ACTIVATION, PLAIN_BLOCK, mismatches
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ GPT2_LIKE = dict(norm="layernorm", mlp="plain", qkv_bias=True, out_bias=True, ml
 GPT2_LIKE.update(tie_embeddings=True, norm_position="pre", num_kv_heads=0, sliding_window=0, embed_scale=False)
 GPT2_LIKE.update(post_norms=False, qk_norm=False, attn_logit_softcap=0.0, final_logit_softcap=0.0, head="lm")
 GPT2_LIKE.update(scale_readout=False, embed_norm=False, attention_scale=0.0, type_vocab_size=0, pooler=False)
+GPT2_LIKE.update(PLAIN_BLOCK)
 
 
 def architecture(cfg: ModelConfig):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, max_positions, mismatches, rope_params, rope_to_hf
+from jaxlm.hf.common import HF_ACTIVATION, PLAIN_BLOCK, ROPE_KEYS, max_positions, mismatches, rope_params, rope_to_hf
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 CONFIG_CLASSES = ("LlamaConfig", "MistralConfig", "Qwen2Config")
@@ -101,6 +101,7 @@ LLAMA_LIKE = dict(position="rope", norm="rmsnorm", mlp="gated", norm_position="p
 LLAMA_LIKE.update(embed_scale=False, post_norms=False, qk_norm=False, norm_offset=0.0, causal=True, head="lm")
 LLAMA_LIKE.update(attn_logit_softcap=0.0, final_logit_softcap=0.0, scale_readout=False, embed_norm=False)
 LLAMA_LIKE.update(attention_scale=0.0, global_every=0, rope_local_theta=0.0, type_vocab_size=0, pooler=False)
+LLAMA_LIKE.update(PLAIN_BLOCK)
 
 
 def architecture(cfg: ModelConfig):

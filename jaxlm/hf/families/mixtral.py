@@ -26,7 +26,7 @@ EXPERTS = [
     ("block_sparse_moe.experts.{e}.w2.weight", ("moe", "w_out"), "linear"),
 ]
 LAYER = ATTENTION + [("post_attention_layernorm.weight", ("mlp_norm", "scale"), "vector")] + EXPERTS
-MOE_DEFAULTS = dict(shared_experts=0, shared_expert_gate=False, router="softmax", router_scale=1.0)
+MOE_DEFAULTS = dict(shared_experts=0, shared_expert_gate=False, router="softmax", router_scale=1.0, router_bias=False)
 MOE_DEFAULTS.update(capacity_factor=0.0, router_z_loss_weight=0.0, mlp="gated", qkv_bias=False, out_bias=False)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from jaxlm.config import ModelConfig
-from jaxlm.hf.common import ACTIVATIONS, mismatches
+from jaxlm.hf.common import ACTIVATIONS, PLAIN_BLOCK, mismatches
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def config_from_hf(r, arch: str, tensor_names) -> ModelConfig:
 T5_LIKE = dict(position="relative", norm="rmsnorm", norm_position="pre", qkv_bias=False, out_bias=False)
 T5_LIKE.update(mlp_bias=False, attention_scale=1.0, embed_scale=False, sliding_window=0, post_norms=False)
 T5_LIKE.update(qk_norm=False, norm_offset=0.0, attn_logit_softcap=0.0, final_logit_softcap=0.0, embed_norm=False)
+T5_LIKE.update(PLAIN_BLOCK)
 
 
 def architecture(cfg: ModelConfig):
