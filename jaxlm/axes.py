@@ -37,6 +37,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "seq": (),
     "lora": (),  # a LoRA's rank: small, replicated
+    "q_lora": (),  # latent attention's query and key/value ranks: small, replicated
+    "kv_lora": (),
 }
 
 # With fewer KV heads than tensor ranks (GQA), each rank keeps every K/V head

@@ -77,6 +77,12 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     param_dtype = model.embed.embedding[...].dtype
     if pc.method in ("lora", "qlora"):
         scale = lora_scale(pc.alpha, pc.rank, pc.rslora)
+        if cfg.kv_lora_rank and {"q", "k", "v"} & set(pc.targets):
+            raise ConfigError(
+                "peft.targets q/k/v: latent attention (model.kv_lora_rank) has no such projections; target o"
+            )
+        if cfg.first_dense_layers:
+            raise ConfigError("LoRA on a model with dense first layers (model.first_dense_layers) is not supported yet")
         if cfg.num_experts and {"gate", "up", "down"} & set(pc.targets):
             raise ConfigError(
                 "peft.targets gate/up/down: LoRA on a mixture of experts' expert weights is not supported yet; "
@@ -86,7 +92,7 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
             raise ConfigError("peft.targets has gate, but the model's MLP is not gated (model.mlp=plain)")
         n = 0
         for stack in stacks(model):
-            block, layers = stack.layers, stack.num_layers
+            block, layers = stack.layers, stack.num_layers - stack.first  # (a dense first group is not adapted)
             for role in pc.targets:
                 if role not in PROJECTIONS:
                     continue
@@ -161,7 +167,7 @@ def projection_weights(model):
         for kind, name, in_axes, _ in PROJECTIONS.values():
             for module in _modules(stack.layers, kind):
                 attr = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
-                yield module, attr, stack.num_layers, len(in_axes)
+                yield module, attr, stack.num_layers - stack.first, len(in_axes)
 
 
 def quantize(model, kind: type[QuantizedWeight] = NF4Weight) -> None:

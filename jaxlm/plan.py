@@ -177,9 +177,11 @@ def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False)
     )
     if m.num_experts:
         expert = m.d_model * m.expert_hidden * (3 if m.mlp == "gated" else 2)  # weights (biases aside)
+        stacks = [m.num_layers] + ([m.decoder_layers] if m.decoder_layers else [])
+        expert_layers = sum(n - m.first_dense_layers for n in stacks)
         lines.append(
             f"experts: {m.num_experts} an expert layer, {m.experts_per_token} a token, each {_fmt_count(expert)} "
-            f"parameters: {_fmt_count(expert * m.num_experts * (m.num_layers + m.decoder_layers))} in experts; "
+            f"parameters: {_fmt_count(expert * m.num_experts * expert_layers)} in experts; "
             f"{_fmt_count(active_params(m))} parameters active a token"
         )
     if m.num_experts and sizes["expert"] > 1:

@@ -151,6 +151,36 @@ PRESET_FIELDS: dict[str, dict] = {
         aux_loss_weight=0.9,
         **dict(_LLAMA, activation="quick_gelu"),
     ),
+    # DeepSeek-AI 2024 (deepseek-ai/DeepSeek-V3, without its multi-token-prediction layer); 671,026,419,200
+    # parameters (as published), 37,552,297,472 active a token ("37B"). Latent attention, 3 dense layers, then
+    # 256 experts (8 a token, in 4 of 8 groups) and a shared one.
+    "deepseek_v3": dict(
+        vocab_size=129280,
+        d_model=7168,
+        num_layers=61,
+        num_heads=128,
+        head_dim=128,
+        mlp_dim=18432,
+        max_seq_len=163840,
+        norm_eps=1e-6,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        num_experts=256,
+        experts_per_token=8,
+        expert_mlp_dim=2048,
+        shared_experts=1,
+        first_dense_layers=3,
+        router="sigmoid",
+        router_balance=True,
+        router_balance_rate=0.001,
+        router_scale=2.5,
+        router_groups=8,
+        router_group_limit=4,
+        **_LLAMA,
+    ),
     # Qwen Team 2025 (Qwen/Qwen3-30B-A3B); 30,532,122,624 parameters, 3,353,032,704 active a token.
     "qwen3_30b_a3b": dict(
         vocab_size=151936,

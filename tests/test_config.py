@@ -54,11 +54,13 @@ PUBLISHED_COUNTS = [
     ("mixtral_8x7b", 46_702_792_704),
     ("qwen3_30b_a3b", 30_532_122_624),
     ("gpt_oss_20b", 20_914_757_184),
+    ("deepseek_v3", 671_026_419_200),
 ]
 PUBLISHED_ACTIVE = [
     ("mixtral_8x7b", 12_879_925_248),
     ("qwen3_30b_a3b", 3_353_032_704),
     ("gpt_oss_20b", 3_608_307_264 + 201088 * 2880),  # OpenAI's 3.6B leaves out the embedding table
+    ("deepseek_v3", 37_552_297_472),
     ("llama3_8b", 8_030_261_248),
 ]
 

@@ -163,7 +163,9 @@ def layout_fits(cfg) -> None:
     if cfg.model.decoder_layers and cfg.mesh.pipeline != 1:
         raise ConfigError("pipeline parallelism supports single-stack models; use mesh.pipeline=1")
     m = cfg.model
-    if (m.aux_loss_weight or m.router_z_loss_weight) and cfg.mesh.pipeline != 1:
+    if m.router_balance_rate and cfg.peft.method != "none":
+        raise ConfigError("model.router_balance_rate moves the base model's balancing bias: set it to 0 with peft")
+    if (m.aux_loss_weight or m.router_z_loss_weight or m.router_balance_rate) and cfg.mesh.pipeline != 1:
         raise ConfigError(
             "model.aux_loss_weight / router_z_loss_weight: the routers' losses are not collected through the "
             "pipeline schedule; use mesh.pipeline=1 or set them to 0"

@@ -35,6 +35,13 @@ class ModelConfig:
     num_kv_heads: int = 0  # K, key/value heads (0 = num_heads: MHA; 1 = MQA)
     head_dim: int = 0  # H (0 = d_model // num_heads)
     mlp_dim: int = 512  # F, hidden width of the feed-forward block
+    # Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: keys and values from a per-token latent
+    # of kv_lora_rank values (what the cache holds), plus a RoPE key of qk_rope_head_dim shared by the heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # > 0: queries through a low-rank bottleneck of this rank (with a norm)
+    qk_rope_head_dim: int = 0  # the rotated part of each query and key head
+    qk_nope_head_dim: int = 0  # the unrotated part (0 = head_dim)
+    v_head_dim: int = 0  # value head width (0 = head_dim)
     max_seq_len: int = 256  # longest context (learned positions, KV cache size)
     position: str = "rope"  # rope | learned | sinusoidal | alibi | relative (T5 bias) | none
     rope_theta: float = 10000.0
@@ -74,6 +81,13 @@ class ModelConfig:
     shared_expert_gate: bool = False  # the shared MLP's output times sigmoid(x . w) (Qwen2-MoE)
     router: str = "softmax"  # softmax | sigmoid: the router's scores of the experts
     router_bias: bool = False  # a bias on the router's logits (gpt-oss)
+    # A per-expert bias added to the scores only to choose the experts (DeepSeek-V3's e_score_correction_bias:
+    # auxiliary-loss-free balancing); training moves it by router_balance_rate x sign(mean load - load) a step.
+    router_balance: bool = False
+    router_balance_rate: float = 0.0
+    router_groups: int = 0  # group-limited routing: experts in this many groups (DeepSeek-V3's n_group) ...
+    router_group_limit: int = 0  # ... and a token chooses within its best this many (topk_group)
+    first_dense_layers: int = 0  # the first layers keep a dense MLP of mlp_dim (DeepSeek's first_k_dense_replace)
     router_normalize: bool = True  # a token's k weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
     router_scale: float = 1.0  # the weights times this (DeepSeek-V3's routed_scaling_factor)
     capacity_factor: float = 0.0  # > 0: an expert takes at most ceil(f * tokens * k / E) of a batch; 0 = dropless
@@ -121,6 +135,19 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    def without_experts(self) -> ModelConfig:
+        """This config with a dense MLP (every mixture-of-experts field at its default): a dense layer's."""
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in EXPERT_FIELDS}
+        return dataclasses.replace(self, num_experts=0, **defaults)
+
+    @property
+    def mla_nope_dim(self) -> int:
+        return self.qk_nope_head_dim or self.dim_per_head
+
+    @property
+    def mla_v_dim(self) -> int:
+        return self.v_head_dim or self.dim_per_head
 
     @property
     def expert_hidden(self) -> int:
@@ -269,8 +296,38 @@ class ModelConfig:
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"model.position=rope needs an even head dim, got {self.dim_per_head}")
         self._check_experts()
+        self._check_latent_attention()
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"model.position=sinusoidal needs an even model.d_model, got {self.d_model}")
+
+    def _check_latent_attention(self):
+        for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.kv_lora_rank:
+            for key in ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, key):
+                    raise ConfigError(f"model.{key} shapes latent attention: set model.kv_lora_rank > 0")
+            return
+        if self.position != "rope" or not self.qk_rope_head_dim or self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                "latent attention (model.kv_lora_rank > 0) rotates a decoupled key: needs model.position=rope and "
+                f"an even model.qk_rope_head_dim > 0, got {self.position!r} and {self.qk_rope_head_dim}"
+            )
+        for key in ("kv_lora_rank", "q_lora_rank"):
+            if getattr(self, key) > self.d_model:
+                raise ConfigError(
+                    f"model.{key} ({getattr(self, key)}) exceeds model.d_model ({self.d_model}): not a compression"
+                )
+        if self.qkv_bias or self.qk_norm or self.num_kv_heads not in (0, self.num_heads):
+            raise ConfigError(
+                "latent attention (model.kv_lora_rank > 0) has its own key/value projections: model.qkv_bias, "
+                "model.qk_norm and model.num_kv_heads do not apply (leave them false / 0)"
+            )
+        if self.attention_impl != "reference":
+            raise ConfigError(
+                "latent attention's value heads differ from its query heads: model.attention_impl=reference"
+            )
 
     def _check_experts(self):
         check_choice("model.router", self.router, ROUTER_SCORES)
@@ -283,16 +340,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if not self.num_experts:
             defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-            moe_only = ("expert_mlp_dim", "shared_experts", "shared_expert_gate", "router", "router_normalize")
-            moe_only += (
-                "router_bias",
-                "router_scale",
-                "capacity_factor",
-                "expert_impl",
-                "aux_loss_weight",
-                "router_z_loss_weight",
-            )
-            for key in moe_only:
+            for key in EXPERT_FIELDS:
                 if getattr(self, key) != defaults[key]:
                     raise ConfigError(f"model.{key} configures a mixture of experts: set model.num_experts > 0")
             return
@@ -301,6 +349,39 @@ class ModelConfig:
                 f"model.experts_per_token ({self.experts_per_token}) must be between 1 and model.num_experts "
                 f"({self.num_experts})"
             )
+        if self.router_balance_rate < 0 or (self.router_balance_rate and not self.router_balance):
+            raise ConfigError(
+                "model.router_balance_rate moves the balancing bias: needs model.router_balance=true, rate >= 0"
+            )
+        if self.router_groups < 0 or self.router_group_limit < 0:
+            raise ConfigError("model.router_groups / router_group_limit must be >= 0")
+        if self.router_group_limit:
+            if self.router_groups < 2 or self.num_experts % self.router_groups:
+                raise ConfigError(
+                    f"model.router_groups ({self.router_groups}) must be >= 2 and divide model.num_experts "
+                    f"({self.num_experts}) for group-limited routing"
+                )
+            if self.router_group_limit > self.router_groups:
+                raise ConfigError(
+                    f"model.router_group_limit ({self.router_group_limit}) exceeds model.router_groups "
+                    f"({self.router_groups})"
+                )
+            if self.experts_per_token > self.router_group_limit * (self.num_experts // self.router_groups):
+                raise ConfigError("model.experts_per_token exceeds the experts of model.router_group_limit groups")
+        elif self.router_groups:
+            raise ConfigError("model.router_groups needs model.router_group_limit > 0 (the groups a token may use)")
+        if not 0 <= self.first_dense_layers < self.num_layers:
+            raise ConfigError(
+                f"model.first_dense_layers ({self.first_dense_layers}) must be in [0, model.num_layers "
+                f"({self.num_layers})): at least one layer keeps experts"
+            )
+        if self.router_balance_rate and self.decoder_layers:
+            raise ConfigError("model.router_balance_rate balances a single stack's experts (model.decoder_layers=0)")
+        if self.decoder_layers and self.first_dense_layers >= self.decoder_layers:
+            raise ConfigError(
+                f"model.first_dense_layers ({self.first_dense_layers}) must leave the decoder's "
+                f"{self.decoder_layers} layers one with experts"
+            )
         if self.shared_expert_gate and not self.shared_experts:
             raise ConfigError("model.shared_expert_gate gates the shared experts: set model.shared_experts > 0")
         if self.router_scale <= 0:
@@ -308,6 +389,26 @@ class ModelConfig:
         if self.mlp_dropout:
             raise ConfigError("model.mlp_dropout is not applied inside experts; set it to 0 with model.num_experts")
 
+
+# The fields that configure a mixture of experts (refused without num_experts).
+EXPERT_FIELDS = (
+    "expert_mlp_dim",
+    "shared_experts",
+    "shared_expert_gate",
+    "router",
+    "router_normalize",
+    "router_balance",
+    "router_balance_rate",
+    "router_groups",
+    "router_group_limit",
+    "first_dense_layers",
+    "router_bias",
+    "router_scale",
+    "capacity_factor",
+    "expert_impl",
+    "aux_loss_weight",
+    "router_z_loss_weight",
+)
 
 # The published shapes, each checked as any ModelConfig is.
 PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**fields) for name, fields in PRESET_FIELDS.items()}

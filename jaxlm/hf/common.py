@@ -194,7 +194,8 @@ def max_positions(cfg) -> int:
 
 
 # Fields only some families implement (gpt-oss): every other family's `architecture` wants these values.
-PLAIN_BLOCK = dict(attention_sinks=False, mlp_clamp=0.0, mlp_up_shift=0.0)
+PLAIN_BLOCK = dict(attention_sinks=False, mlp_clamp=0.0, mlp_up_shift=0.0, kv_lora_rank=0, first_dense_layers=0)
+PLAIN_BLOCK.update(router_balance=False, router_groups=0, router_group_limit=0)
 
 
 def global_every(types: list[str], where: str, layers: int) -> int | None:
@@ -248,10 +249,27 @@ def to_jax(x: np.ndarray, layout: str, cfg):
         return tuple(p.T for p in np.split(x, [F]))
     if layout == "interleaved_pair":  # (..., 2 F) with pairs side by side (gpt-oss's gate_up) -> 2 x (..., F)
         return x[..., ::2], x[..., 1::2]
+    if layout in ("mla_q", "mla_kv_a"):  # latent attention, RoPE pairs interleaved -> halves (see mla_rope_order)
+        y = x.T
+        if layout == "mla_q":
+            y = y.reshape(y.shape[0], cfg.num_heads, -1)
+        return y[..., mla_rope_order(y.shape[-1], cfg.qk_rope_head_dim)]
+    if layout == "mla_kv_b":  # (N (Hn + Hv), R) -> (R, N, Hn + Hv)
+        return x.T.reshape(x.shape[1], cfg.num_heads, -1)
+    if layout == "mla_o":  # (D, N Hv) -> (N, Hv, D)
+        return x.T.reshape(cfg.num_heads, -1, x.shape[0])
     raise AssertionError(layout)
 
 
-def to_hf(x, layout: str):
+def mla_rope_order(width: int, rope: int) -> np.ndarray:
+    """Indices that move the last `rope` of `width` features from DeepSeek's interleaved RoPE pairs (x0, x1),
+    (x2, x3), ... to jaxlm's halves (x0, x2, ..., x1, x3, ...): transformers' rope_interleave computes exactly
+    half-split RoPE on the de-interleaved features, so the weights' rows are reordered once at load."""
+    first = width - rope
+    return np.concatenate([np.arange(first), first + np.arange(0, rope, 2), first + np.arange(1, rope, 2)])
+
+
+def to_hf(x, layout: str, cfg=None):
     if layout == "vector":
         return x
     if layout == "linear":
@@ -274,4 +292,11 @@ def to_hf(x, layout: str):
         return np.concatenate([p.T for p in x])
     if layout == "interleaved_pair":
         return np.stack(x, axis=-1).reshape(*x[0].shape[:-1], -1)
+    if layout in ("mla_q", "mla_kv_a"):
+        y = x[..., np.argsort(mla_rope_order(x.shape[-1], cfg.qk_rope_head_dim))]
+        return y.reshape(y.shape[0], -1).T
+    if layout == "mla_kv_b":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "mla_o":
+        return x.reshape(-1, x.shape[-1]).T
     raise AssertionError(layout)

@@ -75,7 +75,7 @@ class _Modules:
     def __init__(self, cfg, arch: str):
         top, stacks = family_layout(cfg, arch)
         entries = [(name, (), target, 0) for name, target, _ in top]
-        entries += [(prefix + s, root, target, n) for prefix, root, table, n in stacks for s, target, _ in table]
+        entries += [(prefix + s, root, target, n) for prefix, root, table, n, *_ in stacks for s, target, _ in table]
         self.of_path, self.named = {}, {}
         for name, root, target, layers in entries:
             if not name.endswith(".weight"):

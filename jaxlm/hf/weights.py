@@ -1,7 +1,8 @@
 """Hugging Face tensors <-> jaxlm parameters, through the family's layout table.
 
 A table entry is (HF name, jaxlm path or list of paths (fused tensors), layout); layer stacks are
-(HF name prefix with {} for the layer, jaxlm stack path, per-layer table, layers): jaxlm stacks layers along a
+(HF name prefix with {} for the layer, jaxlm stack path, per-layer table, layers[, the HF number of the stack's
+first layer]): jaxlm stacks layers along a
 leading `layers` axis, Hugging Face numbers them. A per-layer name with `{e}` is one tensor an expert, which
 jaxlm stacks along the `experts` axis after `layers`.
 """
@@ -42,19 +43,17 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, arch: str, ex
         if all(p in expected for p in paths):
             x = to_jax(take(name), layout, cfg)
             out.update(zip(paths, x if len(paths) > 1 else [x]))
-    for prefix, root, table, layers in stacks:
+    for prefix, root, table, layers, *first in stacks:
+        at = lambda i, prefix=prefix, first=first: prefix.format(i + (first[0] if first else 0))  # noqa: E731
         for suffix, target, layout in table:
             paths = _paths(root, target)
             if not all(p in expected for p in paths):
                 continue
             if "{e}" in suffix:  # one tensor an expert, stacked
-                names = [
-                    [prefix.format(i) + suffix.replace("{e}", str(e)) for e in range(cfg.num_experts)]
-                    for i in range(layers)
-                ]
+                names = [[at(i) + suffix.replace("{e}", str(e)) for e in range(cfg.num_experts)] for i in range(layers)]
                 per_layer = [np.stack([to_jax(take(n), layout, cfg) for n in row]) for row in names]
             else:
-                per_layer = [to_jax(take(prefix.format(i) + suffix), layout, cfg) for i in range(layers)]
+                per_layer = [to_jax(take(at(i) + suffix), layout, cfg) for i in range(layers)]
             for j, p in enumerate(paths):
                 out[p] = np.stack([x[j] if len(paths) > 1 else x for x in per_layer])
     tied = set()
@@ -81,8 +80,9 @@ def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndar
         paths = _paths((), target)
         if all(p in params for p in paths):
             parts = [np.asarray(params[p]) for p in paths]
-            out[name] = to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
-    for prefix, root, table, layers in stacks:
+            out[name] = to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout, cfg)
+    for prefix, root, table, layers, *first in stacks:
+        at = lambda i, prefix=prefix, first=first: prefix.format(i + (first[0] if first else 0))  # noqa: E731
         for suffix, target, layout in table:
             paths = _paths(root, target)
             if not all(p in params for p in paths):
@@ -91,7 +91,7 @@ def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndar
                 parts = [np.asarray(params[p][i]) for p in paths]
                 if "{e}" in suffix:
                     for e in range(parts[0].shape[0]):
-                        out[prefix.format(i) + suffix.replace("{e}", str(e))] = to_hf(parts[0][e], layout)
+                        out[at(i) + suffix.replace("{e}", str(e))] = to_hf(parts[0][e], layout, cfg)
                     continue
-                out[prefix.format(i) + suffix] = to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout)
+                out[at(i) + suffix] = to_hf(tuple(parts) if len(parts) > 1 else parts[0], layout, cfg)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -24,6 +24,20 @@ from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 
 
+def rope_tables(rope: dict, local_rope: dict | None, local, head_dim: int, positions: jax.Array):
+    """(inverse frequencies, cos/sin scale) of a layer: `rope`, or `local_rope` where `local` (may be traced)."""
+
+    def frequencies(rope):  # dynamic NTK and LongRoPE depend on the longest position in use (as in HF)
+        seq_len = jnp.max(positions) + 1 if rope["scaling"] in ("dynamic", "longrope") else None
+        return scaled_rope_frequencies(head_dim, **rope, seq_len=seq_len)
+
+    inv_freq, scale = frequencies(rope)
+    if local_rope is not None:
+        local_freq, local_scale = frequencies(local_rope)
+        inv_freq, scale = jnp.where(local, local_freq, inv_freq), jnp.where(local, local_scale, scale)
+    return inv_freq, scale
+
+
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -111,10 +125,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            inv_freq, scale = self._rope_frequencies(self.rope, positions)
-            if self.local_rope is not None:
-                local_freq, local_scale = self._rope_frequencies(self.local_rope, positions)
-                inv_freq, scale = jnp.where(local, local_freq, inv_freq), jnp.where(local, local_scale, scale)
+            inv_freq, scale = rope_tables(self.rope, self.local_rope, local, self.head_dim, positions)
             q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
         if cache is not None:  # each row writes at its own slots and reads its own blocks, nothing else
             table = cache["table"]
@@ -127,11 +138,6 @@ class Attention(nnx.Module):
             }
             k, v = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
         return self._attend(q, k, v, mask, bias, dropout_keys), cache
-
-    def _rope_frequencies(self, rope: dict, positions: jax.Array):
-        # Dynamic NTK and LongRoPE depend on the longest position in use (as in Hugging Face).
-        seq_len = jnp.max(positions) + 1 if rope["scaling"] in ("dynamic", "longrope") else None
-        return scaled_rope_frequencies(self.head_dim, **rope, seq_len=seq_len)
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""

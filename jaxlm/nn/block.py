@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.nn.attention import Attention
+from jaxlm.nn.mla import LatentAttention
 from jaxlm.nn.mlp import MLP
 from jaxlm.nn.moe import MoE
 from jaxlm.nn.norm import norm_for
@@ -59,7 +60,10 @@ class Block(nnx.Module):
         )
         shape = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head)
         self.attn_norm = norm_for(cfg)
-        self.attn = Attention(*shape, rope=cfg.rope, local_rope=cfg.local_rope, **attention)
+        if cfg.kv_lora_rank:  # multi-head latent attention (DeepSeek)
+            self.attn = LatentAttention(cfg, out_std=out_std, rngs=rngs)
+        else:
+            self.attn = Attention(*shape, rope=cfg.rope, local_rope=cfg.local_rope, **attention)
         self.cross_norm = norm_for(cfg) if cross else None
         self.cross = Attention(*shape, rope=None, **attention) if cross else None
         self.mlp_norm = norm_for(cfg)

@@ -31,6 +31,7 @@ def active_params(cfg: ModelConfig) -> int:
     if cfg.num_experts:
         D, F, gated = cfg.d_model, cfg.expert_hidden, cfg.mlp == "gated"
         per_expert = D * F * (3 if gated else 2) + (((2 if gated else 1) * F + D) if cfg.mlp_bias else 0)
-        layers = cfg.num_layers + cfg.decoder_layers
+        stacks = [cfg.num_layers] + ([cfg.decoder_layers] if cfg.decoder_layers else [])
+        layers = sum(n_layers - cfg.first_dense_layers for n_layers in stacks)  # the layers with experts
         n -= layers * (cfg.num_experts - cfg.experts_per_token) * per_expert
     return n

@@ -29,6 +29,9 @@ class MoE(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         self.router = normal_param(rngs, (D, E), ("embed", None), std, param_dtype)
         self.router_bias = const_param((E,), (None,), 0.0, param_dtype) if cfg.router_bias else None
+        # Not trained by gradients (used through stop_gradient, a vector: no weight decay); moved by the balance
+        # rule of the train step (`balance_router`).
+        self.router_balance = const_param((E,), (None,), 0.0, param_dtype) if cfg.router_balance else None
         names = ("w_gate", "w_up") if cfg.mlp == "gated" else ("w_in",)
         for name in names:
             setattr(self, name, normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std, param_dtype))
@@ -72,8 +75,16 @@ class MoE(nnx.Module):
         logits = dense(tokens.astype(jnp.float32), self.router[...].astype(jnp.float32))  # MD,DE->ME
         if self.router_bias is not None:
             logits = logits + self.router_bias[...].astype(jnp.float32)
+        balance = None if self.router_balance is None else jax.lax.stop_gradient(self.router_balance[...])
         routing = route(
-            logits, cfg.experts_per_token, score=cfg.router, normalize=cfg.router_normalize, scale=cfg.router_scale
+            logits,
+            cfg.experts_per_token,
+            score=cfg.router,
+            normalize=cfg.router_normalize,
+            scale=cfg.router_scale,
+            bias=balance,
+            groups=cfg.router_groups or 1,
+            group_limit=cfg.router_group_limit,
         )
         gated = cfg.mlp == "gated"
         w_in = (c(self.w_gate), c(self.w_up)) if gated else c(self.w_in)

@@ -104,7 +104,14 @@ class Stack(nnx.Module):
         self.embed_norm = norm_for(cfg) if cfg.embed_norm else None
         # Residual projections are scaled at init for this stack's depth.
         layer_cfg = dataclasses.replace(cfg, num_layers=num_layers)
-        self.layers = stacked(lambda r: Block(layer_cfg, rngs=r, cross=cross), num_layers, rngs)
+        # A mixture of experts may keep dense MLPs in its first layers (DeepSeek): a stack of those first, then
+        # `layers` holds the rest; layer i of the model is dense_layers[i] or layers[i - first].
+        self.first = cfg.first_dense_layers
+        dense_cfg = layer_cfg.without_experts()
+        self.dense_layers = (
+            stacked(lambda r: Block(dense_cfg, rngs=r, cross=cross), self.first, rngs) if self.first else None
+        )
+        self.layers = stacked(lambda r: Block(layer_cfg, rngs=r, cross=cross), num_layers - self.first, rngs)
         self.final_norm = norm_for(cfg) if cfg.norm_position == "pre" else None
         self.local_layers = tuple(cfg.is_local(i) for i in range(num_layers))  # sliding-window layers
 
@@ -115,17 +122,24 @@ class Stack(nnx.Module):
         blocks, with the table of each step's rows set by its caller."""
         cfg = self.cfg
         shape = (self.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+        k_shape = v_shape = shape
+        if cfg.kv_lora_rank:  # latent attention caches the latent ("k") and the shared RoPE key ("v")
+            k_shape, v_shape = shape[:3] + (1, cfg.kv_lora_rank), shape[:3] + (1, cfg.qk_rope_head_dim)
         return {
             "pos": jnp.full((batch, length), -1, jnp.int32),  # (NB, Z)
-            "k": jnp.zeros(shape, self.dtype),  # (L, NB, Z, K, H)
-            "v": jnp.zeros(shape, self.dtype),
+            "k": jnp.zeros(k_shape, self.dtype),  # (L, NB, Z, K, H)
+            "v": jnp.zeros(v_shape, self.dtype),
             "table": contiguous_table(batch),  # (B, nb)
         }
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Every layer's cross-attention K/V of encoder states (B, S, D): {"k", "v"}: (L, B, S, K, H)."""
-        graphdef, params = nnx.split(self.layers)
-        return jax.vmap(lambda p: nnx.merge(graphdef, p).cross.memory_kv(memory))(params)
+        groups = [g for g in (self.dense_layers, self.layers) if g is not None]
+        kv = []
+        for group in groups:
+            graphdef, params = nnx.split(group)
+            kv.append(jax.vmap(lambda p, g=graphdef: nnx.merge(g, p).cross.memory_kv(memory))(params))
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *kv)
 
     def __call__(
         self,
@@ -197,8 +211,8 @@ class Stack(nnx.Module):
         keys = fold_rows(dropout_keys, 1)
         _, params = nnx.split(self.layers)
         if layer_runner is not None and kv is None:
-            if memory is not None:
-                raise ValueError("a layer runner (pipeline) runs single-stack models only")
+            if memory is not None or self.first:
+                raise ValueError("a layer runner (pipeline) runs single-stack models of one kind of layer only")
 
             def stage(p_ids, x, per_row):  # each stage rebuilds its micro-batch's masks: (b, T) moves, not (b, T, T)
                 (p, ids), (pos, ok, seg, pre, row_keys) = p_ids, per_row
@@ -213,11 +227,26 @@ class Stack(nnx.Module):
             x = layer_runner(stage, (params, layer_ids(self.num_layers)), x, per_row)
         else:
             inputs = self._attention_inputs(positions, kv_pos, kv_valid, flags)
+            ids, n = layer_ids(self.num_layers), self.first
+            part = lambda lo, hi: None if memory is None else jax.tree.map(lambda m: m[lo:hi], memory)  # noqa: E731
+            if self.dense_layers is not None:  # the dense first layers (stacked: a scan even when decoding)
+                dense = self.dense_layers
+                x, kv = self._layers(
+                    x,
+                    nnx.split(dense)[1],
+                    ids[:n],
+                    positions,
+                    inputs,
+                    kv,
+                    cache_index,
+                    (part(0, n), memory_mask),
+                    keys,
+                    graphdef=nnx.graphdef(dense),
+                )
             if kv is not None and unstacked is not None:
                 params = unstacked
-            x, kv = self._layers(
-                x, params, layer_ids(self.num_layers), positions, inputs, kv, cache_index, (memory, memory_mask), keys
-            )
+            rest = (part(n, None), memory_mask)
+            x, kv = self._layers(x, params, ids[n:], positions, inputs, kv, cache_index, rest, keys, first=n)
         if self.final_norm is not None:
             x = self.final_norm(x)
             if self.final_dropout:
@@ -247,11 +276,26 @@ class Stack(nnx.Module):
     def _mask(self, q_pos, kv_pos, kv_valid, window, flags):
         return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window, **flags)
 
-    def _layers(self, x, params, ids, positions, attn_inputs, kv, cache_index, memory, keys, collect=True):
+    def _layers(
+        self,
+        x,
+        params,
+        ids,
+        positions,
+        attn_inputs,
+        kv,
+        cache_index,
+        memory,
+        keys,
+        collect=True,
+        graphdef=None,
+        first=0,
+    ):
         """x through the stacked blocks; kv: {"k", "v": (L, NB, Z, K, H), "table"} or None; memory: (K/V, mask)
-        or None; collect: hand the routers' statistics to an enclosing `router_stats()` (without a cache)."""
+        or None; collect: hand the routers' statistics to an enclosing `router_stats()` (without a cache).
+        graphdef: of the blocks (default `layers`'); first: the model layer of params' first (ids are global)."""
         cfg = self.cfg
-        graphdef = nnx.graphdef(self.layers)
+        graphdef = graphdef or nnx.graphdef(self.layers)
         full, local_mask, bias = attn_inputs
         memory, memory_mask = memory or (None, None)
         pattern = self.local_layers
@@ -293,7 +337,7 @@ class Stack(nnx.Module):
         if isinstance(params, (tuple, list)):
             for i, p in enumerate(params):
                 layer_memory = None if memory is None else jax.tree.map(lambda m, i=i: m[i], memory)
-                x, kv, _ = run(x, p, ids[i], layer_memory, cache=kv, cache_index=cache_index, layer=i)
+                x, kv, _ = run(x, p, ids[i], layer_memory, cache=kv, cache_index=cache_index, layer=first + i)
             return x, kv
 
         def cached(carry, per_layer):

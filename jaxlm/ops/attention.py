@@ -82,7 +82,7 @@ def dot_product_attention(
     Args:
       q: (B, T, N, H) queries.
       k: (B, S, K, H) keys, N % K == 0.
-      v: (B, S, K, H) values.
+      v: (B, S, K, Hv) values (Hv may differ from H: multi-head latent attention).
       mask: bool, broadcastable to (B, T, S) (or (B, N, T, S)); True = attend.
       bias: float additive bias broadcastable to (B, N, T, S) (T5 bias, ALiBi).
       scale: defaults to 1/sqrt(H).
@@ -96,7 +96,7 @@ def dot_product_attention(
         to less than 1 (gpt-oss's attention sinks; reference implementation only). None: none.
 
     Returns:
-      (B, T, N, H) in q's dtype. Rows whose keys are all masked return the
+      (B, T, N, Hv) in q's dtype. Rows whose keys are all masked return the
       mean of v instead of NaN (they only occur for padding queries).
     """
     B, T, N, H = q.shape
@@ -149,8 +149,8 @@ def dot_product_attention(
     probs = dropout(probs.astype(v.dtype), dropout_rate, dropout_keys)
     if T > 8:
         out = jnp.einsum("BKMS,BKSH->BKMH", probs, v)
-        return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        return out.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, N, -1)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, -1)
 
 
 def _folded(x: jax.Array, K: int, G: int, T: int) -> jax.Array:

@@ -47,6 +47,8 @@ def route(
     normalize: bool = True,
     bias: jax.Array | None = None,
     scale: float = 1.0,
+    groups: int = 1,
+    group_limit: int = 0,
 ) -> Routing:
     """Top-k routing of (M, E) router logits.
 
@@ -55,12 +57,23 @@ def route(
     bias: (E,) added to the scores only to choose the experts, never to weigh them (DeepSeek-V3's
       auxiliary-loss-free balancing), or None.
     scale: multiplies the weights (DeepSeek-V3's routed_scaling_factor).
+    groups, group_limit: group-limited routing (DeepSeek-V3's n_group, topk_group): the E experts form `groups`
+      groups of consecutive experts, each scored by the sum of its two best (biased) scores; a token chooses
+      among the experts of its `group_limit` best groups only.
     """
     if score not in ROUTER_SCORES:
         raise ValueError(f"router score {score!r} not in {ROUTER_SCORES}")
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
-    _, experts = jax.lax.top_k(probs if bias is None else probs + bias.astype(jnp.float32), k)
+    choice = probs if bias is None else probs + bias.astype(jnp.float32)
+    if groups > 1 and group_limit:
+        M, E = choice.shape
+        grouped = choice.reshape(M, groups, E // groups)
+        group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, E // groups))[0], axis=-1)  # (M, groups)
+        _, best = jax.lax.top_k(group_scores, group_limit)
+        allowed = jnp.zeros((M, groups), bool).at[jnp.arange(M)[:, None], best].set(True)
+        choice = jnp.where(allowed[:, :, None], grouped, -jnp.inf).reshape(M, E)
+    _, experts = jax.lax.top_k(choice, k)
     weights = jnp.take_along_axis(probs, experts, axis=-1)
     if normalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 from jaxlm.config import TrainConfig
 
@@ -19,9 +20,32 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
+# Stacking axes: a stacked layer's norm scale (layers, D) or an expert's bias (layers, experts, F) is still a vector.
+STACKING_AXES = ("layers", "experts")
+
+
+def decays(p) -> bool:
+    """Whether weight decay applies to parameter `p`: a matrix, counting its logical axes without the stacking
+    ones (an nnx Variable's `out_sharding`), else its dimensions."""
+    axes = p.get_metadata().get("out_sharding") if isinstance(p, nnx.Variable) else None
+    if axes is None:
+        return jax.numpy.ndim(p) >= 2
+    return len([a for a in axes if a not in STACKING_AXES]) >= 2
+
+
+def decay_mask(params):
+    """The weight-decay mask of a parameter tree (nnx State or plain arrays), in its structure."""
+    if any(isinstance(v, nnx.Variable) for v in jax.tree.leaves(params, is_leaf=_is_variable)):
+        return jax.tree.map(lambda v: v.replace(decays(v)), params, is_leaf=_is_variable)
+    return jax.tree.map(decays, params)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Weight decay applies to matrices only (not norms, biases), as in GPT-2/LLaMA recipes."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    """Weight decay applies to matrices only (not norms, biases, stacked or not), as in GPT-2/LLaMA recipes."""
     adamw = optax.adamw(
         lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
     )

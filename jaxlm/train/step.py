@@ -168,6 +168,21 @@ def lm_loss(objective, z_loss: float = 0.0):
     return loss
 
 
+LOAD = "_moe_load"  # the experts' loads, carried with the metric sums (not a metric)
+
+
+def balance_router(params, load: jax.Array, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: each expert's selection bias (`router_balance`, (layers,
+    E)) moves by rate towards balance, + for an expert below its layer's mean load, - above it."""
+
+    def move(path, leaf):
+        if "router_balance" in jax.tree_util.keystr(path) and leaf.shape == load.shape:
+            return leaf + (rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
 def _positions(batch: dict) -> int:
     """Token positions in a (micro-)batch: the largest array's size, a constant of the shapes."""
     return max(x.size for x in jax.tree.leaves(batch))
@@ -217,6 +232,8 @@ def make_train_step(
                 penalty, moe = router_losses(found, model.cfg)
                 loss_sum = loss_sum + penalty * count
                 sums = {**sums, **{k: v * count for k, v in moe.items()}}
+                if model.cfg.router_balance_rate:  # the experts' loads (layers, E) of the model's one stack
+                    sums[LOAD] = found[0]["load"].astype(jnp.float32)
             # The scale applies to the per-token mean (as torch's GradScaler's does), not to the sum.
             return loss_sum * (scale / _positions(micro)) if scaling else loss_sum, (loss_sum, count, sums)
 
@@ -251,6 +268,10 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / unscale, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        load = sums.pop(LOAD, None)
+        if load is not None:
+            rate = nnx.merge(graphdef, state.params, state.frozen).cfg.router_balance_rate
+            params = balance_router(params, load, rate)
         rng, _ = jax.random.split(state.rng)
         grad_norm = optax.global_norm(grads)
         metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "tokens": count}

@@ -138,6 +138,27 @@ CASES = {
         "GptOssForCausalLM",
         dict(SMALL, num_key_value_heads=2, head_dim=16, num_local_experts=4, sliding_window=6, swiglu_limit=0.5),
     ),
+    "deepseek_v3": (  # latent attention (q and kv ranks), a dense first layer, sigmoid group-limited routing
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            SMALL,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=12,
+            v_head_dim=10,
+            n_group=4,
+            topk_group=2,
+            max_position_embeddings=128,
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -159,6 +180,9 @@ def hf_model(case, directory):
                 p.add_(0.1 * torch.randn_like(p))
             if name.endswith(("gate.weight", "router.weight", "sinks")):  # routers of mixtures of experts, sinks
                 p.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():  # DeepSeek's selection bias
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.1)
     model.save_pretrained(directory)
     return model
 

@@ -180,6 +180,19 @@ PUBLISHED = {
         "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 8, "swiglu_limit": 7.0,
         "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True,
     },
+    "deepseek_v3": {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization_config and YaRN mscale left out: refused below)
+        **SMALL_LLAMA, "num_hidden_layers": 3, "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "initializer_range": 0.02, "kv_lora_rank": 16, "max_position_embeddings": 128,
+        "model_type": "deepseek_v3", "moe_intermediate_size": 24, "moe_layer_freq": 1, "n_group": 4,
+        "n_routed_experts": 8, "n_shared_experts": 1, "norm_topk_prob": True, "num_experts_per_tok": 2,
+        "num_key_value_heads": 4, "num_nextn_predict_layers": 1, "q_lora_rank": 24, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 2,
+        "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
+        "v_head_dim": 8,
+    },
 }  # fmt: skip
 HF_CLASSES = {"T5WithLMHeadModel": "T5ForConditionalGeneration"}
 
@@ -229,6 +242,23 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
         ("qwen3_moe", {"decoder_sparse_step": 2}, "dense layers among the expert layers"),
         ("qwen3_moe", {"mlp_only_layers": [0]}, "dense layers among the expert layers"),
         ("gpt_oss", {"swiglu_alpha": 1.5}, "swiglu_alpha=1.5 is not supported"),
+        ("deepseek_v3", {"rope_interleave": False}, "rope_interleave=False is not supported"),
+        ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads must equal num_attention_heads"),
+        (
+            "deepseek_v3",
+            {
+                "rope_scaling": {
+                    "type": "yarn",
+                    "factor": 40,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                    "beta_fast": 32,
+                    "beta_slow": 1,
+                }
+            },
+            "unsupported rope parameters",
+        ),
         ("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config"),
         ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention"]}, "not a repeating pattern"),
     ],

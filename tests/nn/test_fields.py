@@ -20,6 +20,7 @@ CLASSES = {
 LOCAL = dict(sliding_window=3, global_every=2)
 YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=4096)  # a fractional correction range
 MOE = dict(num_experts=4)
+MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, num_kv_heads=0)  # latent attention: K/V heads = heads
 SHARED = dict(MOE, shared_experts=1)
 MOE_VARIANTS = {
     "num_experts": (MOE, {}),
@@ -35,6 +36,14 @@ MOE_VARIANTS = {
     "router_bias": (dict(MOE, router_bias=True), MOE),
     "mlp_bias experts": (dict(MOE, mlp_bias=True), MOE),
     "mlp_clamp experts": (dict(MOE, mlp_clamp=0.3), MOE),
+    "router_balance": (dict(MOE, router="sigmoid", router_balance=True), dict(MOE, router="sigmoid")),
+    "router_groups": (dict(MOE, router_groups=2, router_group_limit=1), MOE),
+    "first_dense_layers": (dict(MOE, first_dense_layers=1), MOE),
+    "kv_lora_rank": (MLA, {}),
+    "q_lora_rank": (dict(MLA, q_lora_rank=12), MLA),
+    "qk_nope_head_dim": (dict(MLA, qk_nope_head_dim=4), MLA),
+    "v_head_dim": (dict(MLA, v_head_dim=6), MLA),
+    "qk_rope_head_dim": (dict(MLA, qk_rope_head_dim=2), MLA),
 }
 # (field changes, baseline changes): each pair must compute different functions.
 VARIANTS = {
@@ -92,7 +101,7 @@ def outputs(cfg: ModelConfig) -> np.ndarray:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_field_changes_the_output(kind, variant):
     change, baseline = VARIANTS[variant]
-    base = ModelConfig(**CLASSES[kind], **baseline)
+    base = ModelConfig(**{**CLASSES[kind], **baseline})
     try:
         changed = ModelConfig(**{**CLASSES[kind], **change})
     except ConfigError as e:  # refused, naming the field
@@ -119,6 +128,15 @@ def test_field_changes_the_output(kind, variant):
         (dict(mlp_clamp=1.0, mlp="plain"), "mlp_clamp"),
         (dict(attention_sinks=True, attention_impl="xla"), "attention_sinks"),
         (dict(rope_truncate=False), "rope_truncate"),
+        (dict(kv_lora_rank=8, num_kv_heads=0), "qk_rope_head_dim"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=4, num_kv_heads=0, position="learned"), "position=rope"),
+        (dict(kv_lora_rank=64, qk_rope_head_dim=4), r"kv_lora_rank \(64\) exceeds model.d_model"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=4, num_kv_heads=2), "num_kv_heads"),
+        (dict(q_lora_rank=8), "kv_lora_rank > 0"),
+        (dict(num_experts=4, router_groups=3, router_group_limit=1), "router_groups"),
+        (dict(num_experts=4, router_groups=2, router_group_limit=3), "router_group_limit"),
+        (dict(num_experts=4, router_balance_rate=0.01), "router_balance"),
+        (dict(num_experts=4, first_dense_layers=2), "first_dense_layers"),
         (dict(num_experts=4, mlp_dropout=0.1), "mlp_dropout"),
         (dict(num_experts=4, router="top1"), "router"),
     ],

@@ -57,3 +57,29 @@ def test_router_losses_join_the_loss_and_the_metrics(tiny_config):
         np.testing.assert_allclose(float(m1[key]), float(stats[key]), rtol=1e-5)
     assert float(m1["moe_aux_loss"]) >= 2.0 - 1e-3  # k for a uniform router, more when unbalanced
     assert abs(float(m1["grad_norm"]) - float(m0["grad_norm"])) > 1e-4  # the routers' losses have gradients
+
+
+def test_router_balance_moves_each_expert_bias_towards_the_mean_load(tiny_config):
+    """DeepSeek-V3's loss-free balancing: after a step, an expert above its layer's mean load has its selection
+    bias lowered by the rate, one below raised; gradients and weight decay leave the bias alone."""
+    import dataclasses
+
+    from jaxlm.nn.moe import router_stats
+
+    rng = np.random.default_rng(1)
+    batch = {k: rng.integers(0, 256, (4, 32)).astype(np.int32) for k in ("inputs", "targets")}
+    cfg = tiny_config("llama_tiny", "train.weight_decay=0.5")
+    m = dataclasses.replace(
+        cfg.model, num_experts=4, experts_per_token=1, router="sigmoid", router_balance=True, router_balance_rate=0.01
+    )
+    model = TransformerLM(m, rngs=nnx.Rngs(0))
+    with router_stats() as found:
+        model(batch["inputs"])
+    load = np.asarray(found[0]["load"], np.float32)  # (layers, E)
+    graphdef, tx = nnx.graphdef(model), make_optimizer(cfg.train)
+    state = init_train_state(model, tx, 0)
+    new, _ = jax.jit(make_train_step(graphdef, tx))(state, batch)
+    moved = np.asarray(new.params["stack"]["layers"]["moe"]["router_balance"][...])
+    want = 0.01 * np.sign(load.mean(-1, keepdims=True) - load)
+    np.testing.assert_allclose(moved, want, atol=1e-7)
+    assert np.abs(want).sum() > 0

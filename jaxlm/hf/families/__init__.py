@@ -24,11 +24,11 @@ from types import ModuleType
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import Reader
-from jaxlm.hf.families import bert, gemma, gpt2, gpt_oss, llama, mixtral, phi3, qwen3, qwen_moe, t5
+from jaxlm.hf.families import bert, deepseek, gemma, gpt2, gpt_oss, llama, mixtral, phi3, qwen3, qwen_moe, t5
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5, mixtral, qwen_moe, gpt_oss)
+FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5, mixtral, qwen_moe, gpt_oss, deepseek)
 MODEL_TYPES = {mt: arch for fam in FAMILIES for arch, mt in reversed(fam.ARCHITECTURES.items())}
 # Reward models (model.head=score): a decoder family's ...ForSequenceClassification holds its causal class's
 # tensors, with `score.weight` (num_labels, D) in place of the read-out; transformers scores the last token that
