@@ -61,14 +61,14 @@ def test_mesh_that_does_not_fit_fails_clearly(mesh, devices, message):
 
 def test_mesh_uses_the_first_devices_when_smaller():
     mesh = make_mesh(MeshConfig(data=2, tensor=2))
-    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
     assert list(mesh.devices.flat) == jax.devices()[:4]
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.batch_size=6", "mesh.data=4"], "6 rows, which do not split over data x fsdp = 4"),
+        (["train.batch_size=6", "mesh.data=4"], "6 rows, which do not split over data x fsdp x expert = 4"),
         (["model.num_layers=3", "mesh.pipeline=2"], r"num_layers \(3\) must be divisible by mesh.pipeline \(2\)"),
         (["mesh.pipeline=2", "mesh.microbatches=3"], r"must be divisible by mesh.microbatches \(3\)"),
         (["mesh.pipeline=2", "mesh.pipeline_repeats=4"], r"num_layers \(4\) must be divisible by mesh.pipeline x"),
