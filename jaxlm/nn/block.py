@@ -14,7 +14,7 @@ from flax import nnx
 from jaxlm.config import ModelConfig
 from jaxlm.nn.attention import Attention
 from jaxlm.nn.mla import LatentAttention
-from jaxlm.nn.mlp import MLP
+from jaxlm.nn.mlp import mlp_for
 from jaxlm.nn.moe import MoE
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of
@@ -70,23 +70,7 @@ class Block(nnx.Module):
         experts = dict(std=cfg.init_std, out_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.moe = MoE(cfg, **experts) if cfg.num_experts else None
         self.mlp = (
-            None
-            if cfg.num_experts
-            else MLP(
-                cfg.d_model,
-                cfg.mlp_dim,
-                kind=cfg.mlp,
-                act=cfg.activation,
-                clamp=cfg.mlp_clamp,
-                up_shift=cfg.mlp_up_shift,
-                bias=cfg.mlp_bias,
-                std=cfg.init_std,
-                out_std=out_std,
-                dropout=cfg.mlp_dropout,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+            None if cfg.num_experts else mlp_for(cfg, cfg.mlp_dim, out_std=out_std, dropout=cfg.mlp_dropout, rngs=rngs)
         )
         post = cfg.post_norms and self.pre_norm
         self.attn_post_norm = norm_for(cfg) if post else None

@@ -6,9 +6,28 @@ import jax
 from flax import nnx
 
 from jaxlm.nn.adapters import project
-from jaxlm.nn.param import const_param, normal_param
+from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.mlp import gated_activation, hidden_activation
+
+
+def mlp_for(cfg, hidden: int, *, out_std: float, dropout: float = 0.0, rngs: nnx.Rngs) -> MLP:
+    """The feed-forward block a ModelConfig `cfg` describes, of `hidden` width (a layer's, or shared experts')."""
+    return MLP(
+        cfg.d_model,
+        hidden,
+        kind=cfg.mlp,
+        act=cfg.activation,
+        clamp=cfg.mlp_clamp,
+        up_shift=cfg.mlp_up_shift,
+        bias=cfg.mlp_bias,
+        std=cfg.init_std,
+        out_std=out_std,
+        dropout=dropout,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        rngs=rngs,
+    )
 
 
 class MLP(nnx.Module):

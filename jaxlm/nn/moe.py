@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm.axes import active_mesh
 from jaxlm.config import ModelConfig
-from jaxlm.nn.mlp import MLP
+from jaxlm.nn.mlp import mlp_for
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.dense import dense
 from jaxlm.ops.moe import expert_mlp, load_balancing_loss, route, router_z_loss
@@ -40,24 +40,7 @@ class MoE(nnx.Module):
         for name in names:  # b_gate, b_up / b_in
             setattr(self, "b" + name[1:], bias(F) if cfg.mlp_bias else None)
         self.b_out = bias(D) if cfg.mlp_bias else None
-        self.shared = (
-            MLP(
-                D,
-                cfg.shared_experts * F,
-                kind=cfg.mlp,
-                act=cfg.activation,
-                clamp=cfg.mlp_clamp,
-                up_shift=cfg.mlp_up_shift,
-                bias=cfg.mlp_bias,
-                std=std,
-                out_std=out_std,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-            if cfg.shared_experts
-            else None
-        )
+        self.shared = mlp_for(cfg, cfg.shared_experts * F, out_std=out_std, rngs=rngs) if cfg.shared_experts else None
         self.shared_gate = (
             normal_param(rngs, (D, 1), ("embed", None), std, param_dtype) if cfg.shared_expert_gate else None
         )

@@ -239,6 +239,15 @@ def _grouped_bwd(res, dy):
 grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def resolve_impl(impl: str) -> str:
+    """blocks or ragged for an `expert_impl` (auto: ragged on GPU and TPU, blocks on CPU)."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert implementation {impl!r} not in {EXPERT_IMPLS}")
+    if impl == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    return impl
+
+
 def expert_mlp(
     x: jax.Array,
     routing: Routing,
@@ -266,10 +275,7 @@ def expert_mlp(
 
     Returns (M, D) in x's dtype, and the layout (its counts and dropped for the router's statistics).
     """
-    if impl not in EXPERT_IMPLS:
-        raise ValueError(f"expert implementation {impl!r} not in {EXPERT_IMPLS}")
-    if impl == "auto":
-        impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
+    impl = resolve_impl(impl)
     M, D = x.shape
     k = routing.experts.shape[1]
     E = w_out.shape[0]

@@ -25,7 +25,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.axes import BATCH_AXES
-from jaxlm.ops.moe import Routing, block_layout, block_size, combine, dispatch, group_sort, run_experts
+from jaxlm.ops.moe import (
+    Routing,
+    block_layout,
+    block_size,
+    combine,
+    dispatch,
+    group_sort,
+    resolve_impl,
+    run_experts,
+)
 
 
 def expert_parallel_mlp(
@@ -54,8 +63,7 @@ def expert_parallel_mlp(
     batch = P(BATCH_AXES)
     experts_spec = lambda a: P("expert", *([None] * (a.ndim - 1)))  # noqa: E731
     weights = (w_in, w_out, b_in, b_out)
-    if impl == "auto":
-        impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
+    impl = resolve_impl(impl)
 
     def local(x, expert_ids, gate_weights, weights):
         # The weights vary over the batch axes from here (each device's gradient is partial until the cast's
