@@ -167,8 +167,8 @@ def layout_fits(cfg) -> None:
         raise ConfigError("model.router_balance_rate moves the base model's balancing bias: set it to 0 with peft")
     if (m.aux_loss_weight or m.router_z_loss_weight or m.router_balance_rate) and cfg.mesh.pipeline != 1:
         raise ConfigError(
-            "model.aux_loss_weight / router_z_loss_weight: the routers' losses are not collected through the "
-            "pipeline schedule; use mesh.pipeline=1 or set them to 0"
+            "model.aux_loss_weight / router_z_loss_weight / router_balance_rate: the routers' statistics are not "
+            "collected through the pipeline schedule; use mesh.pipeline=1 or set them to 0"
         )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
