@@ -23,6 +23,7 @@ from jaxlm.nn.adapters import (
     Adapter,
     EmbeddingLoRA,
     EmbeddingLoRABank,
+    ExpertLoRA,
     LoRA,
     LoRABank,
     PrefixKV,
@@ -42,6 +43,7 @@ PROJECTIONS = {
     "down": ("mlp", "w_out", ("mlp",), ("embed",)),
 }
 PLAIN_MLP = {"w_up": "w_in"}  # the plain (GPT-2) MLP's input projection plays `up`
+EXPERT_ROLES = {"gate": "w_gate", "up": "w_up", "down": "w_out"}  # a mixture's expert weights, per role
 
 
 def trainable(pc: PeftConfig):
@@ -83,16 +85,27 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
             )
         if cfg.first_dense_layers:
             raise ConfigError("LoRA on a model with dense first layers (model.first_dense_layers) is not supported yet")
-        if cfg.num_experts and {"gate", "up", "down"} & set(pc.targets):
-            raise ConfigError(
-                "peft.targets gate/up/down: LoRA on a mixture of experts' expert weights is not supported yet; "
-                "target the attention (q, k, v, o)"
-            )
         if "gate" in pc.targets and cfg.mlp != "gated":
             raise ConfigError("peft.targets has gate, but the model's MLP is not gated (model.mlp=plain)")
         n = 0
         for stack in stacks(model):
             block, layers = stack.layers, stack.num_layers - stack.first  # (a dense first group is not adapted)
+            if cfg.num_experts:  # one LoRA per expert of each adapted expert weight
+                for role in set(pc.targets) & set(EXPERT_ROLES):
+                    name = EXPERT_ROLES[role] if cfg.mlp == "gated" or role != "up" else "w_in"
+                    w = getattr(block.moe, name)[...]  # (layers, E, I, O)
+                    in_axis, out_axis = ("mlp", "embed") if role == "down" else ("embed", "mlp")
+                    lora = ExpertLoRA(
+                        *w.shape,
+                        rank=pc.rank,
+                        scale=scale,
+                        in_axis=in_axis,
+                        out_axis=out_axis,
+                        param_dtype=w.dtype,
+                        key=jax.random.fold_in(key, 2000 + n),
+                    )
+                    setattr(block.moe, "lora_" + name, lora)
+                    n += 1
             for role in pc.targets:
                 if role not in PROJECTIONS:
                     continue
@@ -193,7 +206,7 @@ def loras(model) -> list[tuple]:
     model, the embedding's included: `<owner>.lora_<name>` adapts `<owner>.<name>`."""
     out = []
     for path, module in nnx.iter_graph(model):
-        if isinstance(module, (LoRA, EmbeddingLoRA)) and path:
+        if isinstance(module, (LoRA, EmbeddingLoRA, ExpertLoRA)) and path:
             owner = _walk(model, path[:-1])
             name = "embedding" if isinstance(module, EmbeddingLoRA) else str(path[-1])[len("lora_") :]
             out.append((tuple(path[:-1]) + (name,), owner, name, module))

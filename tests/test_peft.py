@@ -86,9 +86,14 @@ def test_qlora_equals_lora_on_dequantized_weights():
     np.testing.assert_allclose(q(tokens)[0], lora(tokens)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "lora on experts"])
 def test_only_adapters_train(method, tiny_config):
-    cfg = tiny_config("llama_tiny", "peft.method=" + method, "peft.rank=4", "peft.virtual_tokens=4", "train.lr=1e-2")
+    extra = []
+    if method == "lora on experts":  # a mixture of experts, its attention and every expert adapted
+        method, extra = "lora", ["model.num_experts=4", "model.expert_mlp_dim=16", "peft.targets=[q,v,gate,up,down]"]
+    cfg = tiny_config(
+        "llama_tiny", "peft.method=" + method, "peft.rank=4", "peft.virtual_tokens=4", "train.lr=1e-2", *extra
+    )
     sharded = ShardedTraining(cfg)
     state = sharded.init_state()
     frozen0 = jax.device_get(state.frozen)
@@ -150,3 +155,36 @@ def test_init_from_errors_and_shape_conflicts(tmp_path, tiny_config):
     assert grown_cfg.model.vocab_size == 66 and table.shape == (66, 32)
     np.testing.assert_allclose(table[64], table[:64].mean(0), atol=1e-6)
     np.testing.assert_array_equal(table[:64], np.asarray(params["embed"]["embedding"][...]))
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(num_experts=4, shared_experts=1), dict(num_experts=4, mlp="plain", capacity_factor=1.0)]
+)
+def test_lora_on_expert_weights(kw, tmp_path):
+    """One LoRA per expert of each adapted expert weight: B = 0 is the base, the adapters get gradients, merge
+    equals unmerged, and a peft export is refused with the way out (--merge)."""
+    model = _model(**kw)
+    tokens = _tokens()
+    base = np.asarray(model(tokens)[0])
+    targets = ("q", "v", "up", "down") if "mlp" in kw else ("q", "v", "gate", "up", "down")
+    apply_peft(model, PeftConfig(method="lora", rank=4, targets=targets))
+    np.testing.assert_array_equal(np.asarray(model(tokens)[0]), base)
+    names = {str(p[-2]) for p, _ in nnx.to_flat_state(nnx.state(model, Adapter)) if "moe" in map(str, p)}
+    assert names == ({"lora_w_gate", "lora_w_up", "lora_w_out"} if "mlp" not in kw else {"lora_w_in", "lora_w_out"})
+    _randomize_b(model)
+    graphdef, adapters, rest = nnx.split(model, Adapter, ...)
+
+    def loss(a):
+        return nnx.merge(graphdef, a, rest)(tokens)[0].mean()
+
+    grads = jax.grad(loss)(adapters)
+    moe_grads = [v for p, v in nnx.to_flat_state(grads) if "moe" in map(str, p)]
+    assert moe_grads and all(np.abs(np.asarray(g[...])).max() > 0 for g in moe_grads)
+    adapted = np.asarray(model(tokens)[0])
+    assert not np.allclose(adapted, base)
+    merge(model)
+    np.testing.assert_allclose(np.asarray(model(tokens)[0]), adapted, atol=1e-5)
+    from jaxlm.hf.peft import save_adapter
+
+    with pytest.raises(ConfigError, match="--merge"):
+        save_adapter(model, tmp_path / "a", PeftConfig(method="lora", targets=("gate",)), arch="MixtralForCausalLM")

@@ -122,6 +122,11 @@ def save_adapter(model, out: str | Path, pc: PeftConfig, *, arch: str, base: str
             "a reward model's adapters come with its trained score head: write the merged model "
             "(`jaxlm convert --to-hf RUN --merge`)"
         )
+    if pc.method in ("lora", "qlora") and cfg.num_experts and {"gate", "up", "down"} & set(pc.targets):
+        raise ConfigError(
+            "per-expert LoRA (peft.targets gate/up/down on a mixture of experts) has no peft adapter format jaxlm "
+            "writes yet: write the merged model (`jaxlm convert --to-hf RUN --merge`)"
+        )
     if pc.method in ("lora", "qlora"):
         tensors, conf = _lora_export(model, pc, arch)
     elif pc.method == "prompt":

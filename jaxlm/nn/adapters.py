@@ -84,6 +84,30 @@ class LoRA(nnx.Module):
         return lora_weight(a, b, self.scale)
 
 
+class ExpertLoRA(nnx.Module):
+    """One LoRA per expert of a mixture's stacked expert weight W (layers, E, I, O): A (layers, E, I, R) random,
+    B (layers, E, R, O) zeros (peft's init), each expert's update scale · A_e·B_e. Applied inside the experts'
+    grouped matmuls (`jaxlm.ops.moe.run_experts`), each row with its own expert's pair."""
+
+    def __init__(
+        self, layers: int, experts: int, dim_in: int, dim_out: int, *, rank, scale, in_axis, out_axis, param_dtype, key
+    ):
+        keys = jax.random.split(key, layers * experts)
+        a, b = jax.vmap(lambda k: init_lora(k, (dim_in,), (dim_out,), rank, param_dtype))(keys)
+        self.a = _adapter(a.reshape(layers, experts, dim_in, rank), ("layers", "experts", in_axis, "lora"))
+        self.b = _adapter(b.reshape(layers, experts, rank, dim_out), ("layers", "experts", "lora", out_axis))
+        self.scale, self.merged = scale, False
+
+    def pair(self, dtype):
+        """(A, B, scale) of this layer's slice (the model sees its layer's (E, I, R), (E, R, O)), or None once merged."""
+        return None if self.merged else (self.a[...].astype(dtype), self.b[...].astype(dtype), self.scale)
+
+    def weight(self) -> jax.Array:
+        """scale · A_e·B_e for every layer and expert: (layers, E, I, O), float32."""
+        a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+        return self.scale * jnp.einsum("LEIR,LERO->LEIO", a, b)
+
+
 class EmbeddingLoRA(nnx.Module):
     """scale · A[tokens]·B added to a token embedding (V, D): A (V, R) zeros, B (R, D) normal (peft)."""
 

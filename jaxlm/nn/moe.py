@@ -71,10 +71,20 @@ class MoE(nnx.Module):
         )
         gated = cfg.mlp == "gated"
         w_in = (c(self.w_gate), c(self.w_up)) if gated else c(self.w_in)
+        pairs = {
+            n: lora.pair(self.dtype)
+            for n in ("w_gate", "w_up", "w_in", "w_out")
+            if (lora := getattr(self, "lora_" + n, None))
+        }
+        loras = None  # per-expert LoRA (A, B, scale) pairs of the expert weights, when adapted and not merged
+        if any(p is not None for p in pairs.values()):
+            get = pairs.get
+            loras = ((get("w_gate"), get("w_up")) if gated else get("w_in"), get("w_out"))
         b_in = None
         if self.b_out is not None:
             b_in = (c(self.b_gate), c(self.b_up)) if gated else c(self.b_in)
         experts = dict(
+            loras=loras,
             b_in=b_in,
             b_out=None if self.b_out is None else c(self.b_out),
             act=cfg.activation,
@@ -85,6 +95,8 @@ class MoE(nnx.Module):
         )
         mesh = active_mesh()
         if mesh is not None and mesh.shape.get("expert", 1) > 1:  # expert parallelism: all-to-all dispatch
+            if experts.pop("loras") is not None:
+                raise ValueError("LoRA on expert weights does not run under expert parallelism (mesh.expert > 1)")
             y, dropped = expert_parallel_mlp(tokens, routing, w_in, c(self.w_out), mesh=mesh, **experts)
             load = jnp.zeros((cfg.num_experts,), jnp.int32).at[routing.experts.reshape(-1)].add(1)
         else:

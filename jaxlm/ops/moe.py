@@ -256,6 +256,7 @@ def expert_mlp(
     *,
     b_in: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     b_out: jax.Array | None = None,
+    loras=None,
     act: str = "silu",
     clamp: float = 0.0,
     up_shift: float = 0.0,
@@ -268,6 +269,8 @@ def expert_mlp(
     w_in: (w_gate, w_up), each (E, D, F), for gated experts (act(x w_gate) * (x w_up)), or one (E, D, F) for
       plain ones (act(x w_in)); w_out: (E, F, D). b_in (like w_in, (E, F) each) and b_out (E, D): the experts'
       biases, or None. clamp, up_shift: gated experts' `jaxlm.ops.mlp.gated_activation` (gpt-oss).
+    loras: per-expert LoRA pairs, (in, out) shaped like (w_in, w_out), each (A (E, I, R), B (E, R, O), scale)
+      or None; or None for none.
     capacity_factor: > 0 dispatches at most ceil(factor * M * k / E) rows an expert and drops the rest
       (`capacity_layout`); 0 is dropless.
     impl: blocks (a loop of (b, D) x (D, F) matmuls) or ragged (`jax.lax.ragged_dot`: GPU/TPU kernels); auto:
@@ -288,7 +291,18 @@ def expert_mlp(
     rows = dispatch(x, layout, k)  # (R, D)
     kind = "capacity" if capacity_factor > 0 else impl
     out = run_experts(
-        rows, layout, b, w_in, w_out, b_in=b_in, b_out=b_out, act=act, clamp=clamp, up_shift=up_shift, kind=kind
+        rows,
+        layout,
+        b,
+        w_in,
+        w_out,
+        b_in=b_in,
+        b_out=b_out,
+        loras=loras,
+        act=act,
+        clamp=clamp,
+        up_shift=up_shift,
+        kind=kind,
     )
     out = combine(out, layout).reshape(M, k, D)  # (A, D) -> MkD
     return jnp.einsum("MkD,Mk->MD", out, routing.weights.astype(out.dtype)), layout
@@ -303,6 +317,7 @@ def run_experts(
     *,
     b_in=None,
     b_out=None,
+    loras=None,
     act: str = "silu",
     clamp: float = 0.0,
     up_shift: float = 0.0,
@@ -326,10 +341,17 @@ def run_experts(
         ).reshape(nb * block, -1)
     row_expert = jnp.repeat(layout.block_expert, block)  # (R,): each row's expert (padding rows: any)
     bias = lambda y, b: y if b is None else y + b[row_expert]  # noqa: E731
+    lora_in, lora_out = loras or (None, None)
+
+    def lora(h, pair):  # each row's expert's scale · (h A_e) B_e, through the same grouped matmuls
+        return 0.0 if pair is None else pair[2] * mm(mm(h, pair[0]), pair[1])
+
     if isinstance(w_in, (tuple, list)):  # gate and up as one (E, D, 2F) matmul: half the loop's steps, twice as wide
         F = w_in[0].shape[-1]
         h = bias(mm(rows, jnp.concatenate(w_in, axis=-1)), None if b_in is None else jnp.concatenate(b_in, -1))
-        h = gated_activation(h[:, :F], h[:, F:], act=act, clamp=clamp, up_shift=up_shift)
+        gate_lora, up_lora = lora_in or (None, None)
+        gate, up = h[:, :F] + lora(rows, gate_lora), h[:, F:] + lora(rows, up_lora)
+        h = gated_activation(gate, up, act=act, clamp=clamp, up_shift=up_shift)
     else:
-        h = activation(act)(bias(mm(rows, w_in), b_in))
-    return bias(mm(h, w_out), b_out)
+        h = activation(act)(bias(mm(rows, w_in), b_in) + lora(rows, lora_in))
+    return bias(mm(h, w_out), b_out) + lora(h, lora_out)

@@ -278,6 +278,7 @@ def test_expert_parallel_capacity_drops_and_counts():
         (["mesh.data=1", "mesh.expert=8", *MOE], r"model.num_experts \(4\) must be divisible by mesh.expert \(8\)"),
         (["mesh.data=2", "mesh.expert=2", "mesh.pipeline=2", *MOE], "does not run inside the pipeline"),
         (["mesh.data=4", "mesh.pipeline=2", *MOE, *MOE_LOSSES], "not collected through the pipeline"),
+        (["mesh.data=2", "mesh.expert=2", *MOE, "peft.method=lora", "peft.targets=[gate]"], "mesh.expert > 1"),
     ],
 )
 def test_expert_axis_that_cannot_split_is_refused(extra, message):
