@@ -329,6 +329,8 @@ def run_experts(
     ids past the weights' E (a sentinel for empty rows) must sit in unused blocks. kind: blocks
     (`grouped_matmul`), ragged (`jax.lax.ragged_dot`, block 1) or capacity (one batched matmul, one block an
     expert). Other arguments as `expert_mlp`'s."""
+    # jax arrays: weights restored from a checkpoint may be NumPy arrays, which a traced expert cannot index
+    w_in, w_out, b_in, b_out, loras = jax.tree.map(jnp.asarray, (w_in, w_out, b_in, b_out, loras))
     E = w_out.shape[0]
     nb = layout.block_expert.shape[0]
     if kind == "capacity":

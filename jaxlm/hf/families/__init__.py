@@ -27,6 +27,9 @@ from jaxlm.hf.common import Reader
 from jaxlm.hf.families import bert, deepseek, gemma, gpt2, gpt_oss, llama, mixtral, phi3, qwen3, qwen_moe, t5
 
 log = logging.getLogger(__name__)
+# Mixture-of-experts fields that shape training only (decoding is dropless, the losses and the balance update act
+# on gradients and the selection bias): written models leave them out, with a warning.
+TRAINING_ONLY = ("capacity_factor", "router_z_loss_weight", "router_balance_rate")
 
 FAMILIES: tuple[ModuleType, ...] = (llama, qwen3, gemma, phi3, gpt2, bert, t5, mixtral, qwen_moe, gpt_oss, deepseek)
 MODEL_TYPES = {mt: arch for fam in FAMILIES for arch, mt in reversed(fam.ARCHITECTURES.items())}
@@ -130,6 +133,9 @@ def config_to_hf(cfg: ModelConfig, arch: str, *, bos_id: int | None = None, eos_
     for field in getattr(fam, "UNWRITTEN_DROPOUT", ("dropout", "mlp_dropout")):
         if getattr(cfg, field):
             log.warning("%s has no such dropout: model.%s %s is not written", arch, field, getattr(cfg, field))
+    for field in TRAINING_ONLY:  # how training routes and balances, not what the trained model computes
+        if getattr(cfg, field):
+            log.warning("%s has no such setting: model.%s %s is not written", arch, field, getattr(cfg, field))
     ids = {"architectures": [arch], "model_type": fam.ARCHITECTURES[lm]}
     ids.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None)  # None: not a class default (Phi-3's 32000)
     if lm != arch:

@@ -58,8 +58,8 @@ EXPERTS = [
     ("mlp.shared_experts.up_proj.weight", ("moe", "shared", "w_up"), "linear"),
     ("mlp.shared_experts.down_proj.weight", ("moe", "shared", "w_out"), "linear"),
 ]
-DEEPSEEK = dict(router="sigmoid", router_balance=True, router_bias=False, capacity_factor=0.0, mlp="gated")
-DEEPSEEK.update(shared_expert_gate=False, qkv_bias=False, out_bias=False, router_z_loss_weight=0.0)
+DEEPSEEK = dict(router="sigmoid", router_balance=True, router_bias=False, mlp="gated")
+DEEPSEEK.update(shared_expert_gate=False, qkv_bias=False, out_bias=False)
 
 
 def layout(cfg: ModelConfig, arch: str):
@@ -113,7 +113,7 @@ def config_from_hf(r, arch: str, tensor_names) -> ModelConfig:
         router_groups=groups if groups > 1 else 0,
         router_group_limit=limit if groups > 1 else 0,
         first_dense_layers=r.get("first_k_dense_replace", 0) or 0,
-        **{k: v for k, v in DEEPSEEK.items() if k not in ("router_bias", "capacity_factor", "router_z_loss_weight")},
+        **{k: v for k, v in DEEPSEEK.items() if k != "router_bias"},
     )
     return ModelConfig(**fields, **rope_params(r))
 

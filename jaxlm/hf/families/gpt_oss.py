@@ -44,8 +44,6 @@ GPT_OSS = dict(
     router_normalize=True,
     router_scale=1.0,
     shared_experts=0,
-    capacity_factor=0.0,
-    router_z_loss_weight=0.0,
 )
 
 
@@ -91,8 +89,6 @@ def architecture(cfg: ModelConfig):
     problems = mismatches(cfg, want, "gpt-oss")
     if cfg.qkv_bias != cfg.out_bias:
         problems.append("q/k/v biases differ from the output bias")
-    if cfg.expert_mlp_dim not in (0, cfg.mlp_dim):
-        problems.append(f"expert_mlp_dim={cfg.expert_mlp_dim} (gpt-oss's experts are mlp_dim wide)")
     if cfg.global_every not in (0, 2) and cfg.sliding_window:
         problems.append("sliding-window layers other than every other one")
     return "GptOssForCausalLM", problems
@@ -100,6 +96,7 @@ def architecture(cfg: ModelConfig):
 
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     out = {**decoder_config(cfg), "hidden_act": "silu", "rope_parameters": rope_to_hf(cfg)}
+    out["intermediate_size"] = cfg.expert_hidden  # the experts' width (the model has no dense MLP)
     out.update(attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window or None)
     out.update(layer_types=layer_types(cfg), num_local_experts=cfg.num_experts)
     out.update(num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.aux_loss_weight)

@@ -27,7 +27,7 @@ EXPERTS = [
 ]
 LAYER = ATTENTION + [("post_attention_layernorm.weight", ("mlp_norm", "scale"), "vector")] + EXPERTS
 MOE_DEFAULTS = dict(shared_experts=0, shared_expert_gate=False, router="softmax", router_scale=1.0, router_bias=False)
-MOE_DEFAULTS.update(capacity_factor=0.0, router_z_loss_weight=0.0, mlp="gated", qkv_bias=False, out_bias=False)
+MOE_DEFAULTS.update(mlp="gated", qkv_bias=False, out_bias=False, first_dense_layers=0)
 
 
 def layout(cfg: ModelConfig, arch: str):
@@ -54,13 +54,12 @@ def architecture(cfg: ModelConfig):
         return None
     want = {**LLAMA_LIKE, **MOE_DEFAULTS, "router_normalize": True, "mlp_bias": False}
     problems = mismatches(cfg, want, "Mixtral")
-    if cfg.expert_mlp_dim not in (0, cfg.mlp_dim):
-        problems.append(f"expert_mlp_dim={cfg.expert_mlp_dim} (Mixtral's experts are mlp_dim wide)")
     return "MixtralForCausalLM", problems
 
 
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     out = {**decoder_config(cfg), "hidden_act": HF_ACTIVATION[cfg.activation], "rope_parameters": rope_to_hf(cfg)}
+    out["intermediate_size"] = cfg.expert_hidden  # the experts' width (the model has no dense MLP)
     out.update(sliding_window=cfg.sliding_window or None, num_local_experts=cfg.num_experts)
     out.update(num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.aux_loss_weight)
     return {**out, "router_jitter_noise": 0.0}
