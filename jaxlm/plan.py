@@ -96,7 +96,7 @@ def expert_exchange(cfg: Config, sizes: dict[str, int]) -> str:
         else (f"capacity_factor {m.capacity_factor}")
     )
     return (
-        f"expert parallelism: {m.num_experts // P_} experts a device over expert={P_}; all-to-all "
+        f"expert parallelism: {m.num_experts // P_} of {m.num_experts} experts a device (expert={P_}); all-to-all "
         f"{_fmt_bytes(per_exchange)} a layer each way, {_fmt_bytes(step)} a step per device ({kind})"
     )
 

@@ -84,3 +84,22 @@ def test_plan_compiled_needs_the_devices(capsys):
 
 def test_plan_learned_positions():  # a parameter with an unsplit axis (None) prints
     assert "positions.embedding" in plan(load_config("configs/gpt_tiny.yaml"), 1)
+
+
+def test_mixtral_on_8_devices_splits_the_experts():
+    """The Mixtral preset with its experts over mesh.expert=8: one expert of each layer a device, every other
+    parameter sharded over the same devices (ZeRO-3 over fsdp x expert), the all-to-all traffic reported."""
+    cfg = load_config("configs/mixtral_8x7b.yaml", ["mesh.expert=8", "mesh.fsdp=1"])
+    report = plan(cfg, 8)
+    params = count_params(cfg.model)
+    mem = memory(report)
+    assert mem["parameters"] == pytest.approx(params * 4 / 8, rel=1e-3)  # 46.7B fp32 over 8 devices
+    assert mem["optimizer state"] == pytest.approx(2 * params * 4 / 8, rel=1e-3)
+    assert re.search(
+        r"layers\.moe\.w_gate\s+\(32, 8, 4096, 14336\)\s+layers, experts, embed, mlp\s+\(None, expert,", report
+    )
+    assert re.search(
+        r"layers\.attn\.wq\s+\(32, 4096, 32, 128\)\s+layers, embed, heads, head_dim\s+\(None, expert,", report
+    )
+    assert "12.88 B parameters active a token" in report
+    assert re.search(r"1 of 8 experts a device \(expert=8\); all-to-all [\d.]+ MiB a layer each way", report)

@@ -19,7 +19,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.nn.mlp import mlp_for
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.dense import dense
-from jaxlm.ops.moe import expert_mlp, load_balancing_loss, route, router_z_loss
+from jaxlm.ops.moe import expert_counts, expert_mlp, load_balancing_loss, route, router_z_loss
 from jaxlm.parallel.experts import expert_parallel_mlp
 
 
@@ -71,15 +71,11 @@ class MoE(nnx.Module):
         )
         gated = cfg.mlp == "gated"
         w_in = (c(self.w_gate), c(self.w_up)) if gated else c(self.w_in)
-        pairs = {
-            n: lora.pair(self.dtype)
-            for n in ("w_gate", "w_up", "w_in", "w_out")
-            if (lora := getattr(self, "lora_" + n, None))
-        }
-        loras = None  # per-expert LoRA (A, B, scale) pairs of the expert weights, when adapted and not merged
-        if any(p is not None for p in pairs.values()):
-            get = pairs.get
-            loras = ((get("w_gate"), get("w_up")) if gated else get("w_in"), get("w_out"))
+        # per-expert LoRA (A, B, scale) pairs of the expert weights, when adapted and not merged
+        pair = lambda n: lora.pair(self.dtype) if (lora := getattr(self, "lora_" + n, None)) else None  # noqa: E731
+        pairs_in = (pair("w_gate"), pair("w_up")) if gated else pair("w_in")
+        adapted = [p for p in (*(pairs_in if gated else [pairs_in]), pair("w_out")) if p is not None]
+        loras = (pairs_in, pair("w_out")) if adapted else None
         b_in = None
         if self.b_out is not None:
             b_in = (c(self.b_gate), c(self.b_up)) if gated else c(self.b_in)
@@ -98,10 +94,9 @@ class MoE(nnx.Module):
             if experts.pop("loras") is not None:
                 raise ValueError("LoRA on expert weights does not run under expert parallelism (mesh.expert > 1)")
             y, dropped = expert_parallel_mlp(tokens, routing, w_in, c(self.w_out), mesh=mesh, **experts)
-            load = jnp.zeros((cfg.num_experts,), jnp.int32).at[routing.experts.reshape(-1)].add(1)
         else:
             y, layout = expert_mlp(tokens, routing, w_in, c(self.w_out), **experts)
-            load, dropped = layout.counts, layout.dropped
+            dropped = layout.dropped
         y = y.reshape(B, T, D)
         if self.shared is not None:
             shared = self.shared(x, dropout_keys)
@@ -111,7 +106,7 @@ class MoE(nnx.Module):
         stats = {
             "aux_loss": load_balancing_loss(routing.probs, routing.experts),
             "z_loss": router_z_loss(routing.logits),
-            "load": load,
+            "load": expert_counts(routing.experts, cfg.num_experts),
             "dropped": dropped,
         }
         return y, stats

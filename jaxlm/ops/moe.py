@@ -80,12 +80,17 @@ def route(
     return Routing(weights * scale, experts.astype(jnp.int32), probs, logits)
 
 
+def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
+    """Assignments routed to each expert: (M, k) expert ids -> (E,) int32."""
+    return jnp.zeros((num_experts,), jnp.int32).at[experts.reshape(-1)].add(1)
+
+
 def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
     """Switch/GShard balancing loss E * sum_e f_e * P_e: f_e the fraction of the M tokens routed to expert e
     (summing to k over the experts, as Hugging Face's load_balancing_loss_func), P_e the mean score of e.
     1 * k for a uniform router. probs: (M, E); experts: (M, k)."""
     M, E = probs.shape
-    f = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(1.0) / M
+    f = expert_counts(experts, E) / M
     return E * jnp.sum(f * jnp.mean(probs, axis=0))
 
 
@@ -110,7 +115,7 @@ def group_sort(experts: jax.Array, num_experts: int):
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     expert = flat[order]
-    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    counts = expert_counts(flat, num_experts)
     first = jnp.cumsum(counts) - counts
     rank = jnp.arange(flat.shape[0], dtype=jnp.int32) - first[expert]
     return order, expert, rank, counts
@@ -158,7 +163,7 @@ def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
     return max(1, math.ceil(factor * tokens * k / num_experts))
 
 
-def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """x[rows] with rows == len(x) giving a row of zeros."""
     return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[rows]
 
@@ -167,7 +172,7 @@ def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
 def dispatch(x: jax.Array, layout: Layout, k: int) -> jax.Array:
     """Tokens (M, D) -> dispatched rows (R, D): each row holds its assignment's token (padding: zeros)."""
     A = layout.slot.shape[0]
-    return _take_rows(x, jnp.where(layout.assign < A, layout.assign // k, x.shape[0]))
+    return take_rows(x, jnp.where(layout.assign < A, layout.assign // k, x.shape[0]))
 
 
 def _dispatch_fwd(x, layout, k):
@@ -175,7 +180,7 @@ def _dispatch_fwd(x, layout, k):
 
 
 def _dispatch_bwd(k, layout, d_rows):  # a token's gradient: the sum over its k rows
-    return _take_rows(d_rows, layout.slot).reshape(-1, k, d_rows.shape[-1]).sum(1), None
+    return take_rows(d_rows, layout.slot).reshape(-1, k, d_rows.shape[-1]).sum(1), None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -184,7 +189,7 @@ dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 @jax.custom_vjp
 def combine(rows: jax.Array, layout: Layout) -> jax.Array:
     """Dispatched rows (R, D) -> each assignment's row (A, D) (dropped: zeros)."""
-    return _take_rows(rows, layout.slot)
+    return take_rows(rows, layout.slot)
 
 
 def _combine_fwd(rows, layout):
@@ -192,7 +197,7 @@ def _combine_fwd(rows, layout):
 
 
 def _combine_bwd(layout, d_out):
-    return _take_rows(d_out, layout.assign), None
+    return take_rows(d_out, layout.assign), None
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)

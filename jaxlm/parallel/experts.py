@@ -34,6 +34,7 @@ from jaxlm.ops.moe import (
     group_sort,
     resolve_impl,
     run_experts,
+    take_rows,
 )
 
 
@@ -80,9 +81,9 @@ def expert_parallel_mlp(
         slot = jnp.where(keep, dest_sorted * S + rank, P_ * S)  # send-buffer row of each sorted assignment
         send_rows = jnp.full((P_ * S,), A, jnp.int32).at[slot].set(order, mode="drop")  # assignment a row holds
         token = jnp.where(send_rows < A, send_rows // k, M)
-        send_x = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[token]
+        send_x = take_rows(x, token)
         flat_local = (expert_ids % local_experts).reshape(-1)
-        send_e = jnp.where(send_rows < A, jnp.concatenate([flat_local, jnp.zeros((1,), jnp.int32)])[send_rows], -1)
+        send_e = jnp.where(send_rows < A, take_rows(flat_local, send_rows), -1)
         recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)  # (P S, D): S rows from each device
         recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True)
         # The received rows as tokens routed to one local expert each; empty rows to a sentinel (local_experts)
@@ -97,7 +98,7 @@ def expert_parallel_mlp(
         )
         back = jax.lax.all_to_all(combine(out, layout), "expert", 0, 0, tiled=True)  # (P S, D) in send order
         sent = jnp.zeros((A,), jnp.int32).at[order].set(slot)  # each assignment's send row (P S: dropped)
-        y = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])[sent].reshape(M, k, D)
+        y = take_rows(back, sent).reshape(M, k, D)
         y = jnp.einsum("MkD,Mk->MD", y, gate_weights.astype(y.dtype))
         dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.int32), BATCH_AXES)
         return y, dropped

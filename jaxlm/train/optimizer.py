@@ -35,13 +35,8 @@ def decays(p) -> bool:
 
 def decay_mask(params):
     """The weight-decay mask of a parameter tree (nnx State or plain arrays), in its structure."""
-    if any(isinstance(v, nnx.Variable) for v in jax.tree.leaves(params, is_leaf=_is_variable)):
-        return jax.tree.map(lambda v: v.replace(decays(v)), params, is_leaf=_is_variable)
-    return jax.tree.map(decays, params)
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
+    variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda v: v.replace(decays(v)) if variable(v) else decays(v), params, is_leaf=variable)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
@@ -29,8 +31,6 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
 def test_router_losses_join_the_loss_and_the_metrics(tiny_config):
     """With experts, the step minimises cross-entropy + aux_loss_weight * balancing loss + z weight * z-loss:
     the reported loss is the sum, the router's gradient changes with the weights, and the metrics report each."""
-    import dataclasses
-
     from jaxlm.nn.moe import router_losses, router_stats
     from jaxlm.ops.losses import cross_entropy
 
@@ -62,8 +62,6 @@ def test_router_losses_join_the_loss_and_the_metrics(tiny_config):
 def test_router_balance_moves_each_expert_bias_towards_the_mean_load(tiny_config):
     """DeepSeek-V3's loss-free balancing: after a step, an expert above its layer's mean load has its selection
     bias lowered by the rate, one below raised; gradients and weight decay leave the bias alone."""
-    import dataclasses
-
     from jaxlm.nn.moe import router_stats
 
     rng = np.random.default_rng(1)
@@ -83,3 +81,22 @@ def test_router_balance_moves_each_expert_bias_towards_the_mean_load(tiny_config
     want = 0.01 * np.sign(load.mean(-1, keepdims=True) - load)
     np.testing.assert_allclose(moved, want, atol=1e-7)
     assert np.abs(want).sum() > 0
+
+
+def test_weight_decay_applies_to_matrices_stacked_or_not():
+    """The decay mask reads logical axes: a stacked layer's norm scale (layers, D), an expert's bias (layers,
+    experts, F) and the routers' balance (layers, E) are vectors; projections, experts and the token table are
+    matrices."""
+    from jaxlm.config import ModelConfig
+    from jaxlm.train.optimizer import decay_mask
+
+    cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, mlp_dim=48, max_seq_len=32)
+    cfg = dataclasses.replace(cfg, num_experts=4, mlp_bias=True, router="sigmoid", router_balance=True)
+    state = nnx.state(TransformerLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    mask = {
+        "/".join(str(getattr(k, "key", k)) for k in path): bool(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(decay_mask(state))
+    }
+    kept = {"stack/final_norm/scale", "stack/layers/attn_norm/scale", "stack/layers/mlp_norm/scale"}
+    kept |= {f"stack/layers/moe/{n}" for n in ("b_gate", "b_up", "b_out", "router_balance")}
+    assert {name.removesuffix("/.value") for name, decays in mask.items() if not decays} == kept
