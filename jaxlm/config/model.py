@@ -115,7 +115,11 @@ class ModelConfig:
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al., Gemma)
     scale_readout: bool = False  # multiply the final states by d_model^-0.5 before the read-out (T5 v1.0)
     decoder_start_id: int = -1  # encoder-decoder: the decoder's first input (-1 = end-of-text; T5: 0)
-    attention_impl: str = "reference"  # reference | xla | cudnn
+    attention_impl: str = "reference"  # reference | xla | cudnn | blockwise (flash-style: memory linear in T)
+    attention_block: int = 512  # attention_impl=blockwise: query and key tile length (T is padded to tiles)
+    # Losses read out this many positions at a time (every row), the backward pass recomputing their logits:
+    # memory B·logits_chunk·V instead of B·T·V. 0: the whole sequence at once.
+    logits_chunk: int = 0
     dropout: float = 0.0  # training only: on the embeddings and on each residual branch's output
     attention_dropout: float = 0.0  # training only: on the attention weights (attention_impl=reference)
     mlp_dropout: float = 0.0  # training only: on the MLP's hidden activations, before its output projection (T5)
@@ -266,14 +270,18 @@ class ModelConfig:
             raise ConfigError("model.mlp_clamp / mlp_up_shift shape a gated MLP's gate and up: needs model.mlp=gated")
         if self.mlp_clamp < 0:
             raise ConfigError(f"model.mlp_clamp must be >= 0, got {self.mlp_clamp}")
-        if self.attention_sinks and self.attention_impl != "reference":
+        if self.logits_chunk < 0:
+            raise ConfigError(f"model.logits_chunk must be >= 0 (0: the whole sequence), got {self.logits_chunk}")
+        if self.attention_block < 1:
+            raise ConfigError(f"model.attention_block must be >= 1, got {self.attention_block}")
+        if self.attention_sinks and self.attention_impl not in ("reference", "blockwise"):
             raise ConfigError(
-                f"model.attention_sinks needs model.attention_impl=reference, not {self.attention_impl} "
+                f"model.attention_sinks needs model.attention_impl=reference or blockwise, not {self.attention_impl} "
                 "(jax.nn.dot_product_attention has no sinks)"
             )
-        if self.attn_logit_softcap and self.attention_impl != "reference":
+        if self.attn_logit_softcap and self.attention_impl not in ("reference", "blockwise"):
             raise ConfigError(
-                f"model.attn_logit_softcap needs model.attention_impl=reference, not {self.attention_impl} "
+                f"model.attn_logit_softcap needs model.attention_impl=reference or blockwise, not {self.attention_impl} "
                 "(jax.nn.dot_product_attention has no soft-capping)"
             )
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -324,9 +332,10 @@ class ModelConfig:
                 "latent attention (model.kv_lora_rank > 0) has its own key/value projections: model.qkv_bias, "
                 "model.qk_norm and model.num_kv_heads do not apply (leave them false / 0)"
             )
-        if self.attention_impl != "reference":
+        if self.attention_impl not in ("reference", "blockwise"):
             raise ConfigError(
-                "latent attention's value heads differ from its query heads: model.attention_impl=reference"
+                "latent attention's value heads differ from its query heads: model.attention_impl=reference or "
+                "blockwise"
             )
 
     def _check_experts(self):

@@ -54,6 +54,7 @@ class Attention(nnx.Module):
         softcap: float = 0.0,
         sinks: bool = False,
         implementation: str,
+        block_size: int = 512,
         scale: float | None = None,
         dropout: float = 0.0,
         std: float,
@@ -68,7 +69,7 @@ class Attention(nnx.Module):
         N, K, H = num_heads, num_kv_heads, head_dim
         self.num_kv_heads, self.head_dim = K, H
         self.rope, self.local_rope, self.softcap = rope, local_rope, softcap
-        self.implementation, self.dtype, self.scale = implementation, dtype, scale
+        self.implementation, self.block_size, self.dtype, self.scale = implementation, block_size, dtype, scale
         self.q_norm = Norm(H, **qk_norm, axis="head_dim") if qk_norm else None
         self.k_norm = Norm(H, **qk_norm, axis="head_dim") if qk_norm else None
         self.dropout = dropout  # on the attention weights, when row keys are passed
@@ -169,6 +170,7 @@ class Attention(nnx.Module):
             bias=bias,
             scale=self.scale,
             implementation=self.implementation,
+            block_size=self.block_size,
             dropout_rate=self.dropout,
             dropout_keys=dropout_keys,
             softcap=self.softcap,

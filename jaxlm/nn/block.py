@@ -52,6 +52,7 @@ class Block(nnx.Module):
             softcap=cfg.attn_logit_softcap,
             sinks=cfg.attention_sinks,
             implementation=cfg.attention_impl,
+            block_size=cfg.attention_block,
             std=cfg.init_std,
             out_std=out_std,
             dtype=dtype,

@@ -16,6 +16,7 @@ from jaxlm.nn.embed import Embed
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.ops.dense import dense
+from jaxlm.ops.losses import chunked_readout
 from jaxlm.ops.mlp import activation
 
 
@@ -83,6 +84,12 @@ class LanguageModel(nnx.Module):
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return constrain(logits, ("batch", "seq", "vocab"))
+
+    def readout(self, fn: Callable, x: jax.Array, *per_token: jax.Array):
+        """fn(logits, *per_token) of final hidden states x (B, T, D): per-token statistics (B, T) of the logits
+        (log-probs, losses), computed `cfg.logits_chunk` positions at a time (0: all at once), so that training
+        need not hold the (B, T, V) logits (`jaxlm.ops.losses.chunked_readout`)."""
+        return chunked_readout(fn, self.logits, x, *per_token, chunk=self.cfg.logits_chunk or x.shape[1])
 
     def values(self, x: jax.Array) -> jax.Array:
         """The value head: (B, T, D) final hidden states -> (B, T) float32 values."""

@@ -100,6 +100,8 @@ class LatentAttention(nnx.Module):
             dropout_keys=dropout_keys,
             softcap=self.softcap,
             sinks=None if self.sinks is None else self.sinks[...],
+            implementation=cfg.attention_impl,
+            block_size=cfg.attention_block,
         )
         if cache is not None and x.shape[1] <= ABSORB_BELOW:  # absorbed: multi-query attention over the latents
             q_latent = jnp.einsum("BTNH,RNH->BTNR", q[..., :Hn], w_kv[..., :Hn])

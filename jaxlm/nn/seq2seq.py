@@ -82,11 +82,12 @@ class EncoderDecoderLM(LanguageModel):
         cache_index=None,
         dropout_keys: jax.Array | None = None,
         last: jax.Array | None = None,
+        readout: bool = True,
     ) -> tuple[jax.Array, dict | None]:
         """Target tokens (B, T) -> float32 logits (B, T, V), attending to `memory` or to the cache's encoder K/V.
 
         dropout_keys: (B, 2) row keys (training), or None. last: (B,) int, or None: logits (B, 1, V) at this
-        position of each row only.
+        position of each row only. readout: False returns the final states (B, T, D) instead of logits.
         """
         B, T = tokens.shape
         if positions is None:
@@ -112,9 +113,15 @@ class EncoderDecoderLM(LanguageModel):
             dropout_keys=fold_rows(dropout_keys, 1),
         )
         x = x if last is None else at_positions(x, last)
-        return self.logits(x), None if cache is None else {**cache, **self_cache}
+        return self.logits(x) if readout else x, None if cache is None else {**cache, **self_cache}
 
     def __call__(self, src, tgt, src_valid=None, tgt_valid=None, dropout_keys=None) -> jax.Array:
         """Teacher-forced logits (B, T, V) of target inputs `tgt` given sources `src`; dropout_keys: (B, 2) or None."""
+        return self.logits(self.hidden(src, tgt, src_valid, tgt_valid, dropout_keys))
+
+    def hidden(self, src, tgt, src_valid=None, tgt_valid=None, dropout_keys=None) -> jax.Array:
+        """The decoder's final states (B, T, D) of `__call__`, before the read-out."""
         memory = self.encode(src, src_valid, dropout_keys)
-        return self.decode(tgt, valid=tgt_valid, memory=memory, src_valid=src_valid, dropout_keys=dropout_keys)[0]
+        return self.decode(
+            tgt, valid=tgt_valid, memory=memory, src_valid=src_valid, dropout_keys=dropout_keys, readout=False
+        )[0]

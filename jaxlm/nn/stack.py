@@ -13,6 +13,7 @@ same parameters, so checkpoints do not depend on how the layers run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -26,9 +27,10 @@ from jaxlm.nn.embed import LearnedPositions
 from jaxlm.nn.moe import record
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import dtype_of, normal_param
-from jaxlm.ops.attention import attention_mask
+from jaxlm.ops.attention import MaskSpec, PositionBias, attention_mask
 from jaxlm.ops.cache import contiguous_table, paged_read, paged_write, write_rows
 from jaxlm.ops.dropout import dropout, fold_rows
+from jaxlm.ops.masks import NO_WINDOW
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, sinusoidal_positions, t5_bias
 
 REMAT_POLICIES = {
@@ -114,6 +116,8 @@ class Stack(nnx.Module):
         self.layers = stacked(lambda r: Block(layer_cfg, rngs=r, cross=cross), num_layers - self.first, rngs)
         self.final_norm = norm_for(cfg) if cfg.norm_position == "pre" else None
         self.local_layers = tuple(cfg.is_local(i) for i in range(num_layers))  # sliding-window layers
+        # Blockwise attention takes the masks' and biases' inputs (B, T) and builds each tile itself.
+        self.blockwise = cfg.attention_impl == "blockwise"
 
     def init_cache(self, batch: int, length: int) -> dict:
         """Empty self-attention cache of `batch` rows of `length` slots: a pool of `batch` blocks of `length`
@@ -207,7 +211,11 @@ class Stack(nnx.Module):
         memory_mask = None
         if memory is not None:
             B, T = positions.shape
-            memory_mask = jnp.broadcast_to(memory_valid[:, None, :], (B, T, memory_valid.shape[1]))
+            if self.blockwise:  # no positions across: every query sees the valid encoder states
+                zeros = jnp.zeros((B, 1), jnp.int32)
+                memory_mask = MaskSpec(zeros, zeros, kv_valid=memory_valid, causal=False)
+            else:
+                memory_mask = jnp.broadcast_to(memory_valid[:, None, :], (B, T, memory_valid.shape[1]))
         keys = fold_rows(dropout_keys, 1)
         _, params = nnx.split(self.layers)
         if layer_runner is not None and kv is None:
@@ -255,9 +263,15 @@ class Stack(nnx.Module):
 
     def _attention_inputs(self, q_pos, kv_pos, kv_valid, flags):
         """(global mask, sliding-window mask, additive bias): masks (B, T, S) or None where no layer needs them.
+        Blockwise attention: `MaskSpec`s and a `PositionBias` instead (the window a traced scalar, so that a
+        layer scan can pick between them).
 
         flags: `attention_mask`'s segment and prefix keyword arguments."""
         cfg = self.cfg
+        if self.blockwise:
+            spec = lambda window: MaskSpec(q_pos, kv_pos, kv_valid, window=window, causal=self.causal, **flags)  # noqa: E731
+            full = spec(None) if not any(self.local_layers) else spec(jnp.int32(NO_WINDOW))
+            return full, spec(jnp.int32(cfg.sliding_window or NO_WINDOW)), self._bias_fn()
         full = self._mask(q_pos, kv_pos, kv_valid, None, flags) if not all(self.local_layers) else None
         local = self._mask(q_pos, kv_pos, kv_valid, cfg.sliding_window, flags) if any(self.local_layers) else None
         bias = None
@@ -272,6 +286,16 @@ class Stack(nnx.Module):
                 max_distance=cfg.relative_max_distance,
             )
         return full, local, bias
+
+    def _bias_fn(self) -> PositionBias | None:
+        """The additive bias as a function of positions (ALiBi, T5's learned table), or None."""
+        cfg = self.cfg
+        if cfg.position == "alibi":
+            return PositionBias(alibi_slopes(cfg.num_heads), alibi_bias)
+        if self.relative_bias is not None:
+            t5 = functools.partial(t5_bias, bidirectional=not self.causal, max_distance=cfg.relative_max_distance)
+            return PositionBias(self.relative_bias[...], t5)
+        return None
 
     def _mask(self, q_pos, kv_pos, kv_valid, window, flags):
         return attention_mask(q_pos, kv_pos, kv_valid=kv_valid, causal=self.causal, sliding_window=window, **flags)
@@ -304,6 +328,8 @@ class Stack(nnx.Module):
             if all(pattern) or not any(pattern):
                 return pattern[0], local_mask if pattern[0] else full
             local = jnp.asarray(pattern)[i]
+            if self.blockwise:
+                return local, dataclasses.replace(full, window=jnp.where(local, local_mask.window, full.window))
             return local, jnp.where(local, local_mask, full)
 
         def run(x, p, i, layer_memory, **cache):

@@ -1,10 +1,14 @@
-"""Scaled dot-product attention for MHA, MQA and GQA, and the masks it takes.
+"""Scaled dot-product attention for MHA, MQA and GQA.
 
 Shapes use the letters of STYLE.md: B batch, T query length, S key length,
 N query heads, K key/value heads, G = N // K query groups, H head dim.
 
 GQA groups the query heads over the shared K/V heads ('BTKGH,BSKH->BKGTS')
 instead of repeating K and V in memory. MHA is K = N, MQA is K = 1.
+
+Masks and biases come materialised ((B, T, S) arrays), or described by positions (`MaskSpec`,
+`PositionBias`): the blockwise implementation (`jaxlm.ops.blockwise`) needs the latter, the others build the
+arrays from them.
 """
 
 from __future__ import annotations
@@ -13,54 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.choices import ATTENTION_IMPLS
+from jaxlm.ops.blockwise import blockwise_attention
 from jaxlm.ops.dropout import dropout
+from jaxlm.ops.masks import MaskSpec, PositionBias, attention_mask
 
+__all__ = ["MaskSpec", "PositionBias", "attention_mask", "dot_product_attention"]
 
-def attention_mask(
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    *,
-    kv_valid: jax.Array | None = None,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    q_segments: jax.Array | None = None,
-    kv_segments: jax.Array | None = None,
-    q_prefix: jax.Array | None = None,
-    kv_prefix: jax.Array | None = None,
-) -> jax.Array:
-    """Boolean mask, True where query t may attend to key s.
-
-    Args:
-      q_positions: (B, T) int positions of the queries.
-      kv_positions: (B, S) int positions of the keys.
-      kv_valid: (B, S) bool, False for padding or empty cache slots.
-      causal: keys after the query's position are masked.
-      q_segments, kv_segments: (B, T), (B, S) int segment ids of packed examples: a query sees only keys
-        of its own segment (attention never crosses examples).
-      q_prefix, kv_prefix: (B, T), (B, S) bool, the prefix of a prefix LM (UniLM, GLM): with `causal`,
-        prefix queries also see later prefix keys (bidirectional prefix, causal rest).
-      sliding_window: if set, keys more than `sliding_window - 1` positions
-        before the query are masked (the query sees `sliding_window` keys);
-        without `causal`, also those as far after it (|q - k| < sliding_window).
-
-    Returns:
-      (B, T, S) bool.
-    """
-    q = q_positions[:, :, None]
-    k = kv_positions[:, None, :]
-    mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
-    if causal:
-        allowed = k <= q
-        if q_prefix is not None:
-            allowed |= q_prefix[:, :, None] & kv_prefix[:, None, :]
-        mask &= allowed
-    if sliding_window is not None:
-        mask &= (k > q - sliding_window) & (causal | (k < q + sliding_window))
-    if q_segments is not None:
-        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
-    if kv_valid is not None:
-        mask &= kv_valid[:, None, :]
-    return mask
+# Decoding steps (a few queries) take the reference path whatever the implementation: one tile, no blocks.
+BLOCKWISE_ABOVE = 8
 
 
 def dot_product_attention(
@@ -68,14 +32,15 @@ def dot_product_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    mask: jax.Array | MaskSpec | None = None,
+    bias: jax.Array | PositionBias | None = None,
     scale: float | None = None,
     implementation: str = "reference",
     dropout_rate: float = 0.0,
     dropout_keys: jax.Array | None = None,
     softcap: float = 0.0,
     sinks: jax.Array | None = None,
+    block_size: int = 512,
 ) -> jax.Array:
     """dropout(softmax(cap(q·k^T * scale) + bias, masked)) · v, cap(s) = softcap · tanh(s / softcap).
 
@@ -83,17 +48,19 @@ def dot_product_attention(
       q: (B, T, N, H) queries.
       k: (B, S, K, H) keys, N % K == 0.
       v: (B, S, K, Hv) values (Hv may differ from H: multi-head latent attention).
-      mask: bool, broadcastable to (B, T, S) (or (B, N, T, S)); True = attend.
-      bias: float additive bias broadcastable to (B, N, T, S) (T5 bias, ALiBi).
+      mask: bool, broadcastable to (B, T, S) (or (B, N, T, S)); True = attend. Or a `MaskSpec` (blockwise).
+      bias: float additive bias broadcastable to (B, N, T, S) (T5 bias, ALiBi), or a `PositionBias`.
       scale: defaults to 1/sqrt(H).
       implementation: "reference" (the einsum below, softmax in fp32), or
         "xla" / "cudnn" to call `jax.nn.dot_product_attention` (cuDNN is the
-        fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only).
+        fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only), or "blockwise" (`blockwise_attention`:
+        memory linear in T; needs the mask as a `MaskSpec`; T <= 8 queries take the reference path).
       dropout_rate: attention-weight dropout (training; reference implementation only).
       dropout_keys: (B, 2) row keys (`jaxlm.ops.dropout`), or None for no dropout.
       softcap: > 0 bounds the scores to (-softcap, softcap) (Gemma 2; reference implementation only).
       sinks: (N,) logits, one a head, that join each query's softmax as a key with no value: the weights sum
-        to less than 1 (gpt-oss's attention sinks; reference implementation only). None: none.
+        to less than 1 (gpt-oss's attention sinks; reference or blockwise). None: none.
+      block_size: blockwise tiles (queries and keys).
 
     Returns:
       (B, T, N, Hv) in q's dtype. Rows whose keys are all masked return the
@@ -106,11 +73,37 @@ def dot_product_attention(
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
     scale = H**-0.5 if scale is None else scale
+    dropping = dropout_keys is not None and dropout_rate > 0.0
+    if implementation == "blockwise" and T > BLOCKWISE_ABOVE:
+        if dropping:
+            raise ValueError("attention dropout needs the reference implementation, not 'blockwise'")
+        if mask is None:
+            zeros = jnp.zeros((B, 1), jnp.int32)
+            mask = MaskSpec(q_positions=zeros, kv_positions=zeros, causal=False)
+        if not isinstance(mask, MaskSpec) or (bias is not None and not isinstance(bias, PositionBias)):
+            raise ValueError("blockwise attention takes its mask as a MaskSpec and its bias as a PositionBias")
+        return blockwise_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=scale,
+            softcap=softcap,
+            sinks=sinks,
+            block_q=block_size,
+            block_k=block_size,
+        )
+    if isinstance(bias, PositionBias):
+        if not isinstance(mask, MaskSpec):
+            raise ValueError("a PositionBias needs the mask as a MaskSpec (it reads the positions there)")
+        bias = bias(mask.q_positions, mask.kv_positions)
+    if isinstance(mask, MaskSpec):
+        mask = mask.dense()
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]  # (B, 1, T, S)
 
-    dropping = dropout_keys is not None and dropout_rate > 0.0
-    if implementation != "reference":
+    if implementation not in ("reference", "blockwise"):
         if softcap:
             raise ValueError(f"attention soft-capping needs the reference implementation, not {implementation!r}")
         if dropping:

@@ -26,6 +26,8 @@ RUNTIME_FIELDS = (
     "remat",
     "scan_layers",
     "attention_impl",
+    "attention_block",
+    "logits_chunk",
     "dtype",
     "param_dtype",
 )

@@ -26,12 +26,12 @@ ROLLOUT_FIELDS = ("tokens", "valid", "response")
 def policy_outputs(model, tokens, valid, *, temperature: float, values: bool = False, dropout_keys=None):
     """(log-probs (B, T-1), entropies (B, T-1), values (B, T-1) or None) of `model` on (B, T) sequences."""
     x, _ = model.hidden(tokens[:, :-1], valid=valid[:, :-1], dropout_keys=dropout_keys)
-    logits = model.logits(x) / temperature
-    return (
-        token_logprobs(logits, tokens[:, 1:]),
-        token_entropy(logits),
-        model.values(x) if values else None,
-    )
+
+    def stats(logits, targets):
+        logits = logits / temperature
+        return token_logprobs(logits, targets), token_entropy(logits)
+
+    return (*model.readout(stats, x, tokens[:, 1:]), model.values(x) if values else None)
 
 
 def make_scorer(graphdef, reference: str, temperature: float, values: bool):

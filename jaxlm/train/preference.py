@@ -28,9 +28,9 @@ def _pair_keys(dropout_keys):
 def sequence_logprobs(model, batch: dict, dropout_keys=None) -> tuple[jax.Array, jax.Array]:
     """(log π(completion | prompt), completion tokens), each (P, 2), of a pair batch under `model`."""
     tokens, valid, mask = _flat(batch["tokens"]), _flat(batch["valid"]), _flat(batch["mask"])
-    logits, _ = model(tokens[:, :-1], valid=valid[:, :-1], dropout_keys=_pair_keys(dropout_keys))
+    x, _ = model.hidden(tokens[:, :-1], valid=valid[:, :-1], dropout_keys=_pair_keys(dropout_keys))
     scored = mask[:, 1:].astype(jnp.float32)
-    logp = jnp.sum(token_logprobs(logits, tokens[:, 1:]) * scored, axis=-1)
+    logp = jnp.sum(model.readout(token_logprobs, x, tokens[:, 1:]) * scored, axis=-1)
     return logp.reshape(-1, 2), jnp.sum(scored, axis=-1).reshape(-1, 2)
 
 

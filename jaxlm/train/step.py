@@ -8,6 +8,7 @@ one optimizer update whatever the accumulation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ from jaxlm.config import ConfigError
 from jaxlm.nn.moe import router_losses, router_stats
 from jaxlm.ops.corruption import mlm_corrupt
 from jaxlm.ops.dropout import row_keys
-from jaxlm.ops.losses import cross_entropy
+from jaxlm.ops.losses import masked_sum, token_nll
 from jaxlm.parallel.state import replicated, tree_shardings
 
 
@@ -108,7 +109,8 @@ def make_objective(
     rate: float = 0.15,
     layer_runner: Callable | None = None,
 ):
-    """objective(model, batch, key, dropout_keys) -> (logits, targets, loss mask or None).
+    """objective(model, batch, key, dropout_keys) -> (final hidden states (B, T, D), targets, loss mask or None);
+    the loss reads them out through `model.readout` (a chunk of positions at a time with `model.logits_chunk`).
 
     layer_runner: runs a single-stack model's layers (the pipeline schedule; see `jaxlm.nn.stack.Stack`).
 
@@ -125,7 +127,7 @@ def make_objective(
         def clm(model, batch, key, dropout_keys=None):
             # Packed documents or examples (`jaxlm.data.instructions`) carry positions that restart per example,
             # segment ids, and for prefix_lm the prompt tokens (attended bidirectionally).
-            logits, _ = model(
+            x, _ = model.hidden(
                 batch["inputs"],
                 batch.get("positions"),
                 batch.get("valid"),
@@ -134,7 +136,7 @@ def make_objective(
                 dropout_keys=dropout_keys,
                 layer_runner=layer_runner,
             )
-            return logits, batch["targets"], batch.get("mask")
+            return x, batch["targets"], batch.get("mask")
 
         return clm
     if kind == "mlm":
@@ -144,15 +146,15 @@ def make_objective(
         def mlm(model, batch, key, dropout_keys=None):
             tokens, valid = batch["inputs"], batch.get("mask")
             corrupted, picked = mlm_corrupt(key, tokens, mask_id=mask_id, vocab_size=vocab_size, rate=rate, valid=valid)
-            logits, _ = model(corrupted, valid=valid, dropout_keys=dropout_keys, layer_runner=layer_runner)
-            return logits, tokens, picked
+            x, _ = model.hidden(corrupted, valid=valid, dropout_keys=dropout_keys, layer_runner=layer_runner)
+            return x, tokens, picked
 
         return mlm
     if kind in ("span", "seq2seq"):
 
         def seq2seq(model, batch, key, dropout_keys=None):  # teacher forcing: tgt_in is tgt_out shifted right
-            logits = model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"], dropout_keys)
-            return logits, batch["tgt_out"], batch["tgt_mask"]
+            x = model.hidden(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"], dropout_keys)
+            return x, batch["tgt_out"], batch["tgt_mask"]
 
         return seq2seq
     raise ConfigError(f"unknown train.objective {kind!r}")
@@ -162,8 +164,8 @@ def lm_loss(objective, z_loss: float = 0.0):
     """The loss of a language-model objective (`make_objective`): summed token cross-entropy, token count."""
 
     def loss(model, reference, batch, key, dropout_keys=None):
-        logits, targets, mask = objective(model, batch, key, dropout_keys)
-        return (*cross_entropy(logits, targets, mask, z_loss=z_loss), {})
+        x, targets, mask = objective(model, batch, key, dropout_keys)
+        return (*masked_sum(model.readout(functools.partial(token_nll, z_loss=z_loss), x, targets), mask), {})
 
     return loss
 
@@ -315,8 +317,9 @@ def make_eval_step(graphdef, token_bytes: jax.Array, objective=None, *, loss=Non
     objective = objective or make_objective("clm")
 
     def eval_step(params, frozen, ref, batch):
-        logits, targets, mask = objective(nnx.merge(graphdef, params, frozen), batch, jax.random.PRNGKey(0))
-        loss_sum, count = cross_entropy(logits, targets, mask)
+        model = nnx.merge(graphdef, params, frozen)
+        x, targets, mask = objective(model, batch, jax.random.PRNGKey(0))
+        loss_sum, count = masked_sum(model.readout(token_nll, x, targets), mask)
         mask = jnp.ones_like(targets, bool) if mask is None else mask
         nbytes = jnp.sum(jnp.where(mask, token_bytes[targets], 0))
         return {"loss_sum": loss_sum, "count": count, "bytes": nbytes.astype(jnp.float32)}
