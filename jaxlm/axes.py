@@ -2,7 +2,7 @@
 
 Parameters carry logical axis names (see `jaxlm/nn/param.py`), activations get
 them at `constrain(x, axes)` calls. This table maps both to the mesh axes
-`pipeline`, `data`, `fsdp`, `expert`, `tensor` (MaxText's logical-axis-rules idea, with a
+`pipeline`, `data`, `fsdp`, `context`, `expert`, `tensor` (MaxText's logical-axis-rules idea, with a
 dozen names). What is sharded over `fsdp` follows the ZeRO stage (DeepSpeed's
 meanings): stage 1 shards the optimizer state, 2 also the gradients, 3 also the
 parameters. Activations never split `embed`.
@@ -35,7 +35,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),  # Megatron: MLP column-parallel in, row-parallel out
     "experts": ("expert",),  # a mixture of experts' expert index: expert parallelism
     "head_dim": (),
-    "seq": (),
+    "seq": ("context",),  # context parallelism: activations split along the sequence
     "lora": (),  # a LoRA's rank: small, replicated
     "q_lora": (),  # latent attention's query and key/value ranks: small, replicated
     "kv_lora": (),
@@ -110,6 +110,12 @@ def activation_sharding(mesh: jax.sharding.Mesh | None):
 
 def active_mesh() -> jax.sharding.Mesh | None:
     return _ACTIVE.get()
+
+
+def context_size() -> int:
+    """The size of the active mesh's `context` axis (context parallelism), 1 without a mesh."""
+    mesh = _ACTIVE.get()
+    return 1 if mesh is None else dict(mesh.shape).get("context", 1)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

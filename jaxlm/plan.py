@@ -50,20 +50,26 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     Per layer and token, remat=none keeps the block's inputs, norms, q/k/v (and
     their batch-major copies), attention scores and probabilities, MLP hidden states and outputs; save_dots keeps the
     projection outputs only; full keeps the layer input (plus one layer's worth
-    during its recomputation). Head and MLP terms split over `tensor`.
+    during its recomputation). Head and MLP terms split over `tensor`, tokens over `context`. Blockwise
+    attention keeps no scores (only each row's log-sum-exp), and a chunked read-out (`model.logits_chunk`)
+    keeps one chunk's logits.
     """
     m, tc = cfg.model, cfg.train
     a = jax.numpy.dtype(dtype_of(m.dtype)).itemsize
     rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     T, D, F, N, K, H = cfg.data.seq_len, m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
+    C = sizes.get("context", 1)
+    S, T = T, T / C  # a device's queries are T/C tokens; they see keys of the whole sequence
     if m.num_experts:  # a token's k experts (and the shared ones) hold its hidden states
         F = (m.experts_per_token + m.shared_experts) * m.expert_hidden
     tp = sizes["tensor"]
     k_tp = tp if K % tp == 0 else 1
     gated = 2 if m.mlp == "gated" else 1
-    span = min(T, m.sliding_window) if m.sliding_window else T
-    # Scores and probabilities (N, T, S) are materialised except by the fused cuDNN kernel.
-    scores = 0 if m.attention_impl == "cudnn" else 2 * N / tp * T * span
+    span = min(S, m.sliding_window) if m.sliding_window else S
+    # Scores and probabilities (N, T, S) are materialised except by the fused cuDNN kernel and blockwise
+    # attention, which keep each row's log-sum-exp (float32).
+    tiled = m.attention_impl in ("cudnn", "blockwise")
+    scores = N / tp * T * 4 / a if tiled else 2 * N / tp * T * span
     # q, k, v, their batch-major copies for the attention GEMMs and the attention output; MLP hidden states
     # (gated: gate, up, act(gate), product; plain: pre- and post-activation).
     full_layer = T * (6 * D + (N * H) / tp * 3 + 4 * K * H / k_tp + 2 * gated * F / tp) + scores
@@ -71,7 +77,8 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], microbatches: int) -> f
     per_layer = {"none": full_layer, "save_dots": dots, "full": T * D}[m.remat]
     layers = m.num_layers // sizes["pipeline"]
     extra = full_layer if m.remat != "none" else 0  # the layer being recomputed
-    logits = 2 * T * m.vocab_size / tp * 4  # float32 logits and their gradient
+    read = min(m.logits_chunk or S, S) / C  # positions whose logits are alive at once
+    logits = 2 * read * m.vocab_size / tp * 4  # float32 logits and their gradient
     # A pipeline stage keeps every micro-batch in flight: rows/microbatches each, all of them; with the
     # circular schedule each passes its L/P layers in R visits, which keeps the same activations.
     return rows * (a * (layers * per_layer + extra) + logits)
@@ -98,6 +105,23 @@ def expert_exchange(cfg: Config, sizes: dict[str, int]) -> str:
     return (
         f"expert parallelism: {m.num_experts // P_} of {m.num_experts} experts a device (expert={P_}); all-to-all "
         f"{_fmt_bytes(per_exchange)} a layer each way, {_fmt_bytes(step)} a step per device ({kind})"
+    )
+
+
+def context_exchange(cfg: Config, sizes: dict[str, int]) -> str:
+    """Ring attention's traffic per device and train step (`jaxlm.parallel.context`): each attention layer
+    passes its K/V shard C-1 times forward; the backward pass passes K/V C-1 times and their gradients (float32)
+    C times."""
+    m, tc = cfg.model, cfg.train
+    C = sizes["context"]
+    a = jax.numpy.dtype(dtype_of(m.dtype)).itemsize
+    rows = tc.batch_size // tc.grad_accum // (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    width = m.kv_heads * (m.dim_per_head + m.mla_v_dim if m.kv_lora_rank else 2 * m.dim_per_head)
+    shard = rows * cfg.data.seq_len / C * width * a
+    step = shard * (2 * (C - 1) + C * 4 / a) * m.num_layers * tc.grad_accum
+    return (
+        f"context parallelism: {cfg.data.seq_len // C} tokens a device (context={C}, zig-zag); the ring passes "
+        f"{_fmt_bytes(shard)} of K/V a layer a step, {_fmt_bytes(step)} a train step per device"
     )
 
 
@@ -186,6 +210,8 @@ def plan(cfg: Config, num_devices: int | None = None, *, compiled: bool = False)
         )
     if m.num_experts and sizes["expert"] > 1:
         lines.append(expert_exchange(cfg, sizes))
+    if sizes["context"] > 1:
+        lines.append(context_exchange(cfg, sizes))
     lines.append(
         f"mesh: {describe(sizes)} = {math.prod(sizes.values())} devices, zero_stage {zero}, "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, grad_accum {cfg.train.grad_accum}, "

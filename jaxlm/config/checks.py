@@ -178,6 +178,41 @@ def layout_fits(cfg) -> None:
         )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    # An explicit tile longer than the sequence is a mistake; the default is capped at the sequence silently.
+    if (
+        m.attention_impl == "blockwise"
+        and m.attention_block > cfg.data.seq_len
+        and "model.attention_block" in cfg.given
+    ):
+        raise ConfigError(
+            f"model.attention_block ({m.attention_block}) exceeds data.seq_len ({cfg.data.seq_len}): one tile would "
+            "hold every sequence (use the reference attention, or a smaller block)"
+        )
+    context_fits(cfg)
+
+
+def context_fits(cfg) -> None:
+    """Context parallelism: ring attention over blockwise tiles, decoder-only or encoder models, whole chunks."""
+    C, m = cfg.mesh.context, cfg.model
+    if C == 1:
+        return
+    if m.attention_impl != "blockwise":
+        raise ConfigError(
+            f"mesh.context={C} runs ring attention over blockwise tiles: set model.attention_impl=blockwise"
+        )
+    if m.decoder_layers:
+        raise ConfigError(f"mesh.context={C} splits decoder-only and encoder models, not encoder-decoders")
+    if cfg.mesh.pipeline != 1 or cfg.mesh.expert != 1:
+        raise ConfigError(f"mesh.context={C} does not yet combine with mesh.pipeline or mesh.expert: use one of them")
+    if m.attention_dropout:
+        raise ConfigError(f"mesh.context={C}: ring attention has no attention dropout (model.attention_dropout)")
+    if cfg.peft.method in ("prompt", "prefix"):
+        raise ConfigError(f"mesh.context={C} does not run {cfg.peft.method} tuning's virtual tokens")
+    if cfg.data.seq_len % (2 * C):
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) must be a multiple of 2 x mesh.context ({2 * C}): the zig-zag "
+            "layout gives each device two of 2C equal chunks"
+        )
 
 
 # In the order the messages should win when several apply.

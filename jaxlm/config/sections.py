@@ -250,7 +250,7 @@ class AlignConfig:
         return "k3" if objective == "grpo" else "k1"
 
 
-MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")  # mesh order: outermost to innermost
+MESH_AXES = ("pipeline", "data", "fsdp", "context", "expert", "tensor")  # mesh order: outermost to innermost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +263,7 @@ class MeshConfig:
 
     data: int = -1  # replicas; the batch is split over data x fsdp x expert
     fsdp: int = 1  # ZeRO/FSDP: the batch is split and parameter state sharded per zero_stage
+    context: int = 1  # context parallelism: the sequence split, attention as ring attention (zig-zag layout)
     expert: int = 1  # expert parallelism: a mixture's experts split, tokens sent to them all-to-all (and the batch)
     tensor: int = 1  # Megatron tensor parallelism: heads, MLP width and vocabulary split
     pipeline: int = 1  # pipeline stages: layers split into contiguous groups

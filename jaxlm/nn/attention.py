@@ -15,13 +15,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axes import active_mesh, context_size
 from jaxlm.nn.adapters import project
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
-from jaxlm.ops.attention import dot_product_attention
+from jaxlm.ops.attention import MaskSpec, dot_product_attention
 from jaxlm.ops.cache import paged_read, paged_write
 from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
+from jaxlm.parallel.context import ring_attention
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
+    """`dot_product_attention(q, k, v, **kwargs)`, or ring attention (`jaxlm.parallel.context`) when the active
+    mesh splits the sequence (self-attention over a `MaskSpec`, no cache)."""
+    mask = kwargs.get("mask")
+    if context_size() > 1 and isinstance(mask, MaskSpec) and q.shape[1] == k.shape[1] > 1:
+        if kwargs.get("dropout_keys") is not None and kwargs.get("dropout_rate"):
+            raise ValueError("attention dropout does not run under context parallelism (ring attention)")
+        keep = ("mask", "bias", "scale", "softcap", "sinks", "block_size")
+        return ring_attention(q, k, v, mesh=active_mesh(), **{n: kwargs[n] for n in keep if n in kwargs})
+    return dot_product_attention(q, k, v, **kwargs)
 
 
 def rope_tables(rope: dict, local_rope: dict | None, local, head_dim: int, positions: jax.Array):
@@ -162,7 +176,7 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, mask, bias, dropout_keys):
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        out = dot_product_attention(
+        out = attend(
             q,
             k,
             v,

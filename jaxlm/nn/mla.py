@@ -26,7 +26,6 @@ from jaxlm.nn.adapters import project
 from jaxlm.nn.attention import rope_tables
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import const_param, dtype_of, normal_param
-from jaxlm.ops.attention import dot_product_attention
 from jaxlm.ops.cache import paged_read, paged_write
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import fold_rows
@@ -106,7 +105,7 @@ class LatentAttention(nnx.Module):
         if cache is not None and x.shape[1] <= ABSORB_BELOW:  # absorbed: multi-query attention over the latents
             q_latent = jnp.einsum("BTNH,RNH->BTNR", q[..., :Hn], w_kv[..., :Hn])
             k_latent = jnp.concatenate([latent, k_rope], axis=-1)  # (B, S, 1, R + Hr)
-            out = dot_product_attention(jnp.concatenate([q_latent, q_rope], axis=-1), k_latent, latent, **attend)
+            out = attend(jnp.concatenate([q_latent, q_rope], axis=-1), k_latent, latent, **attend)
             out = jnp.einsum("BTNR,RNH->BTNH", out, w_kv[..., Hn:])
         else:
             kv = dense(latent[:, :, 0], w_kv, 1)  # BSR,RNH->BSNH
@@ -114,7 +113,7 @@ class LatentAttention(nnx.Module):
             N = kv.shape[2]
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_rope.shape[:2], N, Hr))], axis=-1)
             q = jnp.concatenate([q[..., :Hn], q_rope], axis=-1)
-            out = dot_product_attention(q, k, v, **attend)
+            out = attend(q, k, v, **attend)
         y = project(self, "wo", out, 2, keys)  # BTNH,NHD->BTD
         if self.bo is not None:
             y = y + self.bo[...].astype(self.dtype)

@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.axes import context_size
 from jaxlm.config import ModelConfig
 from jaxlm.nn.lm import LanguageModel, at_positions
 from jaxlm.nn.stack import Stack
 from jaxlm.ops.cache import paged_write
+from jaxlm.parallel.context import unzigzag, zigzag
 
 NOWHERE = 2**30  # a cache index past every block table: the write is dropped
 
@@ -144,6 +146,23 @@ class TransformerLM(LanguageModel):
         """The generator's step: logits of `tokens` written into the cache at `cache_index` (see `__call__`)."""
         return self(tokens, positions, valid, cache=cache, cache_index=cache_index, last=last)
 
+    def _split_sequence(self, C, tokens, positions, valid, token_types, run):
+        """Context parallelism: the sequence in the zig-zag layout (`jaxlm.parallel.context`), padded to a
+        multiple of 2C with invalid tokens, through the stack; the final states back in order."""
+        B, T = tokens.shape
+        Tp = -(-T // (2 * C)) * 2 * C
+
+        def order(a, fill=0):
+            if a is None:
+                return None
+            a = jnp.pad(a, ((0, 0), (0, Tp - T)), constant_values=fill) if Tp > T else a
+            return zigzag(a, C)
+
+        run = {**run, "segments": order(run["segments"]), "prefix": order(run["prefix"], False)}
+        x = self.embed_tokens(order(tokens), order(token_types))
+        x, _ = self.stack(x, order(positions), order(valid, False), **run)
+        return unzigzag(x, C)[:, :T]
+
     def hidden(
         self,
         tokens,
@@ -164,9 +183,14 @@ class TransformerLM(LanguageModel):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if valid is None:
             valid = jnp.ones((B, T), bool)
-        x = self.embed_tokens(tokens, token_types)
         P = self.virtual_tokens
         run = dict(dropout_keys=dropout_keys, layer_runner=layer_runner, segments=segments, prefix=prefix)
+        C = context_size()
+        if C > 1 and cache is None:
+            if P:
+                raise ValueError("prompt and prefix tuning do not run under context parallelism (mesh.context > 1)")
+            return self._split_sequence(C, tokens, positions, valid, token_types, run), None
+        x = self.embed_tokens(tokens, token_types)
         if not P:
             return self.stack(x, positions, valid, cache=cache, cache_index=cache_index, **run)
         # Prompt / prefix tuning: P virtual tokens at positions 0..P-1 come first, the input follows them.

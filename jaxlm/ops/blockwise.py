@@ -19,6 +19,9 @@ per kv head, as the reference lays them out on CPU).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -53,34 +56,199 @@ def blockwise_attention(
     Returns:
       (B, T, N, Hv) in q's dtype.
     """
-    B, T, N, H = q.shape
-    _, S, K, _ = k.shape
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"attention blocks must be positive, got block_q={block_q}, block_k={block_k}")
-    G, Hv = N // K, v.shape[-1]
-    scale = H**-0.5 if scale is None else scale
-    bq, bk = min(block_q, T), min(block_k, S)
-    nq, nk = -(-T // bq), -(-S // bk)
-    Tp, Sp = nq * bq, nk * bk
-    spec = _padded(mask, B, T, S, Tp, Sp)
+    tiles = Tiles.of(q, k, mask=mask, bias=bias, scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
     params = () if bias is None else bias.params
-    static = dict(
-        shape=(B, T, S, N, K, G, H, Hv, bq, bk, nq, nk),
-        scale=scale,
-        softcap=softcap,
-        bias_fn=None if bias is None else bias.fn,
-        has_sinks=sinks is not None,
-        causal=mask.causal,
-    )
-    qb = _pad(q, 1, Tp).reshape(B, nq, bq, K, G, H).transpose(1, 0, 3, 4, 2, 5).reshape(nq, B, K, G * bq, H)
-    kb = _pad(k, 1, Sp).reshape(B, nk, bk, K, H).transpose(1, 0, 3, 2, 4)  # (nk, B, K, bk, H)
-    vb = _pad(v, 1, Sp).reshape(B, nk, bk, K, Hv).transpose(1, 0, 3, 2, 4)
-    sinks = jnp.zeros((N,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
-    out = _attention(static)(qb, kb, vb, params, sinks, spec)  # (nq, B, K, M, Hv)
-    out = out.reshape(nq, B, K, G, bq, Hv).transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, N, Hv)
-    return out[:, :T].astype(q.dtype)
+    has_sinks = sinks is not None
+    sinks = jnp.zeros((q.shape[2],), jnp.float32) if sinks is None else sinks
+
+    @jax.custom_vjp
+    def attention(q, k, v, params, sinks, mask):
+        return attention_fwd(q, k, v, params, sinks, mask)[0]
+
+    def attention_fwd(q, k, v, params, sinks, mask):
+        out, lse = tiles.forward(q, k, v, params, mask)
+        if has_sinks:
+            out, lse = with_sinks(out, lse, sinks)
+        out = out.astype(q.dtype)
+        return out, (q, k, v, params, sinks, mask, out, lse)
+
+    def attention_bwd(res, d_out):
+        q, k, v, params, sinks, mask, out, lse = res
+        delta = row_delta(d_out, out)
+        dq, dk, dv, d_params = tiles.backward(q, k, v, params, mask, lse, delta, d_out)
+        d_sinks = sink_grad(sinks, lse, delta) if has_sinks else None
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_params, d_sinks, None
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention(q, k, v, params, sinks, mask)
+
+
+def with_sinks(out: jax.Array, lse: jax.Array, sinks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention sinks as one more softmax term with no value: out (B, T, N, Hv) and lse (B, T, N) rescaled."""
+    total = jnp.logaddexp(lse, sinks.astype(jnp.float32))
+    return out * jnp.exp(lse - total)[..., None], total
+
+
+def sink_grad(sinks: jax.Array, lse: jax.Array, delta: jax.Array) -> jax.Array:
+    """d loss / d sinks (N,): -sum over rows of p_sink * rowsum(dO * O)."""
+    return -jnp.sum(jnp.exp(sinks.astype(jnp.float32) - lse) * delta, axis=(0, 1)).astype(sinks.dtype)
+
+
+def row_delta(d_out: jax.Array, out: jax.Array) -> jax.Array:
+    """rowsum(dO * O) (B, T, N), float32: the softmax's backward term of each query row."""
+    return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
+def merge(out: jax.Array, lse: jax.Array, part: jax.Array, part_lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two normalised partial attentions over disjoint keys -> the attention over both (rows with no key in
+    either: out 0, lse -inf). out, part: (B, T, N, Hv) float32; lse, part_lse: (B, T, N)."""
+    m = jnp.maximum(lse, part_lse)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a, b = jnp.exp(lse - m), jnp.exp(part_lse - m)
+    total = a + b
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    out = (out * a[..., None] + part * b[..., None]) / total[..., None]
+    return jnp.where(seen[..., None], out, 0.0), jnp.where(seen, m + jnp.log(total), -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How one attention call is cut into tiles, and its forward and backward passes over them (no sinks):
+    the pieces `blockwise_attention` and ring attention (`jaxlm.parallel.context`) share."""
+
+    shape: tuple  # B, T, S, N, K, G, H, Hv, bq, bk, nq, nk
+    scale: float
+    softcap: float
+    bias_fn: Callable | None
+
+    @staticmethod
+    def of(q, k, *, mask, bias, scale, softcap, block_q, block_k) -> Tiles:
+        B, T, N, H = q.shape
+        _, S, K, _ = k.shape
+        if N % K:
+            raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+        if block_q < 1 or block_k < 1:
+            raise ValueError(f"attention blocks must be positive, got block_q={block_q}, block_k={block_k}")
+        if not isinstance(mask, MaskSpec):
+            raise ValueError("blockwise attention takes its mask as a MaskSpec")
+        bq, bk = min(block_q, T), min(block_k, S)
+        shape = (B, T, S, N, K, N // K, H, None, bq, bk, -(-T // bq), -(-S // bk))
+        return Tiles(shape, H**-0.5 if scale is None else scale, softcap, None if bias is None else bias.fn)
+
+    def _blocked(self, q, k, v, mask):
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        Hv = v.shape[-1]
+        qb = _pad(q, 1, nq * bq).reshape(B, nq, bq, K, G, H).transpose(1, 0, 3, 4, 2, 5).reshape(nq, B, K, G * bq, H)
+        kb = _pad(k, 1, nk * bk).reshape(B, nk, bk, K, H).transpose(1, 0, 3, 2, 4)  # (nk, B, K, bk, H)
+        vb = _pad(v, 1, nk * bk).reshape(B, nk, bk, K, Hv).transpose(1, 0, 3, 2, 4)
+        return qb, kb, vb, _padded(mask, B, T, S, nq * bq, nk * bk)
+
+    def _rows(self, x):
+        """(B, T, N, ...) -> (nq, B, K, M, ...) as the blocked queries."""
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        x = _pad(x, 1, nq * bq)
+        rest = x.shape[3:]
+        x = x.reshape(B, nq, bq, K, G, *rest)
+        return jnp.moveaxis(x, 2, 4).transpose(1, 0, 2, 3, 4, *range(5, 5 + len(rest))).reshape(nq, B, K, G * bq, *rest)
+
+    def _unrows(self, x):
+        """(nq, B, K, M, ...) -> (B, T, N, ...)."""
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        rest = x.shape[4:]
+        x = x.reshape(nq, B, K, G, bq, *rest).transpose(1, 0, 4, 2, 3, *range(5, 5 + len(rest)))
+        return x.reshape(B, nq * bq, N, *rest)[:, :T]
+
+    def _post(self, raw, params, spec, i, j):
+        """Soft-cap, bias and mask of tile (i, j)'s raw scores (a function of params, for their gradient)."""
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        t, s = jnp.arange(bq) + i * bq, jnp.arange(bk) + j * bk
+        scores = self.softcap * jnp.tanh(raw / self.softcap) if self.softcap else raw
+        if self.bias_fn is not None:
+            b = self.bias_fn(params, spec.q_positions[:, t], spec.kv_positions[:, s]).astype(jnp.float32)
+            scores = scores + _fold(b, K, G, bq)
+        allowed = _fold(spec.tile(t, s)[:, None], K, G, bq)
+        return jnp.where(allowed, scores, -jnp.inf)
+
+    def _raw(self, qi, kj):
+        return jnp.einsum("BKMH,BKSH->BKMS", qi, kj, preferred_element_type=jnp.float32) * self.scale
+
+    def forward(self, q, k, v, params, mask) -> tuple[jax.Array, jax.Array]:
+        """(out (B, T, N, Hv) float32, lse (B, T, N)): the attention of q over these keys; rows with no visible
+        key give out 0 and lse -inf."""
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        Hv = v.shape[-1]
+        qb, kb, vb, spec = self._blocked(q, k, v, mask)
+        live = _live(spec, nq, nk)
+
+        def query_block(i):
+            qi = qb[i]
+
+            def key_block(carry, j):
+                def update(carry):
+                    m, total, acc = carry
+                    s = self._post(self._raw(qi, kb[j]), params, spec, i, j)
+                    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: no shift
+                    p = jnp.exp(s - m_safe[..., None])
+                    correction = jnp.exp(m - m_safe)
+                    pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
+                    return m_new, total * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+                return jax.lax.cond(live[i, j], update, lambda c: c, carry), None
+
+            # The carries start from the inputs' zeros, so that they vary over a shard_map's axes as q does.
+            zero = jnp.zeros_like(qi[..., 0], jnp.float32)
+            init = (zero - jnp.inf, zero, zero[..., None] + jnp.zeros((Hv,)))
+            (m, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
+            seen = total > 0
+            total = jnp.where(seen, total, 1.0)
+            out = jnp.where(seen[..., None], acc / total[..., None], 0.0)
+            return out, jnp.where(seen, m + jnp.log(total), -jnp.inf)
+
+        out, lse = jax.lax.map(query_block, jnp.arange(nq))
+        return self._unrows(out), self._unrows(lse)
+
+    def backward(self, q, k, v, params, mask, lse, delta, d_out):
+        """(dq, dk, dv float32, d params) of the attention over these keys, given each row's log-sum-exp over
+        all its keys (B, T, N), `row_delta` of the whole output and its cotangent d_out (B, T, N, Hv)."""
+        B, T, S, N, K, G, H, _, bq, bk, nq, nk = self.shape
+        qb, kb, vb, spec = self._blocked(q, k, v, mask)
+        live = _live(spec, nq, nk)
+        lse = self._rows(jnp.where(jnp.isfinite(lse), lse, jnp.inf))  # no key: every p = 0
+        delta, d_out = self._rows(delta), self._rows(d_out.astype(jnp.float32))
+        zeros_like = lambda t: jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), t)  # noqa: E731
+
+        def key_block(carry, j):
+            dq, d_params = carry
+            kj, vj = kb[j], vb[j]
+
+            def query_block(c, i):
+                def grads(c):
+                    dk, dv, dq, d_params = c
+                    qi, do = qb[i], d_out[i]
+                    s, post_vjp = jax.vjp(lambda r, p: self._post(r, p, spec, i, j), self._raw(qi, kj), params)
+                    p = jnp.exp(s - lse[i][..., None])
+                    dv = dv + jnp.einsum("BKMS,BKMH->BKSH", p, do)
+                    dp = jnp.einsum("BKMH,BKSH->BKMS", do, vj, preferred_element_type=jnp.float32)
+                    d_raw, d_p = post_vjp(p * (dp - delta[i][..., None]))
+                    d_raw = d_raw * self.scale
+                    dq = dq.at[i].add(jnp.einsum("BKMS,BKSH->BKMH", d_raw, kj, preferred_element_type=jnp.float32))
+                    dk = dk + jnp.einsum("BKMS,BKMH->BKSH", d_raw, qi, preferred_element_type=jnp.float32)
+                    d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
+                    return dk, dv, dq, d_params
+
+                return jax.lax.cond(live[i, j], grads, lambda c: c, c), None
+
+            init = (zeros_like(kj), zeros_like(vj), dq, d_params)
+            (dk, dv, dq, d_params), _ = jax.lax.scan(query_block, init, jnp.arange(nq))
+            return (dq, d_params), (dk, dv)
+
+        init = (zeros_like(qb), zeros_like(params))
+        (dq, d_params), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(nk))
+        unkeys = lambda x: x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, -1)[:, :S]  # noqa: E731
+        d_params = jax.tree.map(lambda g, p: g.astype(p.dtype), d_params, params)
+        return self._unrows(dq), unkeys(dk), unkeys(dv), d_params
 
 
 def _pad(x: jax.Array, axis: int, size: int, value=0, mode: str = "constant") -> jax.Array:
@@ -137,117 +305,6 @@ def _live(spec: MaskSpec, nq: int, nk: int) -> jax.Array:
         qs, ks = blocks(spec.q_segments, nq), blocks(spec.kv_segments, nk)
         live &= (lo(ks, valid)[:, None] <= hi(qs)[:, :, None]) & (hi(ks, valid)[:, None] >= lo(qs)[:, :, None])
     return jnp.broadcast_to(jnp.any(live, axis=0), (nq, nk))
-
-
-def _attention(static: dict):
-    """The custom-VJP attention over blocked q (nq, B, K, M, H), k, v (nk, B, K, bk, H|Hv)."""
-    B, T, S, N, K, G, H, Hv, bq, bk, nq, nk = static["shape"]
-    scale, softcap, bias_fn = static["scale"], static["softcap"], static["bias_fn"]
-    M = G * bq
-
-    def tile_scores(qi, kj, params, spec, i, j):
-        """Scores of query block i against key block j: (B, K, M, bk) float32, -inf where masked."""
-        raw = jnp.einsum("BKMH,BKSH->BKMS", qi, kj, preferred_element_type=jnp.float32) * scale
-        return post(raw, params, spec, i, j)
-
-    def post(raw, params, spec, i, j):
-        """Soft-cap, bias and mask of a tile's raw scores (a function of params, for their gradient)."""
-        t, s = jnp.arange(bq) + i * bq, jnp.arange(bk) + j * bk
-        scores = softcap * jnp.tanh(raw / softcap) if softcap else raw
-        if bias_fn is not None:
-            b = bias_fn(params, spec.q_positions[:, t], spec.kv_positions[:, s]).astype(jnp.float32)
-            scores = scores + _fold(b, K, G, bq)
-        allowed = _fold(spec.tile(t, s)[:, None], K, G, bq)
-        return jnp.where(allowed, scores, -jnp.inf)
-
-    def initial(sinks):
-        """Each row's softmax state before any key: a sink's logit with weight 1, or empty."""
-        if not static["has_sinks"]:
-            return jnp.full((B, K, M), -jnp.inf), jnp.zeros((B, K, M))
-        m = jnp.broadcast_to(jnp.repeat(sinks.reshape(K, G), bq, axis=1)[None], (B, K, M))
-        return m, jnp.ones((B, K, M))
-
-    def forward(qb, kb, vb, params, sinks, spec):
-        live = _live(spec, nq, nk)
-
-        def query_block(i):
-            qi = qb[i]
-
-            def key_block(carry, j):
-                def update(carry):
-                    m, total, acc = carry
-                    s = tile_scores(qi, kb[j], params, spec, i, j)
-                    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: no shift
-                    p = jnp.exp(s - m_safe[..., None])
-                    correction = jnp.exp(m - m_safe)
-                    pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
-                    return m_new, total * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
-
-                return jax.lax.cond(live[i, j], update, lambda c: c, carry), None
-
-            m, total = initial(sinks)
-            (m, total, acc), _ = jax.lax.scan(key_block, (m, total, jnp.zeros((B, K, M, Hv))), jnp.arange(nk))
-            seen = total > 0
-            total = jnp.where(seen, total, 1.0)
-            out = jnp.where(seen[..., None], acc / total[..., None], 0.0)
-            lse = jnp.where(seen, m + jnp.log(total), jnp.inf)  # inf: every p = 0 backward
-            return out.astype(vb.dtype), lse
-
-        return jax.lax.map(query_block, jnp.arange(nq))
-
-    @jax.custom_vjp
-    def attention(qb, kb, vb, params, sinks, spec):
-        return forward(qb, kb, vb, params, sinks, spec)[0]
-
-    def attention_fwd(qb, kb, vb, params, sinks, spec):
-        out, lse = forward(qb, kb, vb, params, sinks, spec)
-        return out, (qb, kb, vb, params, sinks, spec, out, lse)
-
-    def attention_bwd(res, d_out):
-        qb, kb, vb, params, sinks, spec, out, lse = res
-        live = _live(spec, nq, nk)
-        d_out = d_out.astype(jnp.float32)
-        delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # (nq, B, K, M): rowsum(dO * O)
-        zeros_like = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), t)  # noqa: E731
-
-        def key_block(carry, j):
-            dq, d_params = carry
-            kj, vj = kb[j], vb[j]
-
-            def query_block(c, i):
-                def grads(c):
-                    dk, dv, dq, d_params = c
-                    qi, do = qb[i], d_out[i]
-                    raw = jnp.einsum("BKMH,BKSH->BKMS", qi, kj, preferred_element_type=jnp.float32) * scale
-                    s, post_vjp = jax.vjp(lambda r, p: post(r, p, spec, i, j), raw, params)
-                    p = jnp.exp(s - lse[i][..., None])
-                    dv = dv + jnp.einsum("BKMS,BKMH->BKSH", p, do)
-                    dp = jnp.einsum("BKMH,BKSH->BKMS", do, vj, preferred_element_type=jnp.float32)
-                    d_raw, d_p = post_vjp(p * (dp - delta[i][..., None]))
-                    d_raw = d_raw * scale
-                    dq = dq.at[i].add(jnp.einsum("BKMS,BKSH->BKMH", d_raw, kj, preferred_element_type=jnp.float32))
-                    dk = dk + jnp.einsum("BKMS,BKMH->BKSH", d_raw, qi, preferred_element_type=jnp.float32)
-                    d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
-                    return dk, dv, dq, d_params
-
-                return jax.lax.cond(live[i, j], grads, lambda c: c, c), None
-
-            init = (jnp.zeros((B, K, bk, H)), jnp.zeros((B, K, bk, Hv)), dq, d_params)
-            (dk, dv, dq, d_params), _ = jax.lax.scan(query_block, init, jnp.arange(nq))
-            return (dq, d_params), (dk, dv)
-
-        init = (jnp.zeros(qb.shape, jnp.float32), zeros_like(params))
-        (dq, d_params), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(nk))
-        d_sinks = None
-        if static["has_sinks"]:  # d sink = -sum over rows of p_sink * rowsum(dO * O)
-            p_sink = jnp.exp(initial(sinks)[0][None] - lse)  # (nq, B, K, M)
-            d_sinks = -jnp.sum((p_sink * delta).reshape(nq, B, K, G, bq), axis=(0, 1, 4)).reshape(N)
-        d_params = jax.tree.map(lambda g, p: g.astype(p.dtype), d_params, params)
-        return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), d_params, d_sinks, None
-
-    attention.defvjp(attention_fwd, attention_bwd)
-    return attention
 
 
 def _fold(x: jax.Array, K: int, G: int, bq: int) -> jax.Array:
