@@ -13,6 +13,17 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def host_devices(n: int) -> None:
+    """n emulated CPU devices: call before JAX is imported (a GPU or TPU run keeps its own)."""
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = flags + f" --xla_force_host_platform_device_count={n}"
+
+
 def training_args(doc: str, name: str, *, steps: int, argv=None, quick_help: str = "a tiny model, a few steps"):
     """The command line every training experiment takes: --quick, --steps, --root (its runs) and --out (its
     results, without suffix)."""

@@ -14,21 +14,15 @@ Writes experiments/results/memory_parallelism.json and .png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):  # before JAX is imported: 8 host devices
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
-
-import jax  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gallery import RESULTS, pyplot, save  # noqa: E402
+from gallery import RESULTS, host_devices, pyplot, save  # noqa: E402
+
+host_devices(8)  # before JAX is imported
+import jax  # noqa: E402
 
 LAYOUTS = {
     "data=8 (ZeRO-0)": ["mesh.data=8", "mesh.zero_stage=0"],

@@ -29,6 +29,7 @@ EXPERIMENTS = {
     "tokenization": "bytes vs BPE 512 / 2048 / 8192",
     "scaling": "loss vs parameters at fixed data",
     "moe": "dense vs mixture of experts at equal active and total parameters; balancing",
+    "long_context": "train-step memory and speed vs T: blockwise attention, chunked loss, context parallelism, YaRN",
 }
 # Measured by the fine-tuning and alignment issues' scripts, which start from the pretrained runs/llama_tiny and
 # its fine-tuned runs (see the main README): run_all does not rerun them, the table shows their results.

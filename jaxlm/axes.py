@@ -27,8 +27,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES,
     "layers": ("pipeline",),
     "stages": ("pipeline",),
-    # parameter state only, per ZeRO stage; the expert axis's devices also shard what experts do not split
-    "embed": ("fsdp", "expert"),
+    # parameter state only, per ZeRO stage; the devices of the expert axis (data-parallel outside the experts) and
+    # of the context axis (the same rows, other tokens) hold the same parameters: they shard them as FSDP does
+    "embed": ("fsdp", "context", "expert"),
     "vocab": ("tensor",),  # vocabulary-parallel embedding and logits
     "heads": ("tensor",),  # Megatron: attention column-parallel in, row-parallel out
     "kv_heads": ("tensor",),

@@ -93,6 +93,7 @@ LONGEST_FIRST = [
     "tests/train/test_rl.py",
     "tests/train/test_align.py",
     "tests/experiments/test_positions.py",
+    "tests/experiments/test_long_context.py",
     "tests/experiments/test_norms_mlp.py",
     "tests/experiments/test_attention_heads.py",
     "tests/parallel/test_multiprocess.py",

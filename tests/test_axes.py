@@ -61,7 +61,7 @@ def test_mesh_that_does_not_fit_fails_clearly(mesh, devices, message):
 
 def test_mesh_uses_the_first_devices_when_smaller():
     mesh = make_mesh(MeshConfig(data=2, tensor=2))
-    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 1, "context": 1, "expert": 1, "tensor": 2}
     assert list(mesh.devices.flat) == jax.devices()[:4]
 
 

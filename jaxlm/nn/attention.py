@@ -26,11 +26,13 @@ from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 from jaxlm.parallel.context import ring_attention
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, whole_sequence: bool, **kwargs) -> jax.Array:
     """`dot_product_attention(q, k, v, **kwargs)`, or ring attention (`jaxlm.parallel.context`) when the active
-    mesh splits the sequence (self-attention over a `MaskSpec`, no cache)."""
-    mask = kwargs.get("mask")
-    if context_size() > 1 and isinstance(mask, MaskSpec) and q.shape[1] == k.shape[1] > 1:
+    mesh splits the sequence. whole_sequence: self-attention of a whole sequence (no cache): what the ring
+    splits."""
+    if whole_sequence and context_size() > 1:
+        if not isinstance(kwargs.get("mask"), MaskSpec):
+            raise ValueError("context parallelism needs the mask as a MaskSpec (model.attention_impl=blockwise)")
         if kwargs.get("dropout_keys") is not None and kwargs.get("dropout_rate"):
             raise ValueError("attention dropout does not run under context parallelism (ring attention)")
         keep = ("mask", "bias", "scale", "softcap", "sinks", "block_size")
@@ -152,7 +154,7 @@ class Attention(nnx.Module):
                 },
             }
             k, v = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
-        return self._attend(q, k, v, mask, bias, dropout_keys), cache
+        return self._attend(q, k, v, mask, bias, dropout_keys, whole_sequence=cache is None), cache
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
@@ -174,12 +176,13 @@ class Attention(nnx.Module):
             q = self.q_norm(q)
         return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None, dropout_keys)
 
-    def _attend(self, q, k, v, mask, bias, dropout_keys):
+    def _attend(self, q, k, v, mask, bias, dropout_keys, whole_sequence=False):
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
         out = attend(
             q,
             k,
             v,
+            whole_sequence=whole_sequence,
             mask=mask,
             bias=bias,
             scale=self.scale,

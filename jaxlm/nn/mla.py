@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.nn.adapters import project
-from jaxlm.nn.attention import rope_tables
+from jaxlm.nn.attention import attend, rope_tables
 from jaxlm.nn.norm import norm_for
 from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.ops.cache import paged_read, paged_write
@@ -91,7 +91,8 @@ class LatentAttention(nnx.Module):
             cache = {**cache, **{n: paged_write(cache[n], new[n], table, cache_index, layer, floor) for n in "kv"}}
             latent, k_rope = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
         w_kv = self.wkv_b[...].astype(self.dtype)  # (R, N, Hn + Hv)
-        attend = dict(
+        kw = dict(
+            whole_sequence=cache is None,
             mask=mask,
             bias=bias,
             scale=self.scale,
@@ -105,7 +106,7 @@ class LatentAttention(nnx.Module):
         if cache is not None and x.shape[1] <= ABSORB_BELOW:  # absorbed: multi-query attention over the latents
             q_latent = jnp.einsum("BTNH,RNH->BTNR", q[..., :Hn], w_kv[..., :Hn])
             k_latent = jnp.concatenate([latent, k_rope], axis=-1)  # (B, S, 1, R + Hr)
-            out = attend(jnp.concatenate([q_latent, q_rope], axis=-1), k_latent, latent, **attend)
+            out = attend(jnp.concatenate([q_latent, q_rope], axis=-1), k_latent, latent, **kw)
             out = jnp.einsum("BTNR,RNH->BTNH", out, w_kv[..., Hn:])
         else:
             kv = dense(latent[:, :, 0], w_kv, 1)  # BSR,RNH->BSNH
@@ -113,7 +114,7 @@ class LatentAttention(nnx.Module):
             N = kv.shape[2]
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_rope.shape[:2], N, Hr))], axis=-1)
             q = jnp.concatenate([q[..., :Hn], q_rope], axis=-1)
-            out = attend(q, k, v, **attend)
+            out = attend(q, k, v, **kw)
         y = project(self, "wo", out, 2, keys)  # BTNH,NHD->BTD
         if self.bo is not None:
             y = y + self.bo[...].astype(self.dtype)

@@ -32,6 +32,20 @@ RUNTIME_FIELDS = (
     "param_dtype",
 )
 
+# Context extension (YaRN, position interpolation...) of a RoPE model: the same parameters, a longer window.
+CONTEXT_FIELDS = (
+    "max_seq_len",
+    "rope_scaling",
+    "rope_factor",
+    "rope_original_max_len",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_beta_fast",
+    "rope_beta_slow",
+    "rope_truncate",
+    "rope_attention_factor",
+)
+
 
 def resolve(cfg: Config, base: ModelConfig) -> Config:
     """cfg with the base's model shape and cfg's runtime fields; ConfigError where cfg.model asks another shape.
@@ -48,6 +62,7 @@ def resolve(cfg: Config, base: ModelConfig) -> Config:
     # A language model may become a reward model: its trunk under a new score head (the read-out is dropped).
     heads = ("head", "num_labels") if own.head == "score" and base.head == "lm" else ()
     heads += ("value_head",) if own.value_head and not base.value_head else ()  # PPO adds a critic
+    heads += CONTEXT_FIELDS if base.position == "rope" else ()  # learned positions: max_seq_len is a shape
     conflicts = [
         f"model.{f.name}={getattr(own, f.name)!r} (the base has {getattr(base, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)

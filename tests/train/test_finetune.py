@@ -68,3 +68,19 @@ def test_derived_model_fields_refuse_an_explicit_contrary_value():
         load_config(None, [*ppo, "model.value_head=false"])
     cfg = load_config(None, ["model.dropout=0.0"])
     assert cfg.given >= {"model.dropout"} and "given" not in __import__("jaxlm.config").config.to_dict(cfg)
+
+
+def test_a_rope_base_may_extend_its_context_but_learned_positions_may_not():
+    """YaRN (or any RoPE scaling) and a longer max_seq_len keep a RoPE model's parameters: a fine-tune may set
+    them. A learned position table's length is a shape: refused."""
+    from jaxlm.config import ConfigError, ModelConfig, load_config
+    from jaxlm.train.finetune import resolve
+
+    yarn = ["model.rope_scaling=yarn", "model.rope_factor=16", "model.rope_original_max_len=256"]
+    longer = ["finetune.init_from=base", "model.max_seq_len=4096", "data.seq_len=4096", *yarn]
+    base = ModelConfig(vocab_size=300, d_model=48, num_layers=2, num_heads=4, mlp_dim=96, max_seq_len=256)
+    tuned = resolve(load_config(None, longer), base).model
+    assert (tuned.max_seq_len, tuned.rope_scaling, tuned.rope_factor) == (4096, "yarn", 16.0)
+    learned = ModelConfig(vocab_size=300, d_model=48, num_layers=2, num_heads=4, mlp_dim=96, position="learned")
+    with pytest.raises(ConfigError, match="model.max_seq_len=4096"):
+        resolve(load_config(None, ["finetune.init_from=base", "model.max_seq_len=4096", "data.seq_len=4096"]), learned)
