@@ -142,7 +142,7 @@ class Tiles:
         qb = _pad(q, 1, nq * bq).reshape(B, nq, bq, K, G, H).transpose(1, 0, 3, 4, 2, 5).reshape(nq, B, K, G * bq, H)
         kb = _pad(k, 1, nk * bk).reshape(B, nk, bk, K, H).transpose(1, 0, 3, 2, 4)  # (nk, B, K, bk, H)
         vb = _pad(v, 1, nk * bk).reshape(B, nk, bk, K, Hv).transpose(1, 0, 3, 2, 4)
-        return qb, kb, vb, _padded(mask, B, T, S, nq * bq, nk * bk)
+        return qb, kb, vb, padded_spec(mask, B, T, S, nq * bq, nk * bk)
 
     def _rows(self, x):
         """(B, T, N, ...) -> (nq, B, K, M, ...) as the blocked queries."""
@@ -259,7 +259,7 @@ def _pad(x: jax.Array, axis: int, size: int, value=0, mode: str = "constant") ->
     return jnp.pad(x, widths, mode=mode) if mode == "edge" else jnp.pad(x, widths, constant_values=value)
 
 
-def _padded(m: MaskSpec, B: int, T: int, S: int, Tp: int, Sp: int) -> MaskSpec:
+def padded_spec(m: MaskSpec, B: int, T: int, S: int, Tp: int, Sp: int) -> MaskSpec:
     """The spec with every array (B, T) / (B, S) made explicit and padded to Tp / Sp: padded keys are invalid,
     padded queries repeat the last query (so they widen no block's range)."""
     full = lambda a, n: jnp.broadcast_to(a, (B, n))  # noqa: E731

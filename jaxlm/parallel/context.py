@@ -15,12 +15,14 @@ tiles it skips balance out. Every mask is built from positions, so the layout ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.axes import BATCH_AXES
-from jaxlm.ops.blockwise import Tiles, merge, row_delta, sink_grad, with_sinks
+from jaxlm.ops.blockwise import Tiles, merge, padded_spec, row_delta, sink_grad, with_sinks
 from jaxlm.ops.masks import MaskSpec, PositionBias
 
 AXIS = "context"
@@ -69,29 +71,8 @@ def ring_attention(
     K = k.shape[2]
     tp = mesh.shape.get("tensor", 1)
     heads = "tensor" if tp > 1 and N % tp == 0 and K % tp == 0 and bias is None else None
-    rows = P(BATCH_AXES, AXIS)
-    spec_of = lambda a: None if a is None else rows  # noqa: E731
-    mask_specs = MaskSpec(
-        q_positions=rows,
-        kv_positions=rows,
-        kv_valid=rows,
-        q_segments=spec_of(mask.q_segments),
-        kv_segments=spec_of(mask.kv_segments),
-        q_prefix=spec_of(mask.q_prefix),
-        kv_prefix=spec_of(mask.kv_prefix),
-        window=None if mask.window is None else P(),
-        causal=mask.causal,
-    )
-    full = lambda a: None if a is None else jnp.broadcast_to(a, (B, T))  # noqa: E731
-    valid = jnp.ones((B, T), bool) if mask.kv_valid is None else full(mask.kv_valid)
-    mask = MaskSpec(
-        full(mask.q_positions),
-        full(mask.kv_positions),
-        valid,
-        *(full(a) for a in (mask.q_segments, mask.kv_segments, mask.q_prefix, mask.kv_prefix)),
-        window=None if mask.window is None else jnp.asarray(mask.window, jnp.int32),
-        causal=mask.causal,
-    )
+    mask = padded_spec(mask, B, T, T, T, T)  # every array (B, T), so that each splits as the rows do
+    mask_specs = jax.tree.map(lambda a: P(BATCH_AXES, AXIS) if a.ndim == 2 else P(), mask)
     params = () if bias is None else bias.params
     has_sinks = sinks is not None
     sinks = jnp.zeros((N,), jnp.float32) if sinks is None else sinks
@@ -129,22 +110,13 @@ def _ring(tiles: Tiles, C: int, has_sinks: bool):
     perm = [(i, (i + 1) % C) for i in range(C)]
     shift = lambda x: jax.lax.ppermute(x, AXIS, perm)  # noqa: E731
 
-    def keys_of(mask: MaskSpec):
-        return (mask.kv_positions, mask.kv_valid, mask.kv_segments, mask.kv_prefix)
+    key_fields = ("kv_positions", "kv_valid", "kv_segments", "kv_prefix")  # what travels with the keys
 
-    def with_keys(mask: MaskSpec, keys) -> MaskSpec:
-        pos, valid, segments, prefix = keys
-        return MaskSpec(
-            mask.q_positions,
-            pos,
-            valid,
-            mask.q_segments,
-            segments,
-            mask.q_prefix,
-            prefix,
-            window=mask.window,
-            causal=mask.causal,
-        )
+    def keys_of(mask: MaskSpec) -> dict:
+        return {f: getattr(mask, f) for f in key_fields}
+
+    def with_keys(mask: MaskSpec, keys: dict) -> MaskSpec:
+        return dataclasses.replace(mask, **keys)
 
     def forward(q, k, v, params, sinks, mask):
         out = jnp.zeros((*q.shape[:3], v.shape[-1]), jnp.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlm.ops.attention import MaskSpec, PositionBias, dot_product_attention
-from jaxlm.ops.blockwise import _live, _padded, blockwise_attention
+from jaxlm.ops.blockwise import _live, blockwise_attention, padded_spec
 from jaxlm.ops.positions import alibi_bias, alibi_slopes, t5_bias
 
 B, T, N, K, H = 2, 37, 4, 2, 8
@@ -93,17 +93,19 @@ def test_queries_over_a_longer_cache_with_empty_slots():
 
 
 def test_skips_the_tiles_no_query_sees():
-    spec = _padded(MaskSpec(pos, pos, valid), B, T, T, 40, 40)
+    spec = padded_spec(MaskSpec(pos, pos, valid), B, T, T, 40, 40)
     np.testing.assert_array_equal(_live(spec, 5, 5), np.tril(np.ones((5, 5), bool)))  # causal: the lower half
-    window = _padded(MaskSpec(pos, pos, valid, window=jnp.int32(5)), B, T, T, 40, 40)
+    window = padded_spec(MaskSpec(pos, pos, valid, window=jnp.int32(5)), B, T, T, 40, 40)
     np.testing.assert_array_equal(
         _live(window, 5, 5), np.tril(np.ones((5, 5), bool)) & np.triu(np.ones((5, 5), bool), -1)
     )
     one_row = valid[:1] & (jnp.arange(T)[None] < 16)  # keys past 16 are padding
-    spec = _padded(MaskSpec(pos[:1], pos[:1], one_row, causal=False), 1, T, T, 40, 40)
+    spec = padded_spec(MaskSpec(pos[:1], pos[:1], one_row, causal=False), 1, T, T, 40, 40)
     np.testing.assert_array_equal(_live(spec, 5, 5), np.broadcast_to([True, True, False, False, False], (5, 5)))
     examples = jnp.asarray((np.arange(T)[None] >= 16).astype(np.int32))  # two packed examples, split at 16
-    spec = _padded(MaskSpec(pos[:1], pos[:1], causal=False, q_segments=examples, kv_segments=examples), 1, T, T, 40, 40)
+    spec = padded_spec(
+        MaskSpec(pos[:1], pos[:1], causal=False, q_segments=examples, kv_segments=examples), 1, T, T, 40, 40
+    )
     live = np.asarray(_live(spec, 5, 5))  # blocks 0-1 are the first example, 2-4 the second
     np.testing.assert_array_equal(live, np.kron(np.eye(2, dtype=bool), np.ones((3, 3), bool))[1:, 1:])
 
