@@ -109,11 +109,17 @@ class BPETokenizer:
         self.eos_id = eos
         self.special_tokens = dict(special_tokens or {"eos_token": tokenizer.id_to_token(eos)})
         self.mask_id = tokenizer.token_to_id(MASK)
-        special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        added = tokenizer.get_added_tokens_decoder().values()
+        special = {t.content for t in added if t.special}  # decode to nothing
+        literal = {t.content for t in added if not t.special}  # user-defined tokens (`<think>`) are their text
+        sentencepiece = bool(getattr(tokenizer.model, "byte_fallback", False))
         self._id_bytes: list[bytes] = []
         for i in range(self.vocab_size):
             piece = tokenizer.id_to_token(i)
-            self._id_bytes.append(b"" if piece is None or piece in special else _piece_bytes(piece))
+            if piece is None or piece in special:
+                self._id_bytes.append(b"")
+            else:
+                self._id_bytes.append(piece.encode() if piece in literal else _piece_bytes(piece, sentencepiece))
         self.token_bytes = np.array([len(b) for b in self._id_bytes], np.int32)
 
     @classmethod
@@ -199,10 +205,11 @@ def _chat_file(path: str | Path) -> Path:
     return Path(str(path) + ".chat.json")
 
 
-def _piece_bytes(piece: str) -> bytes:
+def _piece_bytes(piece: str, sentencepiece: bool = False) -> bytes:
     """The bytes a vocabulary piece stands for: byte-level BPE (GPT-2 alphabet), SentencePiece byte
-    fallback (`<0x0A>`), or SentencePiece text (`▁` is a space)."""
-    if all(c in _UNICODE_TO_BYTE for c in piece):
+    fallback (`<0x0A>`), or SentencePiece text (`▁` is a space). A byte-fallback vocabulary (`sentencepiece`)
+    is never read in the GPT-2 alphabet, whose characters include `<0x0A>`'s."""
+    if not sentencepiece and all(c in _UNICODE_TO_BYTE for c in piece):
         return bytes(_UNICODE_TO_BYTE[c] for c in piece)
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         try:

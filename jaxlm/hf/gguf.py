@@ -7,8 +7,12 @@ family table and check applies unchanged:
 - its tensors, dequantized to float32 from any type the package dequantizes (F32, F16, BF16, Q8_0, Q4_0,
   Q4_1, Q5_x, the K-quants, ...), are renamed to Hugging Face names; llama.cpp stores LLaMA's q/k rows
   permuted for its interleaved RoPE, which is undone here (as transformers does);
-- its tokenizer (`tokenizer.ggml.*`, byte-level BPE) is rebuilt as a `tokenizers` BPE, with control tokens
-  special, and the chat template from `tokenizer.chat_template`.
+- its tokenizer (`tokenizer.ggml.*`) is rebuilt as a `tokenizers` BPE, with control tokens special, and the
+  chat template from `tokenizer.chat_template`: byte-level BPE (`gpt2`) from its merges; SentencePiece BPE
+  (`llama`: Llama 2, Mistral, Phi-3, Gemma) with byte fallback, its merges recovered from the token scores
+  (llama.cpp merges the adjacent pair whose result scores highest);
+- Gemma's norm weights, which llama.cpp stores as 1 + w, get the 1 taken off; Phi-3's fused qkv and gate-up
+  matrices are Hugging Face's own fused tensors.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False),
 }
+GEMMA = ("gemma2", "gemma3")
 TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}  # fmt: skip
 LAYER_TENSORS = {
@@ -47,6 +55,17 @@ LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GEMMA_NORMS = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Where an architecture names a layer tensor differently from LLaMA
+ARCH_LAYER_TENSORS = {
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"},
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+}
 ROPE_FREQS = "rope_freqs.weight"  # per-frequency RoPE divisors (llama.cpp's freq_factors)
 # {arch}.<key> -> config.json key
 CONFIG_KEYS = {
@@ -59,10 +78,14 @@ CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "attention.key_length": "head_dim",
     "rope.freq_base": "rope_theta",
+    "attention.sliding_window": "sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
 }
+PHI3_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3's LongRoPE, as tensors
 # Metadata that does not change the function: descriptions, the quantization label, llama.cpp's own hints.
 NEUTRAL_PREFIXES = ("general.", "GGUF.", "tokenizer.", "quantize.", "split.")
-NEUTRAL_KEYS = {"vocab_size", "rope.dimension_count", "attention.value_length"}
+NEUTRAL_KEYS = {"vocab_size", "attention.value_length"}
 # The pre-tokenizer splits of `tokenizer.ggml.pre` (llama.cpp's names) that are not GPT-2's.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -100,16 +123,22 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray], BPETokeniz
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (jaxlm reads {sorted(ARCHITECTURES)})")
     hf = _config(path, arch, meta, {t.name for t in reader.tensors})
-    tensors = _tensors(path, reader, hf, ARCHITECTURES[arch][2])
+    tensors = _tensors(path, reader, hf, arch)
     if ROPE_FREQS in tensors:
         _rope_freqs(path, hf, tensors.pop(ROPE_FREQS))
-    tokenizer = _tokenizer(path, meta)
+    if any(name in tensors for name in PHI3_ROPE_FACTORS):
+        _phi3_rope_factors(path, hf, meta, tensors)
+    tokenizer = _tokenizer(path, meta, arch)
     return hf, tensors, tokenizer
 
 
 def _config(path: Path, arch: str, meta: dict, tensor_names: set[str]) -> dict:
     cls, model_type, _ = ARCHITECTURES[arch]
-    hf = {"architectures": [cls], "model_type": model_type, "hidden_act": "silu"}
+    hf = {"architectures": [cls], "model_type": model_type}
+    if arch in GEMMA:
+        hf["hidden_activation"] = "gelu_pytorch_tanh"
+    else:
+        hf["hidden_act"] = "silu"
     prefix = f"{arch}."
     for key, value in meta.items():
         if not key.startswith(prefix):
@@ -122,14 +151,30 @@ def _config(path: Path, arch: str, meta: dict, tensor_names: set[str]) -> dict:
         elif name == "rope.scaling.type":
             if value not in ("none", "linear", "yarn"):
                 raise ConfigError(f"{path}: GGUF rope.scaling.type {value!r} is not supported (none, linear, yarn)")
-        elif name in ("rope.scaling.factor", "rope.scaling.original_context_length"):
-            pass  # read with rope.scaling.type below
+        elif name in ("rope.scaling.factor", "rope.scaling.original_context_length", "rope.dimension_count"):
+            pass  # read below, with what they qualify
+        elif name == "rope.scaling.attn_factor" and arch == "phi3":
+            pass  # read with Phi-3's factor tensors
+        elif name == "attention.sliding_window_pattern" and arch in GEMMA:
+            _sliding_pattern(path, hf, value)
         elif name not in NEUTRAL_KEYS:
             raise ConfigError(f"{path}: unsupported GGUF metadata key {key!r}")
+    heads = hf.get("num_attention_heads")
+    head_dim = hf.get("head_dim") or (heads and hf.get("hidden_size", 0) // heads)
+    rotary = meta.get(prefix + "rope.dimension_count")
+    if rotary is not None and head_dim and int(rotary) != head_dim:
+        raise ConfigError(
+            f"{path}: {prefix}rope.dimension_count={rotary} rotates part of each {head_dim}-wide head (partial "
+            "RoPE), which jaxlm does not support"
+        )
+    if arch == "phi3" and prefix + "rope.scaling.original_context_length" in meta:
+        hf["original_max_position_embeddings"] = int(meta[prefix + "rope.scaling.original_context_length"])
+    if arch in GEMMA:
+        _gemma_config(hf, arch)
     kind = meta.get(prefix + "rope.scaling.type", "none")
     if kind != "none":
         scaling = {"rope_type": kind, "factor": float(meta[prefix + "rope.scaling.factor"])}
-        if prefix + "rope.scaling.original_context_length" in meta:
+        if prefix + "rope.scaling.original_context_length" in meta and arch != "phi3":
             scaling["original_max_position_embeddings"] = int(meta[prefix + "rope.scaling.original_context_length"])
         hf["rope_scaling"] = scaling
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -145,13 +190,37 @@ def _config(path: Path, arch: str, meta: dict, tensor_names: set[str]) -> dict:
     return hf
 
 
-def _tensors(path: Path, reader, hf: dict, permuted: bool) -> dict[str, np.ndarray]:
+def _gemma_config(hf: dict, arch: str) -> None:
+    """What llama.cpp does not write but fixes by model size: the attention scale is head_dim^-1/2, except for
+    the 27B models (46 layers for Gemma 2, 62 for Gemma 3), whose query_pre_attn_scalar is hidden/heads; Gemma
+    3's local RoPE base is 10,000."""
+    big = hf.get("num_hidden_layers") == (46 if arch == "gemma2" else 62)
+    heads = hf["num_attention_heads"]
+    hf["query_pre_attn_scalar"] = hf["hidden_size"] // heads if big else hf.get("head_dim", hf["hidden_size"] // heads)
+    if arch == "gemma3":
+        hf["rope_local_base_freq"] = 10_000.0
+        hf.setdefault("attn_logit_softcapping", None)
+        hf.setdefault("final_logit_softcapping", None)
+
+
+def _sliding_pattern(path: Path, hf: dict, value) -> None:
+    """`attention.sliding_window_pattern`: every n-th layer global (a number), or one flag a layer (true: sliding)."""
+    if isinstance(value, (list, tuple)):
+        hf["layer_types"] = ["sliding_attention" if v else "full_attention" for v in value]
+    elif isinstance(value, int) and value > 0:
+        hf["sliding_window_pattern"] = value
+    else:
+        raise ConfigError(f"{path}: attention.sliding_window_pattern {value!r} is neither a layer count nor flags")
+
+
+def _tensors(path: Path, reader, hf: dict, arch: str) -> dict[str, np.ndarray]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    permuted = ARCHITECTURES[arch][2]
     out = {}
     for t in reader.tensors:
-        name = _hf_name(path, t.name)
+        name = _hf_name(path, t.name, arch)
         try:
             x = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
         except NotImplementedError:
@@ -168,6 +237,8 @@ def _tensors(path: Path, reader, hf: dict, permuted: bool) -> dict[str, np.ndarr
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = hf["num_attention_heads"] if "q_proj" in name else hf["num_key_value_heads"]
             x = _unpermute(x, heads)
+        if arch in GEMMA and t.name.endswith("norm.weight"):
+            x = x - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w)
         out[name] = x
     return out
 
@@ -193,14 +264,27 @@ def _rope_freqs(path: Path, hf: dict, factors: np.ndarray) -> None:
     }
 
 
-def _hf_name(path: Path, name: str) -> str:
-    if name == ROPE_FREQS:
-        return ROPE_FREQS  # not a weight: read into the RoPE settings (`_rope_freqs`)
+def _phi3_rope_factors(path: Path, hf: dict, meta: dict, tensors: dict) -> None:
+    """Phi-3's LongRoPE, which llama.cpp writes as two factor tensors and an attention factor."""
+    if not all(name in tensors for name in PHI3_ROPE_FACTORS):
+        raise ConfigError(f"{path}: Phi-3 LongRoPE needs both {' and '.join(PHI3_ROPE_FACTORS)}")
+    if "original_max_position_embeddings" not in hf:
+        raise ConfigError(f"{path}: Phi-3 LongRoPE needs phi3.rope.scaling.original_context_length")
+    long, short = ([float(f) for f in tensors.pop(name).reshape(-1)] for name in PHI3_ROPE_FACTORS)
+    hf["rope_scaling"] = {"rope_type": "longrope", "long_factor": long, "short_factor": short}
+    if meta.get("phi3.rope.scaling.attn_factor") is not None:
+        hf["rope_scaling"]["attention_factor"] = float(meta["phi3.rope.scaling.attn_factor"])
+
+
+def _hf_name(path: Path, name: str, arch: str) -> str:
+    if name == ROPE_FREQS or (arch == "phi3" and name in PHI3_ROPE_FACTORS):
+        return name  # not weights: read into the RoPE settings
     if name in TOP_TENSORS:
         return TOP_TENSORS[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}"
+    table = {**LAYER_TENSORS, **ARCH_LAYER_TENSORS.get(arch, {})}
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in table:
+        return f"model.layers.{parts[1]}.{table[parts[2]]}"
     raise ConfigError(f"{path}: GGUF tensor {name!r} has no Hugging Face counterpart jaxlm reads")
 
 
@@ -210,18 +294,44 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tokenizer(path: Path, meta: dict) -> BPETokenizer:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _tokenizer(path: Path, meta: dict, arch: str) -> BPETokenizer:
+    from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    tokens = list(meta.get("tokenizer.ggml.tokens") or ())
+    if kind not in ("gpt2", "llama"):
         raise ConfigError(
-            f"{path}: tokenizer.ggml.model {kind!r} is not supported (jaxlm rebuilds byte-level BPE, 'gpt2')"
+            f"{path}: tokenizer.ggml.model {kind!r} is not supported (jaxlm rebuilds byte-level BPE, 'gpt2', and "
+            "SentencePiece BPE, 'llama')"
         )
+    if not tokens:
+        raise DataError(f"{path}: no tokenizer.ggml.tokens")
+    tok, vocab, control = (
+        _byte_level(path, meta, tokens) if kind == "gpt2" else _sentencepiece(path, meta, tokens, arch)
+    )
+    types = list(meta.get("tokenizer.ggml.token_type") or ())
+    user = [t for t, k in zip(tokens, types) if k == 4 and t in vocab]  # 4: USER_DEFINED, matched whole
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    if user:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    special = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):  # fmt: skip
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and 0 <= int(i) < len(tokens):
+            special[name] = tokens[int(i)]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template")
+    return BPETokenizer(tok, None if eos is None else int(eos), chat_template=template, special_tokens=special)
+
+
+def _byte_level(path: Path, meta: dict, tokens: list[str]):
+    """GPT-2-style byte-level BPE: (tokenizer, vocab, control tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in PRE_SPLITS and pre not in GPT2_SPLIT_PRES:
         raise ConfigError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported ({sorted(PRE_SPLITS)} or GPT-2's)")
-    tokens = list(meta["tokenizer.ggml.tokens"])
     alphabet = _byte_alphabet()
     # A byte-level vocabulary spells every token in the byte alphabet; respell any the file wrote as text.
     spelled = [t if set(t) <= set(alphabet.values()) else "".join(alphabet[b] for b in t.encode()) for t in tokens]
@@ -240,20 +350,67 @@ def _tokenizer(path: Path, meta: dict) -> BPETokenizer:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     types = list(meta.get("tokenizer.ggml.token_type") or ())
     letters = set(alphabet.values())
+    # a control token spelled outside the byte alphabet is a llama.cpp mislabel; adding it would grow the vocab
     control = [t for t, k in zip(tokens, types) if k == 3 and set(t) <= letters]  # 3: CONTROL
-    user = [t for t, k in zip(tokens, types) if k == 4 and t in vocab]  # 4: USER_DEFINED, matched whole
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    special = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")):  # fmt: skip
-        i = meta.get(f"tokenizer.ggml.{key}")
-        if i is not None and 0 <= int(i) < len(tokens):
-            special[name] = tokens[int(i)]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    template = meta.get("tokenizer.chat_template")
-    return BPETokenizer(tok, None if eos is None else int(eos), chat_template=template, special_tokens=special)
+    return tok, vocab, control
+
+
+def _sentencepiece(path: Path, meta: dict, tokens: list[str], arch: str):
+    """SentencePiece BPE with byte fallback (`<0x0A>` tokens): (tokenizer, vocab, control tokens).
+
+    A file lists its merges or only scores; then the merges are every split of a token into two tokens,
+    ranked by the token's score (Gemma: by its place in the file, as its scores do not follow its merge order).
+    Text becomes pieces as each family's tokenizer does: `▁` for a space, a leading `▁` on the text (unless
+    `tokenizer.ggml.add_space_prefix` is false); Phi-3 prefixes through a normaliser (two leading spaces stay
+    three `▁`), Gemma adds no prefix and its files spell multi-space tokens with real spaces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    gemma = arch in GEMMA
+    if gemma:
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    scores = list(meta.get("tokenizer.ggml.scores") or ())
+    if gemma:
+        scores = [-float(i) for i in range(len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    listed = meta.get("tokenizer.ggml.merges")
+    if listed:
+        merges = [tuple(m.split(" ", 1)) for m in listed]
+    else:
+        if len(scores) != len(tokens):
+            raise DataError(f"{path}: a SentencePiece vocabulary without merges needs a score per token")
+        merges = _merges_from_scores(tokens, scores, vocab)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    elif arch == "phi3" and prefix:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        scheme = "first" if prefix else "never"
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    if prefix:
+        pieces.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(pieces)
+    types = list(meta.get("tokenizer.ggml.token_type") or ())
+    control = [t for t, k in zip(tokens, types) if k == 3]  # 3: CONTROL
+    return tok, vocab, control
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a token into two vocabulary tokens, best-scoring result first (then the longer left part,
+    then the longer right part; ties keep file order)."""
+    found = []
+    for token, score in zip(tokens, scores):
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
+        splits = sorted(
+            (lr for lr in splits if lr[0] in vocab and lr[1] in vocab), key=lambda lr: (vocab[lr[0]], vocab[lr[1]])
+        )
+        found += [(-float(score), -len(left), -len(right), left, right) for left, right in splits]
+    found.sort(key=lambda m: m[:3])  # stable
+    return [(left, right) for *_, left, right in found]
 
 
 def _byte_alphabet() -> dict[int, str]:
