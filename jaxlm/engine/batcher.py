@@ -394,7 +394,7 @@ class Engine:
     def _match(self, rows: list[int]) -> list[int]:
         """Prefix caching, before a row's first prefill: its prompt's cached full blocks become its first
         blocks (at least its last prompt token is left to prefill, to sample after). Returns the rows that
-        may prefill now: a row whose next block another row is prefilling waits for it."""
+        may prefill now: a row whose next block another row is prefilling waits for it (in a shrinking engine)."""
         if self.steps.weights is not self._cached_weights:  # new weights (RL rollouts): cached K/V is stale
             self.prefix.clear()
             self._cached_weights = self.steps.weights
@@ -408,8 +408,10 @@ class Engine:
             if s.names is None:
                 names = block_names(s.pending, Z, (len(s.pending) - 1) // Z, s.request.adapter)
                 cached = len(self.prefix.cached(names, scored=s.scoring))
-                if names[cached : cached + 1] and names[cached] in producing:
-                    continue  # its next block is being prefilled by another row: wait, then reuse it
+                if self.shrink and names[cached : cached + 1] and names[cached] in producing:
+                    # its next block is being prefilled by another row: wait, then reuse it (unshrunk, every
+                    # step runs N rows anyway: computing the block twice in one step is free, waiting is not)
+                    continue
                 hit = self.prefix.match(names, scored=s.scoring)
                 s.names, s.named, s.blocks = names, len(hit), hit
                 if hit:

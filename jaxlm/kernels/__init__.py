@@ -2,11 +2,13 @@
 
 `quant_matmul.cc` holds the weight-only quantized (and bfloat16) matmuls of `jaxlm.ops.quant`. XLA:CPU cannot
 fuse a dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
-weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. They are built with the
+weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. `paged_attention.cc` is
+decode-time attention read in place from the paged KV pool (`jaxlm.ops.paged_attention`), where XLA would
+gather each row's blocks into a copy first. They are built with the
 system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into `$JAXLM_CACHE/kernels` (default
 `~/.cache/jaxlm`), once per source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()`
 is False and the ops compute the same values with XLA's own ops, only slower (GPUs always take that path: XLA's
-GPU compiler fuses the dequantization into the matmul itself).
+GPU compiler fuses the dequantization into the matmul itself). All sources build into one library.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCE = Path(__file__).with_name("quant_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("quant_matmul.cc", "paged_attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
+# -fopenmp-simd: `#pragma omp simd` vectorises float reductions (no OpenMP runtime is linked)
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGETS = (
+    "jaxlm_paged_attention",
     "jaxlm_int8_matmul",
     "jaxlm_int8_rows_matmul",
     "jaxlm_nf4_matmul",
@@ -55,16 +61,25 @@ def _build() -> Path:
         raise OSError("no C++ compiler found (set $CXX)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, platform.machine(), _cpu_flags()]).encode()
+        "\n".join(
+            [
+                *(f.read_text() for f in SOURCES + HEADERS),
+                jaxlib.__version__,
+                compiler,
+                platform.machine(),
+                _cpu_flags(),
+                *FLAGS,
+            ]
+        ).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"quant_matmul-{key}.so"
+    out = cache_dir() / f"jaxlm_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
         part = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
-        subprocess.run([*cmd, str(SOURCE), "-o", str(part)], check=True, capture_output=True, text=True)
+        cmd = [compiler, *FLAGS, f"-I{include}"]
+        subprocess.run([*cmd, *map(str, SOURCES), "-o", str(part)], check=True, capture_output=True, text=True)
         os.replace(part, out)
     return out
 

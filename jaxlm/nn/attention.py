@@ -22,6 +22,7 @@ from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import MaskSpec, dot_product_attention
 from jaxlm.ops.cache import paged_read, paged_write
 from jaxlm.ops.dropout import fold_rows
+from jaxlm.ops.paged_attention import paged_attention
 from jaxlm.ops.positions import apply_rope, scaled_rope_frequencies
 from jaxlm.parallel.context import ring_attention
 
@@ -153,8 +154,22 @@ class Attention(nnx.Module):
                     for n, a in (("k", k), ("v", v))
                 },
             }
+            if self._in_place(mask, bias, dropout_keys):  # no gathered copy of the rows' blocks
+                if isinstance(mask, MaskSpec):
+                    mask = mask.dense()
+                out = paged_attention(
+                    q, cache["k"], cache["v"], table, mask, layer, scale=self.scale, softcap=self.softcap
+                )
+                return self._project_out(out, dropout_keys), cache
             k, v = (paged_read(cache[n], table, layer).astype(self.dtype) for n in "kv")
         return self._attend(q, k, v, mask, bias, dropout_keys, whole_sequence=cache is None), cache
+
+    def _in_place(self, mask, bias, dropout_keys) -> bool:
+        """Whether a cached step's attention can read the pool in place (`paged_attention`): no bias, sinks or
+        dropout, and the reference math (blockwise takes it too for a few queries)."""
+        dropping = dropout_keys is not None and self.dropout > 0.0
+        plain = bias is None and self.sinks is None and not dropping
+        return plain and self.implementation in ("reference", "blockwise") and mask is not None
 
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
@@ -177,7 +192,6 @@ class Attention(nnx.Module):
         return self._attend(q, kv["k"].astype(self.dtype), kv["v"].astype(self.dtype), mask, None, dropout_keys)
 
     def _attend(self, q, k, v, mask, bias, dropout_keys, whole_sequence=False):
-        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
         out = attend(
             q,
             k,
@@ -193,7 +207,10 @@ class Attention(nnx.Module):
             softcap=self.softcap,
             sinks=None if self.sinks is None else self.sinks[...],
         )
+        return self._project_out(out, dropout_keys)
+
+    def _project_out(self, out, dropout_keys):
         y = project(self, "wo", out, 2, fold_rows(dropout_keys, 1))  # BTNH,NHD->BTD
         if self.bo is not None:
-            y = y + c(self.bo)
+            y = y + self.bo[...].astype(self.dtype)
         return y
