@@ -57,16 +57,24 @@ void strip_generic(const float* x, int64_t M, int64_t K, float* y, int64_t O, co
 
 #if defined(__AVX512F__)
 // R rows of x times one strip, accumulated in R x 4 registers; `load(k, w)` puts the strip's row k in w[0:4].
-template <int R, typename Load>
-inline void strip_rows_avx512(const float* x, int64_t K, float* y, int64_t O, const float* scale, Load load) {
+// The weight rows' common factor (NF4's absmax of block (strip, k)): folded into x[r, k], one scalar multiply,
+// instead of into the 64 weights of the row.
+struct NoRowScale {
+  float operator()(int64_t) const { return 1.f; }
+};
+
+template <int R, typename Load, typename RowScale>
+inline void strip_rows_avx512(const float* x, int64_t K, float* y, int64_t O, const float* scale, Load load,
+                              RowScale row_scale) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
   __m512 w[4];
   for (int64_t k = 0; k < K; ++k) {
     load(k, w);
+    const float f = row_scale(k);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * K + k]);
+      const __m512 a = _mm512_set1_ps(x[r * K + k] * f);
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(a, w[c], acc[r][c]);
     }
   }
@@ -78,11 +86,12 @@ inline void strip_rows_avx512(const float* x, int64_t K, float* y, int64_t O, co
     }
 }
 
-template <typename Load>
-void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Load load) {
+template <typename Load, typename RowScale = NoRowScale>
+void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Load load,
+                  RowScale row_scale = {}) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) strip_rows_avx512<4>(x + m * K, K, y + m * O, O, scale, load);
-  for (; m < M; ++m) strip_rows_avx512<1>(x + m * K, K, y + m * O, O, scale, load);
+  for (; m + 4 <= M; m += 4) strip_rows_avx512<4>(x + m * K, K, y + m * O, O, scale, load, row_scale);
+  for (; m < M; ++m) strip_rows_avx512<1>(x + m * K, K, y + m * O, O, scale, load, row_scale);
 }
 #endif
 
@@ -264,15 +273,18 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   parallel_for(pool, O / kStrip, [&](int64_t t) {
 #if defined(__AVX512F__)
     const __m512 lut = _mm512_loadu_ps(lp);
-    strip_avx512(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, __m512* w) {
-      const int64_t b = t * K + k;
-      const __m512 a = _mm512_set1_ps(absmax(b));
-      for (int half = 0; half < 2; ++half) {  // bytes 16 * half ... + 15
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + b * 32 + 16 * half)));
-        w[half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut), a);  // columns 16 * half + i
-        w[2 + half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), lut), a);
-      }
-    });
+    strip_avx512(
+        xp, M, K, yp + t * kStrip, O, nullptr,
+        [&](int64_t k, __m512* w) {  // the levels; the block's absmax multiplies x instead
+          const int64_t b = t * K + k;
+          for (int half = 0; half < 2; ++half) {  // bytes 16 * half ... + 15
+            const __m512i c =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + b * 32 + 16 * half)));
+            w[half] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);  // columns 16 * half + i
+            w[2 + half] = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), lut);
+          }
+        },
+        [&](int64_t k) { return absmax(t * K + k); });
 #else
     strip_generic(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, float* w) {
       const int64_t b = t * K + k;
