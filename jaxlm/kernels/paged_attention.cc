@@ -58,26 +58,28 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   parallel_for(pool, B, [&](int64_t b) {  // a row's slots hold all K heads contiguously: one pass per row
     const int64_t R = K * M;  // every query of the row, r = k * M + t * G + g
     std::vector<float> sc(R * S, lowest), acc(R * Hv, 0.f), peak(R, lowest), total(R, 0.f);
-    for (int64_t j = 0; j < nb; ++j) {  // scores: each cached key read once
-      const int64_t blk = tp[b * nb + j];
-      if (blk < 0 || blk >= NB) continue;
-      for (int64_t z = 0; z < Z; ++z) {
-        const int64_t s = j * Z + z;
-        for (int64_t t = 0; t < T; ++t) {
-          if (!mp[(b * T + t) * S + s]) continue;
-          for (int64_t k = 0; k < K; ++k) {
-            const float* key = kp + ((blk * Z + z) * K + k) * H;
-            for (int64_t g = 0; g < G; ++g) {
-              float x = dot(qp + ((b * T + t) * N + k * G + g) * H, key, H) * scale;
-              if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
-              const int64_t r = k * M + t * G + g;
-              sc[r * S + s] = x;
-              peak[r] = std::max(peak[r], x);
-            }
+    auto each_slot = [&](auto body) {  // body(s, slot): the row's slots that are in a block, in order
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t blk = tp[b * nb + j];
+        if (blk < 0 || blk >= NB) continue;
+        for (int64_t z = 0; z < Z; ++z) body(j * Z + z, blk * Z + z);
+      }
+    };
+    each_slot([&](int64_t s, int64_t slot) {  // scores: each cached key read once
+      for (int64_t t = 0; t < T; ++t) {
+        if (!mp[(b * T + t) * S + s]) continue;
+        for (int64_t k = 0; k < K; ++k) {
+          const float* key = kp + (slot * K + k) * H;
+          for (int64_t g = 0; g < G; ++g) {
+            float x = dot(qp + ((b * T + t) * N + k * G + g) * H, key, H) * scale;
+            if (softcap > 0.f) x = softcap * std::tanh(x / softcap);
+            const int64_t r = k * M + t * G + g;
+            sc[r * S + s] = x;
+            peak[r] = std::max(peak[r], x);
           }
         }
       }
-    }
+    });
     for (int64_t r = 0; r < R; ++r) {
       float* row = sc.data() + r * S;
       if (peak[r] == lowest) {  // sees nothing: no weights
@@ -89,23 +91,18 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
         total[r] += row[s];
       }
     }
-    for (int64_t j = 0; j < nb; ++j) {  // values: each cached value read once
-      const int64_t blk = tp[b * nb + j];
-      if (blk < 0 || blk >= NB) continue;
-      for (int64_t z = 0; z < Z; ++z) {
-        const int64_t s = j * Z + z;
-        for (int64_t k = 0; k < K; ++k) {
-          const float* val = vp + ((blk * Z + z) * K + k) * Hv;
-          for (int64_t m = 0; m < M; ++m) {
-            const float w = sc[(k * M + m) * S + s];
-            if (w == 0.f) continue;
-            float* a = acc.data() + (k * M + m) * Hv;
+    each_slot([&](int64_t s, int64_t slot) {  // values: each cached value read once
+      for (int64_t k = 0; k < K; ++k) {
+        const float* val = vp + (slot * K + k) * Hv;
+        for (int64_t m = 0; m < M; ++m) {
+          const float w = sc[(k * M + m) * S + s];
+          if (w == 0.f) continue;
+          float* a = acc.data() + (k * M + m) * Hv;
 #pragma omp simd
-            for (int64_t h = 0; h < Hv; ++h) a[h] += w * val[h];
-          }
+          for (int64_t h = 0; h < Hv; ++h) a[h] += w * val[h];
         }
       }
-    }
+    });
     for (int64_t k = 0; k < K; ++k)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) {
