@@ -8,6 +8,7 @@ q (D, N, H), k/v (D, K, H), o (N, H, D). GPT-2's `Conv1D` already stores (in, ou
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -122,6 +123,24 @@ ROPE_NAMES = {
     "long_factor": "rope_long_factor",
 }
 ROPE_KEYS = frozenset({"rope_parameters", "rope_scaling", "rope_theta"})
+MSCALE_KEYS = ("mscale", "mscale_all_dim")  # YaRN's (DeepSeek's): read with a yarn rope type
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude scale, 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_softmax_scale(r: Reader) -> float:
+    """The factor latent-attention models (DeepSeek) fold into q.k's scale under YaRN: yarn_mscale(factor,
+    mscale_all_dim)^2, or 1 (transformers' `yarn_apply_mscale`)."""
+    params = dict(r.get("rope_parameters", None) or {})
+    params.update(r.get("rope_scaling", None) or {})
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default" or not params.get("mscale_all_dim"):
+        return 1.0
+    factor = params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
+    return yarn_mscale(factor, params["mscale_all_dim"]) ** 2
 
 
 def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10000.0) -> dict:
@@ -145,6 +164,10 @@ def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10
         return out
     if kind not in ("linear", "dynamic", "yarn", "llama3", "longrope"):
         raise ConfigError(f"{r.where}: rope type {kind!r} is not supported (linear, dynamic, yarn, llama3, longrope)")
+    mscale, mscale_all_dim = (params.pop(k, None) if kind == "yarn" else None for k in MSCALE_KEYS)
+    if mscale and mscale_all_dim and params.get("attention_factor") is None:  # transformers' YaRN rule
+        factor = params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
+        params["attention_factor"] = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     unknown = sorted(set(params) - set(ROPE_NAMES) - {"truncate"})
     if unknown:
         raise ConfigError(f"{r.where}: unsupported rope parameters {unknown}")

@@ -180,7 +180,7 @@ PUBLISHED = {
         "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 8, "swiglu_limit": 7.0,
         "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True,
     },
-    "deepseek_v3": {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization_config and YaRN mscale left out: refused below)
+    "deepseek_v3": {  # deepseek-ai/DeepSeek-V3 (its fp8 quantization_config left out: refused below)
         **SMALL_LLAMA, "num_hidden_layers": 3, "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
         "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
         "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 1,
@@ -248,7 +248,7 @@ def test_published_config_loads_and_matches_transformers(name, tmp_path):
             "deepseek_v3",
             {
                 "rope_scaling": {
-                    "type": "yarn",
+                    "type": "linear",
                     "factor": 40,
                     "original_max_position_embeddings": 64,
                     "mscale": 1.0,

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import HF_ACTIVATION, ROPE_KEYS, max_positions, mismatches, rope_params, rope_to_hf
+from jaxlm.hf.common import (
+    HF_ACTIVATION,
+    ROPE_KEYS,
+    max_positions,
+    mismatches,
+    rope_params,
+    rope_to_hf,
+    yarn_mscale,
+    yarn_softmax_scale,
+)
 from jaxlm.hf.families.llama import DECODER_TOP, LLAMA_LIKE, MLP
 
 MOE = True
@@ -115,7 +124,18 @@ def config_from_hf(r, arch: str, tensor_names) -> ModelConfig:
         first_dense_layers=r.get("first_k_dense_replace", 0) or 0,
         **{k: v for k, v in DEEPSEEK.items() if k != "router_bias"},
     )
+    folded = yarn_softmax_scale(r)  # YaRN's mscale_all_dim, on every dim of q.k (not only the rotated ones)
+    if folded != 1.0:
+        fields["attention_scale"] = (nope + rope) ** -0.5 * folded
     return ModelConfig(**fields, **rope_params(r))
+
+
+def _mscale_all_dim(cfg: ModelConfig) -> float | None:
+    """The `mscale_all_dim` whose fold gives cfg.attention_scale (None: the plain 1/sqrt(qk_head_dim))."""
+    if not cfg.attention_scale:
+        return None
+    m = (cfg.attention_scale * (cfg.mla_nope_dim + cfg.qk_rope_head_dim) ** 0.5) ** 0.5
+    return (m - 1.0) / (yarn_mscale(cfg.rope_factor) - 1.0)
 
 
 def architecture(cfg: ModelConfig):
@@ -124,7 +144,10 @@ def architecture(cfg: ModelConfig):
     want = {**LLAMA_LIKE, **DEEPSEEK}
     for key in ("kv_lora_rank", "first_dense_layers", "router_groups", "router_group_limit"):
         del want[key]  # DeepSeek's own
+    del want["attention_scale"]  # YaRN's mscale_all_dim (below)
     problems = mismatches(cfg, want, "DeepSeek-V3")
+    if cfg.attention_scale and (cfg.rope_scaling != "yarn" or cfg.rope_factor <= 1):
+        problems.append("attention_scale other than 1/sqrt(qk_head_dim) without YaRN (its mscale_all_dim)")
     if cfg.router_group_limit and not cfg.router_groups:
         problems.append("group limit without groups")
     return "DeepseekV3ForCausalLM", problems
@@ -147,7 +170,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
         "attention_dropout": cfg.attention_dropout,
         "attention_bias": False,
         "rope_interleave": True,
-        "rope_parameters": rope_to_hf(cfg),
+        "rope_parameters": _rope(cfg),
         "kv_lora_rank": cfg.kv_lora_rank,
         "q_lora_rank": cfg.q_lora_rank or None,
         "qk_rope_head_dim": cfg.qk_rope_head_dim,
@@ -165,3 +188,15 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
         "first_k_dense_replace": cfg.first_dense_layers,
         "num_nextn_predict_layers": 0,
     }
+
+
+def _rope(cfg: ModelConfig) -> dict:
+    rope = rope_to_hf(cfg)
+    all_dim = _mscale_all_dim(cfg)
+    if all_dim is not None:  # with attention_factor written out, mscale only matters through mscale_all_dim
+        rope.update(
+            mscale=1.0,
+            mscale_all_dim=all_dim,
+            attention_factor=cfg.rope_attention_factor or yarn_mscale(cfg.rope_factor),
+        )
+    return rope
