@@ -142,3 +142,23 @@ def test_encoder_decoder_guards_and_refill():
     assert len(out[0]) == 40
     with pytest.raises(ValueError, match="for encoder-decoder models"):
         Generator(model_for("llama_tiny")).generate([[1]], sources=[[1]], max_new_tokens=2)
+
+
+def test_prompts_sharing_a_prefix_prefill_in_one_step(monkeypatch):
+    """A batch of prompts that share their first blocks (a chat template's system prompt) prefills in one step
+    of all rows, at a chunk of at most a third padding (48 for 40 tokens), and each row still generates what
+    it generates alone."""
+    from jaxlm.engine import batcher
+
+    model = model_for("llama_tiny", max_seq_len=128)
+    shared = [int(t) for t in np.random.default_rng(0).integers(1, 128, 36)]  # two full blocks and more
+    prompts = [shared + [i + 1, i + 2, i + 3, i + 4] for i in range(4)]
+    steps = []
+    rows = batcher.Engine._prefill_rows
+    monkeypatch.setattr(
+        batcher.Engine, "_prefill_rows", lambda e, r, T, t: steps.append((len(r), T)) or rows(e, r, T, t)
+    )
+    out = Generator(model).generate(prompts, max_new_tokens=4, temperature=0.0)
+    assert steps == [(4, 48)]
+    for p, o in zip(prompts, out):
+        assert o == generate_uncached(model, p, max_new_tokens=4)

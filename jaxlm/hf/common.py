@@ -139,8 +139,12 @@ def yarn_softmax_scale(r: Reader) -> float:
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default" or not params.get("mscale_all_dim"):
         return 1.0
-    factor = params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
-    return yarn_mscale(factor, params["mscale_all_dim"]) ** 2
+    return yarn_mscale(_yarn_factor(r, params), params["mscale_all_dim"]) ** 2
+
+
+def _yarn_factor(r: Reader, params: dict) -> float:
+    """YaRN's factor, or max_position_embeddings over the original length when the file leaves it out."""
+    return params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
 
 
 def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10000.0) -> dict:
@@ -166,7 +170,7 @@ def rope_params(r: Reader, params: dict | None = None, theta_default: float = 10
         raise ConfigError(f"{r.where}: rope type {kind!r} is not supported (linear, dynamic, yarn, llama3, longrope)")
     mscale, mscale_all_dim = (params.pop(k, None) if kind == "yarn" else None for k in MSCALE_KEYS)
     if mscale and mscale_all_dim and params.get("attention_factor") is None:  # transformers' YaRN rule
-        factor = params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
+        factor = _yarn_factor(r, params)
         params["attention_factor"] = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     unknown = sorted(set(params) - set(ROPE_NAMES) - {"truncate"})
     if unknown:

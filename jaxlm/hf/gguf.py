@@ -199,8 +199,6 @@ def _gemma_config(hf: dict, arch: str) -> None:
     hf["query_pre_attn_scalar"] = hf["hidden_size"] // heads if big else hf.get("head_dim", hf["hidden_size"] // heads)
     if arch == "gemma3":
         hf["rope_local_base_freq"] = 10_000.0
-        hf.setdefault("attn_logit_softcapping", None)
-        hf.setdefault("final_logit_softcapping", None)
 
 
 def _sliding_pattern(path: Path, hf: dict, value) -> None:
@@ -368,9 +366,7 @@ def _sentencepiece(path: Path, meta: dict, tokens: list[str], arch: str):
     gemma = arch in GEMMA
     if gemma:
         tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-    scores = list(meta.get("tokenizer.ggml.scores") or ())
-    if gemma:
-        scores = [-float(i) for i in range(len(tokens))]
+    scores = [-float(i) for i in range(len(tokens))] if gemma else list(meta.get("tokenizer.ggml.scores") or ())
     vocab = {t: i for i, t in enumerate(tokens)}
     listed = meta.get("tokenizer.ggml.merges")
     if listed:

@@ -65,8 +65,7 @@ def paged_attention(
                  scale=np.float32(scale), softcap=np.float32(softcap))  # fmt: skip
         return y.astype(q.dtype)
 
-    if T > KERNEL_MAX_QUERIES or k_pool.dtype != jnp.float32 or v_pool.dtype != jnp.float32:
-        return xla(q)
-    if not kernels.available():
+    f32 = k_pool.dtype == v_pool.dtype == jnp.float32
+    if T > KERNEL_MAX_QUERIES or not f32 or not kernels.available():
         return xla(q)
     return jax.lax.platform_dependent(q, cpu=kernel, default=xla)

@@ -159,37 +159,6 @@ CASES = {
             max_position_embeddings=128,
         ),
     ),
-    "deepseek_v3_yarn": (  # YaRN with DeepSeek's mscale and mscale_all_dim: q.k scaled on every dim
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        dict(
-            SMALL,
-            num_hidden_layers=2,
-            num_key_value_heads=4,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=24,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=12,
-            v_head_dim=10,
-            max_position_embeddings=128,
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=10000.0,
-                factor=4.0,
-                original_max_position_embeddings=32,
-                mscale=0.8,
-                mscale_all_dim=1.0,
-                beta_fast=32.0,
-                beta_slow=1.0,
-            ),
-        ),  # fmt: skip
-    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -198,6 +167,15 @@ CASES = {
         ),
     ),
 }
+# YaRN with DeepSeek's mscale and mscale_all_dim: q.k scaled on every dim, not only the rotated ones
+CASES["deepseek_v3_yarn"] = (
+    "DeepseekV3Config",
+    "DeepseekV3ForCausalLM",
+    dict(CASES["deepseek_v3"][2], rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, mscale=0.8,
+        mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0,
+    )),
+)  # fmt: skip
 
 
 def hf_model(case, directory):
