@@ -86,6 +86,7 @@ def main():
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
+    from jaxlm.quantize import default_weights, store_weights
     from jaxlm.serve.model import load_served
     from jaxlm.serve.server import build_service, running
 
@@ -99,6 +100,7 @@ def main():
     tasks = TaskManager(include_path=str(work))
 
     served = load_served(args.model_dir, name="model")
+    store_weights(served.model, default_weights(served.model))  # as `jaxlm serve` stores them
     tokens = sum(
         len(served.tokenizer.encode(q["context"] + "\n" + c)) for q in questions for c in q["choices"]
     )  # what each side scores, to a token or so (lm-eval encodes context and continuation apart)

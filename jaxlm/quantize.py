@@ -1,5 +1,9 @@
-"""How a loaded model stores its frozen weights for inference: `jaxlm generate|serve --weights bf16|int8|nf4`.
+"""How a loaded model stores its frozen weights for inference: `jaxlm generate|serve --weights f32|bf16|int8|nf4`.
 
+  f32   the projections, token table and read-out unchanged in value, the projections laid out in the
+        kernels' 64-column strips (`F32Weight`, `F32Table`). The default on CPU (`default_weights`): at a few
+        rows XLA's CPU dot streams a weight and then computes, the kernel overlaps the two (SmolLM2-135M:
+        +15% decode tokens/s at batch 1, +19% at batch 16). Prefill (many rows) takes XLA's dot either way.
   bf16  the projections, token table and read-out as bfloat16 (`BF16Weight`, `BF16Table`), every other float
         parameter cast to bfloat16; computed in the model's dtype: 2 bytes a parameter.
   int8  every projection of the layer stacks as int8 with one scale per output column (`Int8Weight`), the
@@ -18,20 +22,50 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.config import ConfigError
-from jaxlm.nn.quantized import BF16Table, BF16Weight, Int8Table, Int8Weight, NF4Weight, QuantizedTable, QuantizedWeight
-from jaxlm.peft import quantize
+from jaxlm.nn.quantized import (
+    BF16Table,
+    BF16Weight,
+    F32Table,
+    F32Weight,
+    Int8Table,
+    Int8Weight,
+    NF4Weight,
+    QuantizedTable,
+    QuantizedWeight,
+)
+from jaxlm.peft import projection_weights, quantize
 
-WEIGHTS = ("bf16", "int8", "nf4")
+WEIGHTS = ("f32", "bf16", "int8", "nf4")
+
+
+def default_weights(model) -> str | None:
+    """What `jaxlm generate|serve` store a model's weights as when --weights is not given: "f32" strips where
+    the native CPU kernels run (the default backend is the CPU, the kernels are built) and every projection
+    weight is float32 on one device; None (as stored) elsewhere: on a GPU XLA's own dot is the fast one."""
+    if jax.default_backend() != "cpu" or not kernels.available():
+        return None
+    for module, name, _, _ in projection_weights(model):
+        w = getattr(module, name)
+        a = w[...] if isinstance(w, nnx.Param) else None
+        if a is None or a.dtype != jnp.float32 or (isinstance(a, jax.Array) and len(a.devices()) > 1):
+            return None
+    return "f32"
 
 
 def store_weights(model, weights: str | None):
-    """`model` with its weights stored as `weights` (in place; None leaves them); returns the model."""
-    if weights is None:
+    """`model` with its weights stored as `weights` (in place; None or "stored" leaves them); returns the model."""
+    if weights in (None, "stored"):
         return model
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
-    kinds = {"bf16": (BF16Weight, BF16Table), "int8": (Int8Weight, Int8Table), "nf4": (NF4Weight, Int8Table)}
+    kinds = {
+        "f32": (F32Weight, F32Table),
+        "bf16": (BF16Weight, BF16Table),
+        "int8": (Int8Weight, Int8Table),
+        "nf4": (NF4Weight, Int8Table),
+    }
     weight, table = kinds[weights]
     quantize(model, weight)
     embed = getattr(model, "embed", None)
@@ -39,7 +73,7 @@ def store_weights(model, weights: str | None):
         embed.embedding = table(embed.embedding[...], axes=getattr(embed.embedding, "out_sharding", None))
     head = getattr(model, "lm_head", None)
     if isinstance(head, nnx.Param):
-        head_kind = BF16Weight if weights == "bf16" else Int8Weight
+        head_kind = {"f32": F32Weight, "bf16": BF16Weight}.get(weights, Int8Weight)
         model.lm_head = head_kind(head[...], n_in=1, dtype=head[...].dtype, axes=getattr(head, "out_sharding", None))
     if weights == "bf16":
         _cast(model, jnp.bfloat16)  # norms, biases, positions

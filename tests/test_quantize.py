@@ -1,5 +1,6 @@
-"""`--weights bf16|int8|nf4`: a loaded model's weights stored for inference; logits stay close to float32, the
-engine's batched output equals each prompt alone, bytes shrink, and bad choices are refused."""
+"""`--weights f32|bf16|int8|nf4`: a loaded model's weights stored for inference; logits stay close to float32
+(equal for f32 strips), the engine's batched output equals each prompt alone, bytes shrink, the CPU default is
+f32 strips, and bad choices are refused."""
 
 import dataclasses
 
@@ -8,12 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.cli import main
 from jaxlm.config import ConfigError, load_config
 from jaxlm.engine import DecodeSteps, Engine, Request
 from jaxlm.nn import TransformerLM
-from jaxlm.nn.quantized import BF16Table, BF16Weight, Int8Table, Int8Weight, NF4Weight, Quantized
-from jaxlm.quantize import store_weights, weight_bytes
+from jaxlm.nn.quantized import BF16Table, BF16Weight, F32Table, F32Weight, Int8Table, Int8Weight, NF4Weight, Quantized
+from jaxlm.quantize import default_weights, store_weights, weight_bytes
 
 
 def model_for(base, **kw):
@@ -45,15 +47,38 @@ def test_quantized_logits_stay_close(tied, weights, kind, tol):
     assert 0 < rel < tol
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_f32_strips_hold_the_same_weights(tied):
+    """f32: the same values in the kernels' layout; the logits equal float32's up to summation order."""
+    model = model_for("llama_tiny", max_seq_len=48, tie_embeddings=tied, init_std=0.05)
+    wq, table = model.stack.layers.attn.wq[...], model.embed.embedding[...]
+    want = logits(model)
+    store_weights(model, "f32")
+    assert isinstance(model.stack.layers.attn.wq, F32Weight) and isinstance(model.embed.embedding, F32Table)
+    assert tied or isinstance(model.lm_head, F32Weight)
+    np.testing.assert_array_equal(model.stack.layers.attn.wq[...], wq)
+    np.testing.assert_array_equal(model.embed.embedding[...], table)
+    np.testing.assert_allclose(logits(model), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_default_weights_are_f32_strips_where_the_kernels_run(monkeypatch):
+    model = model_for("llama_tiny", max_seq_len=48)
+    assert default_weights(model) == ("f32" if kernels.available() else None)
+    assert default_weights(store_weights(model, "int8")) is None  # already stored otherwise
+    assert default_weights(model_for("llama_tiny", max_seq_len=48, param_dtype="bfloat16")) is None
+    monkeypatch.setattr(kernels, "available", lambda: False)  # no compiler, JAXLM_KERNELS=0
+    assert default_weights(model_for("llama_tiny", max_seq_len=48)) is None
+
+
 def test_bytes_per_parameter():
     sizes = {}
-    for weights in (None, "bf16", "int8", "nf4"):
+    for weights in (None, "f32", "bf16", "int8", "nf4"):
         model = model_for("llama_tiny", max_seq_len=48, d_model=256, mlp_dim=512)  # NF4 pads to 16,384
         sizes[weights] = weight_bytes(store_weights(model, weights))
     params = sizes[None]["params"]
     assert all(s["params"] == params for s in sizes.values())  # the same parameters, stored otherwise
     per = {k: s["bytes"] / params for k, s in sizes.items()}
-    assert per[None] == 4 and per["bf16"] == 2
+    assert per[None] == per["f32"] == 4 and per["bf16"] == 2
     assert 1.0 < per["int8"] < 1.2 and per["nf4"] < 0.8 * per["int8"]
 
 
@@ -64,7 +89,7 @@ def test_bf16_stores_every_float_parameter_in_bf16():
     assert logits(model).dtype == jnp.float32  # computed in the model's dtype
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8", "nf4"])
+@pytest.mark.parametrize("weights", ["f32", "bf16", "int8", "nf4"])
 def test_engine_batch_equals_each_prompt_alone(weights):
     model = store_weights(model_for("llama_tiny", max_seq_len=48), weights)
     steps = DecodeSteps(model)
@@ -86,7 +111,7 @@ def test_engine_batch_equals_each_prompt_alone(weights):
 
 
 def test_unknown_weights_are_refused():
-    with pytest.raises(ConfigError, match="int4.*bf16, int8, nf4"):
+    with pytest.raises(ConfigError, match="int4.*f32, bf16, int8, nf4"):
         store_weights(model_for("llama_tiny", max_seq_len=48), "int4")
 
 
@@ -98,6 +123,11 @@ def test_generate_cli_takes_weights(tiny_config, tmp_path, capsys):
     greedy = ["--prompt", "To be", "--max-new-tokens", "6", "--temperature", "0"]
     assert main(["generate", str(run), *greedy, "--weights", "int8"]) == 0
     assert capsys.readouterr().out.startswith("To be")
+    outs = []
+    for weights in ([], ["--weights", "stored"]):  # the default (f32 strips on CPU) and the model as stored
+        assert main(["generate", str(run), *greedy, *weights]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
     with pytest.raises(SystemExit) as e:
         main(["generate", str(run), *greedy, "--weights", "int4"])
     assert e.value.code == 2 and "--weights" in capsys.readouterr().err

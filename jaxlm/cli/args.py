@@ -58,10 +58,11 @@ def draft_options(p) -> None:
 def weights_option(p) -> None:
     p.add_argument(
         "--weights",
-        choices=("bf16", "int8", "nf4"),
+        choices=("stored", "f32", "bf16", "int8", "nf4"),
         help="store the weights for inference as bf16, int8 (one scale per output channel) or nf4 (4-bit "
         "NormalFloat); int8 and nf4 are dequantized inside the matmul, so a decoded token reads 1/4 or ~1/7 of "
-        "the bytes of float32 (default: as the model is stored)",
+        "the bytes of float32. f32: float32 laid out for the CPU decode kernels, the default on CPU for a "
+        "float32 model; stored: as the model is stored (the default elsewhere)",
     )
 
 

@@ -32,11 +32,11 @@ def add(sub) -> None:
 def run(args) -> int:
     from jaxlm.data.chat import stop_ids
     from jaxlm.generate import Generator
-    from jaxlm.quantize import store_weights
+    from jaxlm.quantize import default_weights, store_weights
     from jaxlm.train.run_dir import load_model_dir
 
     loaded = load_model_dir(args.run_dir, what="jaxlm generate", generates=True)
-    store_weights(loaded.model, args.weights)
+    store_weights(loaded.model, args.weights or default_weights(loaded.model))
     tokenizer, model, m = loaded.tokenizer, loaded.model, loaded.model.cfg
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

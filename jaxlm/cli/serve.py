@@ -84,7 +84,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from jaxlm.quantize import store_weights
+    from jaxlm.quantize import default_weights, store_weights
     from jaxlm.serve.adapters import attach_adapters, parse_adapter
     from jaxlm.serve.model import load_draft, load_served
     from jaxlm.serve.server import build_service, check_address, serve
@@ -94,7 +94,9 @@ def run(args) -> int:
         parse_adapter(spec)
     served = load_served(args.model_dir, args.name)
     attach_adapters(served, args.adapter)
-    store_weights(served.model, args.weights)  # after the adapters: they are checked against the stored base
+    store_weights(
+        served.model, args.weights or default_weights(served.model)
+    )  # after the adapters: they are checked against the stored base
     service = build_service(
         served,
         slots=args.slots,

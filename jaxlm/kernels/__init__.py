@@ -38,6 +38,8 @@ TARGETS = (
     "jaxlm_nf4_matmul",
     "jaxlm_bf16_matmul",
     "jaxlm_bf16_rows_matmul",
+    "jaxlm_f32_matmul",
+    "jaxlm_f32_rows_matmul",
 )
 
 

@@ -9,6 +9,9 @@
 //   jaxlm_int8_rows_matmul (q (O, K) int8, scale (O,) f32):    W[k, o] = q[o, k] * scale[o] (a tied
 //       embedding table read out: each row is one output).
 //   jaxlm_bf16_matmul (w (O/64, K, 64) bf16), jaxlm_bf16_rows_matmul (w (O, K) bf16): the same without scales.
+//   jaxlm_f32_matmul (w (O/64, K, 64) f32), jaxlm_f32_rows_matmul (w (O, K) f32): unquantized weights in the
+//       same layouts. XLA's CPU dot at a few rows streams the weight and computes one after the other; these
+//       overlap the two (the default decode path on CPU, `jaxlm.quantize`).
 //   jaxlm_nf4_matmul: the strips as NF4 (jaxlm/ops/nf4.py, bitsandbytes' format): block b = (strip, k) holds
 //       64 codes in 32 bytes, byte j the codes of columns j (high nibble) and 32 + j (low nibble), and
 //       absmax_b = dynamic[absmax_codes[b]] * absmax_scale[b / 256] + absmax_offset; W = levels[code] * absmax_b.
@@ -17,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -101,6 +105,7 @@ void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, con
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
@@ -135,6 +140,7 @@ void rows_avx512(const float* x, int64_t K, const T* q, const float* scale, floa
 #endif
 
 inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {  // bfloat16
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -217,26 +223,22 @@ ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                          ffi::ResultBuffer<ffi::F32> y) {
+// An unscaled weight of element type T (bfloat16 as uint16_t, or float): strips (O/64, K, 64) or rows (O, K).
+template <typename T>
+ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const T* wp, int64_t count,
+                       ffi::ResultBuffer<ffi::F32>& y, bool rows, const char* name) {
   if (auto e = check_2d(x, y); e.failure()) return e;
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (w.element_count() != K * O) return ffi::Error::InvalidArgument("bf16 rows matmul: w must be (O, K)");
-  rows_matmul(pool, x.typed_data(), M, K, w.typed_data(), static_cast<const float*>(nullptr), y->typed_data(), O);
-  return ffi::Error::Success();
-}
-
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (O % kStrip || w.element_count() != K * O)
-    return ffi::Error::InvalidArgument("bf16 matmul: w must be (O/64, K, 64)");
+  if (count != K * O || (!rows && O % kStrip))
+    return ffi::Error::InvalidArgument(std::string(name) + (rows ? ": w must be (O, K)" : ": w must be (O/64, K, 64)"));
   const float* xp = x.typed_data();
-  const uint16_t* wp = w.typed_data();
   float* yp = y->typed_data();
+  if (rows) {
+    rows_matmul(pool, xp, M, K, wp, static_cast<const float*>(nullptr), yp, O);
+    return ffi::Error::Success();
+  }
   parallel_for(pool, O / kStrip, [&](int64_t t) {
-    const uint16_t* strip = wp + t * K * kStrip;
+    const T* strip = wp + t * K * kStrip;
 #if defined(__AVX512F__)
     strip_avx512(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, __m512* r) {
       for (int c = 0; c < 4; ++c) r[c] = load16(strip + k * kStrip + 16 * c);
@@ -248,6 +250,28 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 #endif
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  return PlainMatmul(pool, x, wp, w.element_count(), y, false, "bf16 matmul");
+}
+
+ffi::Error Bf16RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  return PlainMatmul(pool, x, wp, w.element_count(), y, true, "bf16 rows matmul");
+}
+
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, false, "f32 matmul");
+}
+
+ffi::Error F32RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, true, "f32 rows matmul");
 }
 
 ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
@@ -325,3 +349,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_rows_matmul, Bf16RowsMatmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_matmul, F32Matmul, Bind().Arg<F32>().Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_rows_matmul, F32RowsMatmul, Bind().Arg<F32>().Ret<F32>());

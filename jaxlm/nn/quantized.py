@@ -1,6 +1,6 @@
 """Frozen weights stored quantized (`jaxlm.ops.quant`): NF4 (QLoRA's base, `--weights nf4`), int8
-(`--weights int8`) and bfloat16 (`--weights bf16`), for the layer stacks' projections, and int8 or bfloat16
-rows for the token embedding table.
+(`--weights int8`), bfloat16 (`--weights bf16`) or float32 strips (`--weights f32`, the CPU default), for the
+layer stacks' projections, and int8, bfloat16 or float32 rows for the token embedding table.
 
 A `QuantizedWeight` stands where an `nnx.Param` weight (I..., O...) stood: `project` calls its `matmul`, which
 dequantizes inside the matmul; `w[...]` gives the dequantized weight (export, merging LoRA). Codes and
@@ -18,13 +18,10 @@ from flax import nnx
 
 from jaxlm.ops.nf4 import NF4
 from jaxlm.ops.quant import (
-    BF16,
-    BF16Rows,
     Int8,
     Int8Rows,
-    bf16_matmul,
-    bf16_rows_lookup,
-    bf16_rows_matmul,
+    Plain,
+    PlainRows,
     dequantize_int8,
     dequantize_int8_rows,
     dequantize_nf4_strips,
@@ -32,12 +29,15 @@ from jaxlm.ops.quant import (
     int8_rows_lookup,
     int8_rows_matmul,
     nf4_matmul,
-    pack_bf16,
+    pack_plain,
     packed_bytes,
+    plain_matmul,
+    plain_rows_lookup,
+    plain_rows_matmul,
     quantize_int8,
     quantize_int8_rows,
     quantize_nf4_strips,
-    unpack_bf16,
+    unpack_plain,
 )
 
 
@@ -116,19 +116,31 @@ class NF4Weight(QuantizedWeight):
         return nf4_matmul(x, p, self.cols)
 
 
-class BF16Weight(QuantizedWeight):
-    """bfloat16 strips: 2 bytes a parameter, converted to float32 in registers."""
+class PlainWeight(QuantizedWeight):
+    """Unquantized strips of `store` (a subclass's dtype)."""
 
-    packing, _ndim = BF16, 3
+    packing, _ndim, store = Plain, 3, None
 
     def pack(self, w):
-        return pack_bf16(w)
+        return pack_plain(w, self.store)
 
     def unpack(self, p):
-        return unpack_bf16(p, self.cols)
+        return unpack_plain(p, self.cols)
 
     def apply(self, x, p):
-        return bf16_matmul(x, p, self.cols)
+        return plain_matmul(x, p, self.cols)
+
+
+class BF16Weight(PlainWeight):
+    """bfloat16 strips: 2 bytes a parameter, converted to float32 in registers."""
+
+    store = jnp.bfloat16
+
+
+class F32Weight(PlainWeight):
+    """float32 strips: the weight's own values, laid out for the CPU decode kernel (4 bytes a parameter)."""
+
+    store = jnp.float32
 
 
 class QuantizedTable(nnx.Module):
@@ -177,19 +189,31 @@ class Int8Table(QuantizedTable):
         return int8_rows_matmul(x, p)
 
 
-class BF16Table(QuantizedTable):
-    """bfloat16 rows."""
+class PlainTable(QuantizedTable):
+    """Unquantized rows of `store` (a subclass's dtype)."""
 
-    packing = BF16Rows
+    packing, store = PlainRows, None
 
     def pack(self, table):
-        return BF16Rows(table.astype(jnp.bfloat16))
+        return PlainRows(table.astype(self.store))
 
     def unpack(self, p):
         return p.w.astype(jnp.float32)
 
     def rows(self, p, tokens, dtype):
-        return bf16_rows_lookup(p, tokens, dtype)
+        return plain_rows_lookup(p, tokens, dtype)
 
     def read_out(self, x, p):
-        return bf16_rows_matmul(x, p)
+        return plain_rows_matmul(x, p)
+
+
+class BF16Table(PlainTable):
+    """bfloat16 rows."""
+
+    store = jnp.bfloat16
+
+
+class F32Table(PlainTable):
+    """float32 rows (the table itself), read out by the CPU decode kernel."""
+
+    store = jnp.float32

@@ -12,10 +12,12 @@ memory that a CPU kernel streams once (`jaxlm/kernels/quant_matmul.cc`).
                   (its columns in the order 0, 32, 1, 33, ...: see `_NF4_ORDER`).
   int8 rows (`Int8Rows`): an embedding table (V, D), per-row absmax: looked up by token, and read out
                   against hidden states (a tied output layer), 'MD,VD->MV'.
-  bf16 (`BF16`, `BF16Rows`): the same strips and tables in bfloat16, no scales (2 bytes a parameter).
+  plain (`Plain`, `PlainRows`): the same strips and tables unquantized, in bfloat16 (2 bytes a parameter) or
+                  float32. f32 strips are for speed alone: at a few rows of x, XLA's CPU dot streams the weight
+                  and then computes, where the kernel overlaps the two (`jaxlm.quantize`).
 
-`int8_matmul`, `nf4_matmul`, `bf16_matmul`, `int8_rows_matmul` and `bf16_rows_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native
-kernels (`jaxlm.kernels.available()`), the weight is dequantized in registers as it streams; on other
+`int8_matmul`, `nf4_matmul`, `plain_matmul`, `int8_rows_matmul` and `plain_rows_matmul` compute x·W for
+x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized in registers as it streams; on other
 platforms, or without the kernels, with XLA ops (dequantize, then one dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
 dx = dy·Wᵀ with the weight dequantized by XLA. Large M (prefill, training) takes the XLA path on CPU too:
@@ -52,14 +54,14 @@ class Int8Rows(NamedTuple):
     scale: jax.Array
 
 
-class BF16(NamedTuple):
-    """w: (O/64, K, 64) bfloat16 strips."""
+class Plain(NamedTuple):
+    """w: (O/64, K, 64) bfloat16 or float32 strips."""
 
     w: jax.Array
 
 
-class BF16Rows(NamedTuple):
-    """w: (V, D) bfloat16."""
+class PlainRows(NamedTuple):
+    """w: (V, D) bfloat16 or float32."""
 
     w: jax.Array
 
@@ -128,16 +130,25 @@ def dequantize_int8_rows(p: Int8Rows, dtype=jnp.float32) -> jax.Array:
     return (p.q.astype(jnp.float32) * p.scale[:, None]).astype(dtype)
 
 
-def pack_bf16(w: jax.Array) -> BF16:
-    """(K, O) float -> `BF16` strips."""
-    return BF16(_strips(w.astype(jnp.bfloat16)))
+PLAIN = (jnp.bfloat16, jnp.float32)  # the dtypes `Plain` stores (the kernels' `jaxlm_<bf16|f32>_...`)
 
 
-def unpack_bf16(p: BF16, cols: int, dtype=jnp.float32) -> jax.Array:
+def _plain_dtype(w: jax.Array) -> str:
+    if w.dtype not in PLAIN:
+        raise ValueError(f"plain weights are stored as bfloat16 or float32, not {w.dtype}")
+    return "bf16" if w.dtype == jnp.bfloat16 else "f32"
+
+
+def pack_plain(w: jax.Array, dtype) -> Plain:
+    """(K, O) float -> `Plain` strips of `dtype` (bfloat16 or float32)."""
+    return Plain(_strips(w.astype(dtype)))
+
+
+def unpack_plain(p: Plain, cols: int, dtype=jnp.float32) -> jax.Array:
     return _unstrip(p.w, cols).astype(dtype)
 
 
-def bf16_rows_lookup(p: BF16Rows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+def plain_rows_lookup(p: PlainRows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.take(p.w, ids, axis=0).astype(dtype)
 
 
@@ -218,21 +229,21 @@ def _rows_fwd(x, p: Int8Rows, cols):
     return _dispatch(x, kernel, xla)
 
 
-def _bf16_fwd(x, p: BF16, cols):
+def _plain_fwd(x, p: Plain, cols):
     padded = p.w.shape[0] * STRIP
 
     def kernel(x):
-        return _call("jaxlm_bf16_matmul", x, padded, p.w)[:, :cols].astype(x.dtype)
+        return _call(f"jaxlm_{_plain_dtype(p.w)}_matmul", x, padded, p.w)[:, :cols].astype(x.dtype)
 
     def xla(x):
-        return jnp.dot(x, unpack_bf16(p, cols, x.dtype))
+        return jnp.dot(x, unpack_plain(p, cols, x.dtype))
 
     return _dispatch(x, kernel, xla)
 
 
-def _bf16_rows_fwd(x, p: BF16Rows, cols):
+def _plain_rows_fwd(x, p: PlainRows, cols):
     def kernel(x):
-        return _call("jaxlm_bf16_rows_matmul", x, cols, p.w).astype(x.dtype)
+        return _call(f"jaxlm_{_plain_dtype(p.w)}_rows_matmul", x, cols, p.w).astype(x.dtype)
 
     def xla(x):
         return jnp.dot(x, p.w.astype(x.dtype).T)
@@ -243,8 +254,8 @@ def _bf16_rows_fwd(x, p: BF16Rows, cols):
 _int8 = _weight_only_vjp(_int8_fwd, lambda p, K, cols: dequantize_int8(p, cols))
 _nf4 = _weight_only_vjp(_nf4_fwd, lambda q, K, cols: dequantize_nf4_strips(q, K, cols))
 _rows = _weight_only_vjp(_rows_fwd, lambda p, K, cols: dequantize_int8_rows(p).T)
-_bf16 = _weight_only_vjp(_bf16_fwd, lambda p, K, cols: unpack_bf16(p, cols))
-_bf16_rows = _weight_only_vjp(_bf16_rows_fwd, lambda p, K, cols: p.w.astype(jnp.float32).T)
+_plain = _weight_only_vjp(_plain_fwd, lambda p, K, cols: unpack_plain(p, cols))
+_plain_rows = _weight_only_vjp(_plain_rows_fwd, lambda p, K, cols: p.w.astype(jnp.float32).T)
 
 
 def int8_matmul(x: jax.Array, p: Int8, cols: int) -> jax.Array:
@@ -262,14 +273,14 @@ def int8_rows_matmul(x: jax.Array, p: Int8Rows) -> jax.Array:
     return _rows(x, p, p.q.shape[0])
 
 
-def bf16_matmul(x: jax.Array, p: BF16, cols: int) -> jax.Array:
-    """x (M, K) · W (K, cols) stored as `BF16` strips -> (M, cols), in x's dtype."""
-    return _bf16(x, p, cols)
+def plain_matmul(x: jax.Array, p: Plain, cols: int) -> jax.Array:
+    """x (M, K) · W (K, cols) stored as `Plain` strips -> (M, cols), in x's dtype."""
+    return _plain(x, p, cols)
 
 
-def bf16_rows_matmul(x: jax.Array, p: BF16Rows) -> jax.Array:
-    """x (M, D) · table (V, D)ᵀ stored as `BF16Rows` -> (M, V), in x's dtype."""
-    return _bf16_rows(x, p, p.w.shape[0])
+def plain_rows_matmul(x: jax.Array, p: PlainRows) -> jax.Array:
+    """x (M, D) · table (V, D)ᵀ stored as `PlainRows` -> (M, V): 'MD,VD->MV', in x's dtype."""
+    return _plain_rows(x, p, p.w.shape[0])
 
 
 def packed_bytes(packed) -> int:
@@ -278,15 +289,13 @@ def packed_bytes(packed) -> int:
 
 
 __all__ = [
-    "BF16",
-    "BF16Rows",
     "BLOCK",
     "Int8",
     "Int8Rows",
+    "PLAIN",
+    "Plain",
+    "PlainRows",
     "STRIP",
-    "bf16_matmul",
-    "bf16_rows_lookup",
-    "bf16_rows_matmul",
     "dequantize_int8",
     "dequantize_int8_rows",
     "dequantize_nf4_strips",
@@ -294,10 +303,13 @@ __all__ = [
     "int8_rows_lookup",
     "int8_rows_matmul",
     "nf4_matmul",
-    "pack_bf16",
+    "pack_plain",
     "packed_bytes",
+    "plain_matmul",
+    "plain_rows_lookup",
+    "plain_rows_matmul",
     "quantize_int8",
     "quantize_int8_rows",
     "quantize_nf4_strips",
-    "unpack_bf16",
+    "unpack_plain",
 ]

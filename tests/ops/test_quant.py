@@ -72,15 +72,17 @@ def test_nf4_matmul_equals_the_dequantized_weight(K, C, M):
 
 @pytest.mark.parametrize("K,C", SHAPES)
 @pytest.mark.parametrize("M", ROWS)
-def test_bf16_matmul_and_rows(K, C, M):
+@pytest.mark.parametrize("dtype", quant.PLAIN)
+def test_plain_matmul_and_rows(K, C, M, dtype):
+    """bfloat16 and float32 strips and rows: stored values exact, products those of the stored weight."""
     w, x = _w(K, C), _x(M, K)
-    p = quant.pack_bf16(w)
-    assert p.w.dtype == jnp.bfloat16 and p.w.shape == (-(-C // 64), K, 64)
-    wd = quant.unpack_bf16(p, C)
-    np.testing.assert_array_equal(wd, w.astype(jnp.bfloat16).astype(jnp.float32))
-    np.testing.assert_allclose(jax.jit(quant.bf16_matmul, static_argnums=2)(x, p, C), x @ wd, rtol=1e-5, atol=1e-5)
-    rows = quant.BF16Rows(w.T.astype(jnp.bfloat16))
-    np.testing.assert_allclose(jax.jit(quant.bf16_rows_matmul)(x, rows), x @ wd, rtol=1e-5, atol=1e-5)
+    p = quant.pack_plain(w, dtype)
+    assert p.w.dtype == dtype and p.w.shape == (-(-C // 64), K, 64)
+    wd = quant.unpack_plain(p, C)
+    np.testing.assert_array_equal(wd, w.astype(dtype).astype(jnp.float32))
+    np.testing.assert_allclose(jax.jit(quant.plain_matmul, static_argnums=2)(x, p, C), x @ wd, rtol=1e-5, atol=1e-5)
+    rows = quant.PlainRows(w.T.astype(dtype))
+    np.testing.assert_allclose(jax.jit(quant.plain_rows_matmul)(x, rows), x @ wd, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("V,D", [(300, 32), (70, 20)])
