@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.engine import DecodeSteps, Engine, Request, check_sampling
+from jaxlm.engine.steps import bucket
 
 __all__ = ["Generator", "check_sampling", "generate_uncached"]
 
@@ -86,7 +87,7 @@ class Generator:
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         longest = max(len(p) for p in prompts)
-        chunk = min(self.chunk, _bucket(longest))
+        chunk = min(self.chunk, max(8, bucket(longest)))  # 8, 12, 16, 24, ...: a third padding at most
         engine = Engine(
             self.steps,
             slots=len(prompts),
@@ -166,10 +167,3 @@ def generate_uncached(model, prompt: list[int], *, max_new_tokens: int, window_s
         out.append(tok)
         seq.append(tok)
     return out
-
-
-def _bucket(n: int) -> int:
-    """The prefill length for prompts of up to n tokens: 8, 12, 16, 24, 32, 48, 64, ... (a power of two or 1.5
-    times one): few shapes, at most a third of a chunk padding."""
-    p = 1 << max(3, (n - 1).bit_length())
-    return p * 3 // 4 if p >= 16 and n <= p * 3 // 4 else p

@@ -122,6 +122,34 @@ def test_logprobs_are_the_models_distribution_prompt_and_sampled():
             engine.submit(Request(**{"prompt": [1, 2], "max_new_tokens": 1, **bad}))
 
 
+def test_prefill_pieces_score_and_continue_as_alone():
+    """A shrinking engine with short chunks prefills in pieces of C / 4 tokens: a row's next C tokens are up to
+    four rows of one step, several requests share a step, and every prompt log-probability and token equals
+    the full forward's (the pieces of a row see each other's K/V, written earlier in the same step)."""
+    model = model_for("llama_tiny", max_seq_len=96)
+    engine = Engine(DecodeSteps(model), slots=4, chunk=32, prefill_tokens=64)
+    assert engine.piece == 8 and engine.prefill_rows == 8
+    plans = []
+    run_rows = engine._prefill_rows
+    engine._prefill_rows = lambda plan, T, touched: plans.append((list(plan), T)) or run_rows(plan, T, touched)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(1, 128, 20).tolist()  # two prompts share its first two blocks (prefix cache)
+    prompts = [rng.integers(1, 128, n).tolist() for n in (3, 13, 45, 9)] + [shared + [7, 8], shared + [9] * 12]
+    requests = [engine.submit(Request(p, 4, temperature=0.0, logprobs=2, score_prompt=True)) for p in prompts]
+    engine.run()
+    assert {T for _, T in plans} == {8} and max(sum(n for _, n in plan) for plan, _ in plans) <= 8
+    assert any(n > 1 for plan, _ in plans for _, n in plan) and any(len(plan) > 1 for plan, _ in plans)
+    assert engine.kv["prefix_hit_tokens"] > 0
+    for p, r in zip(prompts, requests):
+        full = p + r.tokens
+        lp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([full]))[0][0]))[:-1]
+        np.testing.assert_allclose(
+            r.prompt_logprobs[1:] + r.token_logprobs, lp[np.arange(len(lp)), full[1:]], atol=2e-5
+        )
+        assert [t for t, _ in r.prompt_top_logprobs[-1]] == np.argsort(-lp[len(p) - 2], kind="stable")[:2].tolist()
+        assert r.tokens == generate_uncached(model, p, max_new_tokens=4)
+
+
 def test_stop_tokens_and_sampling_settings_per_request():
     model = model_for("llama_tiny", max_seq_len=64)
     engine = Engine(DecodeSteps(model), slots=2)

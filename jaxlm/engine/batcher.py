@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxlm.engine.prefix import PrefixCache, block_names
 from jaxlm.engine.request import Request, check_sampling
-from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs
+from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs, bucket
 from jaxlm.errors import ConfigError
 
 
@@ -113,8 +113,14 @@ class Engine:
         self.single_use, self.shrink = context is not None, shrink
         if int(prefill_tokens) != prefill_tokens or prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens}")
-        fit = 1 << (max(1, prefill_tokens // self.C).bit_length() - 1)
-        self.prefill_rows = min(slots, fit) if shrink else slots  # unshrunk, a step runs on N rows anyway
+        # A shrinking engine prefills in pieces of the shortest chunk t: a row's next (up to C) tokens become
+        # ceil(len / t) rows of one step, each of the row's slot (the step writes every row's K/V before any
+        # row reads its blocks, so a piece sees the pieces before it). Padding is then under t tokens a row,
+        # not up to C - 1 (scoring traffic: many short prompt tails after prefix-cache hits).
+        self.piece = self.chunks[0] if shrink else None
+        per_row = self.C // self.piece if shrink else 1
+        fit = 1 << (max(per_row, prefill_tokens // (self.piece or self.C)).bit_length() - 1)
+        self.prefill_rows = min(slots * per_row, fit) if shrink else slots  # unshrunk, a step runs on N rows
         self._admissions = 0
         cacheable = prefix_caching and not (self.P or steps.prefix_lm or steps.seq2seq or context is not None)
         self.prefix = PrefixCache() if cacheable else None
@@ -338,50 +344,64 @@ class Engine:
             rows = self._match(rows)
             if not rows:
                 return
-        rows = rows[: self.prefill_rows]
-        # Rows by chunk length: those with a short chunk run in a step of their own length, not padded to C.
-        fit = {b: min(t for t in self.chunks if t >= len(self.slots[b].pending[: self.C])) for b in rows}
-        if not self.shrink:  # every step runs on N rows: one step at the longest chunk
-            fit = dict.fromkeys(rows, max(fit.values()))
-        for T in self.chunks:
-            if group := [b for b in rows if fit[b] == T]:
-                self._prefill_rows(group, T, touched)
+        if not self.shrink:  # every step runs on N rows: one step at the longest chunk, a row each
+            rows = rows[: self.prefill_rows]
+            T = max(min(t for t in self.chunks if t >= len(self.slots[b].pending[: self.C])) for b in rows)
+            self._prefill_rows([(b, 1) for b in rows], T, touched)
+            return
+        plan, room = [], self.prefill_rows  # (slot, pieces), the earliest admitted first
+        for b in rows:
+            n = -(-len(self.slots[b].pending[: self.C]) // self.piece)
+            if n > room:
+                break
+            plan.append((b, n))
+            room -= n
+        self._prefill_rows(plan, self.piece, touched)
 
-    def _prefill_rows(self, rows: list[int], T: int, touched):
-        P = self._rows(len(rows))
+    def _prefill_rows(self, plan: list[tuple[int, int]], T: int, touched):
+        """One prefill step: slot b's next n·T pending tokens (or fewer: the rest) as n rows of T, for each
+        (b, n) of `plan`."""
+        pieces = sum(n for _, n in plan)
+        P = min(self.prefill_rows, bucket(pieces)) if self.shrink else self.N
         x = Inputs(P, T, self.S, self.steps.words)
-        written, reads = [], []
-        for i, b in enumerate(rows):
+        taken, first, slots, reads, i = {}, {}, [], [], 0
+        for b, n in plan:
             s = self.slots[b]
-            chunk = s.pending[:T]
-            written.append(len(chunk))
-            reads.append(self._take_blocks(b, s.index + T))
+            taken[b], first[b] = min(len(s.pending), n * T), i
+            read = self._take_blocks(b, s.index + n * T)
             prefix = self.steps.prefix_lm and s.fresh and s.next_pos == 0
-            x.tokens(i, chunk, s.next_pos, prefix=prefix, after=s.pending[len(chunk) : len(chunk) + 1])
-            x.row(i, s.request, index=s.index, last=len(chunk) - 1, fresh=s.fresh, slot=b, floor=s.floor)
-            if s.request.constraint is not None and len(chunk) == len(s.pending):  # it samples after this chunk
-                s.request.constraint.fill(x.allowed[i])
-        table = self._table(rows, reads, P)
-        scoring = any(self.slots[b].scoring for b in rows)
+            for j in range(n):
+                at = j * T
+                chunk = s.pending[at : min(at + T, taken[b])]
+                x.tokens(i, chunk, s.next_pos + at, prefix=prefix, after=s.pending[at + len(chunk) :][:1])
+                fresh = s.fresh and j == 0
+                x.row(i, s.request, index=s.index + at, last=len(chunk) - 1, fresh=fresh, slot=b, floor=s.floor)
+                slots.append(b)
+                reads.append(read)
+                i += 1
+            if s.request.constraint is not None and taken[b] == len(s.pending):  # it samples after this step
+                s.request.constraint.fill(x.allowed[i - 1])
+        table = self._table(slots, reads, P)
+        scoring = any(self.slots[b].scoring for b, _ in plan)
         step = self.steps.score if scoring else self.steps.prefill
         out, scores, self.cache = step(
             self.steps.weights, self.steps.draft_params, self.cache, self._no_prev, table, *x.arrays(P)
         )
         out = np.asarray(out)
-        scores = _host(scores, [self.slots[b].request for b in rows])
-        for i, (b, n) in enumerate(zip(rows, written)):
-            s = self.slots[b]
-            s.index, s.next_pos, s.fresh = s.index + n, s.next_pos + n, False
-            s.pending = s.pending[n:]
-            if s.scoring:  # each chunk position whose next token is a prompt token
-                m = n if s.pending else n - 1
-                full = [_top(scores, "prompt_top", TOP_LOGPROBS, i, j) for j in range(m)]
-                self._scored(s, list(zip(scores["prompt"][i, :m].tolist(), full)))
+        scores = _host(scores, [self.slots[b].request for b, _ in plan])
+        for b, n in plan:
+            s, k, last = self.slots[b], taken[b], first[b] + n - 1  # last: the row of its final piece
+            s.index, s.next_pos, s.fresh = s.index + k, s.next_pos + k, False
+            s.pending = s.pending[k:]
+            if s.scoring:  # each position whose next token is a prompt token, piece by piece
+                at = [(first[b] + p // T, p % T) for p in range(k if s.pending else k - 1)]
+                lp = [float(scores["prompt"][r, j]) for r, j in at]
+                self._scored(s, list(zip(lp, [_top(scores, "prompt_top", TOP_LOGPROBS, r, j) for r, j in at])))
                 s.scoring = bool(s.pending)
             if self.prefix is not None and s.names:
                 self._name_blocks(s)
             if not s.pending:  # the prompt (or refill) is in: its next token
-                self._emit(b, int(out[i]), touched, _chosen(scores, s.request, i))
+                self._emit(b, int(out[last]), touched, _chosen(scores, s.request, last))
 
     @staticmethod
     def _scored(s: _Slot, entries: list) -> None:
@@ -501,7 +521,10 @@ class Engine:
     def shapes(self, tokens: int | None = None, prefill: bool = False) -> list[tuple[int, int]]:
         """The (rows, blocks read per row) shapes a decode (or prefill) step may run on, for rows holding up to
         `tokens` tokens (default: the full context)."""
-        counts = sorted({self._rows(m) for m in range(1, (self.prefill_rows if prefill else self.N) + 1)})
+        if prefill and self.shrink:  # pieces: up to prefill_rows rows, 1.5 times a power of two too
+            counts = sorted({min(self.prefill_rows, bucket(m)) for m in range(1, self.prefill_rows + 1)})
+        else:
+            counts = sorted({self._rows(m) for m in range(1, (self.prefill_rows if prefill else self.N) + 1)})
         most = self.row_blocks if tokens is None else max(1, -(-(min(tokens, self.S) + self.P) // self.Z))
         reads = sorted({self._table([], [m], 1).shape[1] for m in range(1, most + 1)})
         return [(n, nb) for n in counts for nb in reads]
@@ -514,7 +537,8 @@ class Engine:
         lm-evaluation-harness asks for log-likelihoods)."""
         p, d = self.steps.weights, self.steps.draft_params
         prefills = (self.steps.prefill, self.steps.score) if score else (self.steps.prefill,)
-        for T in self.chunks if short_chunks else (self.C,):
+        lengths = (self.piece,) if self.shrink else self.chunks if short_chunks else (self.C,)
+        for T in lengths:
             for n, nb in self.shapes(tokens, prefill=True):
                 table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
                 x = Inputs(n, T, self.S, self.steps.words)

@@ -184,7 +184,8 @@ class DecodeSteps:
         token = sample(keys, masked, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
         chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, top), logits, token)
         scores.update(zip(("chosen", "top_ids", "top_lp"), chosen))
-        token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # (N,): the next step's `prev`, one shape
+        if token.shape[0] <= prev.shape[0]:  # (N,): the next step's `prev`, one shape (a prefill of pieces may
+            token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # run on more rows than slots)
         return token, scores, self._pools(cache, draft_cache)
 
     def _speculate_fn(self, params, draft_params, caches, drafts, table, rows, floats):
@@ -231,6 +232,13 @@ class DecodeSteps:
         out = jnp.concatenate([drafts, jnp.zeros((N, 1), jnp.int32)], axis=1)
         out = jnp.where(jnp.arange(K + 1)[None] == kept[:, None], nxt[:, None], out)
         return out, kept, self._pools(cache, draft_cache)
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two or 1.5 times one (1, 2, 3, 4, 6, 8, 12, 16, 24, ...): a compiled shape
+    for every count up to n at a third padding at most, with two shapes an octave."""
+    p = 1 << (n - 1).bit_length()
+    return p * 3 // 4 if p >= 4 and n <= p * 3 // 4 else p
 
 
 def unpack_bits(words: jax.Array, V: int) -> jax.Array:
