@@ -1,5 +1,6 @@
-"""How a loaded model stores its frozen weights for inference: `jaxlm generate|serve --weights f32|bf16|int8|nf4`.
+"""How a loaded model stores its frozen weights for inference: `jaxlm generate|serve --weights ...`.
 
+  stored as the model holds them (the default off CPU).
   f32   the projections, token table and read-out unchanged in value, the projections laid out in the
         kernels' 64-column strips (`F32Weight`, `F32Table`). The default on CPU (`default_weights`): at a few
         rows XLA's CPU dot streams a weight and then computes, the kernel overlaps the two (SmolLM2-135M:
@@ -37,7 +38,7 @@ from jaxlm.nn.quantized import (
 )
 from jaxlm.peft import projection_weights, quantize
 
-WEIGHTS = ("f32", "bf16", "int8", "nf4")
+WEIGHTS = ("stored", "f32", "bf16", "int8", "nf4")  # stored: as the model holds them
 
 
 def default_weights(model) -> str | None:
@@ -56,10 +57,10 @@ def default_weights(model) -> str | None:
 
 def store_weights(model, weights: str | None):
     """`model` with its weights stored as `weights` (in place; None or "stored" leaves them); returns the model."""
+    if weights is not None and weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     if weights in (None, "stored"):
         return model
-    if weights not in WEIGHTS:
-        raise ConfigError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     kinds = {
         "f32": (F32Weight, F32Table),
         "bf16": (BF16Weight, BF16Table),

@@ -129,9 +129,13 @@ def test_prefill_pieces_score_and_continue_as_alone():
     model = model_for("llama_tiny", max_seq_len=96)
     engine = Engine(DecodeSteps(model), slots=4, chunk=32, prefill_tokens=64)
     assert engine.piece == 8 and engine.prefill_rows == 8
-    plans = []
-    run_rows = engine._prefill_rows
-    engine._prefill_rows = lambda plan, T, touched: plans.append((list(plan), T)) or run_rows(plan, T, touched)
+    plans, run_rows = [], engine._prefill_rows
+
+    def recorded(plan, T, touched):
+        plans.append((list(plan), T))
+        run_rows(plan, T, touched)
+
+    engine._prefill_rows = recorded
     rng = np.random.default_rng(0)
     shared = rng.integers(1, 128, 20).tolist()  # two prompts share its first two blocks (prefix cache)
     prompts = [rng.integers(1, 128, n).tolist() for n in (3, 13, 45, 9)] + [shared + [7, 8], shared + [9] * 12]

@@ -47,6 +47,16 @@ def test_quantized_logits_stay_close(tied, weights, kind, tol):
     assert 0 < rel < tol
 
 
+def test_a_plain_mlp_is_stored_too():
+    """A GPT-2 MLP (w_in, w_out, no gate): every projection it has is stored, none it lacks is asked for."""
+    model = model_for("gpt_tiny", max_seq_len=48, init_std=0.05)
+    want = logits(model)
+    store_weights(model, "int8")
+    mlp = model.stack.layers.mlp
+    assert isinstance(mlp.w_in, Int8Weight) and isinstance(mlp.w_out, Int8Weight) and not hasattr(mlp, "w_gate")
+    assert float(jnp.max(jnp.abs(logits(model) - want)) / jnp.max(jnp.abs(want))) < 0.03
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_f32_strips_hold_the_same_weights(tied):
     """f32: the same values in the kernels' layout; the logits equal float32's up to summation order."""
@@ -111,7 +121,7 @@ def test_engine_batch_equals_each_prompt_alone(weights):
 
 
 def test_unknown_weights_are_refused():
-    with pytest.raises(ConfigError, match="int4.*f32, bf16, int8, nf4"):
+    with pytest.raises(ConfigError, match="int4.*stored, f32, bf16, int8, nf4"):
         store_weights(model_for("llama_tiny", max_seq_len=48), "int4")
 
 

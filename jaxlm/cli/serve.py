@@ -66,8 +66,8 @@ def add(sub) -> None:
         "--warm-up-scoring",
         action="store_true",
         help="also compile the steps that score prompts (echo + logprobs, as lm-evaluation-harness asks for "
-        "log-likelihoods; otherwise compiled when first used), and prefill short chunks (a quarter of --chunk: "
-        "prompts mostly found in the prefix cache) at their own length, before listening",
+        "log-likelihoods; otherwise compiled when first used), and prefill in pieces of a quarter of --chunk "
+        "(prompt tails after prefix-cache hits pad to a quarter chunk, not a whole one), before listening",
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
     sv.add_argument(
@@ -94,9 +94,8 @@ def run(args) -> int:
         parse_adapter(spec)
     served = load_served(args.model_dir, args.name)
     attach_adapters(served, args.adapter)
-    store_weights(
-        served.model, args.weights or default_weights(served.model)
-    )  # after the adapters: they are checked against the stored base
+    # After the adapters: they are checked against the stored base.
+    store_weights(served.model, args.weights or default_weights(served.model))
     service = build_service(
         served,
         slots=args.slots,

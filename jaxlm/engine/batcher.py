@@ -77,11 +77,14 @@ class Engine:
           ceil(max_seq_len / Z)). initial_blocks: the pool's first size (default: the budget when kv_blocks
           is given, else enough for 256 tokens per slot); it doubles as needed up to the budget.
         prefill_tokens: the most prompt tokens one prefill step takes: it runs on at most the power of two of
-          rows <= prefill_tokens / chunk (at least one), the earliest admitted first. A step over more tokens
-          is no faster per token (it is compute-bound already), holds more activations, and each row count
-          is one more compiled program (tens of MB each for a real model).
-        short_chunks: prefill steps also run at C / 4 tokens a row when no row has more (a short prompt, the
-          rest of one after cached blocks): a step's cost follows its length, at one more compiled shape each.
+          rows <= prefill_tokens / T (T: its row length, C or the piece), the earliest admitted first. A step
+          over more tokens is no faster per token (it is compute-bound already), holds more activations, and
+          each row count is one more compiled program (tens of MB each for a real model).
+        short_chunks: with `shrink`, prefill in pieces of C / 4 tokens: a row's next (up to C) tokens are
+          ceil(len / (C / 4)) rows of one step, all on its slot (a step writes every row's K/V before any row
+          reads its blocks, so a piece sees the pieces before it), and several requests share the step. A
+          prompt tail (the rest of a prompt after cached blocks) then pads to C / 4, not to C. Unshrunk, a
+          step runs at C / 4 tokens a row when no row has more.
         prefix_caching: a prompt's full blocks are kept, named by their tokens (`jaxlm.engine.prefix`), and a
           later prompt that begins with the same blocks reuses them instead of prefilling them (a row that
           would wait for a block another row is prefilling waits one step); idle blocks are evicted least
@@ -113,14 +116,13 @@ class Engine:
         self.single_use, self.shrink = context is not None, shrink
         if int(prefill_tokens) != prefill_tokens or prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens}")
-        # A shrinking engine prefills in pieces of the shortest chunk t: a row's next (up to C) tokens become
-        # ceil(len / t) rows of one step, each of the row's slot (the step writes every row's K/V before any
-        # row reads its blocks, so a piece sees the pieces before it). Padding is then under t tokens a row,
-        # not up to C - 1 (scoring traffic: many short prompt tails after prefix-cache hits).
-        self.piece = self.chunks[0] if shrink else None
-        per_row = self.C // self.piece if shrink else 1
-        fit = 1 << (max(per_row, prefill_tokens // (self.piece or self.C)).bit_length() - 1)
-        self.prefill_rows = min(slots * per_row, fit) if shrink else slots  # unshrunk, a step runs on N rows
+        if shrink:  # prefill in pieces of the shortest chunk (C itself without short chunks: a row a piece)
+            self.piece = self.chunks[0]
+            per_row = self.C // self.piece
+            fit = 1 << (max(per_row, prefill_tokens // self.piece).bit_length() - 1)
+            self.prefill_rows = min(slots * per_row, fit)  # rows (pieces) of a prefill step
+        else:  # a step runs on N rows anyway
+            self.piece, self.prefill_rows = None, slots
         self._admissions = 0
         cacheable = prefix_caching and not (self.P or steps.prefix_lm or steps.seq2seq or context is not None)
         self.prefix = PrefixCache() if cacheable else None
@@ -336,8 +338,8 @@ class Engine:
         return table
 
     def _prefill(self, touched):
-        """One chunk of the pending tokens of the earliest admitted filling rows (at most `prefill_rows`), on
-        those rows alone."""
+        """One prefill step over the earliest admitted filling rows: with `shrink`, each row's next (up to C)
+        tokens in pieces, as many rows as `prefill_rows` pieces hold; unshrunk, one chunk of each of N rows."""
         rows = [b for b, s in enumerate(self.slots) if s is not None and s.pending]
         rows = sorted(rows, key=lambda b: self.slots[b].order)
         if self.prefix is not None:
@@ -532,13 +534,13 @@ class Engine:
     def warm_up(self, tokens: int | None = None, short_chunks: bool = True, score: bool = False) -> None:
         """Compiles every step at every shape it may run on with rows of up to `tokens` tokens (default: the
         full context; a server does this before it listens): the rows are idle (they own no blocks), so
-        nothing changes. Larger shapes compile when first needed, as do the prefill steps of short chunks
-        without `short_chunks`. score: also the prefill steps that score prompts (echo with logprobs, as
+        nothing changes. Larger shapes compile when first needed, as do (unshrunk) the prefill steps of short
+        chunks without `short_chunks`. score: also the prefill steps that score prompts (echo with logprobs, as
         lm-evaluation-harness asks for log-likelihoods)."""
         p, d = self.steps.weights, self.steps.draft_params
         prefills = (self.steps.prefill, self.steps.score) if score else (self.steps.prefill,)
-        lengths = (self.piece,) if self.shrink else self.chunks if short_chunks else (self.C,)
-        for T in lengths:
+        lengths = self.chunks if short_chunks else (self.C,)
+        for T in (self.piece,) if self.shrink else lengths:
             for n, nb in self.shapes(tokens, prefill=True):
                 table = np.full((n, nb), NO_BLOCK, np.int32)  # padding only: no block is read or written
                 x = Inputs(n, T, self.S, self.steps.words)

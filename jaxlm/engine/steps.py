@@ -184,8 +184,10 @@ class DecodeSteps:
         token = sample(keys, masked, temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"])
         chosen = _when(jnp.any(x["logprobs"]), lambda a, t: token_logprobs(a, t, top), logits, token)
         scores.update(zip(("chosen", "top_ids", "top_lp"), chosen))
-        if token.shape[0] <= prev.shape[0]:  # (N,): the next step's `prev`, one shape (a prefill of pieces may
-            token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)  # run on more rows than slots)
+        # (N,): the next step's `prev`, one shape. A prefill of pieces may run on more rows than there are
+        # slots; its tokens are only read on the host.
+        if token.shape[0] <= prev.shape[0]:
+            token = jnp.zeros_like(prev).at[: token.shape[0]].set(token)
         return token, scores, self._pools(cache, draft_cache)
 
     def _speculate_fn(self, params, draft_params, caches, drafts, table, rows, floats):

@@ -229,8 +229,10 @@ ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, co
                        ffi::ResultBuffer<ffi::F32>& y, bool rows, const char* name) {
   if (auto e = check_2d(x, y); e.failure()) return e;
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (count != K * O || (!rows && O % kStrip))
-    return ffi::Error::InvalidArgument(std::string(name) + (rows ? ": w must be (O, K)" : ": w must be (O/64, K, 64)"));
+  if (count != K * O || (!rows && O % kStrip)) {
+    const char* want = rows ? ": w must be (O, K)" : ": w must be (O/64, K, 64)";
+    return ffi::Error::InvalidArgument(std::string(name) + want);
+  }
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   if (rows) {

@@ -17,8 +17,9 @@ memory that a CPU kernel streams once (`jaxlm/kernels/quant_matmul.cc`).
                   and then computes, where the kernel overlaps the two (`jaxlm.quantize`).
 
 `int8_matmul`, `nf4_matmul`, `plain_matmul`, `int8_rows_matmul` and `plain_rows_matmul` compute x·W for
-x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized in registers as it streams; on other
-platforms, or without the kernels, with XLA ops (dequantize, then one dot: XLA's GPU compiler fuses the two).
+x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
+in registers as it streams; on other platforms, or without the kernels, with XLA ops (dequantize, then one
+dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
 dx = dy·Wᵀ with the weight dequantized by XLA. Large M (prefill, training) takes the XLA path on CPU too:
 dequantizing once and one GEMM beat streaming the codes once per 4 rows when there are many rows.
@@ -141,7 +142,9 @@ def _plain_dtype(w: jax.Array) -> str:
 
 def pack_plain(w: jax.Array, dtype) -> Plain:
     """(K, O) float -> `Plain` strips of `dtype` (bfloat16 or float32)."""
-    return Plain(_strips(w.astype(dtype)))
+    strips = _strips(w.astype(dtype))
+    _plain_dtype(strips)  # refused here, not at the first matmul
+    return Plain(strips)
 
 
 def unpack_plain(p: Plain, cols: int, dtype=jnp.float32) -> jax.Array:

@@ -44,7 +44,7 @@ def build_service(
     warm_up_tokens: the steps are compiled before serving for rows of up to this many tokens (longer rows
       compile their shapes when they first occur). warm_up_scoring: also compile the steps that score prompts
       (echo + logprobs: lm-evaluation-harness's log-likelihoods; otherwise compiled when first used), and
-      prefill short chunks (C / 4 tokens a row: prompts mostly found in the prefix cache) at their own length.
+      prefill in pieces of C / 4 tokens (prompt tails after prefix-cache hits pad to C / 4, not to C).
     release_model: drop `served.model` once the engine holds its weights (`Served.release_model`), before the
       warm-up, so the weights are in memory once."""
     if slots < 1:
