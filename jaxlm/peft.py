@@ -4,8 +4,9 @@
 
   lora   a `LoRA` on every targeted projection, by role: q, k, v, o (self- and cross-attention), gate, up, down
          (the plain MLP's w_in is `up`), embed (the token table) and lm_head (an untied read-out).
-  qlora  the same LoRAs, and every projection weight of the layer stacks stored as NF4 (`NF4Weight`); the
-         embedding, norms and read-out stay as they are (as QLoRA keeps them).
+  qlora  the same LoRAs, and every projection weight of the layer stacks stored as NF4 (`NF4Weight`), a
+         mixture's expert weights too (each expert its own blocks); the embedding, norms, routers and read-out
+         stay as they are (as QLoRA keeps them).
   prompt `PromptEmbedding`: virtual tokens before the input (decoders).
   prefix `PrefixKV`: learned keys/values of every layer (decoders).
 
@@ -29,6 +30,7 @@ from jaxlm.nn.adapters import (
     PrefixKV,
     PromptEmbedding,
 )
+from jaxlm.nn.moe import MoE
 from jaxlm.nn.quantized import NF4Weight, QuantizedWeight
 from jaxlm.ops.lora import lora_scale
 
@@ -174,29 +176,37 @@ def apply_peft(model, pc: PeftConfig, *, seed: int = 0, init_ids: list[int] | No
     return model
 
 
-def projection_weights(model):
-    """(owner module, weight attribute, stacked layers, input dims) of every projection of the layer stacks."""
+def projection_weights(model, *, experts: bool = False):
+    """(owner module, weight attribute, stacked layers, input dims) of every projection of the layer stacks;
+    experts: and of the mixtures' expert stacks (E, I, O) (input dims 1)."""
     for stack in stacks(model):
+        layers = stack.num_layers - stack.first
         for kind, name, in_axes, _ in PROJECTIONS.values():
             for module in _modules(stack.layers, kind):
                 attr = PLAIN_MLP.get(name, name) if not hasattr(module, name) else name
                 if hasattr(module, attr):  # a plain MLP has no gate
-                    yield module, attr, stack.num_layers - stack.first, len(in_axes)
+                    yield module, attr, layers, len(in_axes)
+        moe = getattr(stack.layers, "moe", None)
+        for name in ("w_gate", "w_up", "w_in", "w_out") if experts and moe is not None else ():
+            if hasattr(moe, name):
+                yield moe, name, layers, 1
 
 
-def quantize(model, kind: type[QuantizedWeight] = NF4Weight) -> None:
-    """Stores every projection weight of the layer stacks as `kind` (NF4: QLoRA's base; or int8), in place."""
-    for module, name, layers, n_in in projection_weights(model):
+def quantize(model, kind: type[QuantizedWeight] = NF4Weight, *, experts: bool = True) -> None:
+    """Stores every projection weight of the layer stacks as `kind` (NF4: QLoRA's base; or int8), in place;
+    experts: the mixtures' expert weights too, each expert quantized apart."""
+    for module, name, layers, n_in in projection_weights(model, experts=experts):
         w = getattr(module, name)
         if isinstance(w, nnx.Param):
             axes = getattr(w, "out_sharding", None)
-            setattr(module, name, kind(w[...], n_in=n_in, layers=layers, dtype=w[...].dtype, axes=axes))
+            stack = isinstance(module, MoE)
+            setattr(module, name, kind(w[...], n_in=n_in, layers=layers, experts=stack, dtype=w[...].dtype, axes=axes))
 
 
 def dequantize(model) -> None:
     """Every quantized projection weight back to a (frozen) parameter holding its dequantized values (in
     place): what a QLoRA model computes with, so LoRA can be merged into it."""
-    for module, name, _, _ in projection_weights(model):
+    for module, name, _, _ in projection_weights(model, experts=True):
         w = getattr(module, name)
         if isinstance(w, QuantizedWeight):
             setattr(module, name, nnx.Param(w[...], out_sharding=w.axes, eager_sharding=False))

@@ -12,7 +12,8 @@
   nf4   the projections as NF4 (`NF4Weight`, QLoRA's 4-bit format); the token table and read-out as int8,
         as llama.cpp's 4-bit files keep them at higher precision (the read-out's error reaches every logit).
 
-With int8 and NF4, norms, biases and position tables stay as they are. The stored weights are converted inside
+With int8 and NF4, a mixture's expert weights are stored so too (each expert its own scales) and dequantized
+whole by the experts' grouped matmuls; norms, biases, routers and position tables stay as they are. The stored weights are converted inside
 the matmul (`jaxlm.ops.quant`): on CPU by the native kernels, which read a half (bf16), a quarter (int8) or an
 eighth (NF4) of the bytes of f32 per decoded token.
 """
@@ -68,7 +69,9 @@ def store_weights(model, weights: str | None):
         "nf4": (NF4Weight, Int8Table),
     }
     weight, table = kinds[weights]
-    quantize(model, weight)
+    # Experts (read whole by their grouped matmuls, no decode kernel) gain from fewer bytes held, not from strips;
+    # bf16 casts them with every other float parameter below.
+    quantize(model, weight, experts=weights in ("int8", "nf4"))
     embed = getattr(model, "embed", None)
     if embed is not None and isinstance(embed.embedding, nnx.Param):
         embed.embedding = table(embed.embedding[...], axes=getattr(embed.embedding, "out_sharding", None))

@@ -86,11 +86,12 @@ def test_qlora_equals_lora_on_dequantized_weights():
     np.testing.assert_allclose(q(tokens)[0], lora(tokens)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "lora on experts"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "lora on experts", "qlora on experts"])
 def test_only_adapters_train(method, tiny_config):
     extra = []
-    if method == "lora on experts":  # a mixture of experts, its attention and every expert adapted
-        method, extra = "lora", ["model.num_experts=4", "model.expert_mlp_dim=16", "peft.targets=[q,v,gate,up,down]"]
+    if method.endswith(" on experts"):  # a mixture of experts, its attention and every expert adapted
+        method, extra = method.split()[0], ["model.num_experts=4", "model.expert_mlp_dim=16"]
+        extra.append("peft.targets=[q,v,gate,up,down]")
     cfg = tiny_config(
         "llama_tiny", "peft.method=" + method, "peft.rank=4", "peft.virtual_tokens=4", "train.lr=1e-2", *extra
     )
@@ -110,6 +111,30 @@ def test_only_adapters_train(method, tiny_config):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen0)  # bit for bit
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state.params), params0)
     assert any(jax.tree.leaves(changed))
+
+
+def test_qlora_of_experts_equals_lora_on_their_dequantized_weights():
+    """QLoRA stores a mixture's experts as NF4 too, each expert in its own blocks: the model equals the LoRA
+    model whose experts (and attention) hold the dequantized values, per-expert LoRAs included."""
+    tokens = _tokens()
+    kw = dict(num_experts=4, expert_mlp_dim=64, d_model=64)
+    targets = ("q", "gate", "up", "down")
+    q = apply_peft(_model(**kw), PeftConfig(method="qlora", rank=4, targets=targets), seed=1)
+    _randomize_b(q)
+    moe = q.stack.layers.moe
+    assert all(isinstance(getattr(moe, n), NF4Weight) for n in ("w_gate", "w_up", "w_out"))
+    lora = apply_peft(_model(**kw), PeftConfig(method="lora", rank=4, targets=targets), seed=1)
+    _randomize_b(lora)
+    for owner, other, names in (
+        (lora.stack.layers.attn, q.stack.layers.attn, ("wq", "wk", "wv", "wo")),
+        (lora.stack.layers.moe, moe, ("w_gate", "w_up", "w_out")),
+    ):
+        for name in names:
+            getattr(owner, name).set_value(getattr(other, name)[...])
+    np.testing.assert_allclose(q(tokens)[0], lora(tokens)[0], atol=1e-5)
+    base = _model(**kw)
+    err = np.abs(np.asarray(moe.w_up[...]) - np.asarray(base.stack.layers.moe.w_up[...])).max()
+    assert 0 < err < 0.2 * np.abs(np.asarray(base.stack.layers.moe.w_up[...])).max()  # 4 bits, not garbage
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
@@ -160,9 +185,9 @@ def test_init_from_errors_and_shape_conflicts(tmp_path, tiny_config):
 @pytest.mark.parametrize(
     "kw", [dict(num_experts=4, shared_experts=1), dict(num_experts=4, mlp="plain", capacity_factor=1.0)]
 )
-def test_lora_on_expert_weights(kw, tmp_path):
+def test_lora_on_expert_weights(kw):
     """One LoRA per expert of each adapted expert weight: B = 0 is the base, the adapters get gradients, merge
-    equals unmerged, and a peft export is refused with the way out (--merge)."""
+    equals unmerged (peft's format of them: tests/hf/test_peft_experts.py)."""
     model = _model(**kw)
     tokens = _tokens()
     base = np.asarray(model(tokens)[0])
@@ -184,7 +209,3 @@ def test_lora_on_expert_weights(kw, tmp_path):
     assert not np.allclose(adapted, base)
     merge(model)
     np.testing.assert_allclose(np.asarray(model(tokens)[0]), adapted, atol=1e-5)
-    from jaxlm.hf.peft import save_adapter
-
-    with pytest.raises(ConfigError, match="--merge"):
-        save_adapter(model, tmp_path / "a", PeftConfig(method="lora", targets=("gate",)), arch="MixtralForCausalLM")

@@ -57,6 +57,30 @@ def test_a_plain_mlp_is_stored_too():
     assert float(jnp.max(jnp.abs(logits(model) - want)) / jnp.max(jnp.abs(want))) < 0.03
 
 
+@pytest.mark.parametrize("weights,kind,tol", [("int8", Int8Weight, 0.03), ("nf4", NF4Weight, 0.3)])
+def test_a_mixtures_experts_are_stored_each_expert_apart(weights, kind, tol):
+    """--weights int8|nf4 store a mixture's expert stacks too, each expert with its own scales: an expert 100
+    times larger than the others leaves theirs as precise. f32 strips leave the experts (no kernel reads them)."""
+    model = model_for("moe_tiny", max_seq_len=48, init_std=0.05, expert_mlp_dim=64)
+    moe = model.stack.layers.moe
+    moe.w_up.set_value(moe.w_up[...].at[:, 0].multiply(100.0))
+    want = logits(model)
+    store_weights(model, weights)
+    for name in ("w_gate", "w_up", "w_out"):
+        w = getattr(moe, name)
+        assert isinstance(w, kind) and w.experts and w.shape[0] == 8 and w[...].shape == (2, *w.shape)
+    got = logits(model)
+    assert 0 < float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < tol
+    f32 = store_weights(model_for("moe_tiny", max_seq_len=48), "f32")
+    assert isinstance(f32.stack.layers.moe.w_up, nnx.Param) and isinstance(f32.stack.layers.attn.wq, F32Weight)
+
+
+def test_a_quantized_expert_stack_is_not_a_matmul_operand():
+    w = Int8Weight(jnp.ones((4, 8, 64)), n_in=1, experts=True)
+    with pytest.raises(ValueError, match="expert stack"):
+        w.matmul(jnp.ones((2, 8)), 1)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_f32_strips_hold_the_same_weights(tied):
     """f32: the same values in the kernels' layout; the logits equal float32's up to summation order."""
@@ -99,9 +123,10 @@ def test_bf16_stores_every_float_parameter_in_bf16():
     assert logits(model).dtype == jnp.float32  # computed in the model's dtype
 
 
-@pytest.mark.parametrize("weights", ["f32", "bf16", "int8", "nf4"])
+@pytest.mark.parametrize("weights", ["f32", "bf16", "int8", "nf4", "moe-nf4"])
 def test_engine_batch_equals_each_prompt_alone(weights):
-    model = store_weights(model_for("llama_tiny", max_seq_len=48), weights)
+    base = "moe_tiny" if weights.startswith("moe-") else "llama_tiny"
+    model = store_weights(model_for(base, max_seq_len=48), weights.removeprefix("moe-"))
     steps = DecodeSteps(model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 128, n).tolist() for n in (3, 19, 7, 11)]

@@ -10,6 +10,13 @@ Fused Hugging Face tensors (GPT-2's `c_attn` holds q, k and v; Phi-3's `qkv_proj
 LoRA where jaxlm has one per projection: export writes them block-diagonally (rank n·R, its alpha in
 `rank_pattern`/`alpha_pattern` so the scale stays), import gives each projection the shared A and its rows of B.
 Both are exact.
+
+A mixture's experts (`ExpertLoRA`, one LoRA per expert) are the parameters transformers keeps fused in each
+layer's `mlp.experts` module: `gate_up_proj` and `down_proj`, (E, ...) 3-D tensors that peft adapts through
+`target_parameters` (its `ParamWrapper`: one LoRA per expert, `lora_A` (E·R, in) with expert e's rows at
+e·R..e·R+R, `lora_B` (out, R·E) with expert e's columns at e, E+e, ...). Two adapted parameters of one module
+nest: the one transformers defines first (gate_up_proj) is the inner `experts.base_layer`. gate and up share
+gate_up_proj as q and v share GPT-2's c_attn (block-diagonal, rank 2R).
 """
 
 from __future__ import annotations
@@ -25,14 +32,17 @@ import numpy as np
 from jaxlm.config import LORA_TARGETS, PeftConfig
 from jaxlm.data.tokenizer import DataError
 from jaxlm.errors import ConfigError
+from jaxlm.hf.families import family_of, lm_architecture
 from jaxlm.hf.families import layout as family_layout
 from jaxlm.hf.weights import _paths
-from jaxlm.nn.adapters import EmbeddingLoRA, LoRA
+from jaxlm.nn.adapters import EmbeddingLoRA, ExpertLoRA, LoRA
 from jaxlm.nn.quantized import QuantizedWeight
 from jaxlm.ops.lora import lora_scale
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+EXPERTS = "model.layers.{}.mlp.experts"  # transformers' fused experts of a layer (every MoE family)
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # its adapted parameters, in the order the module defines them
 # jaxlm weight attribute -> LoRA target role (jaxlm.peft.PROJECTIONS read backwards)
 ROLES = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "w_gate": "gate", "w_up": "up", "w_in": "up", "w_out": "down"}
 # adapter_config.json entries that change what a LoRA computes, and the values jaxlm implements
@@ -41,7 +51,6 @@ LORA_UNSUPPORTED = {
     "bias": ("none", None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
-    "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "layer_replication": (None, []),
     "use_qalora": (False, None),
@@ -78,7 +87,7 @@ class _Modules:
         entries += [(prefix + s, root, target, n) for prefix, root, table, n, *_ in stacks for s, target, _ in table]
         self.of_path, self.named = {}, {}
         for name, root, target, layers in entries:
-            if not name.endswith(".weight"):
+            if not name.endswith(".weight") or "{e}" in name:  # per-expert tensors: see EXPERTS
                 continue
             module, paths = name[: -len(".weight")], _paths(root, target)
             for j, p in enumerate(paths):
@@ -122,11 +131,6 @@ def save_adapter(model, out: str | Path, pc: PeftConfig, *, arch: str, base: str
             "a reward model's adapters come with its trained score head: write the merged model "
             "(`jaxlm convert --to-hf RUN --merge`)"
         )
-    if pc.method in ("lora", "qlora") and cfg.num_experts and {"gate", "up", "down"} & set(pc.targets):
-        raise ConfigError(
-            "per-expert LoRA (peft.targets gate/up/down on a mixture of experts) has no peft adapter format jaxlm "
-            "writes yet: write the merged model (`jaxlm convert --to-hf RUN --merge`)"
-        )
     if pc.method in ("lora", "qlora"):
         tensors, conf = _lora_export(model, pc, arch)
     elif pc.method == "prompt":
@@ -158,13 +162,16 @@ def _lora_export(model, pc: PeftConfig, arch: str) -> tuple[dict, dict]:
     found = _loras(model)
     if any(lora.merged for lora in found.values()):
         raise ConfigError("the LoRAs are merged into the weights: unmerge them before writing an adapter")
+    experts = {path[-1]: lora for path, lora in found.items() if isinstance(lora, ExpertLoRA)}
+    tensors, targets, ranks, alphas = _expert_export(experts, pc, arch)
     groups: dict[str, dict[int, tuple]] = {}  # module -> {slot: (path, lora)}
     for path, lora in found.items():
+        if isinstance(lora, ExpertLoRA):
+            continue
         if path not in modules.of_path:
             raise ConfigError(f"{arch} has no tensor for the adapted weight {'.'.join(path)}")
         module, _, _, j = modules.of_path[path]
         groups.setdefault(module, {})[j] = (path, lora)
-    tensors, ranks, alphas = {}, {}, {}
     for module, slots in groups.items():
         _, layers, paths, _ = modules.of_path[next(iter(slots.values()))[0]]
         name = modules.target(module)
@@ -192,9 +199,62 @@ def _lora_export(model, pc: PeftConfig, arch: str) -> tuple[dict, dict]:
             tensors[where + ".lora_B.weight"] = b
     conf = dict(peft_type="LORA", task_type=_task(model), r=pc.rank, lora_alpha=pc.alpha, use_rslora=pc.rslora)
     conf.update(lora_dropout=pc.dropout, target_modules=sorted({modules.target(m) for m in groups}))
+    conf.update(target_parameters=targets or None)
     conf.update(rank_pattern=ranks, alpha_pattern=alphas, bias="none", use_dora=False, init_lora_weights=True)
     conf.update(fan_in_fan_out=arch == "GPT2LMHeadModel", modules_to_save=None)  # GPT-2's Conv1D stores (in, out)
     return tensors, conf
+
+
+def _fused_experts(arch: str) -> str | None:
+    """How `arch`'s fused gate_up_proj holds gate and up (the family's PEFT_EXPERTS), or None."""
+    return getattr(family_of(lm_architecture(arch)), "PEFT_EXPERTS", None)
+
+
+def _gate_up_rows(fused: str, F: int) -> dict[str, slice]:
+    """Rows of gate_up_proj's output (2F) that the gate and the up projection fill."""
+    if fused == "interleaved":
+        return {"w_gate": slice(0, 2 * F, 2), "w_up": slice(1, 2 * F, 2)}
+    return {"w_gate": slice(0, F), "w_up": slice(F, 2 * F)}
+
+
+def _expert_export(experts: dict, pc: PeftConfig, arch: str) -> tuple[dict, list, dict, dict]:
+    """The experts' LoRAs ({weight name: ExpertLoRA}) as peft's LoRAs of the fused expert parameters:
+    (tensors, target_parameters, rank_pattern, alpha_pattern)."""
+    if not experts:
+        return {}, [], {}, {}
+    fused = _fused_experts(arch)
+    if fused is None or "w_in" in experts:
+        raise ConfigError(
+            f"{arch} has no fused gated experts for peft to adapt (per-expert LoRA exports to the families with "
+            "`mlp.experts`: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss): write the merged model "
+            "(`jaxlm convert --to-hf RUN --merge`)"
+        )
+    arrays = {
+        n: (np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)) for n, lora in experts.items()
+    }
+    slots = [n for n in ("w_gate", "w_up") if n in arrays]
+    params = (["gate_up_proj"] if slots else []) + (["down_proj"] if "w_out" in arrays else [])
+    L, E, _, R = next(iter(arrays.values()))[0].shape
+    tensors, ranks, alphas = {}, {}, {}
+    if len(slots) > 1:  # gate and up share gate_up_proj: a block-diagonal LoRA of rank 2R at the same scale
+        ranks["mlp.experts.gate_up_proj"] = 2 * pc.rank
+        alphas["mlp.experts.gate_up_proj"] = pc.alpha * (math.sqrt(2) if pc.rslora else 2)
+    for i in range(L):
+        for depth, param in enumerate(reversed(params)):  # the last adapted parameter is the outer wrapper
+            if param == "down_proj":
+                a, b = (x[i] for x in arrays["w_out"])  # (E, F, R), (E, R, D)
+                A, B = a.transpose(0, 2, 1), b.transpose(2, 1, 0)  # (E, R, in), (out, R, E)
+            else:
+                F = arrays[slots[0]][1].shape[-1]
+                rows = _gate_up_rows(fused, F)
+                A = np.concatenate([arrays[n][0][i].transpose(0, 2, 1) for n in slots], axis=1)
+                B = np.zeros((2 * F, len(slots) * R, E), np.float32)
+                for s, n in enumerate(slots):
+                    B[rows[n], s * R : (s + 1) * R] = arrays[n][1][i].transpose(2, 1, 0)
+            where = PREFIX + EXPERTS.format(i) + ".base_layer" * depth
+            tensors[where + ".lora_A.weight"] = A.reshape(-1, A.shape[-1])
+            tensors[where + ".lora_B.weight"] = B.reshape(B.shape[0], -1)
+    return tensors, ["mlp.experts." + p for p in params], ranks, alphas
 
 
 def _task(model) -> str | None:
@@ -305,6 +365,7 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
             raise ConfigError(f"{where}: {key}={conf[key]!r} is not supported (jaxlm implements {allowed[0]!r})")
     modules = _Modules(model.cfg, arch)
     r, alpha, rslora = int(conf.get("r", 8)), float(conf.get("lora_alpha", 8)), bool(conf.get("use_rslora", False))
+    per_path = _expert_import(model, conf, tensors, arch, where, alpha, rslora)  # takes the experts' tensors
     pairs: dict[str, dict] = {}
     for key, x in tensors.items():
         m = re.fullmatch(
@@ -313,7 +374,6 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
         if m is None:
             raise ConfigError(f"{where}: tensor {key!r} is not a LoRA tensor jaxlm reads")
         pairs.setdefault(m.group(1), {})[m.group(2).split(".")[0].replace("embedding_", "")] = np.asarray(x, np.float32)
-    per_path: dict[tuple, dict[int, tuple]] = {}  # weight path -> {layer: (A, B in jaxlm layout, scale)}
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise ConfigError(f"{where}: module {name} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
@@ -361,18 +421,17 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
     s0 = lora_scale(alpha, r, rslora)
     values = {}
     for path, by_layer in per_path.items():
-        layers = modules.of_path[path][1]
+        expert = path[-2:-1] == ("moe",)  # A (E, I, R), B (E, R, O): the rank is B's axis 1, not 0
+        layers = modules.of_path[path][1] if not expert else model.cfg.num_layers
+        ax = 1 if expert else 0
         rows = []
         for i in range(max(layers, 1)):
             if i in by_layer:
                 a, b, s = by_layer[i]
-                pad = R - a.shape[-1]
-                a = np.concatenate([a, np.zeros((*a.shape[:-1], pad), a.dtype)], axis=-1)
-                b = np.concatenate([b * (s / s0), np.zeros((pad, *b.shape[1:]), b.dtype)])
+                a, b = _pad_rank(a, -1, R), _pad_rank(b * (s / s0), ax, R)
             else:  # a layer the adapter leaves alone (layers_to_transform)
                 a0, b0, _ = next(iter(by_layer.values()))
-                a = np.zeros((*a0.shape[:-1], R), np.float32)
-                b = np.zeros((R, *b0.shape[1:]), np.float32)
+                a, b = _pad_rank(0 * a0, -1, R), _pad_rank(0 * b0, ax, R)
             rows.append((a, b))
         values[path] = (np.stack([a for a, _ in rows]), np.stack([b for _, b in rows])) if layers else rows[0]
     roles = {_role(p) for p in per_path}
@@ -386,6 +445,68 @@ def _lora_import(model, conf: dict, tensors: dict, arch: str, where) -> tuple[Pe
         targets=targets,
     )
     return pc, values  # weights of a targeted role the adapter leaves alone keep B = 0 (no update)
+
+
+def _pad_rank(x: np.ndarray, axis: int, R: int) -> np.ndarray:
+    """x with zeros appended along its rank axis up to R."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, R - x.shape[axis])
+    return np.pad(x, pad)
+
+
+def _expert_import(model, conf: dict, tensors: dict, arch: str, where, alpha: float, rslora: bool) -> dict:
+    """peft's LoRAs of the fused expert parameters (`target_parameters`), taken out of `tensors`, as
+    {jaxlm weight path: {layer: (A (E, I, R), B (E, R, O), scale)}}."""
+    targets = conf.get("target_parameters") or []
+    if not targets:
+        return {}
+    fused = _fused_experts(arch)
+    params = [
+        p for p in EXPERT_PARAMS if any(t == "mlp.experts." + p or t.endswith(".mlp.experts." + p) for t in targets)
+    ]
+    unknown = [t for t in targets if not t.endswith(tuple("mlp.experts." + p for p in EXPERT_PARAMS))]
+    if fused is None or unknown or not params:
+        raise ConfigError(
+            f"{where}: target_parameters {unknown or targets} are not parameters jaxlm adapts (it adapts the fused "
+            "experts' mlp.experts.gate_up_proj and mlp.experts.down_proj of Mixtral, Qwen-MoE, DeepSeek-V3 and "
+            "gpt-oss)"
+        )
+    cfg = model.cfg
+    E, D, F = cfg.num_experts, cfg.d_model, cfg.expert_hidden
+    pattern = re.compile(
+        r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts((?:\.base_layer)*)\.lora_([AB])\.weight"
+    )
+    found: dict[tuple, dict] = {}  # (layer, parameter) -> {"A": .., "B": ..}
+    for key in [k for k in tensors if pattern.fullmatch(k)]:
+        m = pattern.fullmatch(key)
+        depth = m.group(2).count(".base_layer")
+        if depth >= len(params):
+            raise ConfigError(f"{where}: tensor {key!r} nests deeper than its {len(params)} target_parameters")
+        found.setdefault((int(m.group(1)), params[-1 - depth]), {})[m.group(3)] = np.asarray(
+            tensors.pop(key), np.float32
+        )
+    per_path: dict[tuple, dict[int, tuple]] = {}
+    for (i, param), ab in sorted(found.items()):
+        name = f"{EXPERTS.format(i)}.{param}"
+        if set(ab) != {"A", "B"} or i >= cfg.num_layers:
+            raise ConfigError(f"{where}: {name} has no LoRA pair this base can take (layer {i}, {sorted(ab)})")
+        A, B = ab["A"], ab["B"]
+        fan_in, out = (D, 2 * F) if param == "gate_up_proj" else (F, D)
+        rank = A.shape[0] // E
+        if A.shape != (rank * E, fan_in) or B.shape != (out, rank * E) or rank == 0:
+            raise ConfigError(
+                f"{where}: {name}'s LoRA has shapes lora_A {A.shape}, lora_B {B.shape}; this base's {E} experts "
+                f"need (R·{E}, {fan_in}) and ({out}, R·{E}) (an adapter for a base of another shape)"
+            )
+        scale = lora_scale(_pattern(conf.get("alpha_pattern"), name, alpha), rank, rslora)
+        a = A.reshape(E, rank, fan_in).transpose(0, 2, 1)  # (E, I, R)
+        b = B.reshape(out, rank, E).transpose(2, 1, 0)  # (E, R, out)
+        if param == "down_proj":
+            per_path.setdefault(("stack", "layers", "moe", "w_out"), {})[i] = (a, b, scale)
+            continue
+        for n, rows in _gate_up_rows(fused, F).items():  # gate and up: the shared A, each its rows of B
+            per_path.setdefault(("stack", "layers", "moe", n), {})[i] = (a, b[..., rows], scale)
+    return per_path
 
 
 def _role(path: tuple) -> str | None:

@@ -46,20 +46,35 @@ class Quantized(nnx.Variable):
 
 
 class QuantizedWeight(nnx.Module):
-    """A frozen weight (I..., O...) whose first `n_in` dims are contracted; `layers` > 0: one per stacked layer."""
+    """A frozen weight (I..., O...) whose first `n_in` dims are contracted; `layers` > 0: one per stacked layer.
+
+    experts: the weight is a mixture's expert stack (E, I..., O...), each expert quantized apart (its own
+    scales); it is read whole, dequantized (`w[...]`), by the experts' grouped matmuls."""
 
     packing: type  # the NamedTuple of codes and constants (`jaxlm.ops.quant`)
 
-    def __init__(self, w: jax.Array, *, n_in: int, layers: int = 0, dtype=jnp.float32, axes: tuple | None = None):
+    def __init__(
+        self,
+        w: jax.Array,
+        *,
+        n_in: int,
+        layers: int = 0,
+        experts: bool = False,
+        dtype=jnp.float32,
+        axes: tuple | None = None,
+    ):
         self.shape = tuple(w.shape[1:] if layers else w.shape)  # one layer's weight
-        self.n_in = n_in
+        self.n_in, self.experts = n_in, experts
         self.axes = axes  # the logical axes of the weight it stores (`w[...]` gives them back)
         self.dtype = dtype  # the dtype it dequantizes to (the original parameter dtype)
-        self.rows, self.cols = math.prod(self.shape[:n_in]), math.prod(self.shape[n_in:])
-        flat = w.reshape(*w.shape[: 1 if layers else 0], self.rows, self.cols)
-        packed = jax.vmap(self.pack)(flat) if layers else self.pack(flat)
-        lead = ("layers",) if layers else ()
-        for name, a in packed._asdict().items():
+        matrix = self.shape[1:] if experts else self.shape
+        self.rows, self.cols = math.prod(matrix[:n_in]), math.prod(matrix[n_in:])
+        lead = ("layers",) * bool(layers) + ("experts",) * experts  # axes packed one slice at a time
+        flat = w.reshape(*w.shape[: len(lead)], self.rows, self.cols)
+        pack = self.pack
+        for _ in lead:
+            pack = jax.vmap(pack)
+        for name, a in pack(flat)._asdict().items():
             setattr(self, name, Quantized(a, out_sharding=(*lead, None, None, None)[: a.ndim], eager_sharding=False))
 
     def packed(self):
@@ -68,14 +83,18 @@ class QuantizedWeight(nnx.Module):
     def layers(self) -> int:
         """Stacked layers stored (0: one unstacked weight, as a layer's slice or the engine's copy holds)."""
         first = self.packed()[0]
-        return first.shape[0] if first.ndim > self._ndim else 0
+        return first.shape[0] if first.ndim > self._ndim + self.experts else 0
 
     def __getitem__(self, index):  # reads like a parameter: w[...] is the dequantized weight
-        unpack = lambda p: self.unpack(p).reshape(self.shape).astype(self.dtype)  # noqa: E731
-        return (jax.vmap(unpack)(self.packed()) if self.layers() else unpack(self.packed()))[index]
+        unpack = lambda p: self.unpack(p).reshape(self.shape[self.experts :]).astype(self.dtype)  # noqa: E731
+        for _ in range(bool(self.layers()) + self.experts):
+            unpack = jax.vmap(unpack)
+        return unpack(self.packed())[index]
 
     def matmul(self, x: jax.Array, n: int) -> jax.Array:
         """x (..., I...) · W -> (..., O...), in x's dtype; the weight is dequantized inside the matmul."""
+        if self.experts:
+            raise ValueError("an expert stack is read whole (w[...]) by the experts' grouped matmuls")
         if n != self.n_in:
             raise ValueError(f"a weight quantized for {self.n_in} input dims is contracted over {n}")
         lead = x.shape[: x.ndim - n]

@@ -11,6 +11,8 @@ A family module defines:
   UNWRITTEN_DROPOUT (optional): ModelConfig dropout fields the family's config.json cannot hold.
   MOE (optional): True for a mixture-of-experts family, tried only for configs with experts (dense families
     only for configs without).
+  PEFT_EXPERTS (optional, MoE families): how transformers' fused `mlp.experts.gate_up_proj` holds gate and up,
+    "concatenated" (E, 2F, D) or "interleaved" (E, D, 2F): peft's LoRAs of the experts (`jaxlm.hf.peft`).
 Families are tried in this order when choosing how to write a model: LLaMA before Phi-3, which it can also
 write.
 """

@@ -33,6 +33,8 @@ KEYS = ROPE_KEYS | set(
     routed_scaling_factor n_group topk_group norm_topk_prob first_k_dense_replace
     """.split()
 )
+# transformers keeps each layer's experts fused in `mlp.experts` (gate_up_proj, down_proj): how peft adapts them
+PEFT_EXPERTS = "concatenated"  # gate_up_proj (E, 2F, D): the gate's F rows, then the up's
 # The multi-token-prediction layers: their weights are not part of the causal LM transformers builds.
 NEUTRAL = frozenset({"output_router_logits", "num_nextn_predict_layers", "num_mtp_layers"})
 

@@ -46,6 +46,9 @@ GPT_OSS = dict(
     shared_experts=0,
 )
 
+# transformers keeps each layer's experts fused in `mlp.experts` (gate_up_proj, down_proj): how peft adapts them
+PEFT_EXPERTS = "interleaved"  # gate_up_proj (E, D, 2F): gate and up columns alternate
+
 
 def layout(cfg: ModelConfig, arch: str):
     return DECODER_TOP, [("model.layers.{}.", ("stack", "layers"), LAYER, cfg.num_layers)]

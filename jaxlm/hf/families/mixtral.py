@@ -26,6 +26,8 @@ EXPERTS = [
     ("block_sparse_moe.experts.{e}.w2.weight", ("moe", "w_out"), "linear"),
 ]
 LAYER = ATTENTION + [("post_attention_layernorm.weight", ("mlp_norm", "scale"), "vector")] + EXPERTS
+# transformers keeps each layer's experts fused in `mlp.experts` (gate_up_proj, down_proj): how peft adapts them
+PEFT_EXPERTS = "concatenated"  # gate_up_proj (E, 2F, D): the gate's F rows, then the up's
 MOE_DEFAULTS = dict(shared_experts=0, shared_expert_gate=False, router="softmax", router_scale=1.0, router_bias=False)
 MOE_DEFAULTS.update(mlp="gated", qkv_bias=False, out_bias=False, first_dense_layers=0)
 

@@ -23,6 +23,8 @@ KEYS = ROPE_KEYS | set(
     mlp_only_layers router_aux_loss_coef shared_expert_intermediate_size
     """.split()
 )
+# transformers keeps each layer's experts fused in `mlp.experts` (gate_up_proj, down_proj): how peft adapts them
+PEFT_EXPERTS = "concatenated"  # gate_up_proj (E, 2F, D): the gate's F rows, then the up's
 NEUTRAL = frozenset({"output_router_logits"})
 
 EXPERTS = [
