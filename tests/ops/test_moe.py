@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm.ops.moe import (
+    OVERFLOW_BLOCK,
     block_layout,
     block_size,
     capacity_layout,
@@ -13,6 +14,8 @@ from jaxlm.ops.moe import (
     load_balancing_loss,
     route,
     router_z_loss,
+    split_layout,
+    split_sizes,
 )
 
 
@@ -166,3 +169,76 @@ def test_capacity_layout_rows():
     lay = capacity_layout(jnp.array([[0], [0], [0], [1]], jnp.int32), 2, 2)
     assert np.asarray(lay.slot).tolist() == [0, 1, 4, 2]  # the third token to expert 0 is dropped (row R = 4)
     assert int(lay.dropped) == 1
+
+
+def _skewed_logits(rng, M, E, skew):
+    """Router logits; skew: every token's first two choices are experts 0 and 1 (an overflow past
+    split_layout's room)."""
+    logits = rng.normal(size=(M, E)).astype(np.float32)
+    return logits + (np.eye(E, dtype=np.float32)[:2].sum(0) * 20.0 if skew else 0.0)
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["split", "fallback"])
+def test_split_layout_rows(skew):
+    """An expert's first C assignments sit in its own C rows, the rest in whole overflow blocks of its expert; a
+    routing whose overflow does not fit takes the fallback (every expert in blocks of OVERFLOW_BLOCK rows)."""
+    M, E, k = 512, 4, 2
+    experts = route(jnp.asarray(_skewed_logits(np.random.default_rng(0), M, E, skew)), k).experts
+    C, nb = split_sizes(M * k, E, block=8)
+    assert C == 256 and C % OVERFLOW_BLOCK == 0
+    layout, packing = split_layout(experts, E, C, nb)
+    assert bool(packing.fits) == (not skew)
+    assign, slot = np.asarray(layout.assign), np.asarray(layout.slot)
+    flat = np.asarray(experts).ravel()
+    rank = {e: 0 for e in range(E)}
+    for a in np.argsort(flat, kind="stable"):  # each assignment's row, and the row points back to it
+        e, row = flat[a], slot[a]
+        assert assign[row] == a
+        if skew:
+            expert_of_row = np.asarray(packing.all_expert)[row // OVERFLOW_BLOCK]
+        elif rank[e] < C:
+            expert_of_row = row // C
+            assert row == e * C + rank[e]
+        else:
+            expert_of_row = np.asarray(packing.over_expert)[(row - E * C) // OVERFLOW_BLOCK]
+        assert expert_of_row == e
+        rank[e] += 1
+    assert (assign < M * k).sum() == M * k and int(layout.dropped) == 0
+    assert split_sizes(64, 8, block=128) is None  # 8 rows an expert: the block layout
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["split", "fallback"])
+def test_split_gradients_with_biases_and_loras_equal_the_dense_computation(skew):
+    """Many rows an expert (`split_layout`, and its fallback): outputs and gradients of a gated expert MLP with
+    biases and per-expert LoRAs equal every expert computed on every token, weighted."""
+    M, E, k, D, F, R = 256, 4, 2, 8, 6, 2
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(M, D)).astype(np.float32))
+    logits = jnp.asarray(_skewed_logits(rng, M, E, skew))
+    C, nb = split_sizes(M * k, E, block=8)
+    assert bool(split_layout(route(logits, k).experts, E, C, nb)[1].fits) == (not skew)
+    ws = tuple(jnp.asarray(w) for w in _weights(jax.random.PRNGKey(2), E, D, F))
+    bs = tuple(jnp.asarray(rng.normal(size=s).astype(np.float32)) * 0.3 for s in ((E, F), (E, F), (E, D)))
+    ab = lambda i, o: tuple(jnp.asarray(rng.normal(size=s).astype(np.float32)) * 0.3 for s in ((E, i, R), (E, R, o)))  # noqa: E731
+    pairs = (ab(D, F), ab(D, F), ab(F, D))
+
+    def loss(x, wg, wu, wo, bs, pairs, dense):
+        r = route(logits, k)
+        lora = lambda p: (p[0], p[1], 0.5)  # noqa: E731
+        if dense:  # every expert, weighted by a (M, E) matrix of the routing weights
+            up = lambda w, b, p: jnp.einsum("MD,EDF->MEF", x, w + 0.5 * p[0] @ p[1]) + b  # noqa: E731
+            h = jax.nn.silu(up(wg, bs[0], pairs[0])) * up(wu, bs[1], pairs[1])
+            y = jnp.einsum("MEF,EFD->MED", h, wo + 0.5 * pairs[2][0] @ pairs[2][1]) + bs[2]
+            gates = jnp.zeros((M, E)).at[jnp.arange(M)[:, None], r.experts].set(r.weights)
+            y = jnp.einsum("MED,ME->MD", y, gates)
+        else:
+            loras = ((lora(pairs[0]), lora(pairs[1])), lora(pairs[2]))
+            y, _ = expert_mlp(x, r, (wg, wu), wo, b_in=bs[:2], b_out=bs[2], loras=loras, block=8)
+        return jnp.sum(jnp.sin(y))
+
+    args = (x, *ws, bs, pairs)
+    np.testing.assert_allclose(loss(*args, False), loss(*args, True), rtol=1e-5)
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*args, False)
+    want = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*args, True)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
