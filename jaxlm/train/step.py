@@ -21,7 +21,7 @@ from jaxlm.config import ConfigError
 from jaxlm.nn.moe import router_losses, router_stats
 from jaxlm.ops.corruption import mlm_corrupt
 from jaxlm.ops.dropout import row_keys
-from jaxlm.ops.losses import masked_sum, token_nll
+from jaxlm.ops.losses import masked_readout_sum, token_nll
 from jaxlm.parallel.state import replicated, tree_shardings
 
 
@@ -165,7 +165,8 @@ def lm_loss(objective, z_loss: float = 0.0):
 
     def loss(model, reference, batch, key, dropout_keys=None):
         x, targets, mask = objective(model, batch, key, dropout_keys)
-        return (*masked_sum(model.readout(functools.partial(token_nll, z_loss=z_loss), x, targets), mask), {})
+        nll = functools.partial(model.readout, functools.partial(token_nll, z_loss=z_loss))
+        return (*masked_readout_sum(nll, x, targets, mask), {})
 
     return loss
 
@@ -319,7 +320,7 @@ def make_eval_step(graphdef, token_bytes: jax.Array, objective=None, *, loss=Non
     def eval_step(params, frozen, ref, batch):
         model = nnx.merge(graphdef, params, frozen)
         x, targets, mask = objective(model, batch, jax.random.PRNGKey(0))
-        loss_sum, count = masked_sum(model.readout(token_nll, x, targets), mask)
+        loss_sum, count = masked_readout_sum(functools.partial(model.readout, token_nll), x, targets, mask)
         mask = jnp.ones_like(targets, bool) if mask is None else mask
         nbytes = jnp.sum(jnp.where(mask, token_bytes[targets], 0))
         return {"loss_sum": loss_sum, "count": count, "bytes": nbytes.astype(jnp.float32)}
