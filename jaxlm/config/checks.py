@@ -130,8 +130,6 @@ def peft_fits_model(cfg) -> None:
     method, kind = cfg.peft.method, model_kind(cfg.model)
     experts_adapted = cfg.model.num_experts and {"gate", "up", "down"} & set(cfg.peft.targets)
     if method in ("lora", "qlora") and experts_adapted:
-        if cfg.mesh.expert != 1:
-            raise ConfigError("LoRA on expert weights (peft.targets gate/up/down) does not run with mesh.expert > 1")
         if cfg.peft.dropout:
             raise ConfigError("peft.dropout is not applied inside the experts: set it to 0 with gate/up/down targets")
     if method in ("prompt", "prefix") and kind != "decoder":

@@ -91,8 +91,6 @@ class MoE(nnx.Module):
         )
         mesh = active_mesh()
         if mesh is not None and mesh.shape.get("expert", 1) > 1:  # expert parallelism: all-to-all dispatch
-            if experts.pop("loras") is not None:
-                raise ValueError("LoRA on expert weights does not run under expert parallelism (mesh.expert > 1)")
             y, dropped = expert_parallel_mlp(tokens, routing, w_in, c(self.w_out), mesh=mesh, **experts)
         else:
             y, layout = expert_mlp(tokens, routing, w_in, c(self.w_out), **experts)

@@ -47,6 +47,7 @@ def expert_parallel_mlp(
     mesh,
     b_in=None,
     b_out=None,
+    loras=None,
     act: str = "silu",
     clamp: float = 0.0,
     up_shift: float = 0.0,
@@ -56,21 +57,27 @@ def expert_parallel_mlp(
 ) -> tuple[jax.Array, jax.Array]:
     """`jaxlm.ops.moe.expert_mlp` with the experts split over the mesh's `expert` axis.
 
-    x: (M, D) tokens (rows split over the batch axes); w_in / w_out / biases: (E, ...) split over `expert`.
-    Returns (M, D) and the number of assignments dropped (0 when dropless)."""
+    x: (M, D) tokens (rows split over the batch axes); w_in / w_out / biases and the per-expert LoRAs' A and
+    B: (E, ...) split over `expert`. Returns (M, D) and the number of assignments dropped (0 when dropless)."""
     P_ = mesh.shape["expert"]
     E = w_out.shape[0]
     local_experts = E // P_
     batch = P(BATCH_AXES)
     experts_spec = lambda a: P("expert", *([None] * (a.ndim - 1)))  # noqa: E731
-    weights = (w_in, w_out, b_in, b_out)
+    gated = isinstance(w_in, (tuple, list))
+    pairs_in, pair_out = loras or (None, None)
+    pairs = [*((pairs_in or (None, None)) if gated else [pairs_in]), pair_out]  # each (A, B, scale) or None
+    scales = [None if p is None else p[2] for p in pairs]  # floats: they stay out of the map
+    weights = (w_in, w_out, b_in, b_out, [None if p is None else p[:2] for p in pairs])
     impl = resolve_impl(impl)
 
     def local(x, expert_ids, gate_weights, weights):
         # The weights vary over the batch axes from here (each device's gradient is partial until the cast's
         # transpose sums it), as the rows they multiply do: what grouped_matmul's custom gradient expects.
         others = tuple(a for a in BATCH_AXES if a != "expert")
-        w_in, w_out, b_in, b_out = jax.tree.map(lambda a: jax.lax.pcast(a, others, to="varying"), weights)
+        w_in, w_out, b_in, b_out, ab = jax.tree.map(lambda a: jax.lax.pcast(a, others, to="varying"), weights)
+        pairs = [None if a is None else (*a, s) for a, s in zip(ab, scales)]
+        loras = ((tuple(pairs[:2]) if gated else pairs[0]), pairs[-1]) if any(pairs) else None
         M, D = x.shape
         k = expert_ids.shape[1]
         A = M * k
@@ -94,7 +101,18 @@ def expert_parallel_mlp(
         layout = layout._replace(block_used=layout.block_used & (layout.block_expert < local_experts))
         rows = dispatch(recv_x, layout, 1)
         out = run_experts(
-            rows, layout, b, w_in, w_out, b_in=b_in, b_out=b_out, act=act, clamp=clamp, up_shift=up_shift, kind=impl
+            rows,
+            layout,
+            b,
+            w_in,
+            w_out,
+            b_in=b_in,
+            b_out=b_out,
+            loras=loras,
+            act=act,
+            clamp=clamp,
+            up_shift=up_shift,
+            kind=impl,
         )
         back = jax.lax.all_to_all(combine(out, layout), "expert", 0, 0, tiled=True)  # (P S, D) in send order
         sent = jnp.zeros((A,), jnp.int32).at[order].set(slot)  # each assignment's send row (P S: dropped)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import AlignConfig
+from jaxlm.nn.moe import router_stats
 from jaxlm.ops.preference import bradley_terry, dpo_loss, last_token, token_logprobs
 
 
@@ -60,7 +61,8 @@ def make_reward_loss(ac: AlignConfig):
 def make_dpo_loss(ac: AlignConfig):
     def loss(model, reference, batch, key, dropout_keys=None):
         logp, tokens = sequence_logprobs(model, batch, dropout_keys)
-        ref_logp = jax.lax.stop_gradient(sequence_logprobs(reference, batch)[0])
+        with router_stats():  # the frozen reference's routers are not the policy's: their statistics stay out
+            ref_logp = jax.lax.stop_gradient(sequence_logprobs(reference, batch)[0])
         losses, chosen, rejected = dpo_loss(
             logp[:, 0],
             logp[:, 1],

@@ -205,3 +205,24 @@ def test_dpo_on_chat_pairs_with_lora(pretrained, tmp_path):
     assert main(args) == 0
     _, tokenizer, _, step = load_run(run)
     assert step == 2 and tokenizer.token_id("<|im_end|>") is not None
+
+
+def test_dpo_reference_routers_stay_out_of_the_moe_losses():
+    """A mixture's routers' losses are the policy's: the frozen reference's forward inside DPO's loss adds no
+    statistics (they would dilute the policy's balancing loss in the average)."""
+    import jax.numpy as jnp
+
+    from jaxlm.config import AlignConfig, ModelConfig
+    from jaxlm.nn.models import build_model
+    from jaxlm.nn.moe import router_stats
+    from jaxlm.train.preference import make_dpo_loss, sequence_logprobs
+
+    cfg = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32, num_experts=4)
+    policy, reference = build_model(cfg, rngs=nnx.Rngs(0)), build_model(cfg, rngs=nnx.Rngs(1))
+    batch = {k: jnp.asarray(v) for k, v in pair_batches(1, pairs=2)[0].items()}
+    with router_stats() as found:
+        make_dpo_loss(AlignConfig())(policy, reference, batch, jax.random.PRNGKey(0))
+    with router_stats() as alone:
+        sequence_logprobs(policy, batch)
+    assert len(found) == len(alone) == 1
+    np.testing.assert_array_equal(np.asarray(found[0]["load"]), np.asarray(alone[0]["load"]))
