@@ -8,14 +8,15 @@
   bf16  the projections, token table and read-out as bfloat16 (`BF16Weight`, `BF16Table`), every other float
         parameter cast to bfloat16; computed in the model's dtype: 2 bytes a parameter.
   int8  every projection of the layer stacks as int8 with one scale per output column (`Int8Weight`), the
-        token table (and the tied read-out) as int8 rows (`Int8Table`), an untied read-out as `Int8Weight`.
+        token table (and the tied read-out) as int8, one scale a token (`Int8Table`), an untied read-out as
+        `Int8Weight`. Tables are stored as the strips of their transpose (`jaxlm.nn.quantized.QuantizedTable`).
   nf4   the projections as NF4 (`NF4Weight`, QLoRA's 4-bit format); the token table and read-out as int8,
         as llama.cpp's 4-bit files keep them at higher precision (the read-out's error reaches every logit).
 
 With int8 and NF4, a mixture's expert weights are stored so too (each expert its own scales) and dequantized
-whole by the experts' grouped matmuls; norms, biases, routers and position tables stay as they are. The stored weights are converted inside
-the matmul (`jaxlm.ops.quant`): on CPU by the native kernels, which read a half (bf16), a quarter (int8) or an
-eighth (NF4) of the bytes of f32 per decoded token.
+whole by the experts' grouped matmuls; norms, biases, routers and position tables stay as they are. The
+stored weights are converted inside the matmul (`jaxlm.ops.quant`): on CPU by the native kernels, which read
+a half (bf16), a quarter (int8) or an eighth (NF4) of the bytes of f32 per decoded token.
 """
 
 from __future__ import annotations

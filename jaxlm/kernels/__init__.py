@@ -34,12 +34,9 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPI
 TARGETS = (
     "jaxlm_paged_attention",
     "jaxlm_int8_matmul",
-    "jaxlm_int8_rows_matmul",
     "jaxlm_nf4_matmul",
     "jaxlm_bf16_matmul",
-    "jaxlm_bf16_rows_matmul",
     "jaxlm_f32_matmul",
-    "jaxlm_f32_rows_matmul",
 )
 
 

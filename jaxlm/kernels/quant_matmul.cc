@@ -6,12 +6,11 @@
 // the hardware prefetcher streams (walking a row-major (K, O) weight column strip by column strip does not).
 //
 //   jaxlm_int8_matmul (q (O/64, K, 64) int8, scale (O,) f32):  W[k, o] = q[o / 64, k, o % 64] * scale[o].
-//   jaxlm_int8_rows_matmul (q (O, K) int8, scale (O,) f32):    W[k, o] = q[o, k] * scale[o] (a tied
-//       embedding table read out: each row is one output).
-//   jaxlm_bf16_matmul (w (O/64, K, 64) bf16), jaxlm_bf16_rows_matmul (w (O, K) bf16): the same without scales.
-//   jaxlm_f32_matmul (w (O/64, K, 64) f32), jaxlm_f32_rows_matmul (w (O, K) f32): unquantized weights in the
-//       same layouts. XLA's CPU dot at a few rows streams the weight and computes one after the other; these
-//       overlap the two (the default decode path on CPU, `jaxlm.quantize`).
+//   jaxlm_bf16_matmul (w (O/64, K, 64) bf16): the same without scales.
+//   jaxlm_f32_matmul (w (O/64, K, 64) f32): unquantized weights in the same layout. XLA's CPU dot at a few rows
+//       streams the weight and computes one after the other; this overlaps the two (the default decode path
+//       on CPU, `jaxlm.quantize`).
+// An embedding table (V, D) is stored as the strips of its transpose, so its read-out is one of these too.
 //   jaxlm_nf4_matmul: the strips as NF4 (jaxlm/ops/nf4.py, bitsandbytes' format): block b = (strip, k) holds
 //       64 codes in 32 bytes, byte j the codes of columns j (high nibble) and 32 + j (low nibble), and
 //       absmax_b = dynamic[absmax_codes[b]] * absmax_scale[b / 256] + absmax_offset; W = levels[code] * absmax_b.
@@ -100,46 +99,13 @@ void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, con
 #endif
 
 #if defined(__AVX512F__)
-// y[r, o] = scale[o] * <x[r], q[o]> for R rows of x and the weight rows [o0, o1), four weight rows at a time
-// (K a multiple of 16).
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-
-template <int R, typename T>
-void rows_avx512(const float* x, int64_t K, const T* q, const float* scale, float* y, int64_t O, int64_t o0,
-                 int64_t o1) {
-  int64_t o = o0;
-  for (; o + 4 <= o1; o += 4) {
-    __m512 acc[4][R];
-    for (int i = 0; i < 4; ++i)
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 w[4];
-      for (int i = 0; i < 4; ++i) w[i] = load16(q + (o + i) * K + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_loadu_ps(x + r * K + k);
-        for (int i = 0; i < 4; ++i) acc[i][r] = _mm512_fmadd_ps(xv, w[i], acc[i][r]);
-      }
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int r = 0; r < R; ++r) y[r * O + o + i] = _mm512_reduce_add_ps(acc[i][r]) * (scale ? scale[o + i] : 1.f);
-  }
-  for (; o < o1; ++o)
-    for (int r = 0; r < R; ++r) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), load16(q + o * K + k), acc);
-      y[r * O + o] = _mm512_reduce_add_ps(acc) * (scale ? scale[o] : 1.f);
-    }
-}
 #endif
 
-inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) {  // bfloat16
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -180,65 +146,15 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// y[m, o] = scale[o] * <x[m], q[o]> (scale null: 1): a table (O, K) read out.
-template <typename T>
-void rows_matmul(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const T* qp, const float* sp,
-                 float* yp, int64_t O) {
-  parallel_for(pool, (O + kStrip - 1) / kStrip, [&](int64_t t) {
-    const int64_t o0 = t * kStrip, o1 = std::min(O, o0 + kStrip);
-#if defined(__AVX512F__)
-    if (K % 16 == 0) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows_avx512<4>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
-      for (; m < M; ++m) rows_avx512<1>(xp + m * K, K, qp, sp, yp + m * O, O, o0, o1);
-      return;
-    }
-#endif
-    float* w = new float[K];  // one weight row, converted once and dotted with every row of x
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t k = 0; k < K; ++k) w[k] = to_float(qp[o * K + k]);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xp + m * K;
-        float lanes[16] = {0};  // independent partial sums: vectorizes without reassociating
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16)
-          for (int j = 0; j < 16; ++j) lanes[j] += xr[k + j] * w[k + j];
-        float s = 0;
-        for (; k < K; ++k) s += xr[k] * w[k];
-        for (int j = 0; j < 16; ++j) s += lanes[j];
-        yp[m * O + o] = sp ? s * sp[o] : s;
-      }
-    }
-    delete[] w;
-  });
-}
-
-ffi::Error Int8RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (q.element_count() != K * O || scale.element_count() != O)
-    return ffi::Error::InvalidArgument("int8 rows matmul: q must be (O, K) and scale (O,)");
-  rows_matmul(pool, x.typed_data(), M, K, q.typed_data(), scale.typed_data(), y->typed_data(), O);
-  return ffi::Error::Success();
-}
-
-// An unscaled weight of element type T (bfloat16 as uint16_t, or float): strips (O/64, K, 64) or rows (O, K).
+// An unscaled weight of element type T (bfloat16 as uint16_t, or float): strips (O/64, K, 64).
 template <typename T>
 ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const T* wp, int64_t count,
-                       ffi::ResultBuffer<ffi::F32>& y, bool rows, const char* name) {
+                       ffi::ResultBuffer<ffi::F32>& y, const char* name) {
   if (auto e = check_2d(x, y); e.failure()) return e;
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (count != K * O || (!rows && O % kStrip)) {
-    const char* want = rows ? ": w must be (O, K)" : ": w must be (O/64, K, 64)";
-    return ffi::Error::InvalidArgument(std::string(name) + want);
-  }
+  if (count != K * O || O % kStrip) return ffi::Error::InvalidArgument(std::string(name) + ": w must be (O/64, K, 64)");
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  if (rows) {
-    rows_matmul(pool, xp, M, K, wp, static_cast<const float*>(nullptr), yp, O);
-    return ffi::Error::Success();
-  }
   parallel_for(pool, O / kStrip, [&](int64_t t) {
     const T* strip = wp + t * K * kStrip;
 #if defined(__AVX512F__)
@@ -257,23 +173,12 @@ ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, co
 ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  return PlainMatmul(pool, x, wp, w.element_count(), y, false, "bf16 matmul");
-}
-
-ffi::Error Bf16RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                          ffi::ResultBuffer<ffi::F32> y) {
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  return PlainMatmul(pool, x, wp, w.element_count(), y, true, "bf16 rows matmul");
+  return PlainMatmul(pool, x, wp, w.element_count(), y, "bf16 matmul");
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> y) {
-  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, false, "f32 matmul");
-}
-
-ffi::Error F32RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, true, "f32 rows matmul");
+  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, "f32 matmul");
 }
 
 ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
@@ -335,9 +240,6 @@ using F32 = ffi::Buffer<ffi::F32>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_matmul, Int8Matmul,
                               Bind().Arg<ffi::Buffer<ffi::S8>>().Arg<F32>().Ret<F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_rows_matmul, Int8RowsMatmul,
-                              Bind().Arg<ffi::Buffer<ffi::S8>>().Arg<F32>().Ret<F32>());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
                               Bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
@@ -350,8 +252,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_rows_matmul, Bf16RowsMatmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_matmul, F32Matmul, Bind().Arg<F32>().Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_rows_matmul, F32RowsMatmul, Bind().Arg<F32>().Ret<F32>());

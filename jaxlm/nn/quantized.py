@@ -1,6 +1,6 @@
 """Frozen weights stored quantized (`jaxlm.ops.quant`): NF4 (QLoRA's base, `--weights nf4`), int8
 (`--weights int8`), bfloat16 (`--weights bf16`) or float32 strips (`--weights f32`, the CPU default), for the
-layer stacks' projections, and int8, bfloat16 or float32 rows for the token embedding table.
+layer stacks' projections, and int8, bfloat16 or float32 strips of the token embedding table (transposed).
 
 A `QuantizedWeight` stands where an `nnx.Param` weight (I..., O...) stood: `project` calls its `matmul`, which
 dequantizes inside the matmul; `w[...]` gives the dequantized weight (export, merging LoRA). Codes and
@@ -19,23 +19,17 @@ from flax import nnx
 from jaxlm.ops.nf4 import NF4
 from jaxlm.ops.quant import (
     Int8,
-    Int8Rows,
     Plain,
-    PlainRows,
     dequantize_int8,
-    dequantize_int8_rows,
     dequantize_nf4_strips,
+    int8_lookup,
     int8_matmul,
-    int8_rows_lookup,
-    int8_rows_matmul,
     nf4_matmul,
     pack_plain,
     packed_bytes,
+    plain_lookup,
     plain_matmul,
-    plain_rows_lookup,
-    plain_rows_matmul,
     quantize_int8,
-    quantize_int8_rows,
     quantize_nf4_strips,
     unpack_plain,
 )
@@ -163,24 +157,25 @@ class F32Weight(PlainWeight):
 
 
 class QuantizedTable(nnx.Module):
-    """A token embedding table (V, D) stored quantized: looked up, and read out (tied)."""
+    """A token embedding table (V, D) stored as the strips of its transpose (`jaxlm.ops.quant`): looked up (a
+    column of a strip a token), and read out (tied) by the strips' matmul."""
 
     packing: type
 
     def __init__(self, table: jax.Array, *, axes: tuple | None = None):
-        self.axes, self.dtype = axes, table.dtype
-        for name, a in self.pack(table)._asdict().items():
-            setattr(self, name, Quantized(a, out_sharding=("vocab", None)[: a.ndim], eager_sharding=False))
+        self.axes, self.dtype, self.vocab = axes, table.dtype, table.shape[0]
+        for name, a in self.pack(table.T)._asdict().items():
+            setattr(self, name, Quantized(a, out_sharding=("vocab", None, None)[: a.ndim], eager_sharding=False))
 
     def packed(self):
         return self.packing(*(getattr(self, name)[...] for name in self.packing._fields))
 
     def __getitem__(self, index):
-        return self.unpack(self.packed()).astype(self.dtype)[index]
+        return self.unpack(self.packed(), self.vocab).T.astype(self.dtype)[index]
 
     def attend(self, x: jax.Array) -> jax.Array:
         """(..., D) -> (..., V) logits: 'BTD,VD->BTV'."""
-        return self.read_out(x.reshape(-1, x.shape[-1]), self.packed()).reshape(*x.shape[:-1], -1)
+        return self.read_out(x.reshape(-1, x.shape[-1]), self.packed(), self.vocab).reshape(*x.shape[:-1], -1)
 
     def lookup(self, tokens: jax.Array, dtype) -> jax.Array:
         """(B, T) int -> (B, T, D)."""
@@ -191,48 +186,48 @@ class QuantizedTable(nnx.Module):
 
 
 class Int8Table(QuantizedTable):
-    """int8 rows with one absmax scale each."""
+    """int8, one absmax scale a token row."""
 
-    packing = Int8Rows
+    packing = Int8
 
-    def pack(self, table):
-        return quantize_int8_rows(table)
+    def pack(self, table_t):
+        return quantize_int8(table_t)
 
-    def unpack(self, p):
-        return dequantize_int8_rows(p)
+    def unpack(self, p, vocab):
+        return dequantize_int8(p, vocab)
 
     def rows(self, p, tokens, dtype):
-        return int8_rows_lookup(p, tokens, dtype)
+        return int8_lookup(p, tokens, dtype)
 
-    def read_out(self, x, p):
-        return int8_rows_matmul(x, p)
+    def read_out(self, x, p, vocab):
+        return int8_matmul(x, p, vocab)
 
 
 class PlainTable(QuantizedTable):
-    """Unquantized rows of `store` (a subclass's dtype)."""
+    """Unquantized, of `store` (a subclass's dtype)."""
 
-    packing, store = PlainRows, None
+    packing, store = Plain, None
 
-    def pack(self, table):
-        return PlainRows(table.astype(self.store))
+    def pack(self, table_t):
+        return pack_plain(table_t, self.store)
 
-    def unpack(self, p):
-        return p.w.astype(jnp.float32)
+    def unpack(self, p, vocab):
+        return unpack_plain(p, vocab)
 
     def rows(self, p, tokens, dtype):
-        return plain_rows_lookup(p, tokens, dtype)
+        return plain_lookup(p, tokens, dtype)
 
-    def read_out(self, x, p):
-        return plain_rows_matmul(x, p)
+    def read_out(self, x, p, vocab):
+        return plain_matmul(x, p, vocab)
 
 
 class BF16Table(PlainTable):
-    """bfloat16 rows."""
+    """bfloat16."""
 
     store = jnp.bfloat16
 
 
 class F32Table(PlainTable):
-    """float32 rows (the table itself), read out by the CPU decode kernel."""
+    """float32: the table's own values, laid out for the CPU decode kernel."""
 
     store = jnp.float32

@@ -10,14 +10,16 @@ memory that a CPU kernel streams once (`jaxlm/kernels/quant_matmul.cc`).
   int8 (`Int8`):  per-output-column absmax, W[k, o] ≈ q[o/64, k, o%64] · scale[o], q in [-127, 127].
   NF4:            the strips quantized as one flat NF4 weight, so each block of 64 is one row of a strip
                   (its columns in the order 0, 32, 1, 33, ...: see `_NF4_ORDER`).
-  int8 rows (`Int8Rows`): an embedding table (V, D), per-row absmax: looked up by token, and read out
-                  against hidden states (a tied output layer), 'MD,VD->MV'.
-  plain (`Plain`, `PlainRows`): the same strips and tables unquantized, in bfloat16 (2 bytes a parameter) or
-                  float32. f32 strips are for speed alone: at a few rows of x, XLA's CPU dot streams the weight
-                  and then computes, where the kernel overlaps the two (`jaxlm.quantize`).
+  plain (`Plain`): the same strips unquantized, in bfloat16 (2 bytes a parameter) or float32. f32 strips are
+                  for speed alone: at a few rows of x, XLA's CPU dot streams the weight and then computes, where
+                  the kernel overlaps the two (`jaxlm.quantize`).
 
-`int8_matmul`, `nf4_matmul`, `plain_matmul`, `int8_rows_matmul` and `plain_rows_matmul` compute x·W for
-x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
+An embedding table (V, D) is stored as the strips of its transpose (D, V): an output column is a token, so
+int8's per-column scale is one scale a token row, the read-out (a tied output layer, 'MD,VD->MV') is the
+strips' matmul, and a lookup gathers one column of a strip a token (`int8_lookup`, `plain_lookup`). (Strips
+read out the 49,152 x 576 table of SmolLM2 at 31 GB/s where a row-major table's kernel managed 17.)
+
+`int8_matmul`, `nf4_matmul` and `plain_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
 in registers as it streams; on other platforms, or without the kernels, with XLA ops (dequantize, then one
 dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
@@ -48,21 +50,8 @@ class Int8(NamedTuple):
     scale: jax.Array
 
 
-class Int8Rows(NamedTuple):
-    """q: (V, D) int8; scale: (V,) float32 per row."""
-
-    q: jax.Array
-    scale: jax.Array
-
-
 class Plain(NamedTuple):
     """w: (O/64, K, 64) bfloat16 or float32 strips."""
-
-    w: jax.Array
-
-
-class PlainRows(NamedTuple):
-    """w: (V, D) bfloat16 or float32."""
 
     w: jax.Array
 
@@ -117,18 +106,14 @@ def dequantize_nf4_strips(q: NF4, rows: int, cols: int, dtype=jnp.float32) -> ja
     return _unstrip(stored[..., np.argsort(_NF4_ORDER)], cols).astype(dtype)
 
 
-def quantize_int8_rows(table: jax.Array) -> Int8Rows:
-    """(V, D) float -> `Int8Rows` (one scale per row)."""
-    return Int8Rows(*_absmax_int8(table, axis=1))
+def strip_columns(s: jax.Array, ids: jax.Array) -> jax.Array:
+    """Columns `ids` (...) of strips (O/64, K, 64) -> (..., K): a table's rows, looked up by token."""
+    return s[ids // STRIP, :, ids % STRIP]
 
 
-def int8_rows_lookup(p: Int8Rows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Rows `ids` (...) of the table -> (..., D)."""
-    return (jnp.take(p.q, ids, axis=0).astype(jnp.float32) * jnp.take(p.scale, ids)[..., None]).astype(dtype)
-
-
-def dequantize_int8_rows(p: Int8Rows, dtype=jnp.float32) -> jax.Array:
-    return (p.q.astype(jnp.float32) * p.scale[:, None]).astype(dtype)
+def int8_lookup(p: Int8, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Rows `ids` (...) of a table stored as `Int8` strips of its transpose -> (..., D)."""
+    return (strip_columns(p.q, ids).astype(jnp.float32) * p.scale[ids][..., None]).astype(dtype)
 
 
 PLAIN = (jnp.bfloat16, jnp.float32)  # the dtypes `Plain` stores (the kernels' `jaxlm_<bf16|f32>_...`)
@@ -151,8 +136,9 @@ def unpack_plain(p: Plain, cols: int, dtype=jnp.float32) -> jax.Array:
     return _unstrip(p.w, cols).astype(dtype)
 
 
-def plain_rows_lookup(p: PlainRows, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
-    return jnp.take(p.w, ids, axis=0).astype(dtype)
+def plain_lookup(p: Plain, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Rows `ids` (...) of a table stored as `Plain` strips of its transpose -> (..., D)."""
+    return strip_columns(p.w, ids).astype(dtype)
 
 
 # --- matmuls --------------------------------------------------------------------------------------------------
@@ -222,16 +208,6 @@ def _nf4_fwd(x, q: NF4, cols):
     return _dispatch(x, kernel, xla)
 
 
-def _rows_fwd(x, p: Int8Rows, cols):
-    def kernel(x):
-        return _call("jaxlm_int8_rows_matmul", x, cols, p.q, p.scale).astype(x.dtype)
-
-    def xla(x):
-        return jnp.dot(x, dequantize_int8_rows(p, x.dtype).T)
-
-    return _dispatch(x, kernel, xla)
-
-
 def _plain_fwd(x, p: Plain, cols):
     padded = p.w.shape[0] * STRIP
 
@@ -244,21 +220,9 @@ def _plain_fwd(x, p: Plain, cols):
     return _dispatch(x, kernel, xla)
 
 
-def _plain_rows_fwd(x, p: PlainRows, cols):
-    def kernel(x):
-        return _call(f"jaxlm_{_plain_dtype(p.w)}_rows_matmul", x, cols, p.w).astype(x.dtype)
-
-    def xla(x):
-        return jnp.dot(x, p.w.astype(x.dtype).T)
-
-    return _dispatch(x, kernel, xla)
-
-
 _int8 = _weight_only_vjp(_int8_fwd, lambda p, K, cols: dequantize_int8(p, cols))
 _nf4 = _weight_only_vjp(_nf4_fwd, lambda q, K, cols: dequantize_nf4_strips(q, K, cols))
-_rows = _weight_only_vjp(_rows_fwd, lambda p, K, cols: dequantize_int8_rows(p).T)
 _plain = _weight_only_vjp(_plain_fwd, lambda p, K, cols: unpack_plain(p, cols))
-_plain_rows = _weight_only_vjp(_plain_rows_fwd, lambda p, K, cols: p.w.astype(jnp.float32).T)
 
 
 def int8_matmul(x: jax.Array, p: Int8, cols: int) -> jax.Array:
@@ -271,19 +235,9 @@ def nf4_matmul(x: jax.Array, q: NF4, cols: int) -> jax.Array:
     return _nf4(x, q, cols)
 
 
-def int8_rows_matmul(x: jax.Array, p: Int8Rows) -> jax.Array:
-    """x (M, D) · table (V, D)ᵀ stored as `Int8Rows` -> (M, V): 'MD,VD->MV', in x's dtype."""
-    return _rows(x, p, p.q.shape[0])
-
-
 def plain_matmul(x: jax.Array, p: Plain, cols: int) -> jax.Array:
     """x (M, K) · W (K, cols) stored as `Plain` strips -> (M, cols), in x's dtype."""
     return _plain(x, p, cols)
-
-
-def plain_rows_matmul(x: jax.Array, p: PlainRows) -> jax.Array:
-    """x (M, D) · table (V, D)ᵀ stored as `PlainRows` -> (M, V): 'MD,VD->MV', in x's dtype."""
-    return _plain_rows(x, p, p.w.shape[0])
 
 
 def packed_bytes(packed) -> int:
@@ -294,25 +248,20 @@ def packed_bytes(packed) -> int:
 __all__ = [
     "BLOCK",
     "Int8",
-    "Int8Rows",
     "PLAIN",
     "Plain",
-    "PlainRows",
     "STRIP",
     "dequantize_int8",
-    "dequantize_int8_rows",
     "dequantize_nf4_strips",
+    "int8_lookup",
     "int8_matmul",
-    "int8_rows_lookup",
-    "int8_rows_matmul",
     "nf4_matmul",
     "pack_plain",
     "packed_bytes",
+    "plain_lookup",
     "plain_matmul",
-    "plain_rows_lookup",
-    "plain_rows_matmul",
     "quantize_int8",
-    "quantize_int8_rows",
     "quantize_nf4_strips",
+    "strip_columns",
     "unpack_plain",
 ]

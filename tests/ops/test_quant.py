@@ -73,41 +73,43 @@ def test_nf4_matmul_equals_the_dequantized_weight(K, C, M):
 @pytest.mark.parametrize("K,C", SHAPES)
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("dtype", quant.PLAIN)
-def test_plain_matmul_and_rows(K, C, M, dtype):
-    """bfloat16 and float32 strips and rows: stored values exact, products those of the stored weight."""
+def test_plain_matmul(K, C, M, dtype):
+    """bfloat16 and float32 strips: stored values exact, products those of the stored weight."""
     w, x = _w(K, C), _x(M, K)
     p = quant.pack_plain(w, dtype)
     assert p.w.dtype == dtype and p.w.shape == (-(-C // 64), K, 64)
     wd = quant.unpack_plain(p, C)
     np.testing.assert_array_equal(wd, w.astype(dtype).astype(jnp.float32))
     np.testing.assert_allclose(jax.jit(quant.plain_matmul, static_argnums=2)(x, p, C), x @ wd, rtol=1e-5, atol=1e-5)
-    rows = quant.PlainRows(w.T.astype(dtype))
-    np.testing.assert_allclose(jax.jit(quant.plain_rows_matmul)(x, rows), x @ wd, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("V,D", [(300, 32), (70, 20)])
 @pytest.mark.parametrize("M", [1, 5, 70])
-def test_int8_rows_lookup_and_read_out(V, D, M):
+def test_a_table_as_strips_looks_up_and_reads_out(V, D, M):
+    """An embedding table stored as the strips of its transpose: one int8 scale a token row, a lookup gathers
+    each token's column, the read-out is the strips' matmul ('MD,VD->MV')."""
     table = jax.random.normal(jax.random.PRNGKey(3), (V, D))
-    p = quant.quantize_int8_rows(table)
-    deq = quant.dequantize_int8_rows(p)
-    assert bool(jnp.all(jnp.abs(deq - table) <= p.scale[:, None] / 2 + 1e-7))
-    ids = jnp.array([[0, V - 1, 5]])
-    np.testing.assert_allclose(quant.int8_rows_lookup(p, ids), deq[ids], rtol=1e-6)
+    p = quant.quantize_int8(table.T)
+    deq = quant.dequantize_int8(p, V).T
+    assert bool(jnp.all(jnp.abs(deq - table) <= p.scale[:V, None] / 2 + 1e-7))
+    ids = jnp.array([[0, V - 1, 5], [64, 63, 1]])
+    np.testing.assert_allclose(quant.int8_lookup(p, ids), deq[ids], rtol=1e-6)
     x = _x(M, D)
-    np.testing.assert_allclose(jax.jit(quant.int8_rows_matmul)(x, p), x @ deq.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(quant.int8_matmul, static_argnums=2)(x, p, V), x @ deq.T, rtol=1e-5, atol=1e-5)
+    for dtype in quant.PLAIN:
+        plain = quant.pack_plain(table.T, dtype)
+        np.testing.assert_array_equal(quant.plain_lookup(plain, ids), table.astype(dtype).astype(jnp.float32)[ids])
 
 
 def test_the_xla_path_gives_the_same_values(xla_only):
     """Without the kernels (no compiler, JAXLM_KERNELS=0, a GPU), the same numbers from XLA's own ops."""
     K, C = 48, 100
     x, w = _x(3, K), _w(K, C)
-    p, q, r = quant.quantize_int8(w), quant.quantize_nf4_strips(w), quant.quantize_int8_rows(w.T)
+    p, q = quant.quantize_int8(w), quant.quantize_nf4_strips(w)
     hlo = jax.jit(lambda x, p: quant.int8_matmul(x, p, C)).lower(x, p).as_text()  # a fresh trace
     assert "custom_call" not in hlo
     np.testing.assert_allclose(quant.int8_matmul(x, p, C), x @ quant.dequantize_int8(p, C), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(quant.nf4_matmul(x, q, C), x @ quant.dequantize_nf4_strips(q, K, C), rtol=1e-5)
-    np.testing.assert_allclose(quant.int8_rows_matmul(x, r), x @ quant.dequantize_int8_rows(r).T, rtol=1e-5)
 
 
 def test_gradient_flows_to_x_only():
