@@ -120,13 +120,16 @@ def main(argv=None) -> None:
     for w, m in models.items():
         rows[w]["perplexity"] = round(perplexity(m, windows), 4)
         print(f"{w:>5}: perplexity {rows[w]['perplexity']:.3f}, {rows[w]['bytes_per_param']} bytes/param", flush=True)
-    steps = {w: DecodeSteps(m) for w, m in models.items()}
     tokens = {}
     for B in args.batches:
-        engines = {}
-        for w in args.weights:
-            engines[w] = Engine(steps[w], slots=B, prefix_caching=False)
-            engines[w].warm_up(64)
+        # Each batch size's engines compile only the shapes these prompts use (an untimed first round), and
+        # are dropped with their programs before the next: five models' worth of warmed-up programs exceed
+        # Linux's default 65,530 memory maps (XLA:CPU maps each compiled kernel), and LLVM then fails.
+        jax.clear_caches()
+        steps = {w: DecodeSteps(m) for w, m in models.items()}
+        engines = {w: Engine(steps[w], slots=B, prefix_caching=False) for w in args.weights}
+        for engine in engines.values():
+            decode_rate(engine, (prompts * B)[:B], 2)
         best = dict.fromkeys(args.weights, 0.0)
         for _ in range(args.repeats):
             for w, engine in engines.items():
