@@ -70,11 +70,12 @@ def masked_readout_sum(readout: Callable, x: jax.Array, targets: jax.Array, mask
     readout: (x (B, t, D), targets (B, t)) -> per-token losses (B, t) float32."""
     B, T = targets.shape
     size = -(-T // fraction)
-    if mask is None or size >= T:
-        return masked_sum(readout(x, targets), mask)
 
     def every():
         return masked_sum(readout(x, targets), mask)
+
+    if mask is None or size >= T:
+        return every()
 
     def gathered():
         idx, valid = masked_positions(mask, size)
