@@ -111,3 +111,30 @@ LONGEST_FIRST = [
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep order
+
+
+# XLA:CPU maps each compiled program's code into a few pages of its own (~3 memory maps a program), and JAX
+# keeps every program it compiled. One pytest worker runs half the suite: ~10,000 programs exceed Linux's
+# 65,530 maps a process (vm.max_map_count), and the next mmap fails inside XLA as a segfault. Past half that
+# limit, a test's end drops JAX's caches (programs compile again, from the persistent cache).
+MAX_MAPS = 32_000
+
+
+def _maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's fixtures are finalized: what only they held is free
+    if _maps() > MAX_MAPS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
