@@ -212,7 +212,7 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
             const __m512i c =
                 _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + b * 32 + 16 * half)));
             w[half] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);  // columns 16 * half + i
-            w[2 + half] = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), lut);
+            w[2 + half] = _mm512_permutexvar_ps(c, lut);  // vpermps reads an index's low 4 bits only
           }
         },
         [&](int64_t k) { return absmax(t * K + k); });

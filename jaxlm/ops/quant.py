@@ -37,7 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import kernels
-from jaxlm.ops.nf4 import BLOCK, NF4, dequantize_nf4, dynamic_levels, nf4_bytes, nf4_levels, quantize_nf4
+from jaxlm.ops.nf4 import (
+    BLOCK,
+    NF4,
+    dequantize_nf4,
+    dynamic_levels,
+    nf4_bytes,
+    nf4_levels,
+    padded_size,
+    quantize_nf4,
+)
 
 STRIP = 64  # output columns per strip; one NF4 block per strip row
 KERNEL_MAX_ROWS = 64  # rows of x up to which the CPU kernel beats dequantize-then-GEMM
@@ -196,6 +205,12 @@ def _int8_fwd(x, p: Int8, cols):
 
 def _nf4_fwd(x, q: NF4, cols):
     rows, padded = x.shape[1], -(-cols // STRIP) * STRIP
+    # Before any compile. The codes are padded to whole blocks of 16,384: a K off by less than that passes here
+    # (the layers check their inputs), and the kernel would take a smaller one without complaint.
+    if 2 * q.codes.shape[0] != padded_size(rows * padded):
+        raise ValueError(
+            f"nf4 matmul: x has {rows} columns; the weight's codes are of another shape than ({rows}, {cols})"
+        )
 
     def kernel(x):
         consts = (jnp.asarray(nf4_levels()), jnp.asarray(dynamic_levels()))

@@ -154,3 +154,13 @@ def test_sharded_operands_give_the_same_values():
     for q in (p, split):
         got = jax.jit(lambda x, q: quant.int8_matmul(x, q, C))(xs, q)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_nf4_weight_of_other_rows_is_refused():
+    """The kernel takes NF4 codes padded to whole blocks of 16,384 and could read past a smaller weight's end:
+    x's columns are checked against the codes (to those blocks) before any call."""
+    q = quant.quantize_nf4_strips(jnp.ones((300, 64), jnp.float32))  # 19,200 weights: two blocks of 16,384
+    with pytest.raises(ValueError, match="x has 200 columns"):
+        quant.nf4_matmul(jnp.ones((1, 200), jnp.float32), q, 64)
+    with pytest.raises(ValueError, match="x has 600 columns"):
+        quant.nf4_matmul(jnp.ones((1, 600), jnp.float32), q, 64)
