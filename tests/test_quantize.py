@@ -169,3 +169,12 @@ def test_generate_cli_takes_weights(tiny_config, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", str(run), *greedy, "--weights", "int4"])
     assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", [Int8Weight, NF4Weight, BF16Weight, F32Weight])
+def test_an_input_of_another_width_is_refused(cls):
+    """x is flattened to the weight's rows: (2, 12) against a (6, 64) weight would pass as 4 rows of 6."""
+    w = cls(jnp.ones((6, 64), jnp.float32), n_in=1)
+    assert w.matmul(jnp.ones((2, 6), jnp.float32), 1).shape == (2, 64)
+    with pytest.raises(ValueError, match=r"x ends in \(12,\); the weight takes \(6,\)"):
+        w.matmul(jnp.ones((2, 12), jnp.float32), 1)

@@ -91,6 +91,8 @@ class QuantizedWeight(nnx.Module):
             raise ValueError("an expert stack is read whole (w[...]) by the experts' grouped matmuls")
         if n != self.n_in:
             raise ValueError(f"a weight quantized for {self.n_in} input dims is contracted over {n}")
+        if tuple(x.shape[x.ndim - n :]) != tuple(self.shape[:n]):  # the reshape below would not notice
+            raise ValueError(f"x ends in {tuple(x.shape[x.ndim - n :])}; the weight takes {tuple(self.shape[:n])}")
         lead = x.shape[: x.ndim - n]
         y = self.apply(x.reshape(-1, self.rows), self.packed())
         return y.reshape(*lead, *self.shape[n:])

@@ -205,8 +205,8 @@ def _int8_fwd(x, p: Int8, cols):
 
 def _nf4_fwd(x, q: NF4, cols):
     rows, padded = x.shape[1], -(-cols // STRIP) * STRIP
-    # Before any compile. The codes are padded to whole blocks of 16,384: a K off by less than that passes here
-    # (the layers check their inputs), and the kernel would take a smaller one without complaint.
+    # Before any compile. The codes are padded to whole blocks of 16,384, so the kernel would compute with a
+    # smaller K without complaint; this catches a K off by a block or more (`QuantizedWeight` checks exactly).
     if 2 * q.codes.shape[0] != padded_size(rows * padded):
         raise ValueError(
             f"nf4 matmul: x has {rows} columns; the weight's codes are of another shape than ({rows}, {cols})"

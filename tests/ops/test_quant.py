@@ -157,8 +157,8 @@ def test_sharded_operands_give_the_same_values():
 
 
 def test_an_nf4_weight_of_other_rows_is_refused():
-    """The kernel takes NF4 codes padded to whole blocks of 16,384 and could read past a smaller weight's end:
-    x's columns are checked against the codes (to those blocks) before any call."""
+    """NF4 codes are padded to whole blocks of 16,384, and the kernel would compute with too small a K: x's
+    columns are checked against the codes (to those blocks) before any call."""
     q = quant.quantize_nf4_strips(jnp.ones((300, 64), jnp.float32))  # 19,200 weights: two blocks of 16,384
     with pytest.raises(ValueError, match="x has 200 columns"):
         quant.nf4_matmul(jnp.ones((1, 200), jnp.float32), q, 64)
