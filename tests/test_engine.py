@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm.engine import DecodeSteps, Engine, Request
+from jaxlm.engine.steps import bucket, bucket_below
 from jaxlm.errors import ConfigError
 from jaxlm.generate import Generator, generate_uncached
 from tests.test_generate import model_for
@@ -123,16 +124,21 @@ def test_logprobs_are_the_models_distribution_prompt_and_sampled():
 
 
 def test_prefill_pieces_score_and_continue_as_alone():
-    """A shrinking engine with short chunks prefills in pieces of C / 4 tokens: a row's next C tokens are up to
-    four rows of one step, several requests share a step, and every prompt log-probability and token equals
-    the full forward's (the pieces of a row see each other's K/V, written earlier in the same step)."""
+    """A shrinking engine with short chunks prefills in pieces of C / 4 tokens: a row's next C tokens are up
+    to four rows of one step, several requests share a step, a step is never padded (its pieces are a
+    compiled row count; a row's remaining pieces wait for the next step), and every prompt log-probability
+    and token equals the full forward's (the pieces of a row see each other's K/V, written earlier in the
+    same step)."""
     model = model_for("llama_tiny", max_seq_len=96)
     engine = Engine(DecodeSteps(model), slots=4, chunk=32, prefill_tokens=64)
     assert engine.piece == 8 and engine.prefill_rows == 8
     plans, run_rows = [], engine._prefill_rows
 
+    split = []
+
     def recorded(plan, T, touched):
         plans.append((list(plan), T))
+        split.extend(n * T < len(engine.slots[b].pending[: engine.C]) for b, n in plan)
         run_rows(plan, T, touched)
 
     engine._prefill_rows = recorded
@@ -142,6 +148,22 @@ def test_prefill_pieces_score_and_continue_as_alone():
     requests = [engine.submit(Request(p, 4, temperature=0.0, logprobs=2, score_prompt=True)) for p in prompts]
     engine.run()
     assert {T for _, T in plans} == {8} and max(sum(n for _, n in plan) for plan, _ in plans) <= 8
+    assert all(bucket(sum(n for _, n in plan)) == sum(n for _, n in plan) for plan, _ in plans)
+    assert any(split)  # a row's pieces over two steps
+    assert [bucket_below(n) for n in (1, 2, 3, 5, 7, 8, 11, 12, 13, 47, 48, 95)] == [
+        1,
+        2,
+        3,
+        4,
+        6,
+        8,
+        8,
+        12,
+        12,
+        32,
+        48,
+        64,
+    ]
     assert any(n > 1 for plan, _ in plans for _, n in plan) and any(len(plan) > 1 for plan, _ in plans)
     assert engine.kv["prefix_hit_tokens"] > 0
     for p, r in zip(prompts, requests):

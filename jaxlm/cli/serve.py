@@ -67,7 +67,8 @@ def add(sub) -> None:
         action="store_true",
         help="also compile the steps that score prompts (echo + logprobs, as lm-evaluation-harness asks for "
         "log-likelihoods; otherwise compiled when first used), and prefill in pieces of a quarter of --chunk "
-        "(prompt tails after prefix-cache hits pad to a quarter chunk, not a whole one), before listening",
+        "(prompt tails after prefix-cache hits pad to a quarter chunk, not a whole one), before listening; "
+        "with --chunk 32, pieces of 8 tokens (lm-eval's multiple choice: 9%% faster than --chunk 64, measured)",
     )
     sv.add_argument("--name", help="the model id clients ask for (default: the directory name)")
     sv.add_argument(

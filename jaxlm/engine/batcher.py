@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxlm.engine.prefix import PrefixCache, block_names
 from jaxlm.engine.request import Request, check_sampling
-from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs, bucket
+from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs, bucket, bucket_below
 from jaxlm.errors import ConfigError
 
 
@@ -351,13 +351,22 @@ class Engine:
             T = max(min(t for t in self.chunks if t >= len(self.slots[b].pending[: self.C])) for b in rows)
             self._prefill_rows([(b, 1) for b in rows], T, touched)
             return
-        plan, room = [], self.prefill_rows  # (slot, pieces), the earliest admitted first
+        # (slot, pieces), the earliest admitted first, as many pieces as a step of a compiled row count holds:
+        # the last row may take only its first pieces (the rest goes in the next step). Padding a step up to
+        # the next row count would compute up to a third of it for nothing (scoring traffic: 17% measured).
+        plan, room = [], self.prefill_rows
         for b in rows:
-            n = -(-len(self.slots[b].pending[: self.C]) // self.piece)
-            if n > room:
-                break
+            n = min(room, -(-len(self.slots[b].pending[: self.C]) // self.piece))
             plan.append((b, n))
             room -= n
+            if not room:
+                break
+        excess = sum(n for _, n in plan) - bucket_below(sum(n for _, n in plan))
+        while excess:
+            b, n = plan.pop()
+            if n > excess:
+                plan.append((b, n - excess))
+            excess -= min(n, excess)
         self._prefill_rows(plan, self.piece, touched)
 
     def _prefill_rows(self, plan: list[tuple[int, int]], T: int, touched):

@@ -243,6 +243,12 @@ def bucket(n: int) -> int:
     return p * 3 // 4 if p >= 4 and n <= p * 3 // 4 else p
 
 
+def bucket_below(n: int) -> int:
+    """The largest `bucket` value <= n (n >= 1)."""
+    p = 1 << (n.bit_length() - 1)
+    return p * 3 // 2 if p >= 2 and n >= p * 3 // 2 else p
+
+
 def unpack_bits(words: jax.Array, V: int) -> jax.Array:
     """(n, W) int32 bitmasks -> (n, V) bool: token 32·w + j is bit j of word w (llguidance's layout)."""
     bits = (words[:, :, None] >> jnp.arange(32, dtype=words.dtype)) & 1

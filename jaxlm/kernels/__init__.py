@@ -4,7 +4,8 @@
 fuse a dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
 weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. `paged_attention.cc` is
 decode-time attention read in place from the paged KV pool (`jaxlm.ops.paged_attention`), where XLA would
-gather each row's blocks into a copy first. They are built with the
+gather each row's blocks into a copy first. `token_logprobs.cc` is the log-probabilities and top-k of a
+scoring step (`jaxlm.ops.sampling.token_logprobs`) in one pass of its own over the logits. They are built with the
 system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into `$JAXLM_CACHE/kernels` (default
 `~/.cache/jaxlm`), once per source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()`
 is False and the ops compute the same values with XLA's own ops, only slower (GPUs always take that path: XLA's
@@ -27,7 +28,7 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("quant_matmul.cc", "paged_attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("quant_matmul.cc", "paged_attention.cc", "token_logprobs.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 # -fopenmp-simd: `#pragma omp simd` vectorises float reductions (no OpenMP runtime is linked)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -37,6 +38,7 @@ TARGETS = (
     "jaxlm_nf4_matmul",
     "jaxlm_bf16_matmul",
     "jaxlm_f32_matmul",
+    "jaxlm_token_logprobs",
 )
 
 
@@ -99,3 +101,11 @@ def available() -> bool:
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return True
+
+
+def cpu_or(kernel, xla, *args):
+    """kernel(*args) where it is lowered for the CPU and the kernels are built; xla(*args) elsewhere (a GPU,
+    no compiler, `JAXLM_KERNELS=0`)."""
+    if not available():
+        return xla(*args)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)

@@ -35,6 +35,19 @@ namespace {
 using jaxlm::parallel_for;
 
 constexpr int64_t kStrip = 64;  // output columns per strip (one NF4 block per row of a strip)
+constexpr int64_t kRowBlock = 96;  // rows of x a task takes: a multiple of the 6 rows of a pass
+
+// body(t, m0, rows) for every strip t and block of rows [m0, m0 + rows) of x, spread over the pool. At a few
+// rows (decoding) a task is a whole strip; a prefill's rows are split too, so that a weight of 3 strips still
+// keeps both threads busy, and a block of x (96 x K) stays in cache while a strip streams past it.
+template <typename F>
+void for_each_tile(ffi::ThreadPool& pool, int64_t M, int64_t strips, F body) {
+  const int64_t blocks = std::max<int64_t>(1, (M + kRowBlock - 1) / kRowBlock);
+  parallel_for(pool, strips * blocks, [&](int64_t i) {
+    const int64_t t = i / blocks, m0 = (i % blocks) * kRowBlock;
+    body(t, m0, std::min(kRowBlock, M - m0));
+  });
+}
 
 // Every row of x (M, K) times one strip (K rows of 64 columns) into y (row stride O), times scale[0:64] if
 // given; `row(k, w)` writes the strip's row k (64 floats) to w.
@@ -89,12 +102,27 @@ inline void strip_rows_avx512(const float* x, int64_t K, float* y, int64_t O, co
     }
 }
 
+// Six rows a pass: 24 accumulators, 4 weight registers and a broadcast fill 29 of the 32 zmm registers, and
+// each weight row loaded (or decoded) serves 24 FMAs. Four rows a pass ran at half the FLOP rate on an M=768
+// prefill (the FMAs wait on the loads), where six match XLA's own dot. The last M % 6 rows take one pass.
+// flatten: every pass gets its own inlined copy of `load` (six passes make the compiler stop inlining it, and
+// an out-of-line call per weight row doubled NF4's time at one row).
 template <typename Load, typename RowScale = NoRowScale>
-void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Load load,
+__attribute__((flatten)) void strip_avx512(const float* x, int64_t M, int64_t K, float* y, int64_t O, const float* scale, Load load,
                   RowScale row_scale = {}) {
+  constexpr int kRows = 6;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) strip_rows_avx512<4>(x + m * K, K, y + m * O, O, scale, load, row_scale);
-  for (; m < M; ++m) strip_rows_avx512<1>(x + m * K, K, y + m * O, O, scale, load, row_scale);
+  for (; m + kRows <= M; m += kRows) strip_rows_avx512<kRows>(x + m * K, K, y + m * O, O, scale, load, row_scale);
+  const float* xm = x + m * K;
+  float* ym = y + m * O;
+  switch (M - m) {
+    case 5: strip_rows_avx512<5>(xm, K, ym, O, scale, load, row_scale); break;
+    case 4: strip_rows_avx512<4>(xm, K, ym, O, scale, load, row_scale); break;
+    case 3: strip_rows_avx512<3>(xm, K, ym, O, scale, load, row_scale); break;
+    case 2: strip_rows_avx512<2>(xm, K, ym, O, scale, load, row_scale); break;
+    case 1: strip_rows_avx512<1>(xm, K, ym, O, scale, load, row_scale); break;
+    default: break;
+  }
 }
 #endif
 
@@ -130,15 +158,15 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int8_t* qp = q.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  parallel_for(pool, O / kStrip, [&](int64_t t) {
+  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
     const int8_t* strip = qp + t * K * kStrip;
 #if defined(__AVX512F__)
-    strip_avx512(xp, M, K, yp + t * kStrip, O, sp + t * kStrip, [&](int64_t k, __m512* w) {
+    strip_avx512(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, sp + t * kStrip, [&](int64_t k, __m512* w) {
       const __m512i b = _mm512_loadu_si512(strip + k * kStrip);
       for (int c = 0; c < 4; ++c) w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, c)));
     });
 #else
-    strip_generic(xp, M, K, yp + t * kStrip, O, sp + t * kStrip, [&](int64_t k, float* w) {
+    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, sp + t * kStrip, [&](int64_t k, float* w) {
       for (int64_t j = 0; j < kStrip; ++j) w[j] = static_cast<float>(strip[k * kStrip + j]);
     });
 #endif
@@ -155,14 +183,14 @@ ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, co
   if (count != K * O || O % kStrip) return ffi::Error::InvalidArgument(std::string(name) + ": w must be (O/64, K, 64)");
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  parallel_for(pool, O / kStrip, [&](int64_t t) {
+  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
     const T* strip = wp + t * K * kStrip;
 #if defined(__AVX512F__)
-    strip_avx512(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, __m512* r) {
+    strip_avx512(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, __m512* r) {
       for (int c = 0; c < 4; ++c) r[c] = load16(strip + k * kStrip + 16 * c);
     });
 #else
-    strip_generic(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, float* r) {
+    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, float* r) {
       for (int64_t j = 0; j < kStrip; ++j) r[j] = to_float(strip[k * kStrip + j]);
     });
 #endif
@@ -201,11 +229,11 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float* dp = dynamic.typed_data();
   float* yp = y->typed_data();
   auto absmax = [&](int64_t b) { return dp[acp[b]] * asp[b / 256] + offset; };
-  parallel_for(pool, O / kStrip, [&](int64_t t) {
+  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
 #if defined(__AVX512F__)
     const __m512 lut = _mm512_loadu_ps(lp);
     strip_avx512(
-        xp, M, K, yp + t * kStrip, O, nullptr,
+        xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr,
         [&](int64_t k, __m512* w) {  // the levels; the block's absmax multiplies x instead
           const int64_t b = t * K + k;
           for (int half = 0; half < 2; ++half) {  // bytes 16 * half ... + 15
@@ -217,7 +245,7 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
         },
         [&](int64_t k) { return absmax(t * K + k); });
 #else
-    strip_generic(xp, M, K, yp + t * kStrip, O, nullptr, [&](int64_t k, float* w) {
+    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, float* w) {
       const int64_t b = t * K + k;
       const float a = absmax(b);
       for (int64_t j = 0; j < kStrip / 2; ++j) {

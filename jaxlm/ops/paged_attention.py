@@ -66,6 +66,6 @@ def paged_attention(
         return y.astype(q.dtype)
 
     f32 = k_pool.dtype == v_pool.dtype == jnp.float32
-    if T > KERNEL_MAX_QUERIES or not f32 or not kernels.available():
+    if T > KERNEL_MAX_QUERIES or not f32:
         return xla(q)
-    return jax.lax.platform_dependent(q, cpu=kernel, default=xla)
+    return kernels.cpu_or(kernel, xla, q)

@@ -23,8 +23,14 @@ read out the 49,152 x 576 table of SmolLM2 at 31 GB/s where a row-major table's 
 in registers as it streams; on other platforms, or without the kernels, with XLA ops (dequantize, then one
 dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
-dx = dy·Wᵀ with the weight dequantized by XLA. Large M (prefill, training) takes the XLA path on CPU too:
-dequantizing once and one GEMM beat streaming the codes once per 4 rows when there are many rows.
+dx = dy·Wᵀ with the weight dequantized by XLA.
+
+Plain strips take the kernel at every row count: a strip is a GEMM's packed panel, and at prefill sizes
+(M = 768) the kernel matches or beats XLA's own f32 dot (222 against 209 GFLOP/s on (576, 1536) here), where
+the XLA path would first write the whole weight out in (K, O) order (a transposing copy of every weight each
+step: a third of a scoring prefill's time on SmolLM2). They are inference copies (`jaxlm.quantize`), never
+trained. int8 and NF4 (QLoRA's base) take XLA's dot above `KERNEL_MAX_ROWS` rows (training batches): XLA
+partitions it over a mesh, where a custom call would run whole on every device.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from jaxlm.ops.nf4 import (
 )
 
 STRIP = 64  # output columns per strip; one NF4 block per strip row
-KERNEL_MAX_ROWS = 64  # rows of x up to which the CPU kernel beats dequantize-then-GEMM
+KERNEL_MAX_ROWS = 64  # int8 and NF4: rows of x up to which the CPU kernel runs (decoding and serving)
 
 
 class Int8(NamedTuple):
@@ -158,11 +164,11 @@ def _call(target: str, x: jax.Array, cols: int, *operands) -> jax.Array:
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), *operands)
 
 
-def _dispatch(x: jax.Array, kernel, xla):
-    """kernel(x) on CPU when the native kernels are built and x has few rows; xla(x) elsewhere."""
-    if x.shape[0] > KERNEL_MAX_ROWS or not kernels.available():
+def _dispatch(x: jax.Array, kernel, xla, max_rows: int | None = None):
+    """kernel(x) on CPU with the native kernels, for at most `max_rows` rows of x (None: any); xla(x) elsewhere."""
+    if max_rows is not None and x.shape[0] > max_rows:
         return xla(x)
-    return jax.lax.platform_dependent(x, cpu=kernel, default=xla)
+    return kernels.cpu_or(kernel, xla, x)
 
 
 def _no_grad(a):
@@ -200,7 +206,7 @@ def _int8_fwd(x, p: Int8, cols):
     def xla(x):
         return jnp.dot(x, dequantize_int8(p, cols, x.dtype))
 
-    return _dispatch(x, kernel, xla)
+    return _dispatch(x, kernel, xla, KERNEL_MAX_ROWS)
 
 
 def _nf4_fwd(x, q: NF4, cols):
@@ -220,7 +226,7 @@ def _nf4_fwd(x, q: NF4, cols):
     def xla(x):
         return jnp.dot(x, dequantize_nf4_strips(q, rows, cols, x.dtype))
 
-    return _dispatch(x, kernel, xla)
+    return _dispatch(x, kernel, xla, KERNEL_MAX_ROWS)
 
 
 def _plain_fwd(x, p: Plain, cols):

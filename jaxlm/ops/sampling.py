@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm import kernels
+
 
 def sample(
     key: jax.Array,
@@ -148,11 +150,29 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Ar
       (...) float32 log p(token); (..., k) int32 ids of the k most likely tokens, most likely first, and
       (..., k) their float32 log-probabilities (taken from the same array, so a token that is also the most
       likely has the very same value in both).
+
+    On CPU with the native kernels (`jaxlm.kernels`), one kernel reads each row of logits twice from cache; on
+    other platforms XLA's logsumexp and top_k. Equal ids (an earlier token first among equal logits), values
+    to float rounding.
     """
-    # log p = logit - logsumexp, taken only where needed: no (..., V) array of log-probabilities is written
-    # (a scoring prefill's logits are 16 x 64 x 49,152 floats).
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0] - lse
-    top, top_ids = jax.lax.top_k(logits, k)
-    return chosen, top_ids.astype(jnp.int32), top - lse[..., None]
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"token_logprobs: k={k} alternatives of a vocabulary of {V}")
+    flat = logits.astype(jnp.float32).reshape(-1, V)
+    ids = tokens.astype(jnp.int32).reshape(-1)
+
+    def xla(flat, ids):
+        # log p = logit - logsumexp, taken only where needed: no (M, V) array of log-probabilities is written
+        lse = jax.nn.logsumexp(flat, axis=-1)
+        chosen = jnp.take_along_axis(flat, jnp.clip(ids, 0, V - 1)[:, None], axis=-1)[:, 0] - lse  # as the kernel
+        top, top_ids = jax.lax.top_k(flat, k)
+        return chosen, top - lse[:, None], top_ids.astype(jnp.int32)
+
+    def kernel(flat, ids):  # one pass of its own over the logits (`jaxlm/kernels/token_logprobs.cc`)
+        M = flat.shape[0]
+        out = (jax.ShapeDtypeStruct((M,), jnp.float32), jax.ShapeDtypeStruct((M, k), jnp.float32))
+        out += (jax.ShapeDtypeStruct((M, k), jnp.int32),)
+        return jax.ffi.ffi_call("jaxlm_token_logprobs", out, vmap_method="sequential")(flat, ids)
+
+    chosen, top_lp, top_ids = kernels.cpu_or(kernel, xla, flat, ids)
+    return chosen.reshape(lead), top_ids.reshape(*lead, k), top_lp.reshape(*lead, k)

@@ -82,3 +82,51 @@ def test_argmax_takes_the_first_of_ties():
     np.testing.assert_array_equal(argmax(lg), [1, 0, 3])
     lg = jax.random.normal(key, (16, 5000))
     np.testing.assert_array_equal(argmax(lg), jnp.argmax(lg, -1))
+
+
+def _xla_token_logprobs(logits, tokens, k):
+    """The reference: log-softmax, the chosen entries, lax.top_k (an earlier index first among equals)."""
+    lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lsm, k)
+    return jnp.take_along_axis(lsm, jnp.clip(tokens, 0, logits.shape[-1] - 1)[..., None], -1)[..., 0], top_ids, top_lp
+
+
+@pytest.mark.parametrize("shape,k", [((3, 5, 1000), 20), ((7, 49), 5), ((2, 13), 13), ((4, 16), 1), ((1, 33), 20)])
+def test_token_logprobs_equal_the_log_softmax(shape, k):
+    """The CPU kernel (or XLA elsewhere): ties, -inf (masked) logits, tokens out of range (clipped), rows
+    shorter than a vector and vocabularies that are not a multiple of 16."""
+    from jaxlm.ops.sampling import token_logprobs
+
+    rng = np.random.default_rng(sum(shape) + k)
+    logits = rng.standard_normal(shape).astype(np.float32) * 4
+    logits[..., 3] = logits[..., 7] = logits.max() + 1  # a tie at the top: token 3 is listed first
+    logits[..., 1] = -np.inf
+    tokens = rng.integers(-2, shape[-1] + 2, shape[:-1]).astype(np.int32)
+    tokens.reshape(-1)[0] = 1  # a masked token: log p = -inf
+    got = jax.jit(token_logprobs, static_argnums=2)(jnp.asarray(logits), jnp.asarray(tokens), k)
+    want = _xla_token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), k)
+    assert [g.shape for g in got] == [shape[:-1], (*shape[:-1], k), (*shape[:-1], k)]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[1][(0,) * (len(shape) - 1)][:2].tolist() == [3, 7][:k]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+    top = np.asarray(got[2])  # a chosen token's value is its top entry's, bit for bit
+    chosen = jax.jit(token_logprobs, static_argnums=2)(jnp.asarray(logits), got[1][..., 0], k)[0]
+    np.testing.assert_array_equal(chosen, top[..., 0])
+
+
+def test_token_logprobs_refuses_more_alternatives_than_tokens():
+    from jaxlm.ops.sampling import token_logprobs
+
+    with pytest.raises(ValueError, match="k=6 alternatives of a vocabulary of 5"):
+        token_logprobs(jnp.zeros((2, 5)), jnp.zeros(2, jnp.int32), 6)
+
+
+def test_token_logprobs_lower_to_the_cpu_kernel():
+    from jaxlm import kernels
+    from jaxlm.ops.sampling import token_logprobs
+
+    if not kernels.available():
+        pytest.skip("kernels turned off, or no C++ compiler: the XLA path stands in")
+    traced = jax.jit(token_logprobs, static_argnums=2).trace(jnp.zeros((4, 100)), jnp.zeros(4, jnp.int32), 5)
+    assert "jaxlm_token_logprobs" in traced.lower(lowering_platforms=("cpu",)).as_text()
