@@ -34,9 +34,7 @@ inline void insert(float* vals, int32_t* ids, int64_t& n, int64_t k, float x, in
     if (at < k) vals[at] = vals[at - 1], ids[at] = ids[at - 1];
     --at;
   }
-  if (n < k) {  // the shift above moved entries up into the free slot
-    ++n;
-  }
+  n += n < k;  // not full: the shift used the free slot; full: the k-th entry fell out
   vals[at] = x;
   ids[at] = id;
 }

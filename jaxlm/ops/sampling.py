@@ -168,7 +168,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Ar
         top, top_ids = jax.lax.top_k(flat, k)
         return chosen, top - lse[:, None], top_ids.astype(jnp.int32)
 
-    def kernel(flat, ids):  # one pass of its own over the logits (`jaxlm/kernels/token_logprobs.cc`)
+    def kernel(flat, ids):  # `jaxlm/kernels/token_logprobs.cc`
         M = flat.shape[0]
         out = (jax.ShapeDtypeStruct((M,), jnp.float32), jax.ShapeDtypeStruct((M, k), jnp.float32))
         out += (jax.ShapeDtypeStruct((M, k), jnp.int32),)
