@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from jaxlm.engine import DecodeSteps, Engine, Request
-from jaxlm.engine.prefix import PrefixCache, block_names
+from jaxlm.engine.prefix import PrefixCache, block_names, root_name
 from tests.test_generate import model_for
 
 
@@ -34,9 +34,10 @@ def test_shared_prompts_reuse_blocks_and_equal_uncached_output():
     engine = Engine(steps, slots=2, chunk=8)
     run(engine, cached)
     assert [r.tokens for r in cached] == [r.tokens for r in plain]
-    # Prompt 2 reuses prompt 1's 5 blocks; prompt 3 its first 2; the repeat of prompt 1 all 5 (its last token
-    # is prefilled again, to sample after).
-    assert engine.kv["prefix_hit_tokens"] == 4 * (5 + 2 + 5)
+    # Prompt 2 reuses prompt 1's 5 blocks; prompt 3 its first 2 and the first token of a copy of the third; the
+    # repeat of prompt 1 all 5 and 2 tokens of a copy of its last block (its last token is prefilled again, to
+    # sample after).
+    assert engine.kv["prefix_hit_tokens"] == 4 * (5 + 2 + 5) + 1 + 2
     assert engine.kv["kv_blocks_cached"] >= 5 and engine.kv["kv_blocks_idle"] == engine.kv["kv_blocks_cached"]
 
 
@@ -79,16 +80,16 @@ def test_scored_prompts_reuse_their_logprobs():
 
 
 def test_idle_blocks_are_evicted_least_recently_used_at_the_budget():
-    """A budget of 16 blocks and six prompts of 3 named blocks (+ 1 for the tail and new tokens): the sixth
-    evicts the first's blocks (the least recently used); run again newest first, five hit and the first,
-    computed again, gives the same output."""
+    """A budget of 20 blocks and six prompts of 3 named blocks and a kept last block (which holds the new tokens
+    too): the sixth evicts the first's blocks (the least recently used); run again newest first, five hit and
+    the first, computed again, gives the same output."""
     model = model_for("llama_tiny", max_seq_len=32)
     steps = DecodeSteps(model, block_size=4)
-    engine = Engine(steps, slots=1, chunk=8, kv_blocks=16)
+    engine = Engine(steps, slots=1, chunk=8, kv_blocks=20)
     prompts = [list(range(k, k + 13)) for k in range(1, 120, 20)]
     first = [Request(p, 3, temperature=0.0) for p in prompts]
     run(engine, first)
-    assert engine.kv["kv_blocks"] == 16 and engine.kv["kv_blocks_cached"] <= 16
+    assert engine.kv["kv_blocks"] == 20 and engine.kv["kv_blocks_cached"] == 20
     again = [Request(p, 3, temperature=0.0) for p in prompts[::-1]]
     hits = []
     for r in again:
@@ -104,10 +105,76 @@ def test_prefix_cache_bookkeeping():
     names = block_names(list(range(12)), 4, 3)
     assert len(set(names)) == 3 and block_names(list(range(8)) + [0, 0, 0, 0], 4, 3)[:2] == names[:2]
     assert block_names([9] + list(range(1, 12)), 4, 3)[1] != names[1]  # a name covers the whole prefix
-    assert cache.add(names[0], 7) and not cache.add(names[0], 8)
+    assert block_names(list(range(12)), 4, 3, adapter=1)[0] != names[0]
+    assert cache.add(names[0], 7, root_name(), [0, 1, 2, 3]) and not cache.add(names[0], 8, root_name(), [0, 1, 2, 3])
     assert cache.match(names, scored=False) == [7] and cache.refs[7] == 2
     assert cache.release(7) and cache.release(7) and list(cache.idle) == [7] and not cache.release(3)
     assert cache.evict() == 7 and cache.evict() is None and cache.match(names, scored=False) == []
+    assert not cache.kept and not cache.starts and not cache.block_of
+
+
+def test_prefix_cache_finds_blocks_by_their_first_tokens():
+    """Any kept block (named, or a prompt's last) is found under its parent by the longest common prefix of
+    tokens; a scored lookup skips blocks without scores; a tail another kept block covers is not kept."""
+    cache = PrefixCache()
+    parent = block_names([1, 2, 3, 4], 4, 1)[0]
+    assert cache.add(b"n", 3, parent, [5, 6, 7, 8])
+    assert cache.add_tail(4, parent, [5, 6, 9], scores=(None, (-1.0, []), (-2.0, [])))
+    assert not cache.add_tail(5, parent, [5, 6, 7])  # block 3 begins with these already
+    assert cache.longest(parent, [5, 6, 7, 1], scored=False) == (3, 3)
+    assert cache.longest(parent, [5, 6, 9, 9], scored=False) == (4, 3)
+    assert cache.longest(parent, [5, 6, 7], scored=True) == (4, 2)  # block 3 has no scores
+    assert cache.longest(root_name(), [5, 6, 7], scored=False) == (None, 0)  # another parent
+    assert cache.longest(parent, [6], scored=False) == (None, 0) and cache.longest(parent, [], False) == (None, 0)
+    assert cache.release(4) and cache.release(3) and list(cache.idle) == [4, 3]
+    assert cache.evict() == 4 and cache.longest(parent, [5, 6, 9], scored=False) == (3, 2)
+    cache.hold(3)
+    assert cache.clear() == [] and cache.longest(parent, [5], scored=False) == (None, 0)
+
+
+def test_choices_copy_the_context_tail_and_equal_uncached_scores():
+    """lm-eval's multiple choice: a context that ends inside a block, then four choices, scored together. The
+    first choice computes the context; the others wait for it, copy its partial last block and prefill from
+    their own first token; every log-probability equals the uncached engine's."""
+    model = model_for("llama_tiny", max_seq_len=64)
+    steps = DecodeSteps(model, block_size=8)
+    context = list(range(30, 51))  # 21 tokens: 2 full blocks, 5 tokens of the third
+    choices = [[3, 4], [5], [6, 7, 8], [3, 9]]
+
+    def requests():
+        return [Request(context + c, 1, temperature=0.0, logprobs=2, score_prompt=True) for c in choices]
+
+    plain, cached = requests(), requests()
+    run(Engine(steps, slots=4, chunk=32, prefix_caching=False), plain)
+    engine = Engine(steps, slots=4, chunk=32)
+    run(engine, cached)
+    # Choices 2-4: 2 named blocks and the copy's 5 context tokens; choice 4 also its first token, [3] (choice
+    # 1's). A copy saves all but the last cached token (computed again for the next one's log-probability).
+    assert engine.kv["prefix_hit_tokens"] == 3 * 21 + 1
+    for a, b in zip(cached, plain):  # (steps of other shapes: float rounding apart)
+        assert a.tokens == b.tokens and a.prompt_logprobs[0] is None and len(a.prompt_logprobs) == len(a.prompt)
+        np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], atol=1e-5)
+        top_a, top_b = (np.array([t for t in x.prompt_top_logprobs[1:]]) for x in (a, b))
+        np.testing.assert_array_equal(top_a[..., 0], top_b[..., 0])
+        np.testing.assert_allclose(top_a[..., 1], top_b[..., 1], atol=1e-5)
+
+
+def test_a_copied_block_leaves_its_source_intact():
+    """A row that copies another's last block and writes its own tokens after the common ones changes nothing
+    in the source: the source's producer goes on decoding, and a third prompt that copies the source later
+    decodes what it decodes alone."""
+    model = model_for("llama_tiny", max_seq_len=64)
+    steps = DecodeSteps(model, block_size=8)
+    base = list(range(40, 52))  # 1 full block, 4 tokens of the second
+    prompts = [base + [1], base[:10] + [2, 2, 2], base + [1, 5]]
+    engine = Engine(steps, slots=2, chunk=32)
+    cached = [Request(p, 12, temperature=0.0) for p in prompts]
+    run(engine, cached)
+    assert engine.kv["prefix_hit_tokens"] == (8 + 2) + (8 + 5)  # the second copies 2 tokens, the third 5
+    for r in cached:
+        alone = Request(r.prompt, 12, temperature=0.0)
+        run(Engine(steps, slots=1, prefix_caching=False), [alone])
+        assert r.tokens == alone.tokens
 
 
 def test_new_weights_empty_the_cache():
@@ -121,6 +188,8 @@ def test_new_weights_empty_the_cache():
     again = Request(prompt, 4, temperature=0.0)
     run(engine, [again])
     assert engine.kv["prefix_hit_tokens"] == 0
+    # The old blocks are free again, not lost: every block of the pool is free or idle (no row holds one).
+    assert len(engine.free_blocks) + engine.kv["kv_blocks_idle"] == engine.kv["kv_blocks"]
     fresh = Request(prompt, 4, temperature=0.0)
     run(Engine(steps, slots=1, prefix_caching=False), [fresh])
     assert again.tokens == fresh.tokens

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.engine.prefix import PrefixCache, block_names
+from jaxlm.engine.prefix import PrefixCache, block_names, common_length, root_name
 from jaxlm.engine.request import Request, check_sampling
 from jaxlm.engine.steps import NO_BLOCK, TOP_LOGPROBS, DecodeSteps, Inputs, bucket, bucket_below
 from jaxlm.errors import ConfigError
@@ -31,8 +31,9 @@ class _Slot:
     order: int = 0  # admission order: prefill serves the earliest admitted rows first
     scoring: bool = False  # its prompt's log-probabilities are still to be computed (the first prefill)
     names: list[bytes] | None = None  # prefix caching: its prompt's full blocks' names (None: not matched yet)
+    prompt: list[int] | None = None  # prefix caching: the prompt its blocks hold (None: not matched, a refill)
     floor: int = 0  # its slots below this are shared blocks: read-only
-    named: int = 0  # its blocks named so far (matched in the cache, or produced and added to it)
+    named: int = 0  # its blocks cached so far (matched, or produced and added; its last block counts too)
     scored: list = dataclasses.field(default_factory=list)  # per prompt position: (log p, all alternatives)
 
 
@@ -86,10 +87,12 @@ class Engine:
           prompt tail (the rest of a prompt after cached blocks) then pads to C / 4, not to C. Unshrunk, a
           step runs at C / 4 tokens a row when no row has more.
         prefix_caching: a prompt's full blocks are kept, named by their tokens (`jaxlm.engine.prefix`), and a
-          later prompt that begins with the same blocks reuses them instead of prefilling them (a row that
-          would wait for a block another row is prefilling waits one step); idle blocks are evicted least
-          recently used first when a row needs a block and none is free (before the pool grows). Not with
-          prompt or prefix tuning, prefix LMs or encoder-decoders.
+          later prompt that begins with the same blocks reuses them instead of prefilling them; its next block
+          starts as a copy of the kept block (a prompt's last, partial one too) that begins with the most of
+          its tokens, as a multiple-choice question's choices share the question's last block. A row that
+          would wait for a block, or tokens, another row is prefilling waits for them; idle blocks are
+          evicted least recently used first when a row needs a block and none is free (before the pool
+          grows). Not with prompt or prefix tuning, prefix LMs or encoder-decoders.
         """
         S = steps.max_len
         self.steps, self.N, self.S = steps, slots, S
@@ -218,7 +221,7 @@ class Engine:
             "kv_blocks_used": held,
             "kv_blocks_reserved": self.reserved,
             "kv_blocks_budget": self.budget,
-            "kv_blocks_cached": 0 if self.prefix is None else len(self.prefix.name_of),
+            "kv_blocks_cached": 0 if self.prefix is None else len(self.prefix.kept),
             "kv_blocks_idle": idle,
             "prefix_hit_tokens": 0 if self.prefix is None else self.prefix.hit_tokens,
         }
@@ -308,16 +311,20 @@ class Engine:
         s = self.slots[b]
         want = min(s.reserve, -(-(end + self.P) // self.Z))
         while len(s.blocks) < want:
-            if not self.free_blocks:
-                # Idle named blocks make room before the pool grows: a larger pool is one more compilation
-                # of every step, so the cache keeps what fits in the pool the rows need.
-                evicted = None if self.prefix is None else self.prefix.evict()
-                if evicted is None:
-                    self._grow_pool()
-                else:
-                    self.free_blocks.append(evicted)
-            s.blocks.append(self.free_blocks.pop())
+            s.blocks.append(self._new_block())
         return max(1, -(-(end + self.P) // self.Z))
+
+    def _new_block(self) -> int:
+        """A free block (within the reservations, so there is room)."""
+        if not self.free_blocks:
+            # Idle cached blocks make room before the pool grows: a larger pool is one more compilation of
+            # every step, so the cache keeps what fits in the pool the rows need.
+            evicted = None if self.prefix is None else self.prefix.evict()
+            if evicted is None:
+                self._grow_pool()
+            else:
+                self.free_blocks.append(evicted)
+        return self.free_blocks.pop()
 
     def _grow_pool(self) -> None:
         """Doubles the pool (within the budget, which the reservations respect, so there is room)."""
@@ -409,7 +416,7 @@ class Engine:
                 lp = [float(scores["prompt"][r, j]) for r, j in at]
                 self._scored(s, list(zip(lp, [_top(scores, "prompt_top", TOP_LOGPROBS, r, j) for r, j in at])))
                 s.scoring = bool(s.pending)
-            if self.prefix is not None and s.names:
+            if self.prefix is not None and s.prompt is not None:
                 self._name_blocks(s)
             if not s.pending:  # the prompt (or refill) is in: its next token
                 self._emit(b, int(out[last]), touched, _chosen(scores, s.request, last))
@@ -424,48 +431,88 @@ class Engine:
 
     def _match(self, rows: list[int]) -> list[int]:
         """Prefix caching, before a row's first prefill: its prompt's cached full blocks become its first
-        blocks (at least its last prompt token is left to prefill, to sample after). Returns the rows that
-        may prefill now: a row whose next block another row is prefilling waits for it (in a shrinking engine)."""
+        blocks, and a copy of the cached block that begins like its next one the block after them (at least
+        its last prompt token is left to prefill, to sample after). Returns the rows that may prefill now: a
+        row whose next block, or tokens of it, another row is prefilling waits for it (in a shrinking engine)."""
         if self.steps.weights is not self._cached_weights:  # new weights (RL rollouts): cached K/V is stale
-            self.prefix.clear()
+            self.free_blocks.extend(self.prefix.clear())
             self._cached_weights = self.steps.weights
-        Z, ready, producing = self.Z, [], set()
+        Z, ready, copies = self.Z, [], []
+        producing, writing = set(), collections.defaultdict(list)  # names; tokens by (parent, first token)
         for b in rows:
-            s = self.slots[b]
-            if s.names is not None:
-                producing.update(s.names[s.named :])
+            if self.slots[b].prompt is not None:
+                self._producing(self.slots[b], producing, writing)
         for b in rows:
             s = self.slots[b]
             if s.names is None:
-                names = block_names(s.pending, Z, (len(s.pending) - 1) // Z, s.request.adapter)
-                cached = len(self.prefix.cached(names, scored=s.scoring))
-                if self.shrink and names[cached : cached + 1] and names[cached] in producing:
-                    # its next block is being prefilled by another row: wait, then reuse it (unshrunk, every
-                    # step runs N rows anyway: computing the block twice in one step is free, waiting is not)
+                prompt, scoring = s.pending, s.scoring
+                names = block_names(prompt, Z, (len(prompt) - 1) // Z, s.request.adapter)
+                j = len(self.prefix.cached(names, scored=scoring))
+                parent = names[j - 1] if j else root_name(s.request.adapter)
+                after = prompt[j * Z : min((j + 1) * Z, len(prompt) - 1)]  # what a copy of block j may cover
+                src, n = self.prefix.longest(parent, after, scoring)
+                least = 2 if scoring else 1  # a scored row computes the last cached token again
+                key = (parent, after[0]) if after else None
+                coming = max((common_length(t, after) for t in writing.get(key, ())), default=0)
+                if self.shrink and ((names[j : j + 1] and names[j] in producing) or coming >= max(n + 1, least)):
+                    # another row is prefilling its next block, or tokens of it: wait, then reuse them
+                    # (unshrunk, every step runs N rows anyway: computing them twice in one step is free,
+                    # waiting is not)
                     continue
-                hit = self.prefix.match(names, scored=s.scoring)
-                s.names, s.named, s.blocks = names, len(hit), hit
-                if hit:
-                    # A scored prompt computes its last cached token again (its write dropped: the slot is
-                    # read-only), for the log-probability of the first token after the cached blocks.
-                    s.floor = len(hit) * Z
-                    cut = s.floor - 1 if s.scoring else s.floor
+                hit = self.prefix.match(names, scored=scoring)
+                s.names, s.prompt, s.named, s.blocks = names, prompt, len(hit), hit
+                s.floor = start = len(hit) * Z
+                entries = [e for x in hit for e in self.prefix.scores(x)] if scoring else []
+                if n >= least:
+                    self.prefix.hold(src)  # not evicted for the copy's block
+                    s.blocks.append(self._new_block())
+                    copies.append((src, s.blocks[-1]))
+                    start += n
+                    entries += self.prefix.scores(src)[:n] if scoring else []
+                if start:
+                    # A scored prompt computes its last cached token again (its write dropped if the slot is
+                    # shared, read-only), for the log-probability of the first token after the cached ones.
+                    cut = start - 1 if scoring else start
                     s.index, s.next_pos, s.fresh, s.pending = cut, cut, False, s.pending[cut:]
-                    self.prefix.hit_tokens += s.floor
-                    if s.scoring:
-                        self._scored(s, [e for x in hit for e in self.prefix.scores[x]][1:])
-                producing.update(names[s.named :])
+                    self.prefix.hit_tokens += start
+                    if scoring:
+                        self._scored(s, entries[1:])
+                self._producing(s, producing, writing)
             ready.append(b)
+        if copies:
+            src, dst = np.zeros(self.N, np.int32), np.full(self.N, NO_BLOCK, np.int32)  # one compiled shape
+            src[: len(copies)], dst[: len(copies)] = zip(*copies)
+            self.cache = self.steps.copy_blocks(self.cache, src, dst)
+            for block, _ in copies:
+                self.prefix.release(block)
         return ready
 
+    def _producing(self, s: _Slot, producing: set, writing: dict) -> None:
+        """What matched row s has still to prefill: the names of its full blocks, and the prompt tokens of
+        each block by (parent, first token)."""
+        Z, prompt = self.Z, s.prompt
+        producing.update(s.names[s.named :])
+        for j in range(s.index // Z, (len(prompt) - 1) // Z + 1):
+            tokens = prompt[j * Z : (j + 1) * Z]
+            writing[self._parent(s, j), tokens[0]].append(tokens)
+
+    @staticmethod
+    def _parent(s: _Slot, j: int) -> bytes:
+        return s.names[j - 1] if j else root_name(s.request.adapter)
+
     def _name_blocks(self, s: _Slot) -> None:
-        """Adds s's prompt blocks that are now full to the prefix cache (with their tokens' scores if it scored
-        them)."""
-        Z = self.Z
+        """Adds s's prompt blocks that are now full to the prefix cache, and its last block once its prompt is
+        in (with their tokens' scores if it scored them)."""
+        Z, prompt, score = self.Z, s.prompt, s.request.score_prompt
         while s.named < min(len(s.names), s.index // Z):
             j = s.named
-            scores = s.scored[j * Z : (j + 1) * Z] if s.request.score_prompt else None
-            self.prefix.add(s.names[j], s.blocks[j], scores)
+            scores = tuple(s.scored[j * Z : (j + 1) * Z]) if score else None
+            self.prefix.add(s.names[j], s.blocks[j], self._parent(s, j), prompt[j * Z : (j + 1) * Z], scores)
+            s.named += 1
+        if s.named == len(s.names) and s.index >= len(prompt):
+            j = s.named
+            scores = tuple(s.scored[j * Z : len(prompt)]) if score else None
+            self.prefix.add_tail(s.blocks[j], self._parent(s, j), prompt[j * Z :], scores)
             s.named += 1
 
     def _decode(self, touched):
@@ -628,7 +675,7 @@ class Engine:
             s.pending, s.index, s.next_pos, s.fresh = list(s.hist), 0, 0, True
             if self.prefix is not None:
                 self._drop_blocks(s)
-                s.names, s.named, s.floor = [], 0, 0
+                s.names, s.prompt, s.named, s.floor = [], None, 0, 0
         else:
             s.feed = token
 

@@ -92,6 +92,7 @@ class DecodeSteps:
         init_pool = jax.jit(self._init_pool_fn, static_argnums=2)
         self.init_pool = lambda blocks, context: self.place(init_pool(self.weights, self.draft_params, blocks, context))
         self.grow = jax.jit(_grow, static_argnums=1)
+        self.copy_blocks = jax.jit(_copy_blocks, donate_argnums=0)
         self.prefill = jax.jit(self._step_fn, donate_argnums=2)
         self.decode = jax.jit(self._step_fn, donate_argnums=2)  # the same function at T = 1, compiled apart
         # A prefill that also scores every prompt token (echo with logprobs): compiled when first needed.
@@ -292,6 +293,20 @@ def _grow(caches, blocks: int):
         return jnp.pad(x, widths, constant_values=-1 if name == "pos" else 0)
 
     return tuple(None if c is None else {n: pad(n, x) for n, x in c.items()} for c in caches)
+
+
+def _copy_blocks(caches, src, dst):
+    """The pools with block dst[i] a copy of block src[i] (prefix caching's copy on reuse), every layer; dst
+    entries past the pool copy nothing (padding)."""
+
+    def copy(name, x):
+        if name not in ("pos", "k", "v"):
+            return x
+        if name == "pos":  # (NB, Z)
+            return x.at[dst].set(x[src], mode="drop")
+        return x.at[:, dst].set(x[:, src], mode="drop")  # (L, NB, Z, ...)
+
+    return tuple(None if c is None else {n: copy(n, x) for n, x in c.items()} for c in caches)
 
 
 class Inputs:
