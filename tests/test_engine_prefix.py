@@ -3,6 +3,7 @@ every output equals the output without caching."""
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlm.engine import DecodeSteps, Engine, Request
 from jaxlm.engine.prefix import PrefixCache, block_names, root_name
@@ -159,15 +160,16 @@ def test_choices_copy_the_context_tail_and_equal_uncached_scores():
         np.testing.assert_allclose(top_a[..., 1], top_b[..., 1], atol=1e-5)
 
 
-def test_a_copied_block_leaves_its_source_intact():
+@pytest.mark.parametrize("slots,shrink", [(2, True), (1, False)])
+def test_a_copied_block_leaves_its_source_intact(slots, shrink):
     """A row that copies another's last block and writes its own tokens after the common ones changes nothing
     in the source: the source's producer goes on decoding, and a third prompt that copies the source later
-    decodes what it decodes alone."""
+    decodes what it decodes alone (steps of as many rows as they serve, or always all rows)."""
     model = model_for("llama_tiny", max_seq_len=64)
     steps = DecodeSteps(model, block_size=8)
     base = list(range(40, 52))  # 1 full block, 4 tokens of the second
     prompts = [base + [1], base[:10] + [2, 2, 2], base + [1, 5]]
-    engine = Engine(steps, slots=2, chunk=32)
+    engine = Engine(steps, slots=slots, chunk=32, shrink=shrink)
     cached = [Request(p, 12, temperature=0.0) for p in prompts]
     run(engine, cached)
     assert engine.kv["prefix_hit_tokens"] == (8 + 2) + (8 + 5)  # the second copies 2 tokens, the third 5

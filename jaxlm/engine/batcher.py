@@ -445,13 +445,13 @@ class Engine:
         for b in rows:
             s = self.slots[b]
             if s.names is None:
-                prompt, scoring = s.pending, s.scoring
+                prompt = s.pending
                 names = block_names(prompt, Z, (len(prompt) - 1) // Z, s.request.adapter)
-                j = len(self.prefix.cached(names, scored=scoring))
-                parent = names[j - 1] if j else root_name(s.request.adapter)
+                j = len(self.prefix.cached(names, scored=s.scoring))
+                parent = _parent(names, j, s.request.adapter)
                 after = prompt[j * Z : min((j + 1) * Z, len(prompt) - 1)]  # what a copy of block j may cover
-                src, n = self.prefix.longest(parent, after, scoring)
-                least = 2 if scoring else 1  # a scored row computes the last cached token again
+                src, n = self.prefix.longest(parent, after, s.scoring)
+                least = 2 if s.scoring else 1  # a scored row computes the last cached token again
                 key = (parent, after[0]) if after else None
                 coming = max((common_length(t, after) for t in writing.get(key, ())), default=0)
                 if self.shrink and ((names[j : j + 1] and names[j] in producing) or coming >= max(n + 1, least)):
@@ -459,24 +459,9 @@ class Engine:
                     # (unshrunk, every step runs N rows anyway: computing them twice in one step is free,
                     # waiting is not)
                     continue
-                hit = self.prefix.match(names, scored=scoring)
-                s.names, s.prompt, s.named, s.blocks = names, prompt, len(hit), hit
-                s.floor = start = len(hit) * Z
-                entries = [e for x in hit for e in self.prefix.scores(x)] if scoring else []
-                if n >= least:
-                    self.prefix.hold(src)  # not evicted for the copy's block
-                    s.blocks.append(self._new_block())
-                    copies.append((src, s.blocks[-1]))
-                    start += n
-                    entries += self.prefix.scores(src)[:n] if scoring else []
-                if start:
-                    # A scored prompt computes its last cached token again (its write dropped if the slot is
-                    # shared, read-only), for the log-probability of the first token after the cached ones.
-                    cut = start - 1 if scoring else start
-                    s.index, s.next_pos, s.fresh, s.pending = cut, cut, False, s.pending[cut:]
-                    self.prefix.hit_tokens += start
-                    if scoring:
-                        self._scored(s, entries[1:])
+                pair = self._reuse(s, names, src if n >= least else None, n)
+                if pair is not None:
+                    copies.append(pair)
                 self._producing(s, producing, writing)
             ready.append(b)
         if copies:
@@ -487,6 +472,30 @@ class Engine:
                 self.prefix.release(block)
         return ready
 
+    def _reuse(self, s: _Slot, names: list[bytes], copy: int | None, n: int) -> tuple[int, int] | None:
+        """Row s (its prompt pending) takes the cached named blocks of its prompt `names` and, if `copy` is a
+        block, a new block after them for a copy of that one's first n tokens: (copy, new block), to copy
+        before s's prefill, which starts after them."""
+        Z, scoring = self.Z, s.scoring
+        hit = self.prefix.match(names, scored=scoring)
+        s.names, s.prompt, s.named, s.blocks = names, s.pending, len(hit), hit
+        s.floor = start = len(hit) * Z
+        entries = [e for x in hit for e in self.prefix.scores(x)] if scoring else []
+        if copy is not None:
+            self.prefix.hold(copy)  # not evicted for the copy's block
+            s.blocks.append(self._new_block())
+            start += n
+            entries += self.prefix.scores(copy)[:n] if scoring else []
+        if start:
+            # A scored prompt computes its last cached token again (its write dropped if the slot is shared,
+            # read-only), for the log-probability of the first token after the cached ones.
+            cut = start - 1 if scoring else start
+            s.index, s.next_pos, s.fresh, s.pending = cut, cut, False, s.pending[cut:]
+            self.prefix.hit_tokens += start
+            if scoring:
+                self._scored(s, entries[1:])
+        return None if copy is None else (copy, s.blocks[-1])
+
     def _producing(self, s: _Slot, producing: set, writing: dict) -> None:
         """What matched row s has still to prefill: the names of its full blocks, and the prompt tokens of
         each block by (parent, first token)."""
@@ -494,11 +503,7 @@ class Engine:
         producing.update(s.names[s.named :])
         for j in range(s.index // Z, (len(prompt) - 1) // Z + 1):
             tokens = prompt[j * Z : (j + 1) * Z]
-            writing[self._parent(s, j), tokens[0]].append(tokens)
-
-    @staticmethod
-    def _parent(s: _Slot, j: int) -> bytes:
-        return s.names[j - 1] if j else root_name(s.request.adapter)
+            writing[_parent(s.names, j, s.request.adapter), tokens[0]].append(tokens)
 
     def _name_blocks(self, s: _Slot) -> None:
         """Adds s's prompt blocks that are now full to the prefix cache, and its last block once its prompt is
@@ -506,13 +511,15 @@ class Engine:
         Z, prompt, score = self.Z, s.prompt, s.request.score_prompt
         while s.named < min(len(s.names), s.index // Z):
             j = s.named
-            scores = tuple(s.scored[j * Z : (j + 1) * Z]) if score else None
-            self.prefix.add(s.names[j], s.blocks[j], self._parent(s, j), prompt[j * Z : (j + 1) * Z], scores)
+            parent, scores = _parent(s.names, j, s.request.adapter), s.scored[j * Z : (j + 1) * Z]
+            self.prefix.add(
+                s.names[j], s.blocks[j], parent, prompt[j * Z : (j + 1) * Z], tuple(scores) if score else None
+            )
             s.named += 1
         if s.named == len(s.names) and s.index >= len(prompt):
             j = s.named
-            scores = tuple(s.scored[j * Z : len(prompt)]) if score else None
-            self.prefix.add_tail(s.blocks[j], self._parent(s, j), prompt[j * Z :], scores)
+            parent, scores = _parent(s.names, j, s.request.adapter), s.scored[j * Z : len(prompt)]
+            self.prefix.add_tail(s.blocks[j], parent, prompt[j * Z :], tuple(scores) if score else None)
             s.named += 1
 
     def _decode(self, touched):
@@ -678,6 +685,11 @@ class Engine:
                 s.names, s.prompt, s.named, s.floor = [], None, 0, 0
         else:
             s.feed = token
+
+
+def _parent(names: list[bytes], j: int, adapter: int) -> bytes:
+    """The name block j of a prompt with full-block `names` is cached under (`jaxlm.engine.prefix`)."""
+    return names[j - 1] if j else root_name(adapter)
 
 
 def _host(scores: dict, requests: list[Request]) -> dict | None:

@@ -281,13 +281,16 @@ def _restack(weights, name: str):
     return state
 
 
+BLOCK_AXIS = {"pos": 0, "k": 1, "v": 1}  # a pool's arrays by name: (NB, Z) and (L, NB, Z, ...); others are per row
+
+
 def _grow(caches, blocks: int):
     """The pools with `blocks` blocks: the old ones in place, the new ones empty (position -1)."""
 
     def pad(name, x):
-        if name not in ("pos", "k", "v"):
+        if name not in BLOCK_AXIS:
             return x  # per-row state (an encoder-decoder's memory)
-        axis = 0 if name == "pos" else 1
+        axis = BLOCK_AXIS[name]
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, blocks - x.shape[axis])
         return jnp.pad(x, widths, constant_values=-1 if name == "pos" else 0)
@@ -300,11 +303,10 @@ def _copy_blocks(caches, src, dst):
     entries past the pool copy nothing (padding)."""
 
     def copy(name, x):
-        if name not in ("pos", "k", "v"):
+        if name not in BLOCK_AXIS:
             return x
-        if name == "pos":  # (NB, Z)
-            return x.at[dst].set(x[src], mode="drop")
-        return x.at[:, dst].set(x[:, src], mode="drop")  # (L, NB, Z, ...)
+        at = (slice(None),) * BLOCK_AXIS[name]
+        return x.at[(*at, dst)].set(x[(*at, src)], mode="drop")
 
     return tuple(None if c is None else {n: copy(n, x) for n, x in c.items()} for c in caches)
 

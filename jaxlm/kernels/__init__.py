@@ -1,15 +1,16 @@
 """Native CPU kernels for XLA (jax.ffi), compiled from source on first use and cached per machine.
 
-`quant_matmul.cc` holds the weight-only quantized (and plain bfloat16 and float32) matmuls of `jaxlm.ops.quant`. XLA:CPU cannot
-fuse a dequantization into its dot (it writes the whole f32 weight first, which costs more than reading an f32
-weight), so these kernels are what make int8 and NF4 weights faster than f32 on CPU. `paged_attention.cc` is
-decode-time attention read in place from the paged KV pool (`jaxlm.ops.paged_attention`), where XLA would
-gather each row's blocks into a copy first. `token_logprobs.cc` is the log-probabilities and top-k of a
-scoring step (`jaxlm.ops.sampling.token_logprobs`) in one call, where XLA ran three passes and a copy of the
-logits. They are built with the system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`)
-into `$JAXLM_CACHE/kernels` (default `~/.cache/jaxlm`), once per source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()`
-is False and the ops compute the same values with XLA's own ops, only slower (GPUs always take that path: XLA's
-GPU compiler fuses the dequantization into the matmul itself). All sources build into one library.
+`quant_matmul.cc` holds the weight-only quantized (and plain bfloat16 and float32) matmuls of
+`jaxlm.ops.quant`. XLA:CPU cannot fuse a dequantization into its dot (it writes the whole f32 weight first,
+which costs more than reading an f32 weight), so these kernels are what make int8 and NF4 weights faster than
+f32 on CPU. `paged_attention.cc` is decode-time attention read in place from the paged KV pool
+(`jaxlm.ops.paged_attention`), where XLA would gather each row's blocks into a copy first. `token_logprobs.cc`
+is the log-probabilities and top-k of a scoring step (`jaxlm.ops.sampling.token_logprobs`) in one call, where
+XLA ran three passes and a copy of the logits. They are built with the system C++ compiler (`$CXX`, else
+`c++`) for this CPU (`-march=native`) into `$JAXLM_CACHE/kernels` (default `~/.cache/jaxlm`), once per
+source, jaxlib and CPU. Without a compiler, or with `JAXLM_KERNELS=0`, `available()` is False and the ops
+compute the same values with XLA's own ops, only slower (GPUs always take that path: XLA's GPU compiler fuses
+the dequantization into the matmul itself). All sources build into one library.
 """
 
 from __future__ import annotations
