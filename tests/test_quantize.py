@@ -4,6 +4,7 @@ f32 strips, and bad choices are refused."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from jaxlm import kernels
 from jaxlm.cli import main
 from jaxlm.config import ConfigError, load_config
 from jaxlm.engine import DecodeSteps, Engine, Request
-from jaxlm.nn import TransformerLM
+from jaxlm.nn import TransformerLM, adapters
 from jaxlm.nn.quantized import BF16Table, BF16Weight, F32Table, F32Weight, Int8Table, Int8Weight, NF4Weight, Quantized
 from jaxlm.quantize import default_weights, store_weights, weight_bytes
 
@@ -124,6 +125,27 @@ def test_bf16_stores_every_float_parameter_in_bf16():
     leaves = [v[...] for _, v in nnx.iter_graph(model) if isinstance(v, (nnx.Param, Quantized))]
     assert leaves and {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
     assert logits(model).dtype == jnp.float32  # computed in the model's dtype
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8", "nf4"])
+def test_weights_that_take_the_same_input_share_one_call(weights, monkeypatch):
+    """q, k, v (and a gated MLP's gate and up) in one kernel call: 4 calls a layer where there were 7, the same
+    logits bit for bit (each strip is computed as before)."""
+    if not kernels.available():
+        pytest.skip("no native kernels: XLA's dots, nothing to fuse")
+    model = store_weights(model_for("llama_tiny", max_seq_len=48), weights)
+    graph, state = nnx.split(model)
+
+    def run():
+        fn = jax.jit(lambda state, tokens: nnx.merge(graph, state)(tokens)[0])
+        calls = fn.lower(state, TOKENS).as_text().count("stablehlo.custom_call @jaxlm_")
+        return calls, fn(state, TOKENS)
+
+    calls, got = run()
+    monkeypatch.setattr(adapters, "fusable", lambda ws: False)
+    calls_apart, want = run()
+    assert calls > 1 and (calls - 1) * 7 == (calls_apart - 1) * 4  # the read-out is one call either way
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("weights", ["f32", "bf16", "int8", "nf4", "moe-nf4"])

@@ -15,11 +15,14 @@
 //       64 codes in 32 bytes, byte j the codes of columns j (high nibble) and 32 + j (low nibble), and
 //       absmax_b = dynamic[absmax_codes[b]] * absmax_scale[b / 256] + absmax_offset; W = levels[code] * absmax_b.
 //
-// Strips are split over XLA's intra-op thread pool.
+// Each kernel takes one or more weights of its kind that share x, and writes one y each: attention's q, k and v
+// (a gated MLP's gate and up) are one call, as each call of a decode step has a fixed cost of several us.
+// The strips of all of a call's weights are split over XLA's intra-op thread pool.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -37,15 +40,19 @@ using jaxlm::parallel_for;
 constexpr int64_t kStrip = 64;  // output columns per strip (one NF4 block per row of a strip)
 constexpr int64_t kRowBlock = 96;  // rows of x a task takes: a multiple of the 6 rows of a pass
 
-// body(t, m0, rows) for every strip t and block of rows [m0, m0 + rows) of x, spread over the pool. At a few
-// rows (decoding) a task is a whole strip; a prefill's rows are split too, so that a weight of 3 strips still
-// keeps both threads busy, and a block of x (96 x K) stays in cache while a strip streams past it.
+// body(i, t, m0, rows) for every strip t of every weight i (of strips[i] strips) and block of rows
+// [m0, m0 + rows) of x, spread over the pool. At a few rows (decoding) a task is a whole strip; a prefill's rows
+// are split too, so that a weight of 3 strips still keeps both threads busy, and a block of x (96 x K) stays in
+// cache while a strip streams past it.
 template <typename F>
-void for_each_tile(ffi::ThreadPool& pool, int64_t M, int64_t strips, F body) {
+void for_each_tile(ffi::ThreadPool& pool, int64_t M, const std::vector<int64_t>& strips, F body) {
   const int64_t blocks = std::max<int64_t>(1, (M + kRowBlock - 1) / kRowBlock);
-  parallel_for(pool, strips * blocks, [&](int64_t i) {
-    const int64_t t = i / blocks, m0 = (i % blocks) * kRowBlock;
-    body(t, m0, std::min(kRowBlock, M - m0));
+  std::vector<int64_t> first(strips.size() + 1, 0);  // first[i]: weight i's first strip among the call's
+  for (size_t i = 0; i < strips.size(); ++i) first[i + 1] = first[i] + strips[i];
+  parallel_for(pool, first.back() * blocks, [&](int64_t j) {
+    const int64_t s = j / blocks, m0 = (j % blocks) * kRowBlock;
+    const size_t i = std::upper_bound(first.begin(), first.end(), s) - first.begin() - 1;
+    body(i, s - first[i], m0, std::min(kRowBlock, M - m0));
   });
 }
 
@@ -142,31 +149,67 @@ inline float to_float(uint16_t v) {  // bfloat16
   return f;
 }
 
-ffi::Error check_2d(const ffi::Buffer<ffi::F32>& x, ffi::ResultBuffer<ffi::F32>& y) {
-  if (x.dimensions().size() != 2 || y->dimensions().size() != 2 || x.dimensions()[0] != y->dimensions()[0])
-    return ffi::Error::InvalidArgument("x (M, K) and y (M, O) must be 2-D with the same rows");
+// The outputs of a call, one a weight: y_i (M, O_i), O_i a multiple of 64.
+struct Out {
+  float* y;
+  int64_t O;
+};
+
+ffi::Error outputs(const ffi::Buffer<ffi::F32>& x, const ffi::RemainingRets& rets, std::vector<Out>& out,
+                   const char* name) {
+  if (x.dimensions().size() != 2 || rets.size() == 0)
+    return ffi::Error::InvalidArgument(std::string(name) + ": x must be (M, K), with at least one weight");
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (y.has_error()) return y.error();
+    const auto dims = (*y)->dimensions();
+    if (dims.size() != 2 || dims[0] != x.dimensions()[0] || dims[1] % kStrip)
+      return ffi::Error::InvalidArgument(std::string(name) + ": every y must be (M, O), O a multiple of 64");
+    out.push_back({(*y)->typed_data(), dims[1]});
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (O % kStrip || q.element_count() != K * O || scale.element_count() != O)
-    return ffi::Error::InvalidArgument("int8 matmul: q must be (O/64, K, 64) and scale (O,)");
+// Operand `i` of the call's weights, a buffer of element type D (stored as T): its data and element count.
+template <ffi::DataType D, typename T>
+ffi::Error operand(const ffi::RemainingArgs& args, size_t i, const T*& data, int64_t& count) {
+  auto a = args.get<ffi::Buffer<D>>(i);
+  if (a.has_error()) return a.error();
+  data = reinterpret_cast<const T*>(a->untyped_data());
+  count = a->element_count();
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets) {
+  std::vector<Out> out;
+  if (auto e = outputs(x, rets, out, "int8 matmul"); e.failure()) return e;
+  if (args.size() != 2 * out.size()) return ffi::Error::InvalidArgument("int8 matmul: (q, scale) a weight");
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  std::vector<const int8_t*> q(out.size());
+  std::vector<const float*> scale(out.size());
+  std::vector<int64_t> strips(out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    int64_t nq, ns;
+    if (auto e = operand<ffi::S8>(args, 2 * i, q[i], nq); e.failure()) return e;
+    if (auto e = operand<ffi::F32>(args, 2 * i + 1, scale[i], ns); e.failure()) return e;
+    if (nq != K * out[i].O || ns != out[i].O)
+      return ffi::Error::InvalidArgument("int8 matmul: q must be (O/64, K, 64) and scale (O,)");
+    strips[i] = out[i].O / kStrip;
+  }
   const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
-  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
-    const int8_t* strip = qp + t * K * kStrip;
+  for_each_tile(pool, M, strips, [&](size_t i, int64_t t, int64_t m0, int64_t rows) {
+    const int8_t* strip = q[i] + t * K * kStrip;
+    const int64_t O = out[i].O;
+    float* y = out[i].y + m0 * O + t * kStrip;
+    const float* s = scale[i] + t * kStrip;
 #if defined(__AVX512F__)
-    strip_avx512(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, sp + t * kStrip, [&](int64_t k, __m512* w) {
+    strip_avx512(xp + m0 * K, rows, K, y, O, s, [&](int64_t k, __m512* w) {
       const __m512i b = _mm512_loadu_si512(strip + k * kStrip);
       for (int c = 0; c < 4; ++c) w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, c)));
     });
 #else
-    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, sp + t * kStrip, [&](int64_t k, float* w) {
+    strip_generic(xp + m0 * K, rows, K, y, O, s, [&](int64_t k, float* w) {
       for (int64_t j = 0; j < kStrip; ++j) w[j] = static_cast<float>(strip[k * kStrip + j]);
     });
 #endif
@@ -174,23 +217,33 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// An unscaled weight of element type T (bfloat16 as uint16_t, or float): strips (O/64, K, 64).
-template <typename T>
-ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const T* wp, int64_t count,
-                       ffi::ResultBuffer<ffi::F32>& y, const char* name) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  if (count != K * O || O % kStrip) return ffi::Error::InvalidArgument(std::string(name) + ": w must be (O/64, K, 64)");
+// Unscaled weights of element type T (bfloat16 as uint16_t, or float), buffers of type D: strips (O/64, K, 64).
+template <typename T, ffi::DataType D>
+ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const ffi::RemainingArgs& args,
+                       const ffi::RemainingRets& rets, const char* name) {
+  std::vector<Out> out;
+  if (auto e = outputs(x, rets, out, name); e.failure()) return e;
+  if (args.size() != out.size()) return ffi::Error::InvalidArgument(std::string(name) + ": one w a weight");
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  std::vector<const T*> w(out.size());
+  std::vector<int64_t> strips(out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    int64_t count;
+    if (auto e = operand<D>(args, i, w[i], count); e.failure()) return e;
+    if (count != K * out[i].O) return ffi::Error::InvalidArgument(std::string(name) + ": w must be (O/64, K, 64)");
+    strips[i] = out[i].O / kStrip;
+  }
   const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
-    const T* strip = wp + t * K * kStrip;
+  for_each_tile(pool, M, strips, [&](size_t i, int64_t t, int64_t m0, int64_t rows) {
+    const T* strip = w[i] + t * K * kStrip;
+    const int64_t O = out[i].O;
+    float* y = out[i].y + m0 * O + t * kStrip;
 #if defined(__AVX512F__)
-    strip_avx512(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, __m512* r) {
+    strip_avx512(xp + m0 * K, rows, K, y, O, nullptr, [&](int64_t k, __m512* r) {
       for (int c = 0; c < 4; ++c) r[c] = load16(strip + k * kStrip + 16 * c);
     });
 #else
-    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, float* r) {
+    strip_generic(xp + m0 * K, rows, K, y, O, nullptr, [&](int64_t k, float* r) {
       for (int64_t j = 0; j < kStrip; ++j) r[j] = to_float(strip[k * kStrip + j]);
     });
 #endif
@@ -198,60 +251,78 @@ ffi::Error PlainMatmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, co
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  return PlainMatmul(pool, x, wp, w.element_count(), y, "bf16 matmul");
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets) {
+  return PlainMatmul<uint16_t, ffi::BF16>(pool, x, args, rets, "bf16 matmul");
 }
 
-ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::ResultBuffer<ffi::F32> y) {
-  return PlainMatmul(pool, x, w.typed_data(), w.element_count(), y, "f32 matmul");
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                     ffi::RemainingRets rets) {
+  return PlainMatmul<float, ffi::F32>(pool, x, args, rets, "f32 matmul");
 }
 
-ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                     ffi::Buffer<ffi::U8> absmax_codes, ffi::Buffer<ffi::F32> absmax_scale,
-                     ffi::Buffer<ffi::F32> absmax_offset, ffi::Buffer<ffi::F32> levels,
-                     ffi::Buffer<ffi::F32> dynamic, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = check_2d(x, y); e.failure()) return e;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], O = y->dimensions()[1];
-  const int64_t blocks = K * O / kStrip;
-  if (O % kStrip || codes.element_count() * 2 < K * O || absmax_codes.element_count() < blocks ||
-      absmax_scale.element_count() * 256 < blocks || absmax_offset.element_count() != 1 ||
-      levels.element_count() != 16 || dynamic.element_count() != 256)
-    return ffi::Error::InvalidArgument("nf4 matmul: the codes and constants do not fit (O/64, K, 64)");
+// One NF4 weight's codes and double-quantized absmax (jaxlm/ops/nf4.py).
+struct Nf4 {
+  const uint8_t* codes;
+  const uint8_t* absmax_codes;
+  const float* absmax_scale;
+  float offset;
+};
+
+ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> levels,
+                     ffi::Buffer<ffi::F32> dynamic, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  std::vector<Out> out;
+  if (auto e = outputs(x, rets, out, "nf4 matmul"); e.failure()) return e;
+  if (args.size() != 4 * out.size() || levels.element_count() != 16 || dynamic.element_count() != 256)
+    return ffi::Error::InvalidArgument(
+        "nf4 matmul: levels (16,), dynamic (256,), then (codes, absmax_codes, absmax_scale, absmax_offset) a weight");
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  std::vector<Nf4> q(out.size());
+  std::vector<int64_t> strips(out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    Nf4& w = q[i];
+    const float* offset;
+    int64_t n_codes, n_absmax, n_scale, n_offset;
+    if (auto e = operand<ffi::U8>(args, 4 * i, w.codes, n_codes); e.failure()) return e;
+    if (auto e = operand<ffi::U8>(args, 4 * i + 1, w.absmax_codes, n_absmax); e.failure()) return e;
+    if (auto e = operand<ffi::F32>(args, 4 * i + 2, w.absmax_scale, n_scale); e.failure()) return e;
+    if (auto e = operand<ffi::F32>(args, 4 * i + 3, offset, n_offset); e.failure()) return e;
+    const int64_t blocks = K * out[i].O / kStrip;
+    if (n_codes * 2 < K * out[i].O || n_absmax < blocks || n_scale * 256 < blocks || n_offset != 1)
+      return ffi::Error::InvalidArgument("nf4 matmul: the codes and constants do not fit (O/64, K, 64)");
+    w.offset = offset[0];
+    strips[i] = out[i].O / kStrip;
+  }
   const float* xp = x.typed_data();
-  const uint8_t* cp = codes.typed_data();
-  const uint8_t* acp = absmax_codes.typed_data();
-  const float* asp = absmax_scale.typed_data();
-  const float offset = absmax_offset.typed_data()[0];
   const float* lp = levels.typed_data();
   const float* dp = dynamic.typed_data();
-  float* yp = y->typed_data();
-  auto absmax = [&](int64_t b) { return dp[acp[b]] * asp[b / 256] + offset; };
-  for_each_tile(pool, M, O / kStrip, [&](int64_t t, int64_t m0, int64_t rows) {
+  for_each_tile(pool, M, strips, [&](size_t i, int64_t t, int64_t m0, int64_t rows) {
+    const Nf4& w = q[i];
+    const int64_t O = out[i].O;
+    float* y = out[i].y + m0 * O + t * kStrip;
+    auto absmax = [&](int64_t b) { return dp[w.absmax_codes[b]] * w.absmax_scale[b / 256] + w.offset; };
 #if defined(__AVX512F__)
     const __m512 lut = _mm512_loadu_ps(lp);
     strip_avx512(
-        xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr,
-        [&](int64_t k, __m512* w) {  // the levels; the block's absmax multiplies x instead
+        xp + m0 * K, rows, K, y, O, nullptr,
+        [&](int64_t k, __m512* r) {  // the levels; the block's absmax multiplies x instead
           const int64_t b = t * K + k;
           for (int half = 0; half < 2; ++half) {  // bytes 16 * half ... + 15
-            const __m512i c =
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + b * 32 + 16 * half)));
-            w[half] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);  // columns 16 * half + i
-            w[2 + half] = _mm512_permutexvar_ps(c, lut);  // vpermps reads an index's low 4 bits only
+            const __m512i c = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + b * 32 + 16 * half)));
+            r[half] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);  // columns 16 * half + i
+            r[2 + half] = _mm512_permutexvar_ps(c, lut);  // vpermps reads an index's low 4 bits only
           }
         },
         [&](int64_t k) { return absmax(t * K + k); });
 #else
-    strip_generic(xp + m0 * K, rows, K, yp + m0 * O + t * kStrip, O, nullptr, [&](int64_t k, float* w) {
+    strip_generic(xp + m0 * K, rows, K, y, O, nullptr, [&](int64_t k, float* r) {
       const int64_t b = t * K + k;
       const float a = absmax(b);
       for (int64_t j = 0; j < kStrip / 2; ++j) {
-        const uint8_t byte = cp[b * 32 + j];
-        w[j] = lp[byte >> 4] * a;
-        w[kStrip / 2 + j] = lp[byte & 15] * a;
+        const uint8_t byte = w.codes[b * 32 + j];
+        r[j] = lp[byte >> 4] * a;
+        r[kStrip / 2 + j] = lp[byte & 15] * a;
       }
     });
 #endif
@@ -261,23 +332,17 @@ ffi::Error Nf4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 }  // namespace
 
-// Every kernel: XLA's intra-op pool, x (M, K) float32, then its packed operands; y (M, O) float32.
+// Every kernel: XLA's intra-op pool, x (M, K) float32, (nf4: its shared tables,) then the packed operands of
+// one or more weights; one y (M, O_i) float32 a weight. Weights that take the same x (attention's q, k and v,
+// a gated MLP's gate and up) go in one call: a decode step's calls each have a fixed cost of several us.
 auto Bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
 using F32 = ffi::Buffer<ffi::F32>;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_matmul, Int8Matmul,
-                              Bind().Arg<ffi::Buffer<ffi::S8>>().Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_int8_matmul, Int8Matmul, Bind().RemainingArgs().RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_nf4_matmul, Nf4Matmul,
-                              Bind()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>());
+                              Bind().Arg<F32>().Arg<F32>().RemainingArgs().RemainingRets());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul, Bind().Arg<ffi::Buffer<ffi::BF16>>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_bf16_matmul, Bf16Matmul, Bind().RemainingArgs().RemainingRets());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_matmul, F32Matmul, Bind().Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxlm_f32_matmul, F32Matmul, Bind().RemainingArgs().RemainingRets());

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.quantized import QuantizedWeight
+from jaxlm.nn.quantized import QuantizedWeight, fusable, matmuls
 from jaxlm.ops.dense import dense
 from jaxlm.ops.dropout import dropout, fold_rows
 from jaxlm.ops.lora import (
@@ -202,16 +202,30 @@ def select_adapters(state, adapters: jax.Array, count: int):
 
 def project(owner: nnx.Module, name: str, x: jax.Array, n: int = 1, dropout_keys: jax.Array | None = None):
     """x·W (+ its LoRA) for the weight `owner.<name>`: contracts x's last n dims, in `owner.dtype`."""
-    w = getattr(owner, name)
-    if isinstance(w, QuantizedWeight):  # dequantized inside the matmul
-        y = w.matmul(x.astype(owner.dtype), n)
+    return projects(owner, (name,), x, n, dropout_keys)[0]
+
+
+def projects(owner: nnx.Module, names: tuple[str, ...], x: jax.Array, n: int = 1, dropout_keys=None) -> tuple:
+    """`project` for several weights that take the same x (attention's q, k, v): quantized weights of one kind
+    in one kernel call (`jaxlm.nn.quantized.matmuls`; a decode step's calls each have a fixed cost)."""
+    ws = [getattr(owner, name) for name in names]
+    if len(ws) > 1 and fusable(ws):
+        ys = matmuls(ws, x.astype(owner.dtype), n)
     else:
-        y = dense(x, w[...].astype(owner.dtype), n)
-    lora = getattr(owner, "lora_" + name, None)
-    if lora is None:
-        return y
-    delta = lora(x, fold_rows(dropout_keys, zlib.crc32(name.encode()) >> 1))  # one dropout stream per weight
-    return y if delta is None else y + delta.astype(y.dtype)
+        ys = [_base(w, x, n, owner.dtype) for w in ws]
+    out = []
+    for name, y in zip(names, ys):
+        lora = getattr(owner, "lora_" + name, None)
+        keys = fold_rows(dropout_keys, zlib.crc32(name.encode()) >> 1)  # one dropout stream per weight
+        delta = None if lora is None else lora(x, keys)
+        out.append(y if delta is None else y + delta.astype(y.dtype))
+    return tuple(out)
+
+
+def _base(w, x: jax.Array, n: int, dtype) -> jax.Array:
+    if isinstance(w, QuantizedWeight):  # dequantized inside the matmul
+        return w.matmul(x.astype(dtype), n)
+    return dense(x, w[...].astype(dtype), n)
 
 
 class PromptEmbedding(nnx.Module):

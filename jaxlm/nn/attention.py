@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.axes import active_mesh, context_size
-from jaxlm.nn.adapters import project
+from jaxlm.nn.adapters import project, projects
 from jaxlm.nn.norm import Norm
 from jaxlm.nn.param import const_param, normal_param
 from jaxlm.ops.attention import MaskSpec, dot_product_attention
@@ -135,9 +135,7 @@ class Attention(nnx.Module):
         """
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
         keys = fold_rows(dropout_keys, 1)  # LoRA dropout: a stream apart from the attention weights'
-        q = project(self, "wq", x, 1, keys)  # BTD,DNH->BTNH
-        k = project(self, "wk", x, 1, keys)  # BTD,DKH->BTKH
-        v = project(self, "wv", x, 1, keys)
+        q, k, v = projects(self, ("wq", "wk", "wv"), x, 1, keys)  # BTD,DNH->BTNH; BTD,DKH->BTKH
         if self.bq is not None:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
         if self.q_norm is not None:
@@ -174,8 +172,7 @@ class Attention(nnx.Module):
     def memory_kv(self, memory: jax.Array) -> dict:
         """Cross-attention keys and values of encoder states (B, S, D): {"k", "v"}: (B, S, K, H), computed once."""
         c = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        k = project(self, "wk", memory)  # BSD,DKH->BSKH
-        v = project(self, "wv", memory)
+        k, v = projects(self, ("wk", "wv"), memory)  # BSD,DKH->BSKH
         if self.bk is not None:
             k, v = k + c(self.bk), v + c(self.bv)
         if self.k_norm is not None:

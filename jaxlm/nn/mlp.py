@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jaxlm.nn.adapters import project
+from jaxlm.nn.adapters import project, projects
 from jaxlm.nn.param import const_param, dtype_of, normal_param
 from jaxlm.ops.dropout import fold_rows
 from jaxlm.ops.mlp import gated_activation, hidden_activation
@@ -65,7 +65,7 @@ class MLP(nnx.Module):
         drop = dict(act=self.act, dropout_rate=self.dropout, dropout_keys=dropout_keys)
         lora_keys = fold_rows(dropout_keys, 1)  # LoRA dropout: a stream apart from the hidden dropout
         if self.kind == "gated":  # ops.mlp.gated_mlp, each projection with its LoRA
-            gate, up = project(self, "w_gate", x, 1, lora_keys), project(self, "w_up", x, 1, lora_keys)
+            gate, up = projects(self, ("w_gate", "w_up"), x, 1, lora_keys)
             h = gated_activation(gate, up, clamp=self.clamp, up_shift=self.up_shift, **drop)
             return project(self, "w_out", h, 1, lora_keys)
         h = hidden_activation(project(self, "w_in", x, 1, lora_keys), c(self.b_in), **drop)  # ops.mlp.mlp

@@ -24,11 +24,13 @@ from jaxlm.ops.quant import (
     dequantize_nf4_strips,
     int8_lookup,
     int8_matmul,
-    nf4_matmul,
+    int8_matmuls,
+    nf4_matmuls,
     pack_plain,
     packed_bytes,
     plain_lookup,
     plain_matmul,
+    plain_matmuls,
     quantize_int8,
     quantize_nf4_strips,
     unpack_plain,
@@ -87,18 +89,41 @@ class QuantizedWeight(nnx.Module):
 
     def matmul(self, x: jax.Array, n: int) -> jax.Array:
         """x (..., I...) · W -> (..., O...), in x's dtype; the weight is dequantized inside the matmul."""
+        return matmuls((self,), x, n)[0]
+
+    def _check(self, x: jax.Array, n: int) -> None:
         if self.experts:
             raise ValueError("an expert stack is read whole (w[...]) by the experts' grouped matmuls")
         if n != self.n_in:
             raise ValueError(f"a weight quantized for {self.n_in} input dims is contracted over {n}")
-        if tuple(x.shape[x.ndim - n :]) != tuple(self.shape[:n]):  # the reshape below would not notice
+        if tuple(x.shape[x.ndim - n :]) != tuple(self.shape[:n]):  # the reshape in `matmuls` would not notice
             raise ValueError(f"x ends in {tuple(x.shape[x.ndim - n :])}; the weight takes {tuple(self.shape[:n])}")
-        lead = x.shape[: x.ndim - n]
-        y = self.apply(x.reshape(-1, self.rows), self.packed())
-        return y.reshape(*lead, *self.shape[n:])
 
     def nbytes(self) -> int:
         return packed_bytes(self.packed())
+
+
+def fusable(weights) -> bool:
+    """Whether `matmuls` computes `weights` in one kernel call: quantized weights of one class (so one storage
+    dtype), none an expert stack, all taking the same input dims."""
+    first = weights[0]
+    return isinstance(first, QuantizedWeight) and all(
+        type(w) is type(first) and not w.experts and w.shape[: w.n_in] == first.shape[: first.n_in] for w in weights
+    )
+
+
+def matmuls(weights, x: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    """x (..., I...) · W -> (..., O...) for each of `weights` (`fusable`), in x's dtype, in one kernel call."""
+    for w in weights:
+        if not isinstance(w, QuantizedWeight):
+            raise ValueError(f"{type(w).__name__} is not a quantized weight")
+        w._check(x, n)
+    if not fusable(weights):
+        raise ValueError(f"one call takes quantized weights of one kind: {[type(w).__name__ for w in weights]}")
+    lead = x.shape[: x.ndim - n]
+    first = weights[0]
+    ys = first.apply(x.reshape(-1, first.rows), tuple(w.packed() for w in weights), tuple(w.cols for w in weights))
+    return tuple(y.reshape(*lead, *w.shape[n:]) for y, w in zip(ys, weights))
 
 
 class Int8Weight(QuantizedWeight):
@@ -112,8 +137,9 @@ class Int8Weight(QuantizedWeight):
     def unpack(self, p):
         return dequantize_int8(p, self.cols)
 
-    def apply(self, x, p):
-        return int8_matmul(x, p, self.cols)
+    @staticmethod
+    def apply(x, packs, cols):
+        return int8_matmuls(x, packs, cols)
 
 
 class NF4Weight(QuantizedWeight):
@@ -127,8 +153,9 @@ class NF4Weight(QuantizedWeight):
     def unpack(self, p):
         return dequantize_nf4_strips(p, self.rows, self.cols)
 
-    def apply(self, x, p):
-        return nf4_matmul(x, p, self.cols)
+    @staticmethod
+    def apply(x, packs, cols):
+        return nf4_matmuls(x, packs, cols)
 
 
 class PlainWeight(QuantizedWeight):
@@ -142,8 +169,9 @@ class PlainWeight(QuantizedWeight):
     def unpack(self, p):
         return unpack_plain(p, self.cols)
 
-    def apply(self, x, p):
-        return plain_matmul(x, p, self.cols)
+    @staticmethod
+    def apply(x, packs, cols):
+        return plain_matmuls(x, packs, cols)
 
 
 class BF16Weight(PlainWeight):

@@ -19,7 +19,10 @@ int8's per-column scale is one scale a token row, the read-out (a tied output la
 strips' matmul, and a lookup gathers one column of a strip a token (`int8_lookup`, `plain_lookup`). (Strips
 read out the 49,152 x 576 table of SmolLM2 at 31 GB/s where a row-major table's kernel managed 17.)
 
-`int8_matmul`, `nf4_matmul` and `plain_matmul` compute x·W for x (M, K) -> (M, O). On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
+`int8_matmul`, `nf4_matmul` and `plain_matmul` compute x·W for x (M, K) -> (M, O); `int8_matmuls`,
+`nf4_matmuls` and `plain_matmuls` compute x·W_i for several weights of one kind that take the same x
+(attention's q, k and v; a gated MLP's gate and up) in one kernel call, since a decode step's calls each cost
+several microseconds whatever their size. On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
 in registers as it streams; on other platforms, or without the kernels, with XLA ops (dequantize, then one
 dot: XLA's GPU compiler fuses the two).
 Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
@@ -159,8 +162,9 @@ def plain_lookup(p: Plain, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
 # --- matmuls --------------------------------------------------------------------------------------------------
 
 
-def _call(target: str, x: jax.Array, cols: int, *operands) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x.shape[0], cols), jnp.float32)
+def _call(target: str, x: jax.Array, cols: tuple[int, ...], *operands) -> list[jax.Array]:
+    """One kernel call for one or more weights taking x: (M, cols[i]) float32 each."""
+    out = [jax.ShapeDtypeStruct((x.shape[0], c), jnp.float32) for c in cols]
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), *operands)
 
 
@@ -179,64 +183,72 @@ def _no_grad(a):
 
 
 def _weight_only_vjp(fwd_fn, weight_fn):
-    """A matmul x (M, K), packed weight -> (M, O), differentiable in x only: dx = dy · weight_fn(packed)ᵀ."""
+    """Matmuls x (M, K), packed weights (a tuple) -> one (M, O_i) each, differentiable in x only:
+    dx = Σ dy_i · weight_fn(packed_i)ᵀ."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-    def matmul(x, packed, cols):
+    def matmuls(x, packed, cols):
         return fwd_fn(x, packed, cols)
 
     def fwd(x, packed, cols):
         return fwd_fn(x, packed, cols), (x, packed)
 
-    def bwd(cols, res, dy):
+    def bwd(cols, res, dys):
         x, packed = res
-        w = weight_fn(packed, x.shape[1], cols)
-        return jnp.dot(dy.astype(jnp.float32), w.T).astype(x.dtype), jax.tree.map(_no_grad, packed)
+        dx = sum(jnp.dot(dy.astype(jnp.float32), weight_fn(p, x.shape[1], c).T) for dy, p, c in zip(dys, packed, cols))
+        return dx.astype(x.dtype), jax.tree.map(_no_grad, packed)
 
-    matmul.defvjp(fwd, bwd)
-    return matmul
+    matmuls.defvjp(fwd, bwd)
+    return matmuls
 
 
-def _int8_fwd(x, p: Int8, cols):
-    padded = p.scale.shape[0]
+def _outputs(ys, cols, dtype) -> tuple[jax.Array, ...]:
+    return tuple(y[:, :c].astype(dtype) for y, c in zip(ys, cols))
 
+
+def _int8_fwd(x, ps: tuple[Int8, ...], cols):
     def kernel(x):
-        return _call("jaxlm_int8_matmul", x, padded, p.q, p.scale)[:, :cols].astype(x.dtype)
+        ys = _call("jaxlm_int8_matmul", x, tuple(p.scale.shape[0] for p in ps), *(a for p in ps for a in p))
+        return _outputs(ys, cols, x.dtype)
 
     def xla(x):
-        return jnp.dot(x, dequantize_int8(p, cols, x.dtype))
+        return tuple(jnp.dot(x, dequantize_int8(p, c, x.dtype)) for p, c in zip(ps, cols))
 
     return _dispatch(x, kernel, xla, KERNEL_MAX_ROWS)
 
 
-def _nf4_fwd(x, q: NF4, cols):
-    rows, padded = x.shape[1], -(-cols // STRIP) * STRIP
+def _nf4_fwd(x, qs: tuple[NF4, ...], cols):
+    rows, padded = x.shape[1], tuple(-(-c // STRIP) * STRIP for c in cols)
     # Before any compile. The codes are padded to whole blocks of 16,384, so the kernel would compute with a
     # smaller K without complaint; this catches a K off by a block or more (`QuantizedWeight` checks exactly).
-    if 2 * q.codes.shape[0] != padded_size(rows * padded):
-        raise ValueError(
-            f"nf4 matmul: x has {rows} columns; the weight's codes are of another shape than ({rows}, {cols})"
-        )
+    for q, c, p in zip(qs, cols, padded):
+        if 2 * q.codes.shape[0] != padded_size(rows * p):
+            raise ValueError(
+                f"nf4 matmul: x has {rows} columns; the weight's codes are of another shape than ({rows}, {c})"
+            )
 
     def kernel(x):
         consts = (jnp.asarray(nf4_levels()), jnp.asarray(dynamic_levels()))
-        absmax = (q.absmax_codes, q.absmax_scale, q.absmax_offset.reshape(1))
-        return _call("jaxlm_nf4_matmul", x, padded, q.codes, *absmax, *consts)[:, :cols].astype(x.dtype)
+        weights = (a for q in qs for a in (q.codes, q.absmax_codes, q.absmax_scale, q.absmax_offset.reshape(1)))
+        return _outputs(_call("jaxlm_nf4_matmul", x, padded, *consts, *weights), cols, x.dtype)
 
     def xla(x):
-        return jnp.dot(x, dequantize_nf4_strips(q, rows, cols, x.dtype))
+        return tuple(jnp.dot(x, dequantize_nf4_strips(q, rows, c, x.dtype)) for q, c in zip(qs, cols))
 
     return _dispatch(x, kernel, xla, KERNEL_MAX_ROWS)
 
 
-def _plain_fwd(x, p: Plain, cols):
-    padded = p.w.shape[0] * STRIP
+def _plain_fwd(x, ps: tuple[Plain, ...], cols):
+    dtypes = {_plain_dtype(p.w) for p in ps}
+    if len(dtypes) != 1:
+        raise ValueError(f"one call's plain weights share one dtype, not {sorted(dtypes)}")
 
     def kernel(x):
-        return _call(f"jaxlm_{_plain_dtype(p.w)}_matmul", x, padded, p.w)[:, :cols].astype(x.dtype)
+        ys = _call(f"jaxlm_{next(iter(dtypes))}_matmul", x, tuple(p.w.shape[0] * STRIP for p in ps), *(p.w for p in ps))
+        return _outputs(ys, cols, x.dtype)
 
     def xla(x):
-        return jnp.dot(x, unpack_plain(p, cols, x.dtype))
+        return tuple(jnp.dot(x, unpack_plain(p, c, x.dtype)) for p, c in zip(ps, cols))
 
     return _dispatch(x, kernel, xla)
 
@@ -246,19 +258,35 @@ _nf4 = _weight_only_vjp(_nf4_fwd, lambda q, K, cols: dequantize_nf4_strips(q, K,
 _plain = _weight_only_vjp(_plain_fwd, lambda p, K, cols: unpack_plain(p, cols))
 
 
+def int8_matmuls(x: jax.Array, ps: tuple[Int8, ...], cols: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """x (M, K) · W_i (K, cols[i]) for each W_i stored as `Int8` -> a tuple of (M, cols[i]), in x's dtype: one
+    kernel call for all of them."""
+    return _int8(x, tuple(ps), tuple(cols))
+
+
+def nf4_matmuls(x: jax.Array, qs: tuple[NF4, ...], cols: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """`int8_matmuls` for weights stored as NF4 strips (`quantize_nf4_strips`)."""
+    return _nf4(x, tuple(qs), tuple(cols))
+
+
+def plain_matmuls(x: jax.Array, ps: tuple[Plain, ...], cols: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """`int8_matmuls` for weights stored as `Plain` strips, all of one dtype."""
+    return _plain(x, tuple(ps), tuple(cols))
+
+
 def int8_matmul(x: jax.Array, p: Int8, cols: int) -> jax.Array:
     """x (M, K) · W (K, cols) stored as `Int8` -> (M, cols), in x's dtype."""
-    return _int8(x, p, cols)
+    return int8_matmuls(x, (p,), (cols,))[0]
 
 
 def nf4_matmul(x: jax.Array, q: NF4, cols: int) -> jax.Array:
     """x (M, K) · W (K, cols) stored as NF4 strips (`quantize_nf4_strips`) -> (M, cols), in x's dtype."""
-    return _nf4(x, q, cols)
+    return nf4_matmuls(x, (q,), (cols,))[0]
 
 
 def plain_matmul(x: jax.Array, p: Plain, cols: int) -> jax.Array:
     """x (M, K) · W (K, cols) stored as `Plain` strips -> (M, cols), in x's dtype."""
-    return _plain(x, p, cols)
+    return plain_matmuls(x, (p,), (cols,))[0]
 
 
 def packed_bytes(packed) -> int:
@@ -276,11 +304,14 @@ __all__ = [
     "dequantize_nf4_strips",
     "int8_lookup",
     "int8_matmul",
+    "int8_matmuls",
     "nf4_matmul",
+    "nf4_matmuls",
     "pack_plain",
     "packed_bytes",
     "plain_lookup",
     "plain_matmul",
+    "plain_matmuls",
     "quantize_int8",
     "quantize_nf4_strips",
     "strip_columns",

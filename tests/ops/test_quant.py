@@ -83,6 +83,47 @@ def test_plain_matmul(K, C, M, dtype):
     np.testing.assert_allclose(jax.jit(quant.plain_matmul, static_argnums=2)(x, p, C), x @ wd, rtol=1e-5, atol=1e-5)
 
 
+KINDS = {  # kind: (pack, several-weight matmul, dequantize (packed, K, C))
+    "int8": (quant.quantize_int8, quant.int8_matmuls, lambda p, K, C: quant.dequantize_int8(p, C)),
+    "nf4": (quant.quantize_nf4_strips, quant.nf4_matmuls, quant.dequantize_nf4_strips),
+    "bf16": (
+        lambda w: quant.pack_plain(w, jnp.bfloat16),
+        quant.plain_matmuls,
+        lambda p, K, C: quant.unpack_plain(p, C),
+    ),
+    "f32": (lambda w: quant.pack_plain(w, jnp.float32), quant.plain_matmuls, lambda p, K, C: quant.unpack_plain(p, C)),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("M", [1, 7, 200])
+def test_several_weights_in_one_call(kind, M):
+    """Weights that take the same x (q, k, v: 576, 192 and 100 columns, the last padded) in one kernel call: each
+    output equals that weight's own matmul; one custom call in the program where the kernels run."""
+    pack, matmuls, deq = KINDS[kind]
+    K, cols = 96, (576, 192, 100)
+    ps = tuple(pack(_w(K, c, seed=i)) for i, c in enumerate(cols))
+    x = _x(M, K)
+    fn = jax.jit(matmuls, static_argnums=2)
+    ys = fn(x, ps, cols)
+    assert [y.shape for y in ys] == [(M, c) for c in cols]
+    for y, p, c in zip(ys, ps, cols):
+        np.testing.assert_allclose(y, x @ deq(p, K, c), rtol=1e-5, atol=1e-5)
+    if kernels.available() and (M <= quant.KERNEL_MAX_ROWS or kind in ("bf16", "f32")):
+        hlo = fn.lower(x, ps, cols).as_text()
+        assert hlo.count("custom_call_target") == 1 or hlo.count("stablehlo.custom_call") == 1, hlo
+    dys = tuple(jax.random.normal(jax.random.PRNGKey(i), (M, c)) for i, c in enumerate(cols))
+    dx = jax.grad(lambda x: sum(jnp.sum(y * dy) for y, dy in zip(matmuls(x, ps, cols), dys)))(x)
+    want = sum(dy @ deq(p, K, c).T for dy, p, c in zip(dys, ps, cols))
+    np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4)
+
+
+def test_one_call_takes_plain_weights_of_one_dtype():
+    w = _w(64, 64)
+    with pytest.raises(ValueError, match="one dtype"):
+        quant.plain_matmuls(_x(2, 64), (quant.pack_plain(w, jnp.float32), quant.pack_plain(w, jnp.bfloat16)), (64, 64))
+
+
 @pytest.mark.parametrize("V,D", [(300, 32), (70, 20)])
 @pytest.mark.parametrize("M", [1, 5, 70])
 def test_a_table_as_strips_looks_up_and_reads_out(V, D, M):
