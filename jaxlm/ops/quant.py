@@ -22,10 +22,9 @@ read out the 49,152 x 576 table of SmolLM2 at 31 GB/s where a row-major table's 
 `int8_matmul`, `nf4_matmul` and `plain_matmul` compute x·W for x (M, K) -> (M, O); `int8_matmuls`,
 `nf4_matmuls` and `plain_matmuls` compute x·W_i for several weights of one kind that take the same x
 (attention's q, k and v; a gated MLP's gate and up) in one kernel call, since a decode step's calls each cost
-several microseconds whatever their size. On CPU, with the native kernels (`jaxlm.kernels.available()`), the weight is dequantized
-in registers as it streams; on other platforms, or without the kernels, with XLA ops (dequantize, then one
-dot: XLA's GPU compiler fuses the two).
-Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
+several microseconds whatever their size. On CPU, with the native kernels (`jaxlm.kernels.available()`), the
+weight is dequantized in registers as it streams; on other platforms, or without the kernels, with XLA ops
+(dequantize, then one dot: XLA's GPU compiler fuses the two). Both give the same values up to summation order. Only x is differentiable (QLoRA trains through these):
 dx = dy·Wᵀ with the weight dequantized by XLA.
 
 Plain strips take the kernel at every row count: a strip is a GEMM's packed panel, and at prefill sizes
